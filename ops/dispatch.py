@@ -1,0 +1,88 @@
+"""One switch that selects the implementation of every op: the PyTorch reference or a Triton kernel.
+
+Backends:
+- ``reference``: the plain PyTorch functions in ``ops/`` (they define correctness; run anywhere).
+- ``triton``: fused kernels (GPU, or CPU through ``TRITON_INTERPRET=1`` for tests).
+- ``auto``: Triton when the inputs live on a CUDA device and a kernel is registered, else the reference.
+
+Ops register themselves with ``register(name, reference=fn)`` / ``register(name, triton=fn)``; callers use
+``get(name)`` (resolved per call so the switch can change between steps) or ``call(name, *args)``.
+The model config's ``model.ops_backend`` sets the switch through ``set_backend``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "reference", "triton")
+_registry: dict[str, dict[str, Callable[..., Any]]] = {}
+_backend = os.environ.get("V4_OPS_BACKEND", "auto")
+
+
+def register(name: str, *, reference: Callable[..., Any] | None = None,
+             triton: Callable[..., Any] | None = None) -> None:
+    entry = _registry.setdefault(name, {})
+    if reference is not None:
+        entry["reference"] = reference
+    if triton is not None:
+        entry["triton"] = triton
+
+
+def set_backend(name: str) -> None:
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"ops backend '{name}' unknown; choose one of {BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    old = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
+
+
+def _on_cuda(args: tuple[Any, ...]) -> bool:
+    for a in args:
+        if hasattr(a, "is_cuda"):
+            return bool(a.is_cuda)
+    return False
+
+
+def _ensure_loaded() -> None:
+    # importing the op modules registers them
+    import ops  # noqa: F401
+
+
+def get(name: str, *example_args: Any) -> Callable[..., Any]:
+    _ensure_loaded()
+    entry = _registry.get(name)
+    if entry is None:
+        raise KeyError(f"op '{name}' is not registered; known: {sorted(_registry)}")
+    want = _backend
+    if want == "auto":
+        want = "triton" if ("triton" in entry and _on_cuda(example_args)) else "reference"
+    if want not in entry:
+        raise RuntimeError(f"op '{name}' has no '{want}' implementation (have {sorted(entry)}); "
+                           f"set model.ops_backend=reference or auto")
+    return entry[want]
+
+
+def call(name: str, *args: Any, **kwargs: Any) -> Any:
+    return get(name, *args)(*args, **kwargs)
+
+
+def registered() -> dict[str, list[str]]:
+    _ensure_loaded()
+    return {k: sorted(v) for k, v in sorted(_registry.items())}
