@@ -1,0 +1,2 @@
+from ops import mhc  # noqa: F401,E402
+from ops import newton_schulz  # noqa: F401,E402
