@@ -58,6 +58,20 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The main job: data pipeline on the bundled corpus (cached), then the tiny V4 model on CPU with 2 ranks
+# (expert parallel). Override e.g. `make pretrain NPROC=1 ARGS="train.steps=50"`.
+NPROC ?= 2
+ARGS ?=
+pretrain: setup
+	$(PY) -m data_pipeline run --mixture data_pipeline/configs/default_mixture.yaml --output runs/data/$(CONFIG) \
+	    --seq-len $$($(PY) -c "from pretrain.config import load_config as l; print(l('$(CONFIG)').train.seq_len)") \
+	    --vocab-size $$($(PY) -c "from pretrain.config import load_config as l; print(l('$(CONFIG)').data.vocab_size)")
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pretrain --config $(CONFIG) \
+	    parallel.ep=$(NPROC) data.shards_dir=runs/data/$(CONFIG) $(ARGS)
+
+data: setup
+	$(PY) -m data_pipeline run --mixture data_pipeline/configs/default_mixture.yaml --output runs/data/$(CONFIG)
+
 lint: setup
 	$(VENV)/bin/ruff check pretrain parallel data_pipeline ops tests
 
