@@ -127,9 +127,9 @@ def _cpu_tensor_type(orig):
 
 
 def _maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
-    if tensor is None:
-        return None
-    tensor = tensor.cpu() if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu" else tensor
+    if not isinstance(tensor, torch.Tensor):  # None, or a Python int (num_out_tokens when EP == 1)
+        return tensor
+    tensor = tensor.cpu() if tensor.device.type != "cpu" else tensor
     return tensor.numpy() if as_numpy else tensor
 
 
