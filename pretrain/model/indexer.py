@@ -1,0 +1,76 @@
+"""Lightning indexer of CSA (deepseek-v4.md §6; paper eqs. 13–17).
+
+    K^IComp = compressor_I(H)                  own overlapping compressor, head dim c^I, rate m (keys)
+    q^I_t   = RoPE_t(c^Q_t W^{IUQ})            [n_I, c^I] from the shared query latent c^Q (no q norm)
+    w^I_t   = h_t W^w                          [n_I] head weights
+    I_{t,s} = Σ_h w^I_{t,h} n_I^{-1/2} · ReLU(q^I_{t,h} · K^IComp_s) · c_I^{-1/2}
+
+Selection (top-k with the lower index winning ties) is ``ops.indexer.indexer_topk``; the indexer's KL
+training loss is assembled by the attention module (it needs the main attention's probabilities).
+
+The indexer never receives gradient from the LM loss (top-k is not differentiable) and must not send any
+into the LM: the attention module passes it DETACHED hidden states and c^Q (§12.4), so its KL loss trains
+the indexer parameters only.
+
+HF names: the indexer lives at ``compressor.indexer`` with ``kv_proj``, ``gate_proj``, ``position_bias``,
+``kv_norm`` (its compressor, flattened into it), ``q_b_proj`` and ``scorer.weights_proj``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ops import dispatch
+from ops.compressor import CompressedLayout
+from pretrain.model.compressor import KVCompressor
+from pretrain.model.rope import RotaryEmbedding
+
+__all__ = ["LightningIndexer", "IndexerScorer"]
+
+
+class IndexerScorer(nn.Module):
+    """Head weights w^I_t = h_t W^w (``weights_proj``: [n_I, d])."""
+
+    def __init__(self, hidden_size: int, n_heads: int, init_std: float = 0.02):
+        super().__init__()
+        self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
+        nn.init.normal_(self.weights_proj.weight, mean=0.0, std=init_std)
+        self.weights_proj.weight.v4_optimizer = "muon"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weights_proj(x)
+
+
+class LightningIndexer(KVCompressor):
+    """Scores every (query, compressed entry) pair of a CSA layer; see the module docstring."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg.hidden_size, cfg.index_head_dim, cfg.compress_rate_csa, overlap=True,
+                         eps=cfg.rms_norm_eps, init_std=cfg.init_std)
+        if cfg.rope_head_dim > cfg.index_head_dim:
+            raise ValueError(f"model.rope_head_dim={cfg.rope_head_dim} exceeds model.index_head_dim="
+                             f"{cfg.index_head_dim}; the indexer rotates its last rope_head_dim dims")
+        self.n_heads = cfg.index_n_heads
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
+        nn.init.normal_(self.q_b_proj.weight, mean=0.0, std=cfg.init_std)
+        self.q_b_proj.weight.v4_optimizer = "muon"
+        self.scorer = IndexerScorer(cfg.hidden_size, cfg.index_n_heads, cfg.init_std)
+
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
+                layout: CompressedLayout, rope: RotaryEmbedding) -> torch.Tensor:
+        """Index scores.
+
+        Args:
+            x: [B, S, d] attention input h (pass it detached). q_latent: [B, S, d_c] c^Q (detached).
+            positions: int64 [B, S] RoPE positions of the queries. layout: entry layout at rate m.
+            rope: the layer's RoPE (compress base + YaRN).
+        Returns:
+            float32 [B, S, N] scores I_{t,s} (unmasked; invisible entries must be masked by the caller).
+        """
+        B, S, _ = x.shape
+        keys = self.compress(x, layout, rope)                                  # [B, N, c_I]
+        q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim)
+        cos, sin = rope(positions)
+        q = dispatch.get("apply_rope", q)(q, cos[:, :, None], sin[:, :, None])
+        weights = self.scorer(x)
+        return dispatch.get("indexer_scores", q)(q, keys, weights)

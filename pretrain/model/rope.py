@@ -1,0 +1,52 @@
+"""Per-layer-type rotary embedding of DeepSeek-V4 (deepseek-v4.md §4.6, §11).
+
+* sliding-only layers: base ``rope_theta`` (10000), no YaRN;
+* CSA / HCA layers (queries, window KV, compressed entries, indexer q/k, output de-rotation):
+  base ``compress_rope_theta`` (160000) with YaRN (``ModelConfig.yarn``; no mscale).
+
+The frequencies are plain Python floats (float64) rather than a buffer, so ``module.to(bfloat16)`` cannot
+round them; cos/sin are formed per call from integer positions in float64 and returned in float32.
+The rotation itself is ``ops.rope.apply_rope`` (through ``ops.dispatch``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ops.rope import rope_cos_sin, rope_inv_freq
+
+__all__ = ["RotaryEmbedding"]
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of interleaved partial RoPE over ``rope_dim`` dims for one layer type."""
+
+    def __init__(self, rope_dim: int, base: float, yarn: Any = None):
+        super().__init__()
+        self.rope_dim = rope_dim
+        self.base = base
+        self.yarn_factor = None
+        if yarn is not None and getattr(yarn, "enabled", True):
+            self.yarn_factor = float(yarn.factor)
+            self.inv_freq = rope_inv_freq(rope_dim, base, yarn.factor, yarn.original_max_position,
+                                          yarn.beta_fast, yarn.beta_slow)
+        else:
+            self.inv_freq = rope_inv_freq(rope_dim, base)
+
+    @classmethod
+    def for_layer(cls, cfg: Any, layer_type: str) -> "RotaryEmbedding":
+        """The RoPE of a ``layer_type`` ("sliding" | "csa" | "hca") under ``cfg`` (a ModelConfig)."""
+        if layer_type == "sliding":
+            return cls(cfg.rope_head_dim, cfg.rope_theta, None)
+        if layer_type in ("csa", "hca"):
+            return cls(cfg.rope_head_dim, cfg.compress_rope_theta, cfg.yarn)
+        raise ValueError(f"unknown layer type '{layer_type}'; expected one of sliding, csa, hca")
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: integer [...] -> (cos, sin) float32 [..., rope_dim/2]."""
+        return rope_cos_sin(positions, self.inv_freq)
+
+    def extra_repr(self) -> str:
+        return f"rope_dim={self.rope_dim}, base={self.base}, yarn_factor={self.yarn_factor}"
