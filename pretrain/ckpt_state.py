@@ -1,0 +1,222 @@
+"""What goes into a checkpoint, as megatron-core sharded state dicts (see ``pretrain.checkpoint``).
+
+- model: ``model.sharded_state_dict()`` (parameters and persistent buffers such as the routers'
+  ``expert_bias``); megatron's ShardedTensors make TP/PP/EP/DP resharding work on load.
+- optimizers (Muon and AdamW, any ``torch.optim.Optimizer``): every per-parameter state tensor with the
+  parameter's shape becomes a ShardedTensor keyed ``optimizer.<name>.<state_key>.<param key>`` with the
+  parameter's sharding, so it reshards like the parameter. Scalar per-parameter states (AdamW's ``step``)
+  become one-element tensors replicated like the parameter (main replica: the rank holding the parameter's
+  first shard). The list of state keys per optimizer goes into the common state so that a fresh optimizer
+  can build the tensors to load into.
+- per-rank state (RNG streams, data-loader position): a ShardedObject per global rank. These only load
+  back into the same world size; with another layout the trainer reseeds the RNGs and takes the data-loader
+  state of old rank 0 (the loader state is global: samples consumed so far).
+"""
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
+
+RNG_KEY = "rank_rng"
+LOADER_KEY = "rank_loader"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip megatron's DDP / Float16Module wrappers."""
+    while type(model).__name__ in ("DistributedDataParallel", "Float16Module", "DDP"):
+        model = model.module
+    return model
+
+
+def model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    m = unwrap(model)
+    if not hasattr(m, "sharded_state_dict"):
+        raise TypeError(f"{type(m).__name__} has no sharded_state_dict(); the model must be a megatron-core "
+                        f"MegatronModule so that distributed checkpointing can reshard it")
+    return m.sharded_state_dict()
+
+
+def _params(opt: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _is_main_first_shard(sh: ShardedTensor) -> bool:
+    rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+    return all(r == 0 for r in rid) and all(o == 0 for o in sh.global_offset)
+
+
+def _scalar_sharded(sh: ShardedTensor, value: torch.Tensor, key: str) -> ShardedTensor:
+    data = value.detach().reshape(1).to(torch.float64).clone()
+    return ShardedTensor.from_rank_offsets(key, data, replica_id=0 if _is_main_first_shard(sh) else 1)
+
+
+def optimizer_state_keys(opt: torch.optim.Optimizer) -> dict[str, dict[str, str]]:
+    """{state_key: {"kind": "param"|"scalar"|"number", "dtype": str}} over all parameters of ``opt``."""
+    keys: dict[str, dict[str, str]] = {}
+    for p in _params(opt):
+        for k, v in opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
+                keys.setdefault(k, {"kind": "param", "dtype": str(v.dtype).replace("torch.", "")})
+            elif isinstance(v, torch.Tensor) and v.numel() == 1:
+                keys.setdefault(k, {"kind": "scalar", "dtype": str(v.dtype).replace("torch.", "")})
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                keys.setdefault(k, {"kind": "number", "dtype": type(v).__name__})
+            else:
+                raise TypeError(f"optimizer {type(opt).__name__}: state '{k}' of shape "
+                                f"{getattr(v, 'shape', type(v))} is neither parameter-shaped nor a scalar; "
+                                f"it cannot be checkpointed with resharding")
+    return keys
+
+
+def init_optimizer_state(opt: torch.optim.Optimizer, keys: dict[str, dict[str, str]]) -> None:
+    """Create zero state entries (the load targets) for every parameter of ``opt`` that lacks them."""
+    for p in _params(opt):
+        st = opt.state[p]
+        for k, spec in keys.items():
+            if k in st:
+                continue
+            if spec["kind"] == "param":
+                st[k] = torch.zeros_like(p, dtype=getattr(torch, spec["dtype"]))
+            elif spec["kind"] == "scalar":
+                st[k] = torch.zeros((), dtype=getattr(torch, spec["dtype"]), device=p.device)
+            else:
+                st[k] = 0
+
+
+def _entries(name: str, opt: torch.optim.Optimizer, model_sd: dict[str, Any]):
+    id_map = get_param_id_to_sharded_param_map(model_sd, _params(opt))
+    for i, p in enumerate(_params(opt)):
+        if i not in id_map:
+            raise ValueError(f"optimizer '{name}': parameter #{i} {tuple(p.shape)} is not in the model's "
+                             f"sharded state dict")
+        yield p, id_map[i]
+
+
+def optimizer_sharded_state_dict(name: str, opt: torch.optim.Optimizer,
+                                 model_sd: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p, sh in _entries(name, opt, model_sd):
+        for k, v in opt.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
+                out[f"{k}.{sh.key}"] = dataclasses.replace(sh, key=f"optimizer.{name}.{k}.{sh.key}", data=v,
+                                                           dtype=v.dtype)
+            else:
+                t = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                out[f"{k}.{sh.key}"] = _scalar_sharded(sh, t, f"optimizer.{name}.scalar.{k}.{sh.key}")
+    return out
+
+
+def optimizer_entries(name: str, opt: torch.optim.Optimizer,
+                      model_sd: dict[str, Any]) -> list[tuple[torch.nn.Parameter, str]]:
+    """(parameter, sharded key) pairs; compute before ``dist_checkpointing.load`` (it consumes model_sd)."""
+    return [(p, sh.key) for p, sh in _entries(name, opt, model_sd)]
+
+
+def restore_optimizer_state(opt: torch.optim.Optimizer, entries: list[tuple[torch.nn.Parameter, str]],
+                            loaded: dict[str, Any], keys: dict[str, dict[str, str]]) -> None:
+    """Write the tensors ``dist_checkpointing.load`` returned back into ``opt.state``."""
+    for p, key in entries:
+        st = opt.state[p]
+        for k, spec in keys.items():
+            val = loaded[f"{k}.{key}"]
+            if spec["kind"] == "param":
+                st[k].copy_(val)
+            elif spec["kind"] == "scalar":
+                st[k] = val.reshape(()).to(getattr(torch, spec["dtype"])).clone()
+            else:
+                st[k] = int(val.item()) if spec["dtype"] == "int" else float(val.item())
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    except Exception:  # tracker not initialised (no model-parallel seed): nothing to save
+        state["tracker"] = None
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("tracker"):
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def pack(obj: Any) -> torch.Tensor:
+    """Pickle ``obj`` into a uint8 tensor (megatron loads checkpoint objects with ``weights_only=True``)."""
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).clone()
+
+
+def unpack(t: torch.Tensor) -> Any:
+    return pickle.loads(t.numpy().tobytes())
+
+
+def per_rank_object(key: str, data: Any, rank: int, world: int) -> ShardedObject:
+    """A per-rank object; ``data=None`` builds a load template."""
+    return ShardedObject(key, None if data is None else pack(data), (world,), (rank,), replica_id=0)
+
+
+def build_state(model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer], common: dict[str, Any],
+                rank_objects: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """The full sharded state dict to save: model, optimizers, common (rank-0) state, per-rank objects."""
+    model_sd = model_sharded_state_dict(model)
+    common = dict(common, world=world, rank_keys=sorted(rank_objects),
+                  optimizer_keys={n: optimizer_state_keys(o) for n, o in optimizers.items()})
+    sd: dict[str, Any] = {"model": model_sd, "common": common,
+                          "optimizer": {n: optimizer_sharded_state_dict(n, o, model_sd)
+                                        for n, o in optimizers.items()}}
+    for k, v in rank_objects.items():
+        sd[f"rank.{k}"] = per_rank_object(f"rank.{k}", v, rank, world)
+    return sd
+
+
+def load_state(path: Any, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer], rank: int,
+               world: int) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """Load a checkpoint saved by :func:`build_state` into ``model`` and ``optimizers`` in place.
+
+    Returns ``(common, rank_objects, same_world)``. With a different world size the per-rank objects are
+    those of old rank 0 (the caller decides what to do with them, e.g. reseed the RNGs).
+    """
+    from pretrain.checkpoint import CheckpointError, CheckpointManager
+    common = CheckpointManager.load_common(path).get("common")
+    if not isinstance(common, dict) or "optimizer_keys" not in common:
+        raise CheckpointError(f"{path}: not a checkpoint written by this trainer (no 'common' state); point "
+                              f"checkpoint.load at a pretrain checkpoint directory")
+    missing = sorted(set(common["optimizer_keys"]) ^ set(optimizers))
+    if missing:
+        raise CheckpointError(f"{path}: optimizers {sorted(common['optimizer_keys'])} in the checkpoint, "
+                              f"{sorted(optimizers)} in this run")
+    for n, o in optimizers.items():
+        init_optimizer_state(o, common["optimizer_keys"][n])
+    model_sd = model_sharded_state_dict(model)
+    sd: dict[str, Any] = {"model": model_sd,
+                          "optimizer": {n: optimizer_sharded_state_dict(n, o, model_sd)
+                                        for n, o in optimizers.items()}}
+    old_world = int(common["world"])
+    same_world = old_world == world
+    for k in common["rank_keys"]:
+        obj = per_rank_object(f"rank.{k}", None, rank if same_world else 0, old_world)
+        if not same_world:
+            obj = dataclasses.replace(obj, replica_id=rank)
+        sd[f"rank.{k}"] = obj
+    entries = {n: optimizer_entries(n, o, model_sd) for n, o in optimizers.items()}
+    loaded = CheckpointManager.load(path, sd, strict=True, validate_access=same_world)
+    unwrap(model).load_state_dict(loaded["model"], strict=True)
+    for n, o in optimizers.items():
+        restore_optimizer_state(o, entries[n], loaded["optimizer"][n], common["optimizer_keys"][n])
+    return common, {k: unpack(loaded[f"rank.{k}"]) for k in common["rank_keys"]}, same_world
