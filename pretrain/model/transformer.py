@@ -1,0 +1,228 @@
+"""The DeepSeek-V4 model: blocks of [mHC(attention), mHC(MoE)] on n residual streams (deepseek-v4.md §2).
+
+    e      = Emb(input_ids)                                  [B, S, d]   (megatron VocabParallelEmbedding)
+    X⁰[j]  = e  for j = 1..n                                 [B, S, n, d]
+    for l:   (x, post, comb) = mHC_attn.pre(X);  X = mHC_attn.post(Attn_l(RMSNorm(x)), X, post, comb)
+             (x, post, comb) = mHC_ffn.pre(X);   X = mHC_ffn.post(MoE_l(RMSNorm(x), ids), X, post, comb)
+    h      = RMSNorm(hc_head(X^L));  logits = h W_headᵀ                  (megatron ColumnParallelLinear, untied)
+    MTP    : depth-1 module on X^L and Emb(t_{i+1}) predicting t_{i+2} (pretrain.model.mtp)
+
+Loss (``forward`` with ``labels``): loss = L_LM + λ·L_MTP + L_bal + c_I·L_indexer, with L_LM / L_MTP token-mean
+cross-entropies (label −100 ignored), L_bal the sum of the learned routers' sequence-wise balance losses
+(already × α) and L_indexer the sum of the CSA layers' indexer KL losses (c_I = ``indexer_loss_coeff``).
+
+Pipeline stages: ``DeepSeekV4Model(cfg, pre_process, post_process, layer_range=(lo, hi))`` builds layers
+[lo, hi) only; the embedding lives on the first stage (``pre_process``), hc_head / norm / head / MTP on the last
+(``post_process``). What flows between stages is the stream state X [B, S, n, d] (``set_input_tensor`` /
+``hidden_streams``); a non-last stage returns it. Layers keep their global index in parameter names
+(``layers.<l>.…``), so state dicts of stages merge into the single-stage one. When the last stage is not the
+first, it owns its own copy of the embedding for the MTP input (``mtp_embed_tokens``, attribute
+``shared_embedding=True``): the pipeline code must keep it equal to the first stage's (sum their gradients).
+Auxiliary losses of a stage (balance, indexer) are in ``stage_aux_loss`` after each forward for the pipeline
+code to attach to the stage output.
+
+Parameter metadata for the optimizers (docs/CONTRACTS.md) is set here: every parameter gets ``v4_optimizer``
+(embedding, head, norms, mHC base/scale, 1-D tensors → AdamW; matrices → Muon), experts ``v4_expert`` and
+fused fc1 ``v4_blocks`` (pretrain.model.moe).
+"""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from torch import nn
+
+from pretrain.model.attention import V4Attention
+from pretrain.model.mhc import HyperConnection, HyperHead, expand_streams
+from pretrain.model.moe import V4MoE, megatron_moe_config
+from pretrain.model.mtp import MTPModule
+from pretrain.model.rmsnorm import RMSNorm
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class V4Block(nn.Module):
+    """One block: X [B, S, n, d] -> X, with its own mHC sites around attention and MoE (HF names)."""
+
+    def __init__(self, cfg: Any, layer_idx: int, layer_type: str, moe_config: Any, balance_loss_coeff: float,
+                 is_mtp: bool = False):
+        super().__init__()
+        mhc = partial(HyperConnection, cfg.hidden_size, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps,
+                      cfg.rms_norm_eps, cfg.hc_init_gating)
+        self.layer_idx, self.layer_type = layer_idx, layer_type
+        self.attn_hc = mhc()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = V4Attention(cfg, layer_type, layer_idx)
+        self.ffn_hc = mhc()
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        is_hash = (not is_mtp) and layer_idx < cfg.n_hash_layers
+        self.mlp = V4MoE(cfg, layer_idx + 1, is_hash, moe_config, balance_loss_coeff, is_mtp_layer=is_mtp)
+
+    def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x_in, post, comb = self.attn_hc.pre(x)
+        out = self.self_attn(self.input_layernorm(x_in), doc_ids=doc_ids)
+        indexer_loss = self.self_attn.indexer_loss
+        x = self.attn_hc.post(out, x, post, comb)
+        x_in, post, comb = self.ffn_hc.pre(x)
+        x = self.ffn_hc.post(self.mlp(self.post_attention_layernorm(x_in), input_ids), x, post, comb)
+        return x, indexer_loss
+
+
+def _layer_slice(cfg: Any, layer_range: Optional[tuple[int, int]]) -> range:
+    if layer_range is None:
+        return range(cfg.num_layers)
+    lo, hi = layer_range
+    if not 0 <= lo <= hi <= cfg.num_layers:
+        raise ValueError(f"layer_range {layer_range} must satisfy 0 <= lo <= hi <= num_layers={cfg.num_layers}")
+    return range(lo, hi)
+
+
+def _tag_default_optimizers(model: nn.Module) -> None:
+    """Matrices → Muon, everything else (1-D: sinks, biases, norms) → AdamW, unless a module chose already."""
+    for p in model.parameters():
+        if not hasattr(p, "v4_optimizer"):
+            p.v4_optimizer = "muon" if p.dim() >= 2 else "adamw"
+
+
+class DeepSeekV4Model(nn.Module):
+    """DeepSeek-V4 (or one pipeline stage of it). See the module docstring for the forward contract."""
+
+    def __init__(self, cfg: Any, pre_process: bool = True, post_process: bool = True,
+                 layer_range: Optional[tuple[int, int]] = None, balance_loss_coeff: float = 1e-4,
+                 params_dtype: torch.dtype = torch.float32, bias_update_rate: float = 1e-3):
+        super().__init__()
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError("DeepSeekV4Model needs megatron's parallel state: call "
+                               "parallel.process_groups.init_distributed(ParallelConfig(), cfg) first")
+        self.cfg = cfg
+        self.pre_process, self.post_process = pre_process, post_process
+        self.moe_config = megatron_moe_config(cfg, params_dtype, bias_update_rate)
+        init = partial(nn.init.normal_, mean=0.0, std=cfg.init_std)
+        self.input_tensor: Optional[torch.Tensor] = None
+        self.stage_aux_loss: Optional[torch.Tensor] = None
+
+        if pre_process:
+            self.embed_tokens = tensor_parallel.VocabParallelEmbedding(
+                cfg.vocab_size, cfg.hidden_size, init_method=init, config=self.moe_config)
+            self.embed_tokens.weight.v4_optimizer = "adamw"
+        self.layers = nn.ModuleDict({
+            str(i): V4Block(cfg, i, cfg.layer_types[i], self.moe_config, balance_loss_coeff)
+            for i in _layer_slice(cfg, layer_range)})
+        if post_process:
+            self.hc_head = HyperHead(cfg.hidden_size, cfg.hc_mult, cfg.hc_eps, cfg.rms_norm_eps, cfg.hc_init_gating)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = tensor_parallel.ColumnParallelLinear(
+                cfg.hidden_size, cfg.vocab_size, config=self.moe_config, init_method=init, bias=False,
+                gather_output=False)
+            self.lm_head.weight.v4_optimizer = "adamw"
+            self.mtp = None
+            if cfg.num_mtp_layers > 0:
+                if cfg.num_mtp_layers != 1:
+                    raise ValueError(f"num_mtp_layers={cfg.num_mtp_layers}: only MTP depth 1 is implemented (V4)")
+                block = V4Block(cfg, cfg.num_layers, cfg.mtp_layer_type, self.moe_config, balance_loss_coeff,
+                                is_mtp=True)
+                self.mtp = MTPModule(cfg, block)
+                if not pre_process:
+                    self.mtp_embed_tokens = tensor_parallel.VocabParallelEmbedding(
+                        cfg.vocab_size, cfg.hidden_size, init_method=init, config=self.moe_config)
+                    self.mtp_embed_tokens.weight.shared_embedding = True
+                    self.mtp_embed_tokens.weight.v4_optimizer = "adamw"
+        _tag_default_optimizers(self)
+
+    # ------------------------------------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor: Any) -> None:
+        """megatron pipeline hook: the stream state X [B, S, n, d] received from the previous stage."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def _embedding(self) -> nn.Module:
+        return self.embed_tokens if self.pre_process else self.mtp_embed_tokens
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.lm_head(h)
+        return logits
+
+    @staticmethod
+    def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Token-mean CE over labels != −100 (vocab-parallel when TP > 1)."""
+        valid = labels != IGNORE_INDEX
+        n = valid.sum().clamp(min=1)
+        if ps.get_tensor_model_parallel_world_size() == 1:
+            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum") / n
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
+        return (per_token * valid).sum() / n
+
+    def routers(self) -> list[tuple[str, nn.Module]]:
+        """(name, router) of every MoE layer of this stage, MTP included (loads: ``router.tokens_per_expert``)."""
+        from pretrain.model.moe import iter_routers
+        return list(iter_routers(self))
+
+    # ------------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, mtp_labels: Optional[torch.Tensor] = None,
+                mtp_lambda: float = 0.3, hidden_streams: Optional[torch.Tensor] = None):
+        """input_ids [B, S] -> logits [B, S, V] (labels None), else the loss dict; a non-last stage returns X."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got {tuple(input_ids.shape)}")
+        if doc_ids is not None and doc_ids.shape != input_ids.shape:
+            raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
+        for _, router in self.routers():
+            router.balance_loss = None
+        if self.pre_process:
+            x = expand_streams(self.embed_tokens(input_ids), self.cfg.hc_mult)
+        else:
+            x = hidden_streams if hidden_streams is not None else self.input_tensor
+            if x is None:
+                raise RuntimeError("non-first pipeline stage: pass hidden_streams or call set_input_tensor first")
+        indexer_losses = []
+        for block in self.layers.values():
+            x, il = block(x, input_ids, doc_ids)
+            if il is not None:
+                indexer_losses.append(il)
+        training_loss = labels is not None
+        if not self.post_process:
+            self.stage_aux_loss = self._aux_losses(indexer_losses)[2] if training_loss else None
+            return x
+
+        h = self.norm(self.hc_head(x))
+        logits = self._head(h)
+        if not training_loss:
+            if ps.get_tensor_model_parallel_world_size() > 1:
+                logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+            return logits
+
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+        lm_loss = self._cross_entropy(logits, labels)
+        mtp_loss = torch.zeros((), device=logits.device)
+        if self.mtp is not None and mtp_labels is not None:
+            if mtp_labels.shape != input_ids.shape:
+                raise ValueError(f"mtp_labels {tuple(mtp_labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+            # t_{i+1}: input_ids shifted left; the last position's next token is labels[:, -1]
+            next_ids = torch.cat([input_ids[:, 1:], labels[:, -1:].clamp(min=0)], dim=1)
+            h_mtp, il = self.mtp(x, self._embedding()(next_ids), next_ids, doc_ids)
+            if il is not None:
+                indexer_losses.append(il)
+            mtp_loss = self._cross_entropy(self._head(h_mtp), mtp_labels)
+        balance, indexer, aux = self._aux_losses(indexer_losses)
+        self.stage_aux_loss = aux
+        loss = lm_loss + mtp_lambda * mtp_loss + aux
+        return {"loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss, "balance_loss": balance,
+                "indexer_loss": indexer}
+
+    def _aux_losses(self, indexer_losses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Σ balance losses, Σ indexer losses, balance + indexer_loss_coeff · indexer) of this stage."""
+        zero = torch.zeros(())
+        balance = sum((r.balance_loss for _, r in self.routers() if r.balance_loss is not None), zero)
+        indexer = sum(indexer_losses, zero)
+        return balance, indexer, balance + self.cfg.indexer_loss_coeff * indexer
