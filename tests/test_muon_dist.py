@@ -202,3 +202,73 @@ def _check(results, expect_labels):
             bad = {n: e for n, e in errs.items() if not e < TOL}
             assert not bad, f"rank {rank} case {label}: relative errors above {TOL}: {bad}"
     assert expect_labels <= seen, seen
+
+
+def _copy_params(params):
+    out = []
+    for name, p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        for attr in ("tensor_model_parallel", "partition_dim", "v4_blocks", "v4_expert", "allreduce"):
+            if hasattr(p, attr):
+                setattr(q, attr, getattr(p, attr))
+        out.append((name, q))
+    return out
+
+
+def _finish_from_state(label, params, sd, names, groups, T, t, ep, e, tp_mode="auto"):
+    """Load ``sd`` into a fresh Muon over ``groups``, run step 3, compare with the 3-step reference."""
+    from parallel.muon import Muon
+    opt = Muon(params, **HYPER, tp_mode=tp_mode, **groups)
+    opt.load_state_dict(sd)
+    _set_grads(params, 2, T, t, ep, e)
+    opt.step()
+    ref, _ = _reference(names, 3)
+    errs = {n: ((p.detach() - _slice(n, ref[n], T, t, ep, e)).norm()
+                / _slice(n, ref[n], T, t, ep, e).norm()).item() for n, p in params}
+    return label, errs, {k: v.summary() for k, v in opt.plans.items()}
+
+
+def _state_world4(rank, world):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from parallel.muon import Muon
+    out = []
+    names = list(SPECS)
+    # --- tp1: save at dp2 (two groups of 2 ranks), load at dp4 and dp1 ---------------------------
+    _init(tp=1)
+    T, t, ep, e = _coords()
+    g01, g23 = dist.new_group([0, 1]), dist.new_group([2, 3])
+    dp2 = g01 if rank < 2 else g23
+    params = _make_local(names, T, t, ep, e)
+    opt = Muon(params, **HYPER, dp_group=dp2, expert_dp_group=dp2)
+    for k in range(2):
+        _set_grads(params, k, T, t, ep, e)
+        opt.step()
+    sd = opt.state_dict()
+    _, ref_opt = _reference(names, 2)
+    ref_sd = ref_opt.state_dict()
+    mom_err = {n: ((sd["state"][n]["momentum_buffer"] - ref_sd["state"][n]["momentum_buffer"]).norm()
+                   / ref_sd["state"][n]["momentum_buffer"].norm()).item() for n in names}
+    out.append(("dp2-saved-momentum", mom_err, {}))
+    world_g = dist.group.WORLD
+    out.append(_finish_from_state("dp2->dp4", _copy_params(params), sd, names,
+                                  dict(dp_group=world_g, expert_dp_group=world_g), T, t, ep, e))
+    out.append(_finish_from_state("dp2->dp1", _copy_params(params), sd, names, {}, T, t, ep, e))
+    # --- tp2: save at tp2 x dp2 (gather), load at tp2 x dp1 (gram) ---------------------------------
+    _init(tp=2)
+    T, t, ep, e = _coords()
+    params = _make_local(names, T, t, ep, e)
+    opt = Muon.from_parallel_state(params, **HYPER, tp_mode="gather")
+    for k in range(2):
+        _set_grads(params, k, T, t, ep, e)
+        opt.step()
+    sd = opt.state_dict()
+    out.append(_finish_from_state("tp2xdp2->tp2xdp1", _copy_params(params), sd, names,
+                                  dict(tp_group=ps.get_tensor_model_parallel_group()), T, t, ep, e, "gram"))
+    return out
+
+
+@pytest.mark.slow
+def test_muon_state_restores_under_other_dp_size():
+    results = run_ranks(_state_world4, 4, timeout=300)
+    _check(results, expect_labels={"dp2-saved-momentum", "dp2->dp4", "dp2->dp1", "tp2xdp2->tp2xdp1"})
