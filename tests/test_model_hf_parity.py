@@ -90,7 +90,7 @@ def test_logits_match_hf_and_round_trip(case, tmp_path, one_rank):
     with torch.no_grad():
         got = ours(ids)
     # fp32, same math in a different order (fused mHC pre, windowed attention vs HF's masked S×S softmax,
-    # megatron's token permutation in the MoE): measured ~1e-6 relative; the spec asks for 1e-5
+    # megatron's token permutation in the MoE): measured 2-4e-7 relative; the spec asks for 1e-5
     assert _rel_err(got, ref) < 1e-5
 
     save_hf(ours, tmp_path / "ours")

@@ -72,9 +72,9 @@ def make_hash_table(vocab_size: int, n_experts: int, top_k: int, seed: int) -> t
     g = torch.Generator().manual_seed(int(seed))
     per_perm = n_experts // top_k
     n_perms = -(-vocab_size // per_perm)
-    perms = torch.stack([torch.randperm(n_experts, generator=g) for _ in range(n_perms)])
+    perms = torch.stack([torch.randperm(n_experts, generator=g, device="cpu") for _ in range(n_perms)])
     rows = perms[:, :per_perm * top_k].reshape(n_perms * per_perm, top_k)[:vocab_size]
-    order = torch.randperm(vocab_size, generator=g)
+    order = torch.randperm(vocab_size, generator=g, device="cpu")
     return rows[order].contiguous().long()
 
 
