@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
+                                                        make_sharded_optimizer_tensor)
 
 RNG_KEY = "rank_rng"
 LOADER_KEY = "rank_loader"
@@ -36,11 +38,46 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """The model's ShardedTensors: its own ``sharded_state_dict()`` when it has one, else
+    :func:`module_sharded_state_dict`."""
     m = unwrap(model)
-    if not hasattr(m, "sharded_state_dict"):
-        raise TypeError(f"{type(m).__name__} has no sharded_state_dict(); the model must be a megatron-core "
-                        f"MegatronModule so that distributed checkpointing can reshard it")
-    return m.sharded_state_dict()
+    if hasattr(m, "sharded_state_dict"):
+        return m.sharded_state_dict()
+    return module_sharded_state_dict(m)
+
+
+def module_sharded_state_dict(module: torch.nn.Module, prefix: str = "") -> dict[str, Any]:
+    """Sharded state dict of a plain ``nn.Module`` tree that contains megatron modules.
+
+    Submodules with a ``sharded_state_dict`` method (megatron's parallel linears, embeddings, MoE layer and
+    routers: they know their TP/EP offsets) are asked for theirs; the direct parameters and persistent
+    buffers of other modules are TP-sharded along ``partition_dim`` when tagged
+    ``tensor_model_parallel``, replicated otherwise (megatron's ``make_*sharded_tensor_for_checkpoint``).
+    """
+    from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
+                                                 make_sharded_tensor_for_checkpoint,
+                                                 make_tp_sharded_tensor_for_checkpoint)
+    out: dict[str, Any] = {}
+    if hasattr(module, "sharded_state_dict"):
+        out.update(module.sharded_state_dict(prefix=prefix, sharded_offsets=(),
+                                             metadata=ensure_metadata_has_dp_cp_group(None)))
+        return out
+    own: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters(recurse=False):
+        own[name] = p
+    non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+    for name, b in module.named_buffers(recurse=False):
+        if b is not None and name not in non_persistent:
+            own[name] = b
+    for name, t in own.items():
+        key = f"{prefix}{name}"
+        if getattr(t, "tensor_model_parallel", False):
+            out[key] = make_tp_sharded_tensor_for_checkpoint(t, key, tp_axis=getattr(t, "partition_dim", 0))
+        else:
+            out[key] = make_sharded_tensor_for_checkpoint(t, key)
+    for cname, child in module.named_children():
+        out.update(module_sharded_state_dict(child, f"{prefix}{cname}."))
+    return out
 
 
 def _params(opt: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
@@ -52,9 +89,19 @@ def _is_main_first_shard(sh: ShardedTensor) -> bool:
     return all(r == 0 for r in rid) and all(o == 0 for o in sh.global_offset)
 
 
-def _scalar_sharded(sh: ShardedTensor, value: torch.Tensor, key: str) -> ShardedTensor:
+def _factory_is_main(p: torch.Tensor) -> bool:
+    """Main replica of a parameter wrapped in a ShardedTensorFactory (megatron's fused GLU fc1)."""
+    from megatron.core import parallel_state as ps
+    if bool(getattr(p, "v4_expert", False)) or getattr(p, "allreduce", True) is False:
+        return ps.get_expert_tensor_parallel_rank() == 0 and ps.get_expert_data_parallel_rank() == 0
+    return (ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_data_parallel_rank(with_context_parallel=True) == 0)
+
+
+def _scalar_sharded(sh: Any, p: torch.Tensor, value: torch.Tensor, key: str) -> ShardedTensor:
     data = value.detach().reshape(1).to(torch.float64).clone()
-    return ShardedTensor.from_rank_offsets(key, data, replica_id=0 if _is_main_first_shard(sh) else 1)
+    main = _is_main_first_shard(sh) if isinstance(sh, ShardedTensor) else _factory_is_main(p)
+    return ShardedTensor.from_rank_offsets(key, data, replica_id=0 if main else 1)
 
 
 def optimizer_state_keys(opt: torch.optim.Optimizer) -> dict[str, dict[str, str]]:
@@ -105,11 +152,10 @@ def optimizer_sharded_state_dict(name: str, opt: torch.optim.Optimizer,
     for p, sh in _entries(name, opt, model_sd):
         for k, v in opt.state.get(p, {}).items():
             if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
-                out[f"{k}.{sh.key}"] = dataclasses.replace(sh, key=f"optimizer.{name}.{k}.{sh.key}", data=v,
-                                                           dtype=v.dtype)
+                out[f"{k}.{sh.key}"] = make_sharded_optimizer_tensor(sh, v, f"optimizer.{name}.{k}")
             else:
                 t = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-                out[f"{k}.{sh.key}"] = _scalar_sharded(sh, t, f"optimizer.{name}.scalar.{k}.{sh.key}")
+                out[f"{k}.{sh.key}"] = _scalar_sharded(sh, p, t, f"optimizer.{name}.scalar.{k}.{sh.key}")
     return out
 
 
@@ -171,15 +217,39 @@ def per_rank_object(key: str, data: Any, rank: int, world: int) -> ShardedObject
     return ShardedObject(key, None if data is None else pack(data), (world,), (rank,), replica_id=0)
 
 
+def _has_own_sharding(opt: torch.optim.Optimizer) -> bool:
+    """Optimizers that shard their own state (parallel.muon.Muon: momentum lives on owner ranks)."""
+    return hasattr(opt, "sharded_state_dict") and hasattr(opt, "load_sharded_momentum")
+
+
+def _name_to_sharded(model: torch.nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    by_id = {}
+    for v in nested_values(model_sd):
+        if isinstance(v, (ShardedTensor, ShardedTensorFactory)):
+            by_id[id(v.data)] = v
+    return {n: by_id[id(p)] for n, p in unwrap(model).named_parameters() if id(p) in by_id}
+
+
+def _opt_sharded(name: str, opt: torch.optim.Optimizer, model: torch.nn.Module,
+                 model_sd: dict[str, Any]) -> dict[str, Any]:
+    if _has_own_sharding(opt):
+        return opt.sharded_state_dict(_name_to_sharded(model, model_sd), prefix=f"optimizer.{name}.")
+    return optimizer_sharded_state_dict(name, opt, model_sd)
+
+
+def _opt_keys(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"__own__": {"kind": "own", "dtype": ""}} if _has_own_sharding(opt) else optimizer_state_keys(opt)
+
+
 def build_state(model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer], common: dict[str, Any],
                 rank_objects: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     """The full sharded state dict to save: model, optimizers, common (rank-0) state, per-rank objects."""
     model_sd = model_sharded_state_dict(model)
     common = dict(common, world=world, rank_keys=sorted(rank_objects),
-                  optimizer_keys={n: optimizer_state_keys(o) for n, o in optimizers.items()})
+                  optimizer_keys={n: _opt_keys(o) for n, o in optimizers.items()})
     sd: dict[str, Any] = {"model": model_sd, "common": common,
-                          "optimizer": {n: optimizer_sharded_state_dict(n, o, model_sd)
-                                        for n, o in optimizers.items()}}
+                          "optimizer": {n: _opt_sharded(n, o, model, model_sd) for n, o in optimizers.items()}}
     for k, v in rank_objects.items():
         sd[f"rank.{k}"] = per_rank_object(f"rank.{k}", v, rank, world)
     return sd
@@ -201,12 +271,13 @@ def load_state(path: Any, model: torch.nn.Module, optimizers: dict[str, torch.op
     if missing:
         raise CheckpointError(f"{path}: optimizers {sorted(common['optimizer_keys'])} in the checkpoint, "
                               f"{sorted(optimizers)} in this run")
+    own = {n for n, o in optimizers.items() if _has_own_sharding(o)}
     for n, o in optimizers.items():
-        init_optimizer_state(o, common["optimizer_keys"][n])
+        if n not in own:
+            init_optimizer_state(o, common["optimizer_keys"][n])
     model_sd = model_sharded_state_dict(model)
     sd: dict[str, Any] = {"model": model_sd,
-                          "optimizer": {n: optimizer_sharded_state_dict(n, o, model_sd)
-                                        for n, o in optimizers.items()}}
+                          "optimizer": {n: _opt_sharded(n, o, model, model_sd) for n, o in optimizers.items()}}
     old_world = int(common["world"])
     same_world = old_world == world
     for k in common["rank_keys"]:
@@ -214,9 +285,12 @@ def load_state(path: Any, model: torch.nn.Module, optimizers: dict[str, torch.op
         if not same_world:
             obj = dataclasses.replace(obj, replica_id=rank)
         sd[f"rank.{k}"] = obj
-    entries = {n: optimizer_entries(n, o, model_sd) for n, o in optimizers.items()}
+    entries = {n: optimizer_entries(n, o, model_sd) for n, o in optimizers.items() if n not in own}
     loaded = CheckpointManager.load(path, sd, strict=True, validate_access=same_world)
     unwrap(model).load_state_dict(loaded["model"], strict=True)
     for n, o in optimizers.items():
+        if n in own:
+            o.load_sharded_momentum(loaded["optimizer"][n])
+            continue
         restore_optimizer_state(o, entries[n], loaded["optimizer"][n], common["optimizer_keys"][n])
     return common, {k: unpack(loaded[f"rank.{k}"]) for k in common["rank_keys"]}, same_world

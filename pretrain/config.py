@@ -134,6 +134,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     spike_threshold: float = 0.0            # >0: loss > threshold * running mean rolls back
+    spike_window: int = 20                  # accepted steps in the running mean of the spike detector
+    max_rollbacks: int = 3                  # spike rollbacks allowed per process
+    max_consecutive_skips: int = 10         # non-finite steps in a row before the run aborts
+    fault_inject_nan_steps: list[int] = field(default_factory=list)  # testing: NaN loss at these steps
     log_interval: int = 1
     deterministic: bool = True
 
@@ -179,6 +183,8 @@ class RunConfig:
     tensorboard: bool = True
     plot: bool = True
     progress: bool = True
+    preempt_exit_code: int = 75             # exit status after a SIGTERM/SIGUSR1 checkpoint (EX_TEMPFAIL)
+    peak_tflops: float = 0.0                # per-rank peak for the MFU estimate; 0 = auto (GPU table/CPU probe)
 
 
 @dataclass
