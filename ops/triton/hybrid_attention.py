@@ -49,20 +49,20 @@ def _interp() -> bool:
 
 
 @triton.jit
-def _fwd_tile(q, k, valid, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr):
+def _fwd_tile(q, k, valid, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, PREC: tl.constexpr):
     if UPCAST:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PREC)
     else:
-        s = tl.dot(q, tl.trans(k))
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
     s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if UPCAST:
-        acc = acc * alpha[:, None] + tl.dot(p, k.to(tl.float32))
+        acc = acc * alpha[:, None] + tl.dot(p, k.to(tl.float32), input_precision=PREC)
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k)
+        acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=PREC)
     return m_new, l_i, acc
 
 
@@ -70,7 +70,7 @@ def _fwd_tile(q, k, valid, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr):
 def _attn_fwd_kernel(q_ptr, kv_ptr, ck_ptr, sink_ptr, seg_ptr, lo_ptr, hi_ptr, idx_ptr, o_ptr, lse_ptr,
                      S, H, N, KSEL, qk_scale, window,
                      D: tl.constexpr, DP: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
-                     COMP: tl.constexpr, UPCAST: tl.constexpr):
+                     COMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)                  # b * S + t
     hb = tl.program_id(1)
     b = pid // S
@@ -93,7 +93,7 @@ def _attn_fwd_kernel(q_ptr, kv_ptr, ck_ptr, sink_ptr, seg_ptr, lo_ptr, hi_ptr, i
         offs_n = k0 + tl.arange(0, BN)
         nmask = offs_n < hi
         k = tl.load(kvb + offs_n[:, None] * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-        m_i, l_i, acc = _fwd_tile(q, k, nmask, m_i, l_i, acc, qk_scale, UPCAST)
+        m_i, l_i, acc = _fwd_tile(q, k, nmask, m_i, l_i, acc, qk_scale, UPCAST, PREC)
     ckb = ck_ptr + b.to(tl.int64) * N * D
     if COMP == 1:
         clo = tl.load(lo_ptr + pid)
@@ -103,7 +103,7 @@ def _attn_fwd_kernel(q_ptr, kv_ptr, ck_ptr, sink_ptr, seg_ptr, lo_ptr, hi_ptr, i
             nmask = offs_n < chi
             k = tl.load(ckb + offs_n[:, None] * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
                         other=0.0)
-            m_i, l_i, acc = _fwd_tile(q, k, nmask, m_i, l_i, acc, qk_scale, UPCAST)
+            m_i, l_i, acc = _fwd_tile(q, k, nmask, m_i, l_i, acc, qk_scale, UPCAST, PREC)
     if COMP == 2:
         for k0 in range(0, KSEL, BN):
             offs_j = k0 + tl.arange(0, BN)
@@ -111,7 +111,7 @@ def _attn_fwd_kernel(q_ptr, kv_ptr, ck_ptr, sink_ptr, seg_ptr, lo_ptr, hi_ptr, i
             nmask = (idx >= 0) & (idx < N)
             k = tl.load(ckb + idx[:, None].to(tl.int64) * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
                         other=0.0)
-            m_i, l_i, acc = _fwd_tile(q, k, nmask, m_i, l_i, acc, qk_scale, UPCAST)
+            m_i, l_i, acc = _fwd_tile(q, k, nmask, m_i, l_i, acc, qk_scale, UPCAST, PREC)
     o = acc / l_i[:, None]
     tl.store(o_ptr + (pid64 * H + offs_h[:, None]) * D + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=qm)
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
@@ -119,21 +119,21 @@ def _attn_fwd_kernel(q_ptr, kv_ptr, ck_ptr, sink_ptr, seg_ptr, lo_ptr, hi_ptr, i
 
 
 @triton.jit
-def _dq_tile(q, do, k, valid, lse2, delta, dq, qk_scale, UPCAST: tl.constexpr):
+def _dq_tile(q, do, k, valid, lse2, delta, dq, qk_scale, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Returns (dq + ds·k, p, ds) for one key tile (p, ds: [BH, BN] fp32, zero where invalid)."""
     if UPCAST:
         kf = k.to(tl.float32)
-        s = tl.dot(q.to(tl.float32), tl.trans(kf))
-        dp = tl.dot(do.to(tl.float32), tl.trans(kf))
+        s = tl.dot(q.to(tl.float32), tl.trans(kf), input_precision=PREC)
+        dp = tl.dot(do.to(tl.float32), tl.trans(kf), input_precision=PREC)
     else:
-        s = tl.dot(q, tl.trans(k))
-        dp = tl.dot(do, tl.trans(k))
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        dp = tl.dot(do, tl.trans(k), input_precision=PREC)
     p = tl.where(valid, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
     ds = p * (dp - delta[:, None])
     if UPCAST:
-        dq += tl.dot(ds, k.to(tl.float32))
+        dq += tl.dot(ds, k.to(tl.float32), input_precision=PREC)
     else:
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
     return dq, p, ds
 
 
@@ -141,7 +141,7 @@ def _dq_tile(q, do, k, valid, lse2, delta, dq, qk_scale, UPCAST: tl.constexpr):
 def _attn_bwd_dq_kernel(q_ptr, kv_ptr, ck_ptr, seg_ptr, lo_ptr, hi_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr,
                         dq_ptr, dck_ptr, S, H, N, KSEL, qk_scale, sm_scale, window,
                         D: tl.constexpr, DP: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
-                        COMP: tl.constexpr, UPCAST: tl.constexpr):
+                        COMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     hb = tl.program_id(1)
     b = pid // S
@@ -166,7 +166,7 @@ def _attn_bwd_dq_kernel(q_ptr, kv_ptr, ck_ptr, seg_ptr, lo_ptr, hi_ptr, idx_ptr,
         offs_n = k0 + tl.arange(0, BN)
         nmask = offs_n < hi
         k = tl.load(kvb + offs_n[:, None] * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
-        dq, p, ds = _dq_tile(q, do, k, hmask[:, None] & nmask[None, :], lse2, delta, dq, qk_scale, UPCAST)
+        dq, p, ds = _dq_tile(q, do, k, hmask[:, None] & nmask[None, :], lse2, delta, dq, qk_scale, UPCAST, PREC)
     ckb = ck_ptr + b.to(tl.int64) * N * D
     if COMP == 1:
         clo = tl.load(lo_ptr + pid)
@@ -176,7 +176,7 @@ def _attn_bwd_dq_kernel(q_ptr, kv_ptr, ck_ptr, seg_ptr, lo_ptr, hi_ptr, idx_ptr,
             nmask = offs_n < chi
             k = tl.load(ckb + offs_n[:, None] * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
                         other=0.0)
-            dq, p, ds = _dq_tile(q, do, k, hmask[:, None] & nmask[None, :], lse2, delta, dq, qk_scale, UPCAST)
+            dq, p, ds = _dq_tile(q, do, k, hmask[:, None] & nmask[None, :], lse2, delta, dq, qk_scale, UPCAST, PREC)
     if COMP == 2:
         dckb = dck_ptr + b.to(tl.int64) * N * D
         for k0 in range(0, KSEL, BN):
@@ -186,11 +186,13 @@ def _attn_bwd_dq_kernel(q_ptr, kv_ptr, ck_ptr, seg_ptr, lo_ptr, hi_ptr, idx_ptr,
             km = nmask[:, None] & dmask[None, :]
             kp = idx[:, None].to(tl.int64) * D + offs_d[None, :]
             k = tl.load(ckb + kp, mask=km, other=0.0)
-            dq, p, ds = _dq_tile(q, do, k, hmask[:, None] & nmask[None, :], lse2, delta, dq, qk_scale, UPCAST)
+            dq, p, ds = _dq_tile(q, do, k, hmask[:, None] & nmask[None, :], lse2, delta, dq, qk_scale, UPCAST, PREC)
             if UPCAST:
-                dk = tl.dot(tl.trans(ds), q.to(tl.float32)) * sm_scale + tl.dot(tl.trans(p), do.to(tl.float32))
+                dk = tl.dot(tl.trans(ds), q.to(tl.float32), input_precision=PREC) * sm_scale \
+                    + tl.dot(tl.trans(p), do.to(tl.float32), input_precision=PREC)
             else:
-                dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * sm_scale + tl.dot(tl.trans(p.to(do.dtype)), do)
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * sm_scale \
+                    + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             tl.atomic_add(dckb + kp, dk, mask=km)
     tl.store(dq_ptr + rows, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=qm)
 
@@ -199,7 +201,7 @@ def _attn_bwd_dq_kernel(q_ptr, kv_ptr, ck_ptr, seg_ptr, lo_ptr, hi_ptr, idx_ptr,
 def _attn_bwd_dkv_kernel(q_ptr, k_ptr, seg_ptr, lo_ptr, hi_ptr, tlo_ptr, thi_ptr, do_ptr, lse_ptr, delta_ptr,
                          part_ptr, S, H, NK, NKB, QC, qk_scale, sm_scale, window,
                          D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BNK: tl.constexpr,
-                         MODE: tl.constexpr, UPCAST: tl.constexpr):
+                         MODE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Key-centric dk for a block of BNK keys (MODE 0: window keys = tokens; MODE 1: range-visible entries).
     Query rows r = t·H + h of batch b in [t_lo·H, t_hi·H), chunk pid_c of QC tokens; writes an fp32 partial."""
     pid_k = tl.program_id(0)
@@ -246,13 +248,21 @@ def _attn_bwd_dkv_kernel(q_ptr, k_ptr, seg_ptr, lo_ptr, hi_ptr, tlo_ptr, thi_ptr
         if UPCAST:
             qr = qr.to(tl.float32)
             dor = dor.to(tl.float32)
-        s = tl.dot(qr, tl.trans(k))
-        dp = tl.dot(dor, tl.trans(k))
+        s = tl.dot(qr, tl.trans(k), input_precision=PREC)
+        dp = tl.dot(dor, tl.trans(k), input_precision=PREC)
         p = tl.where(valid, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
         ds = p * (dp - dl[:, None])
-        dk += tl.dot(tl.trans(ds.to(qr.dtype)), qr) * sm_scale + tl.dot(tl.trans(p.to(dor.dtype)), dor)
+        dk += tl.dot(tl.trans(ds.to(qr.dtype)), qr, input_precision=PREC) * sm_scale \
+            + tl.dot(tl.trans(p.to(dor.dtype)), dor, input_precision=PREC)
     tl.store(part_ptr + ((pid_c * (tl.num_programs(0) // NKB) + b64) * NK + keys[:, None]) * D + offs_d[None, :],
              dk, mask=kmask[:, None] & dmask[None, :])
+
+
+def _prec(q: torch.Tensor) -> str:
+    """fp32 inputs: 3-pass tf32 on the GPU (≈ fp32 accuracy); bf16/fp16 operands are exact in any mode."""
+    if _interp():
+        return "ieee"
+    return "tf32x3" if q.dtype == torch.float32 else "tf32"     # the latter is Triton's default (unused for bf16)
 
 
 def _config(H: int, D: int) -> dict:
@@ -292,6 +302,7 @@ def _dkv(q, keys, seg, lo, hi, do, lse, delta, window, scale, mode, cfg):
     _attn_bwd_dkv_kernel[(B * nkb, chunks)](
         q, keys, seg, lo, hi, tlo, thi, do, lse, delta, part, S, H, NK, nkb, qc, scale * LOG2E, scale, window,
         D=D, DP=triton.next_power_of_2(D), BM=cfg["BM"], BNK=bnk, MODE=mode, UPCAST=_interp(),
+            PREC=_prec(q),
         num_warps=cfg["warps"], num_stages=cfg["stages"])
     return part.sum(0) if chunks > 1 else part[0]
 
@@ -310,6 +321,7 @@ class _HybridAttention(torch.autograd.Function):
         _attn_fwd_kernel[(B * S, triton.cdiv(H, cfg["BH"]))](
             q, kv, ck, sinks, seg, lo, hi, idx_, o, lse, S, H, N, ksel, scale * LOG2E, window,
             D=D, DP=triton.next_power_of_2(D), BH=cfg["BH"], BN=cfg["BN"], COMP=comp, UPCAST=_interp(),
+            PREC=_prec(q),
             num_warps=cfg["warps"], num_stages=cfg["stages"])
         ctx.save_for_backward(q, kv, sinks, comp_kv, seg, lo, hi, idx, o, lse)
         ctx.cfg = (scale, window, comp)
@@ -336,6 +348,7 @@ class _HybridAttention(torch.autograd.Function):
         _attn_bwd_dq_kernel[(B * S, triton.cdiv(H, cfg["BH"]))](
             q, kv, ck, seg, lo, hi, idx_, do, lse, delta, dq, dck32, S, H, N, ksel, scale * LOG2E, scale, window,
             D=D, DP=triton.next_power_of_2(D), BH=cfg["BH"], BN=cfg["BN"], COMP=comp, UPCAST=_interp(),
+            PREC=_prec(q),
             num_warps=cfg["warps"], num_stages=cfg["stages"])
         dkv = _dkv(q, kv, seg, lo, hi, do, lse, delta, window, scale, 0, cfg).to(kv.dtype)
         dck = None

@@ -115,7 +115,7 @@ def _iterate(Y: torch.Tensor, iters: list[tuple[float, float, float]], reduce) -
     """Run the NS iterations on the already normalised, contiguous batch Y [E, s, l] (dtype = compute)."""
     E, s, l = Y.shape
     cfg = _config(Y.dtype)
-    prec = "tf32x3" if (Y.dtype == torch.float32 and not _interp()) else "ieee"
+    prec = "ieee" if _interp() else ("tf32x3" if Y.dtype == torch.float32 else "tf32")
     bm = cfg["BM"]
     nt = triton.cdiv(s, bm)
     ti, tj = _triangle(nt, Y.device)

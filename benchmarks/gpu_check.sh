@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One-shot GPU check of the Triton kernels (ops/triton): CUDA correctness tests, then the benchmark.
+#   OUT=/some/dir bash benchmarks/gpu_check.sh
+# Needs only python3 with torch + triton (+ pytest for stage 1); never imports megatron. Every stage is
+# wrapped (a failure is logged and the next stage runs); a global cap (GPU_CHECK_CAP, default 480 s) bounds
+# the whole script; everything lands under $OUT as it is produced (summary.txt last).
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+CAP="${GPU_CHECK_CAP:-480}"
+START=$(date +%s)
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_CACHE_DIR=/tmp/v4_triton_cache
+unset TRITON_INTERPRET
+export OMP_NUM_THREADS=4
+left() { echo $(( CAP - ($(date +%s) - START) )); }
+log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
+
+log "start; cap ${CAP}s; out $OUT"
+{ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>&1;
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" 2>&1;
+  $PY -c "import ops, sys; print('ops imports megatron:', any(m.startswith('megatron') for m in sys.modules))" 2>&1
+} | tee "$OUT/env.txt"
+
+# Stage 1: correctness tests of the kernels, compiled on CUDA (same test files CI runs in the interpreter).
+T1=$(( $(left) < 200 ? $(left) : 200 ))
+log "stage 1: pytest tests/test_triton_*.py on CUDA (timeout ${T1}s)"
+timeout -k 10 "$T1" $PY -m pytest -q -p no:cacheprovider -o addopts="" --noconftest -x --tb=short \
+    --junitxml="$OUT/pytest.xml" tests/test_triton_*.py > "$OUT/pytest.log" 2>&1
+RC1=$?
+tail -n 25 "$OUT/pytest.log" | tee -a "$OUT/summary.txt"
+log "stage 1 rc=$RC1"
+
+# Stage 2: benchmark (own budget = what is left minus a margin); writes $OUT/bench.json as it goes.
+B=$(( $(left) - 20 ))
+if [ "$B" -gt 30 ]; then
+  log "stage 2: benchmarks/bench_kernels.py (budget ${B}s)"
+  timeout -k 10 $(( B + 15 )) $PY benchmarks/bench_kernels.py --out "$OUT" --budget "$B" > "$OUT/bench.log" 2>&1
+  RC2=$?
+  log "stage 2 rc=$RC2"
+  # the table printed at the end (or the last records if the run was cut)
+  grep -A 80 "^======" "$OUT/bench.log" | tee -a "$OUT/summary.txt" || tail -n 40 "$OUT/bench.log" | tee -a "$OUT/summary.txt"
+else
+  log "stage 2 skipped: no time left"
+fi
+log "done"
+tail -n 60 "$OUT/summary.txt" >/dev/null
