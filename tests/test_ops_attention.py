@@ -362,3 +362,23 @@ def test_dense_mode_has_no_indexer_loss_and_sparse_with_full_topk_equals_dense()
         c = dense(x)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)              # same entries; fp32 summation order
     assert (a - c).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["dense", "indexer_warmup", "sparse"])
+def test_sequences_shorter_than_the_compression_rate(mode: str) -> None:
+    """S < m (no compressed entry at all) and S just above it: finite outputs and gradients, and with no
+    entry the CSA/HCA layer equals sliding-window attention with the same weights (compressed set empty)."""
+    attn = _csa_module(mode)
+    for S in (1, 3, 5):
+        x = torch.randn(2, S, 32, requires_grad=True)
+        y = attn(x)
+        loss = y.square().sum() + (attn.indexer_loss if attn.indexer_loss is not None else 0.0)
+        loss.backward()
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all(), S
+    x = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        with_compressor = attn(x)
+        attn.compressor, saved = None, attn.compressor     # same layer without compressed entries
+        window_only = attn(x)
+        attn.compressor = saved
+    assert torch.equal(with_compressor, window_only)     # identical computation when N = 0
