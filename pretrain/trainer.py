@@ -87,7 +87,10 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.run_dir = Path(cfg.run.dir)
-        self.sched = Schedules(t, dp=self.dp, default_attention_mode=cfg.model.attention_mode)
+        try:
+            self.sched = Schedules(t, dp=self.dp, default_attention_mode=cfg.model.attention_mode)
+        except ValueError as e:
+            raise ConfigError(f"{e} (data-parallel size {self.dp} from world {self.world})") from e
         self.guards = Guards(t.spike_threshold, t.spike_window, t.max_consecutive_skips, t.max_rollbacks)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                       cfg.checkpoint.keep_every, cfg.checkpoint.async_save)
