@@ -69,15 +69,19 @@ ATTENTION_MODES = ("dense", "indexer_warmup", "sparse")
 
 
 def megatron_parallel_config(tp_size: int = 1, params_dtype: torch.dtype = torch.float32) -> Any:
-    """A megatron ``ModelParallelConfig`` for the attention's parallel linears (CPU-safe flags)."""
+    """A megatron ``ModelParallelConfig`` for the attention's parallel linears (CPU-safe flags).
+
+    Weights are always initialised on the CPU (``use_cpu_initialization``): the master matrix is drawn from
+    the default generator and sliced per TP rank, so every layout starts from the same weights and no
+    megatron CUDA RNG tracker is needed; move the model to the GPU afterwards.
+    """
     from megatron.core.model_parallel_config import ModelParallelConfig
 
     from parallel.process_groups import megatron_cpu_flags
     fields = ModelParallelConfig.__dataclass_fields__
     flags = {k: v for k, v in megatron_cpu_flags().items() if k in fields}
-    flags.update(tensor_model_parallel_size=tp_size, params_dtype=params_dtype, perform_initialization=True)
-    if torch.cuda.is_available():
-        flags["use_cpu_initialization"] = False
+    flags.update(tensor_model_parallel_size=tp_size, params_dtype=params_dtype, perform_initialization=True,
+                 use_cpu_initialization=True)
     return ModelParallelConfig(**flags)
 
 
