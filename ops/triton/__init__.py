@@ -8,7 +8,8 @@ One module per kernel:
 * ``newton_schulz``      — batched Muon Newton-Schulz with symmetric (one-triangle) Gram kernels.
 * ``hybrid_attention``   — joint online softmax over sliding window ∪ compressed entries with sink (fwd+bwd).
 * ``compressor``         — per-channel softmax pooling of the KV compressors (fwd+bwd).
-* ``indexer``            — lightning-indexer scores + block-wise top-k (forward only).
+* ``indexer``            — lightning-indexer top-k by block-wise merge (forward only): ``indexer_topk`` on
+                           given scores, and ``indexer_select`` fusing the scores (no [S, N] tensor).
 
 Importing this package does NOT import ``triton`` and defines no kernel: the registered functions import
 their kernel module on first call. That keeps ``import ops`` working without Triton, and lets a test set
@@ -48,6 +49,7 @@ KERNELS: dict[str, tuple[str, str]] = {
     "hybrid_attention": ("hybrid_attention", "hybrid_attention"),
     "compressor_pool": ("compressor", "compressor_pool"),
     "indexer_topk": ("indexer", "indexer_topk"),
+    "indexer_select": ("indexer", "indexer_select"),
 }
 
 
@@ -71,7 +73,14 @@ def _lazy(op: str) -> Callable[..., Any]:
     return call
 
 
+def indexer_select_reference(q, keys, weights, visible_lo, visible_hi, k):
+    """Reference of the fused op ``indexer_select``: ``indexer_topk(indexer_scores(q, keys, weights), lo, hi, k)``."""
+    from ops import indexer
+    return indexer.indexer_topk(indexer.indexer_scores(q, keys, weights), visible_lo, visible_hi, k)
+
+
 def register_all() -> None:
+    dispatch.register("indexer_select", reference=indexer_select_reference)
     if not available():
         return
     for op, (mod, _) in KERNELS.items():
