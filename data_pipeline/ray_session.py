@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Iterator
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,9 @@ def configure_data_context() -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = os.environ.get("DATA_PIPELINE_PROGRESS", "1") != "0"
+    # bars on a terminal; elsewhere Ray would log a progress table every few seconds (DATA_PIPELINE_PROGRESS=1
+    # forces it on, =0 off)
+    ctx.enable_progress_bars = os.environ.get("DATA_PIPELINE_PROGRESS", "1" if sys.stderr.isatty() else "0") != "0"
     ctx.print_on_execution_start = False
     # sort-based shuffles for grouping (see components.group_reduce); push-based scales to large clusters
     ctx.shuffle_strategy = ShuffleStrategy(os.environ.get("DATA_PIPELINE_SHUFFLE", "sort_shuffle_push_based"))

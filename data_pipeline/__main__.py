@@ -1,0 +1,4 @@
+"""``python -m data_pipeline <command>``: see :mod:`data_pipeline.cli`."""
+from data_pipeline.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""What the trainer calls: ``ensure_dataset``, ``build_loader``, ``load_tokenizer``.
+
+``ensure_dataset`` builds (once) and caches the packed dataset of a mixture at a vocabulary size and
+sequence length under ``shards_dir/<name>-v<vocab>-s<seq_len>-<fingerprint>/``. Concurrent callers (several
+ranks, several jobs on one shared filesystem) serialise on an ``fcntl`` lock file; the builder writes into
+a private temporary directory and renames it into place atomically, so a reader never sees half a dataset,
+and the ranks that waited find the manifest and return at once.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from data_pipeline.config import LoaderConfig, load_mixture
+from data_pipeline.loader import Loader
+from data_pipeline.manifest import MANIFEST, ManifestError, read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def dataset_dir(shards_dir: str | Path, mixture: str, vocab_size: int, seq_len: int, tokenizer: str = "") -> Path:
+    cfg = _configured(mixture, vocab_size, seq_len, tokenizer)
+    return Path(shards_dir) / f"{cfg.name}-v{vocab_size}-s{seq_len}-{cfg.fingerprint()}"
+
+
+def _configured(mixture: str, vocab_size: int, seq_len: int, tokenizer: str):
+    cfg = load_mixture(mixture)
+    cfg.tokenizer.vocab_size = vocab_size
+    cfg.pack.seq_len = seq_len
+    if tokenizer:
+        cfg.tokenizer.path = str(Path(tokenizer).resolve())
+    return cfg
+
+
+def _valid(path: Path) -> bool:
+    try:
+        read_manifest(path)
+        return True
+    except ManifestError:
+        return False
+
+
+def ensure_dataset(shards_dir: str, mixture: str, vocab_size: int, seq_len: int, tokenizer: str = "") -> Path:
+    """Return the manifest of (mixture, vocab_size, seq_len[, tokenizer]) under ``shards_dir``, building it if
+    missing. Starts a local Ray (the machine's CPUs, bounded object store) when none is running and shuts
+    it down afterwards; joins ``RAY_ADDRESS`` when set."""
+    cfg = _configured(mixture, vocab_size, seq_len, tokenizer)
+    final = dataset_dir(shards_dir, mixture, vocab_size, seq_len, tokenizer)
+    manifest = final / MANIFEST
+    if _valid(manifest):
+        return manifest
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = final.parent / f".{final.name}.lock"
+    with open(lock_path, "w") as lock:
+        t0 = time.time()
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if time.time() - t0 > 1:
+            log.info("ensure_dataset: waited %.0f s for another process building %s", time.time() - t0, final)
+        if _valid(manifest):
+            return manifest
+        from data_pipeline.pipeline import run_pipeline
+        from data_pipeline.ray_session import ray_session
+
+        tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("ensure_dataset: building %s (mixture %s, vocab %d, seq_len %d)", final, mixture, vocab_size,
+                 seq_len)
+        try:
+            with ray_session(cfg.ray.num_cpus, cfg.ray.object_store_mb):
+                run_pipeline(cfg, tmp)
+            if final.exists():           # an invalid leftover (no manifest): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def build_loader(manifest_or_dir: str | Path, mixture: Optional[str | dict], seq_len: int, global_batch: int,
+                 micro_batch: int, dp_rank: int, dp_size: int, seed: int,
+                 loader_cfg: Optional[LoaderConfig] = None) -> Loader:
+    """This rank's micro-batch iterator (see :mod:`data_pipeline.loader` for the order and resume rules).
+
+    ``mixture``: the mixture YAML (its weights and ``loader`` section), a ``{source: weight}`` dict, or None
+    for the weights the dataset was built with."""
+    return Loader(manifest_or_dir, mixture, seq_len, global_batch, micro_batch, dp_rank, dp_size, seed, loader_cfg)
+
+
+def load_tokenizer(manifest: str | Path):
+    """The dataset's ``tokenizers.Tokenizer``; its PAD/BOS/EOS ids are in ``manifest["special_tokens"]``."""
+    from data_pipeline.tokenizer import load
+
+    path, m = read_manifest(manifest)
+    return load(path.parent / m["tokenizer"])
+
+
+def special_tokens(manifest: str | Path) -> dict[str, int]:
+    """``{"pad": id, "bos": id, "eos": id}`` of the dataset's tokenizer."""
+    return dict(read_manifest(manifest)[1]["special_tokens"])

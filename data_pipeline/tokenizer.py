@@ -1,0 +1,86 @@
+"""Tokenizer: train a byte-level BPE with ``tokenizers`` on a sample, or load an existing ``tokenizer.json``.
+
+Special tokens (ids 0, 1, 2 when trained here): PAD, BOS, EOS. The sample is drawn by the driver from the
+deduplicated documents, streaming batches until ``sample_bytes`` is reached, with each source contributing
+in proportion to its size (so a small source is not drowned out and a big one does not dominate the
+vocabulary); training itself runs in the driver process, which is what ``tokenizers`` supports.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from data_pipeline.config import TokenizerConfig
+
+log = logging.getLogger(__name__)
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+@dataclass
+class SpecialIds:
+    pad: int
+    bos: int
+    eos: int
+
+
+def train_bpe(texts: Iterable[str], cfg: TokenizerConfig):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [cfg.pad, cfg.bos, cfg.eos]
+    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
+                                  special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=True)
+    tok.train_from_iterator(texts, trainer=trainer)
+    if tok.get_vocab_size() < cfg.vocab_size:
+        log.warning("tokenizer: the sample supports only %d tokens (< vocab_size %d); the model's embedding "
+                    "keeps vocab_size rows", tok.get_vocab_size(), cfg.vocab_size)
+    return tok
+
+
+def load(path: str | Path):
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise TokenizerError(f"{path}: tokenizer.json not found; give tokenizer.path or leave it empty to train")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise TokenizerError(f"{path}: not a tokenizers JSON file ({e})") from e
+
+
+def special_ids(tok, cfg: TokenizerConfig) -> SpecialIds:
+    ids = {}
+    for name in ("pad", "bos", "eos"):
+        token = getattr(cfg, name)
+        tid = tok.token_to_id(token)
+        if tid is None:
+            raise TokenizerError(f"tokenizer has no {name.upper()} token '{token}'; set tokenizer.{name} to one "
+                                 f"of its special tokens")
+        ids[name] = tid
+    return SpecialIds(**ids)
+
+
+def sample_texts(datasets_by_source: dict[str, object], source_bytes: dict[str, int],
+                 sample_bytes: int) -> Iterator[str]:
+    """Stream documents from each source's Ray Dataset until its share of ``sample_bytes`` is reached."""
+    total = sum(source_bytes.values()) or 1
+    for name, ds in datasets_by_source.items():
+        budget = max(1, int(sample_bytes * source_bytes.get(name, 0) / total))
+        taken = 0
+        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+            for text in batch["text"]:
+                yield text
+                taken += len(text)
+                if taken >= budget:
+                    break
+            if taken >= budget:
+                break
