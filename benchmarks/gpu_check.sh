@@ -25,7 +25,8 @@ log "start; cap ${CAP}s; out $OUT"
 } | tee "$OUT/env.txt"
 
 # Stage 1: correctness tests of the kernels, compiled on CUDA (same test files CI runs in the interpreter).
-T1=$(( $(left) < 200 ? $(left) : 200 ))
+T1MAX="${GPU_CHECK_T1:-200}"
+T1=$(( $(left) < T1MAX ? $(left) : T1MAX ))
 log "stage 1: pytest tests/test_triton_*.py on CUDA (timeout ${T1}s)"
 timeout -k 10 "$T1" $PY -m pytest -q -p no:cacheprovider -o addopts="" --noconftest -x --tb=short \
     --junitxml="$OUT/pytest.xml" tests/test_triton_*.py > "$OUT/pytest.log" 2>&1
