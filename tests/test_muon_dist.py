@@ -228,7 +228,51 @@ def _finish_from_state(label, params, sd, names, groups, T, t, ep, e, tp_mode="a
     return label, errs, {k: v.summary() for k, v in opt.plans.items()}
 
 
-def _state_world4(rank, world):
+def _model_sharded(params, T, t, d):
+    """Hand-made model sharded_state_dict entries (what a megatron model's sharded_state_dict gives)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    out = {}
+    for name, p in params:
+        kind = SPECS[name][0]
+        if kind in ("column", "row") and T > 1:
+            axis = 0 if kind == "column" else 1
+            out[name] = ShardedTensor.from_rank_offsets(f"model.{name}", p.detach(), (axis, t, T), replica_id=d)
+        else:
+            out[name] = ShardedTensor.from_rank_offsets(f"model.{name}", p.detach(), replica_id=(t, d))
+    return out
+
+
+def _dist_ckpt_tp2_to_tp1(ckpt_dir):
+    """Save momentum with megatron dist_checkpointing at tp2 x dp2, load at tp1 x dp4, step 3."""
+    from megatron.core import dist_checkpointing as dc
+    from megatron.core import parallel_state as ps
+    from parallel.muon import Muon
+    names = ["col", "row", "rep", "experts"]
+    _init(tp=2)
+    T, t, ep, e = _coords()
+    params = _make_local(names, T, t, ep, e)
+    opt = Muon.from_parallel_state(params, **HYPER, tp_mode="gram")
+    for k in range(2):
+        _set_grads(params, k, T, t, ep, e)
+        opt.step()
+    dc.save(opt.sharded_state_dict(_model_sharded(params, T, t, ps.get_data_parallel_rank())), ckpt_dir)
+    _init(tp=1)
+    T, t, ep, e = _coords()
+    ref2, _ = _reference(names, 2)
+    params = _make_local(names, T, t, ep, e)
+    for name, p in params:
+        p.data.copy_(ref2[name])           # the weights after 2 steps (distributed == reference, < 1e-7)
+    opt = Muon.from_parallel_state(params, **HYPER)
+    loaded = dc.load(opt.sharded_state_dict(_model_sharded(params, T, t, ps.get_data_parallel_rank())), ckpt_dir)
+    opt.load_sharded_momentum(loaded)
+    _set_grads(params, 2, T, t, ep, e)
+    opt.step()
+    ref, _ = _reference(names, 3)
+    errs = {n: ((p.detach() - ref[n]).norm() / ref[n].norm()).item() for n, p in params}
+    return "dist_ckpt tp2xdp2->tp1xdp4", errs, {}
+
+
+def _state_world4(rank, world, ckpt_dir):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from parallel.muon import Muon
@@ -265,10 +309,15 @@ def _state_world4(rank, world):
     sd = opt.state_dict()
     out.append(_finish_from_state("tp2xdp2->tp2xdp1", _copy_params(params), sd, names,
                                   dict(tp_group=ps.get_tensor_model_parallel_group()), T, t, ep, e, "gram"))
+    out.append(_dist_ckpt_tp2_to_tp1(ckpt_dir))
     return out
 
 
 @pytest.mark.slow
-def test_muon_state_restores_under_other_dp_size():
-    results = run_ranks(_state_world4, 4, timeout=300)
-    _check(results, expect_labels={"dp2-saved-momentum", "dp2->dp4", "dp2->dp1", "tp2xdp2->tp2xdp1"})
+def test_muon_state_restores_under_other_dp_size(tmp_path):
+    """Own state dict: dp2 -> dp4 / dp1 (tp1) and tp2 x dp2 -> tp2 x dp1 (gather -> gram owners);
+    megatron dist_checkpointing: tp2 x dp2 -> tp1 x dp4 (a TP change, through sharded_state_dict)."""
+    (tmp_path / "ckpt").mkdir()
+    results = run_ranks(_state_world4, 4, str(tmp_path / "ckpt"), timeout=400)
+    _check(results, expect_labels={"dp2-saved-momentum", "dp2->dp4", "dp2->dp1", "tp2xdp2->tp2xdp1",
+                                   "dist_ckpt tp2xdp2->tp1xdp4"})
