@@ -30,14 +30,15 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ops.newton_schulz import V4_NS_STEPS, newton_schulz, newton_schulz_gram, ns_flops  # noqa: E402
-from parallel.muon import Muon  # noqa: E402
+from ops.newton_schulz import V4_NS_STEPS, newton_schulz, newton_schulz_gram, ns_flops
+from parallel.muon import Muon
 
 MEGATRON_QUINTIC = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
                     (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)]

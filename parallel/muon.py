@@ -36,14 +36,21 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ops import dispatch
-from ops.newton_schulz import GRAM_RESTARTS, V4_NS_STEPS, expand_steps, newton_schulz, newton_schulz_gram
-from parallel.muon_comm import Exchange, Group, group_rank, group_size
+from ops.newton_schulz import (
+    GRAM_RESTARTS,
+    V4_NS_STEPS,
+    expand_steps,
+    newton_schulz,
+    newton_schulz_gram,
+)
+from parallel.muon_comm import Exchange, Group, group_size
 from parallel.muon_sharding import CostModel, ParamInfo, Plan, Unit, fingerprint, plan
 
 log = logging.getLogger(__name__)
@@ -55,7 +62,7 @@ def is_expert_param(p: torch.Tensor) -> bool:
     return bool(getattr(p, "v4_expert", False)) or getattr(p, "allreduce", True) is False
 
 
-def _grad_of(p: torch.Tensor) -> Optional[torch.Tensor]:
+def _grad_of(p: torch.Tensor) -> torch.Tensor | None:
     if p.grad is not None:
         return p.grad
     return getattr(p, "main_grad", None)
@@ -229,7 +236,7 @@ class Muon(torch.optim.Optimizer):
                  ns_steps: Sequence[Sequence[float]] = V4_NS_STEPS, fp32_newton_schulz: bool = False,
                  ns_impl: str = "plain", tp_mode: str = "auto", tp_group: Group = None, dp_group: Group = None,
                  expert_tp_group: Group = None, expert_dp_group: Group = None,
-                 cost_model: CostModel = CostModel()):
+                 cost_model: CostModel | None = None):
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or update_rms <= 0:
             raise ValueError(f"invalid Muon hyper-parameters lr={lr} momentum={momentum} "
                              f"weight_decay={weight_decay} update_rms={update_rms}")
@@ -253,6 +260,7 @@ class Muon(torch.optim.Optimizer):
             for name, p in zip(names, g["params"]):
                 (expert if is_expert_param(p) else dense).append((name or f"param.{k}", p, gi))
                 k += 1
+        cost_model = cost_model or CostModel()
         iters = len(expand_steps(self.param_groups[0]["ns_steps"])) if self.param_groups else 10
         impl = self.param_groups[0]["ns_impl"] if self.param_groups else "plain"
         self._engines = [
@@ -261,8 +269,14 @@ class Muon(torch.optim.Optimizer):
         ]
         self._steps = 0
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "_engines"):
+            raise NotImplementedError("Muon plans owners and shards at construction (collectively); "
+                                      "build a new optimizer instead of adding parameter groups")
+        super().add_param_group(param_group)
+
     @classmethod
-    def from_parallel_state(cls, params: Iterable[Any], **kwargs: Any) -> "Muon":
+    def from_parallel_state(cls, params: Iterable[Any], **kwargs: Any) -> Muon:
         """Build with megatron-core ``parallel_state``'s groups of this rank's pipeline stage."""
         return cls(params, **{**parallel_state_groups(), **kwargs})
 
@@ -317,7 +331,9 @@ class Muon(torch.optim.Optimizer):
         """megatron dist_checkpointing form: each momentum buffer as a ShardedTensor laid out like its
         parameter. ``model_sharded`` maps parameter name -> the parameter's ShardedTensor (from the
         model's ``sharded_state_dict``, keys matching the names given to the optimizer). Collective."""
-        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+        from megatron.core.dist_checkpointing.optimizer import (
+            make_sharded_optimizer_tensor,
+        )
         out: dict[str, Any] = {}
         for eng in self._engines:
             for name, buf in eng.local_momentum().items():

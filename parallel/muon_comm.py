@@ -20,7 +20,8 @@ derives the same unit lists from the same deterministic plan.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -104,9 +105,7 @@ class Exchange:
         res: dict[int, torch.Tensor] = {}
         via_tp = []
         for u in mine:
-            if u.mode == "gram":
-                res[u.uid] = owned[u.uid]
-            elif self.plan.tp == 1:
+            if u.mode == "gram" or self.plan.tp == 1:
                 res[u.uid] = owned[u.uid]
             else:
                 via_tp.append(u)

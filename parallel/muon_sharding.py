@@ -32,8 +32,9 @@ every TP rank), with R = K (plain NS) or 1 + restarts (Gram-form NS). The cheape
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -51,11 +52,11 @@ class ParamInfo:
     name: str
     shape: tuple[int, ...]
     tp_sharded: bool
-    partition_dim: Optional[int]
+    partition_dim: int | None
     blocks: tuple[int, ...]
 
     @staticmethod
-    def of(name: str, p: torch.Tensor, tp_size: int) -> "ParamInfo":
+    def of(name: str, p: torch.Tensor, tp_size: int) -> ParamInfo:
         if p.dim() not in (2, 3):
             raise ValueError(f"Muon parameter '{name}' has shape {tuple(p.shape)}; Muon takes 2-D matrices "
                              f"or 3-D expert stacks [E, out, in] (give 1-D parameters to AdamW)")
@@ -78,15 +79,15 @@ class Unit:
     """One full matrix (see the module doc). Shapes and offsets are listed per TP rank."""
     uid: int
     pidx: int                                 # index into the engine's parameter list
-    expert: Optional[int]                     # index along dim 0 of a 3-D stack, None for 2-D
+    expert: int | None                     # index along dim 0 of a 3-D stack, None for 2-D
     block: int
     row_off: tuple[int, ...]                  # per TP rank: first row of the block in the local matrix
     local_shapes: tuple[tuple[int, int], ...]  # per TP rank: shape of this rank's slice
-    shard_dim: Optional[int]                  # 0 / 1 of the matrix; None = replicated over TP
+    shard_dim: int | None                  # 0 / 1 of the matrix; None = replicated over TP
     full_shape: tuple[int, int]
     mode: str = "local"
     owner_dp: int = 0
-    owner_tp: Optional[int] = 0               # None for gram (all TP ranks of the owner replica)
+    owner_tp: int | None = 0               # None for gram (all TP ranks of the owner replica)
     cost: float = 0.0
 
     def numel_local(self, t: int) -> int:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Iterable, Optional, Union
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ def optimizer_of(name: str, p: torch.Tensor) -> str:
     return "muon" if p.dim() in (2, 3) else "adamw"
 
 
-def _named(model_or_named: Union[torch.nn.Module, Iterable[tuple[str, torch.Tensor]]]
+def _named(model_or_named: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]
            ) -> list[tuple[str, torch.Tensor]]:
     if isinstance(model_or_named, torch.nn.Module):
         return list(model_or_named.named_parameters())
@@ -60,8 +61,8 @@ def split_params(model_or_named: Any) -> tuple[list[tuple[str, torch.Tensor]], l
     return muon, adamw
 
 
-def build_optimizers(model_or_named: Any, optim_cfg: Any, lr: float, groups: Union[str, dict, None] = None,
-                     **muon_overrides: Any) -> tuple[Optional[Muon], Optional[torch.optim.AdamW]]:
+def build_optimizers(model_or_named: Any, optim_cfg: Any, lr: float, groups: str | dict | None = None,
+                     **muon_overrides: Any) -> tuple[Muon | None, torch.optim.AdamW | None]:
     """Build Muon and AdamW from ``optim_cfg`` (an OptimConfig). ``groups``: None (single process),
     ``"parallel_state"`` (megatron-core groups of this stage), or a dict of Muon's group keywords."""
     muon_params, adam_params = split_params(model_or_named)

@@ -249,3 +249,34 @@ def test_split_and_build_optimizers():
         bad = torch.nn.Parameter(torch.randn(3, 3))
         bad.v4_optimizer = "sgd"
         optimizer_of("bad", bad)
+
+
+def _info(name, shape, pdim=None, blocks=None):
+    from parallel.muon_sharding import ParamInfo
+    return ParamInfo(name, tuple(shape), pdim is not None, pdim, tuple(blocks or (shape[-2],)))
+
+
+def test_plan_modes_cost_model_and_owner_balance():
+    """Planner on hand-written TP-rank metadata (no processes): gram only where the sharded dim is the
+    long one; auto follows the cost model; LPT owners balance equal experts exactly."""
+    from parallel.muon_sharding import CostModel, plan
+    T = 2
+    infos = [[_info("long_cols", (512, 16384 // T), pdim=1),    # aspect 32, long dim sharded
+              _info("square", (2048, 2048 // T), pdim=1),
+              _info("short_rows", (256 // T, 4096), pdim=0),      # short dim sharded: gram impossible
+              _info("fused", (2 * 64, 32), pdim=0, blocks=[64, 64])] for _ in range(T)]
+    auto = {u.full_shape: u.mode for u in plan(infos, dp=1, tp_mode="auto", cost=CostModel()).units}
+    # gather moves n*m, plain-NS gram moves 10 s^2: the crossover is near aspect 10
+    assert auto[(512, 16384)] == "gram" and auto[(2048, 2048)] == "gather"
+    assert auto[(256, 4096)] == "gather"
+    forced = plan(infos, dp=1, tp_mode="gram").units
+    assert [u.mode for u in forced] == ["gram", "gram", "gather", "gram", "gram"]
+    assert {u.full_shape for u in forced if u.pidx == 3} == {(128, 32)}     # two full blocks of [64*T, 32]
+    # 16 equal experts over dp 4 x tp 2 workers: 2 each, zero estimated imbalance
+    experts = [[_info("e", (16, 64, 32))] for _ in range(T)]
+    pl = plan(experts, dp=4, tp_mode="auto")
+    owners = [(u.owner_dp, u.owner_tp) for u in pl.units]
+    assert all(owners.count(o) == 2 for o in set(owners)) and len(set(owners)) == 8
+    assert pl.imbalance() == 0.0
+    with pytest.raises(ValueError):
+        plan(infos, dp=1, tp_mode="blockwise")

@@ -246,6 +246,7 @@ def _dist_ckpt_tp2_to_tp1(ckpt_dir):
     """Save momentum with megatron dist_checkpointing at tp2 x dp2, load at tp1 x dp4, step 3."""
     from megatron.core import dist_checkpointing as dc
     from megatron.core import parallel_state as ps
+
     from parallel.muon import Muon
     names = ["col", "row", "rep", "experts"]
     _init(tp=2)
@@ -275,6 +276,7 @@ def _dist_ckpt_tp2_to_tp1(ckpt_dir):
 def _state_world4(rank, world, ckpt_dir):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+
     from parallel.muon import Muon
     out = []
     names = list(SPECS)
