@@ -34,10 +34,23 @@ trap '' USR1        # inherited by torchrun (and by the ranks until the trainer 
     -m pretrain "$@" &
 torchrun_pid=$!
 
+# On SIGUSR1: signal the ranks (torchrun's children) now, and again every V4_RESIGNAL_S seconds until torchrun
+# exits: a rank that is still starting up ignores SIGUSR1 until the trainer has installed its handler, and the
+# trainer treats repeats as one request.
+resender_pid=""
 relay_usr1() {
     log "SIGUSR1 (time limit near): asking the ranks to checkpoint and exit"
     touch "$V4_JOB_LOG_DIR/requeue-requested"
-    pkill -USR1 -P "$torchrun_pid" || log "no rank process to signal"
+    pkill -USR1 -P "$torchrun_pid" || log "no rank process to signal yet"
+    if [[ -z $resender_pid ]]; then
+        (
+            trap - USR1 TERM
+            while sleep "${V4_RESIGNAL_S:-15}" && kill -0 "$torchrun_pid" 2>/dev/null; do
+                pkill -USR1 -P "$torchrun_pid" || true
+            done
+        ) &
+        resender_pid=$!
+    fi
 }
 trap relay_usr1 USR1
 trap 'log "SIGTERM: torchrun is stopping the ranks; waiting for it"' TERM
@@ -48,5 +61,15 @@ while :; do
     wait "$torchrun_pid" || rc=$?
     kill -0 "$torchrun_pid" 2>/dev/null || break
 done
-log "torchrun exited with status $rc"
+if [[ -n $resender_pid ]]; then
+    kill "$resender_pid" 2>/dev/null || true
+    wait "$resender_pid" 2>/dev/null || true
+fi
+if [[ -e $V4_JOB_LOG_DIR/requeue-requested && $rc == 1 ]]; then
+    # the trainer exits with run.preempt_exit_code (75) after its checkpoint; torchrun reports any nonzero
+    # status of a rank as 1 ("ChildFailedError"): expected here, pretrain.sbatch requeues the job
+    log "torchrun exited with status 1 after the pre-deadline checkpoint (the ranks' requeue exit status)"
+else
+    log "torchrun exited with status $rc"
+fi
 exit "$rc"
