@@ -1,0 +1,137 @@
+"""CPU training-step throughput and peak memory: our DeepSeekV4Model vs HF DeepseekV4ForCausalLM, same weights.
+
+    python benchmarks/bench_model_cpu.py [--configs tiny small] [--steps 3] [--seq tiny=128 small=256]
+
+For each config: an HF model with random weights is saved once; each measurement runs in a fresh spawned
+process (so peak RSS is its own) that loads the weights (ours through ``model_from_hf``), runs one warm-up and
+``--steps`` timed training steps (forward with labels, backward, zero_grad) on the same random batch, and
+reports tokens/s and peak RSS (total, and the growth over the loaded model = activations + gradients).
+Prints a table and writes ``benchmarks/results/bench_model_cpu.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _measure(which: str, hf_dir: str, batch: int, seq: int, steps: int, threads: int, q) -> None:
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    if which == "ours":
+        from pretrain.model.hf import model_from_hf
+        model = model_from_hf(hf_dir).train()
+        vocab = model.cfg.vocab_size
+
+        def step(ids, labels):
+            out = model(ids, labels=labels, mtp_labels=None)
+            out["loss"].backward()
+            return out["lm_loss"].item()
+    else:
+        from transformers import DeepseekV4ForCausalLM
+        model = DeepseekV4ForCausalLM.from_pretrained(hf_dir, attn_implementation="eager",
+                                                      dtype=torch.float32).train()
+        vocab = model.config.vocab_size
+
+        def step(ids, labels):
+            out = model(ids, labels=labels)
+            out.loss.backward()
+            return out.loss.item()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    base = _rss_mib()
+    loss = step(ids, labels)                        # warm-up
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step(ids, labels)
+        model.zero_grad(set_to_none=True)
+    dt = (time.perf_counter() - t0) / steps
+    q.put(dict(model=which, step_s=dt, tokens_per_s=batch * seq / dt, peak_rss_mib=_peak_mib(),
+               step_growth_mib=_peak_mib() - base, loss=loss,
+               params=sum(p.numel() for p in model.parameters())))
+
+
+def run_one(which: str, hf_dir: str, batch: int, seq: int, steps: int, threads: int) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_measure, args=(which, hf_dir, batch, seq, steps, threads, q))
+    p.start()
+    try:
+        res = q.get(timeout=3600)
+    finally:
+        p.join(timeout=60)
+        if p.is_alive():
+            p.kill()
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", nargs="+", default=["tiny", "small"])
+    ap.add_argument("--seq", nargs="*", default=["tiny=128", "small=256"], help="NAME=seq_len")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_model_cpu.json"))
+    args = ap.parse_args()
+    seqs = dict(s.split("=") for s in args.seq)
+
+    import torch
+    from transformers import DeepseekV4ForCausalLM
+
+    from pretrain.config import load_config
+    from pretrain.model.hf import hf_config_from_model_config
+
+    rows = []
+    for name in args.configs:
+        cfg = load_config(name).model
+        seq = int(seqs.get(name, 128))
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.manual_seed(0)
+            hf_cfg = hf_config_from_model_config(cfg)
+            DeepseekV4ForCausalLM(hf_cfg).save_pretrained(tmp)
+            res = {w: run_one(w, tmp, args.batch, seq, args.steps, args.threads) for w in ("hf", "ours")}
+        speedup = res["ours"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
+        for w in ("hf", "ours"):
+            rows.append(dict(config=name, batch=args.batch, seq=seq, **res[w]))
+        rows[-1]["speedup_vs_hf"] = speedup
+
+    print(f"{'config':<7}{'model':<6}{'B×S':>9}{'params':>10}{'step s':>9}{'tok/s':>9}{'peak MiB':>10}"
+          f"{'+step MiB':>10}{'speedup':>9}")
+    for r in rows:
+        print(f"{r['config']:<7}{r['model']:<6}{r['batch']}×{r['seq']:<6}{r['params'] / 1e6:>9.1f}M"
+              f"{r['step_s']:>9.3f}{r['tokens_per_s']:>9.0f}{r['peak_rss_mib']:>10.0f}{r['step_growth_mib']:>10.0f}"
+              f"{r.get('speedup_vs_hf', float('nan')):>9.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(machine=dict(cpus=os.cpu_count(), python=platform.python_version(),
+                                                torch=torch.__version__, threads=args.threads),
+                                   steps=args.steps, rows=rows), indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
