@@ -1,0 +1,32 @@
+"""Shared Ray fixture for the data-pipeline tests: one local Ray per test module.
+
+Import it into a test module with ``from tests.fixtures_ray import ray_local  # noqa: F401``. Ray is started
+with 2 CPUs and a 300 MB object store (stack-notes §10), token auth off and usage stats off, and shut down
+at the end of the module. If Ray is already running in this process it is reused and left running.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["DATA_PIPELINE_PROGRESS"] = "0"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import ray
+
+    from data_pipeline.ray_session import configure_data_context
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+                 log_to_driver=False)
+        started = True
+    configure_data_context()
+    yield ray
+    if started:
+        ray.shutdown()
