@@ -7,7 +7,10 @@ shards (elementwise, so sharding cannot change the update), the expert-bias upda
 and is compared with the single-process run of the same code:
 * the initial full model (gathered to canonical names) is bit-identical to the single-process one;
 * the global-batch mean losses of the 3 steps and the gathered parameters after them agree within
-  1e-5 relative (per tensor, ‖a − b‖∞ ≤ 1e-5 · ‖b‖∞; losses |a − b| ≤ 1e-5 · |b|).
+  1e-5 relative (per tensor, ‖a − b‖∞ ≤ 1e-5 · ‖b‖∞ + 1e-8; losses |a − b| ≤ 1e-5 · |b|). The 1e-8 floor is
+  for tensors that start at 0 and whose gradient vanishes by symmetry (the n mHC streams start identical,
+  so e.g. the MTP ``hc_head.hc_base`` gradient cancels to rounding noise and the tensor stays ~1e-9: there a
+  relative comparison measures noise, ~1e-2, at absolute errors ~1e-11).
 Why not bit-exact: layouts sum the same terms in a different order (TP all-reduces of partial matmuls, the
 vocabulary-parallel cross-entropy, DP gradient averaging, pipeline gradient accumulation), each sum
 carrying fp32 rounding of ~1e-7 relative; three SGD steps compound a few of those, ≪ 1e-5. A real layout bug
@@ -37,6 +40,7 @@ SEQ = 32
 BIAS_RATE = 1e-3
 BALANCE_COEFF = 1e-2
 TOL = 1e-5
+ATOL = 1e-8     # parameters that start at 0 and whose gradient is pure rounding noise (see the docstring)
 
 CFG = dict(vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, head_dim=32, rope_head_dim=8,
            q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8, compress_rate_csa=4,
@@ -117,10 +121,6 @@ def _np(d: dict) -> dict:
     return {k: v.detach().cpu().numpy().copy() for k, v in d.items()}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
-
-
 @pytest.fixture(scope="module")
 def reference():
     batches = make_batches()
@@ -130,15 +130,19 @@ def reference():
 def _check(ref: dict, got: dict, name: str) -> None:
     ref = {k: ({n: torch.from_numpy(a) for n, a in v.items()} if isinstance(v, dict) else v) for k, v in ref.items()}
     got = {k: ({n: torch.from_numpy(a) for n, a in v.items()} if isinstance(v, dict) else v) for k, v in got.items()}
-    assert set(got["init"]) == set(ref["init"]), f"{name}: parameter names differ"
+    extra = set(got["init"]) - set(ref["init"])
+    assert set(ref["init"]) <= set(got["init"]) and extra <= {"mtp_embed_tokens.weight"}, \
+        f"{name}: parameter names differ: missing {set(ref['init']) - set(got['init'])}, extra {extra}"
     for k, v in ref["init"].items():
         assert torch.equal(got["init"][k], v), f"{name}: initial {k} differs (init depends on the layout)"
     for step, (a, b) in enumerate(zip(got["losses"], ref["losses"])):
         for key in ("loss", "lm_loss", "mtp_loss", "balance_loss", "indexer_loss"):
             assert math.isclose(a[key], b[key], rel_tol=TOL, abs_tol=1e-9), \
                 f"{name} step {step + 1} {key}: {a[key]} vs single process {b[key]}"
-    worst = max(((_rel(got["final"][k], v), k) for k, v in ref["final"].items()), default=(0.0, ""))
-    assert worst[0] <= TOL, f"{name}: parameter {worst[1]} differs by {worst[0]:.2e} relative after {STEPS} steps"
+    for k, v in ref["final"].items():
+        err = float((got["final"][k] - v).abs().max())
+        assert err <= TOL * float(v.abs().max()) + ATOL, \
+            f"{name}: parameter {k} differs by {err:.2e} (max |value| {float(v.abs().max()):.2e}) after {STEPS} steps"
     if "mtp_embed_tokens.weight" in got["final"]:
         assert torch.allclose(got["final"]["mtp_embed_tokens.weight"], got["final"]["embed_tokens.weight"],
                               rtol=TOL, atol=1e-7), f"{name}: the MTP copy of the embedding drifted"
