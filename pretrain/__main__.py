@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from parallel.process_groups import LayoutError, init_distributed, teardown
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError, load_config
-    from parallel.process_groups import LayoutError, init_distributed, teardown
     log = logging.getLogger("pretrain")
     try:
         cfg = load_config(args.config, args.overrides)

@@ -27,8 +27,9 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -117,14 +118,14 @@ class CheckpointManager:
         self.keep_every = keep_every
         self.async_save = bool(async_save and torch.cuda.is_available())
         self._queue = None
-        self.last_saved_step: Optional[int] = None
+        self.last_saved_step: int | None = None
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
         _barrier()
 
     # ------------------------------------------------------------------------------------------ save
     def save(self, step: int, sharded_sd: dict[str, Any], meta: dict[str, Any],
-             on_done: Optional[Callable[[Path], None]] = None) -> None:
+             on_done: Callable[[Path], None] | None = None) -> None:
         from megatron.core import dist_checkpointing
         self.wait()                                   # at most one save in flight
         final = self.root / step_dir_name(step)
@@ -144,11 +145,13 @@ class CheckpointManager:
                 on_done(final)
 
         req = dist_checkpointing.save(sharded_sd, str(tmp), async_sharded_save=self.async_save,
-                                      verify_integrity=True)
+                                      verify_integrity=True, async_strategy="mcore")
         if req is None:
             finalize()
             return
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+        from megatron.core.dist_checkpointing.strategies.async_utils import (
+            AsyncCallsQueue,
+        )
         if self._queue is None:
             self._queue = AsyncCallsQueue(persistent=False)
         req.add_finalize_fn(finalize)
@@ -219,7 +222,7 @@ class CheckpointManager:
                 log.info("checkpoint retention: removed %s", step_dir_name(s))
 
     # ------------------------------------------------------------------------------------------ find
-    def read_latest(self) -> Optional[str]:
+    def read_latest(self) -> str | None:
         p = self.root / "latest"
         try:
             name = p.read_text().strip()
@@ -227,15 +230,15 @@ class CheckpointManager:
             return None
         return name if STEP_RE.match(name) else None
 
-    def find_latest_valid(self) -> Optional[Path]:
+    def find_latest_valid(self) -> Path | None:
         """Newest checkpoint that passes verification (rank 0 decides, all ranks get the answer)."""
-        choice: Optional[str] = None
+        choice: str | None = None
         if _rank() == 0:
             choice = self._pick()
         choice = _broadcast(choice)
         return self.root / choice if choice else None
 
-    def _pick(self) -> Optional[str]:
+    def _pick(self) -> str | None:
         names = [step_dir_name(s) for s in reversed(self.steps_on_disk())]
         latest = self.read_latest()
         if latest is None and (self.root / "latest").exists():

@@ -21,29 +21,39 @@ from typing import Any
 
 import numpy as np
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
-from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                        make_sharded_optimizer_tensor)
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedTensor,
+    ShardedTensorFactory,
+)
+from megatron.core.dist_checkpointing.optimizer import (
+    get_param_id_to_sharded_param_map,
+    make_sharded_optimizer_tensor,
+)
 
 RNG_KEY = "rank_rng"
 LOADER_KEY = "rank_loader"
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip megatron's DDP / Float16Module wrappers."""
-    while type(model).__name__ in ("DistributedDataParallel", "Float16Module", "DDP"):
+    """Strip megatron's DDP / Float16Module wrappers and parallel.pipeline's PipelineStage."""
+    while type(model).__name__ in ("DistributedDataParallel", "Float16Module", "DDP", "PipelineStage"):
         model = model.module
     return model
 
 
-def model_sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
-    """The model's ShardedTensors: its own ``sharded_state_dict()`` when it has one, else
-    :func:`module_sharded_state_dict`."""
-    m = unwrap(model)
-    if hasattr(m, "sharded_state_dict"):
-        return m.sharded_state_dict()
-    return module_sharded_state_dict(m)
+def _modules(model: Any) -> list[torch.nn.Module]:
+    return [unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+
+
+def model_sharded_state_dict(model: Any) -> dict[str, Any]:
+    """ShardedTensors of a model or of a list of pipeline chunks (``{"chunk<i>": ...}``): each module's own
+    ``sharded_state_dict()`` when it has one, else :func:`module_sharded_state_dict`."""
+    out = {}
+    for i, m in enumerate(_modules(model)):
+        out[f"chunk{i}"] = m.sharded_state_dict() if hasattr(m, "sharded_state_dict") else \
+            module_sharded_state_dict(m)
+    return out
 
 
 def module_sharded_state_dict(module: torch.nn.Module, prefix: str = "") -> dict[str, Any]:
@@ -54,13 +64,23 @@ def module_sharded_state_dict(module: torch.nn.Module, prefix: str = "") -> dict
     buffers of other modules are TP-sharded along ``partition_dim`` when tagged
     ``tensor_model_parallel``, replicated otherwise (megatron's ``make_*sharded_tensor_for_checkpoint``).
     """
-    from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
-                                                 make_sharded_tensor_for_checkpoint,
-                                                 make_tp_sharded_tensor_for_checkpoint)
+    from megatron.core.transformer.utils import (
+        ensure_metadata_has_dp_cp_group,
+        make_sharded_tensor_for_checkpoint,
+        make_tp_sharded_tensor_for_checkpoint,
+    )
     out: dict[str, Any] = {}
     if hasattr(module, "sharded_state_dict"):
-        out.update(module.sharded_state_dict(prefix=prefix, sharded_offsets=(),
-                                             metadata=ensure_metadata_has_dp_cp_group(None)))
+        sd = module.sharded_state_dict(prefix=prefix, sharded_offsets=(),
+                                       metadata=ensure_metadata_has_dp_cp_group(None))
+        for k, v in sd.items():
+            if isinstance(v, ShardedTensor) and getattr(v.data, "shared_embedding", False):
+                # the last pipeline stage's copy of the embedding (MTP input): the same tensor as
+                # embed_tokens.weight, stored once (a non-main replica), so any pp layout loads it
+                rid = v.replica_id if isinstance(v.replica_id, tuple) else (v.replica_id,)
+                v = dataclasses.replace(v, key=v.key.replace("mtp_embed_tokens.", "embed_tokens.", 1),
+                                        replica_id=(1,) + tuple(rid[1:]))
+            out[k] = v
         return out
     own: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters(recurse=False):
@@ -185,10 +205,7 @@ def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
-    try:
-        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-    except Exception:  # tracker not initialised (no model-parallel seed): nothing to save
-        state["tracker"] = None
+    state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
     return state
 
 
@@ -228,7 +245,7 @@ def _name_to_sharded(model: torch.nn.Module, model_sd: dict[str, Any]) -> dict[s
     for v in nested_values(model_sd):
         if isinstance(v, (ShardedTensor, ShardedTensorFactory)):
             by_id[id(v.data)] = v
-    return {n: by_id[id(p)] for n, p in unwrap(model).named_parameters() if id(p) in by_id}
+    return {n: by_id[id(p)] for m in _modules(model) for n, p in m.named_parameters() if id(p) in by_id}
 
 
 def _opt_sharded(name: str, opt: torch.optim.Optimizer, model: torch.nn.Module,
@@ -287,7 +304,8 @@ def load_state(path: Any, model: torch.nn.Module, optimizers: dict[str, torch.op
         sd[f"rank.{k}"] = obj
     entries = {n: optimizer_entries(n, o, model_sd) for n, o in optimizers.items() if n not in own}
     loaded = CheckpointManager.load(path, sd, strict=True, validate_access=same_world)
-    unwrap(model).load_state_dict(loaded["model"], strict=True)
+    for i, m in enumerate(_modules(model)):
+        m.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
     for n, o in optimizers.items():
         if n in own:
             o.load_sharded_momentum(loaded["optimizer"][n])

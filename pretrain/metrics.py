@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,7 @@ def truncate_after(path: Path, step: int) -> None:
     keep = [r for r in read_metrics(path) if int(r.get("step", 0)) <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as fh:
-        for r in keep:
-            fh.write(json.dumps(r) + "\n")
+        fh.writelines(json.dumps(r) + "\n" for r in keep)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -81,7 +80,7 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         truncate_after(self.path, resume_step)
-        self._fh = open(self.path, "a", buffering=1)
+        self._fh = open(self.path, "a", buffering=1)  # noqa: SIM115 (open for the whole run)
         if self._want_tb:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -134,7 +133,7 @@ class MetricsLogger:
             self._fh = None
 
 
-def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Optional[Path]:
+def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
     """Loss curve (objective and LM loss vs step) from metrics.jsonl; returns the PNG path."""
     recs = [r for r in read_metrics(metrics_path) if isinstance(r.get("loss"), (int, float))]
     if not recs:

@@ -57,7 +57,7 @@ class Schedules:
         if train.global_batch % unit:
             raise ValueError(f"train.global_batch={train.global_batch} is not divisible by micro_batch*dp = "
                              f"{train.micro_batch}*{dp} = {unit}; choose a multiple of {unit}")
-        self.decay_start_step = int(math.floor(train.decay_start * train.steps))
+        self.decay_start_step = math.floor(train.decay_start * train.steps)
 
     # ---------------------------------------------------------------------------------------------
     def lr(self, s: int) -> tuple[float, str]:

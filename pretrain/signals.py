@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import signal
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -26,10 +25,10 @@ class PreemptionHandler:
     """Installs the handlers on ``install()``; ``requested()`` is collective when ``group`` is given."""
 
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._old: dict[int, object] = {}
 
-    def install(self) -> "PreemptionHandler":
+    def install(self) -> PreemptionHandler:
         for s in PREEMPT_SIGNALS:
             self._old[s] = signal.signal(s, self._handle)
         return self

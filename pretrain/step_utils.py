@@ -4,9 +4,8 @@
   (docs/CONTRACTS.md: input_ids = tokens[:, :-1], labels = tokens[:, 1:], MTP labels = tokens[:, 2:] padded
   with -100, doc_ids[:, :-1]).
 - :func:`grad_norm`: global gradient 2-norm over TP/PP/EP without double counting replicated shards.
-- :func:`expert_loads` / :func:`update_expert_bias`: the aux-loss-free bias step (deepseek-v4.md §9), once per
-  optimizer step from the routers' ``local_tokens_per_expert`` summed over the TP x DP x CP group (which
-  contains the expert-parallel ranks), megatron's rule ``b += gamma * sign(mean - load)``.
+- :func:`load_stats`: expert-load balance numbers from the loads ``parallel.pipeline.update_expert_bias``
+  returns (tokens per expert of the global batch, per router).
 - :func:`set_attention_mode`, :func:`frozen_for_indexer_warmup`.
 - :func:`activated_params` and :func:`peak_flops` for the MFU estimate.
 """
@@ -14,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -25,8 +24,8 @@ IGNORE_INDEX = -100
 
 
 def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    tokens = batch["tokens"].to(device, torch.long, non_blocking=True)
-    doc = batch["doc_ids"].to(device, non_blocking=True)
+    tokens = torch.as_tensor(batch["tokens"]).to(device, torch.long, non_blocking=True)
+    doc = torch.as_tensor(batch["doc_ids"]).to(device, non_blocking=True)
     if tokens.dim() != 2 or tokens.shape[1] < 3 or doc.shape != tokens.shape:
         raise ValueError(f"loader batch: tokens {tuple(tokens.shape)} / doc_ids {tuple(doc.shape)}; expected "
                          f"equal [B, seq_len + 1] shapes (docs/CONTRACTS.md)")
@@ -47,7 +46,7 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
     tp_rank = ps.get_tensor_model_parallel_rank()
     etp_rank = ps.get_expert_tensor_parallel_rank()
     for p in params:
-        if p.grad is None:
+        if p.grad is None or getattr(p, "shared_embedding", False):   # the last stage's embedding copy
             continue
         sharded = bool(getattr(p, "tensor_model_parallel", False))
         sq = p.grad.detach().double().pow(2).sum().cpu()
@@ -71,35 +70,7 @@ def clip_(params: Iterable[torch.nn.Parameter], norm: float, max_norm: float) ->
             p.grad.mul_(scale)
 
 
-def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if getattr(m, "expert_bias", None) is not None
-            and hasattr(m, "local_tokens_per_expert")]
-
-
-def expert_loads(model: torch.nn.Module) -> Optional[torch.Tensor]:
-    """[n_routers, N_r] tokens per expert of this optimizer step, summed over TP x DP x CP (collective)."""
-    from megatron.core import parallel_state as ps
-    rs = routers(model)
-    if not rs:
-        return None
-    loads = torch.stack([r.local_tokens_per_expert.detach().float() for r in rs])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(loads, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
-    return loads
-
-
-def update_expert_bias(model: torch.nn.Module, loads: Optional[torch.Tensor], rate: float) -> None:
-    """b <- b + rate * sign(mean load - load) per router (megatron's rule); then reset the counters."""
-    rs = routers(model)
-    with torch.no_grad():
-        for i, r in enumerate(rs):
-            if loads is not None and rate > 0 and r.training:
-                load = loads[i].to(r.expert_bias.device)
-                r.expert_bias.add_(torch.sign(load.mean() - load).to(r.expert_bias.dtype), alpha=rate)
-            r.local_tokens_per_expert.zero_()
-
-
-def load_stats(loads: Optional[torch.Tensor]) -> dict[str, Optional[float]]:
+def load_stats(loads: torch.Tensor | None) -> dict[str, float | None]:
     if loads is None or loads.sum() == 0:
         return {"expert_load_max_over_mean": None, "expert_load_cv": None}
     mean = loads.mean(dim=1, keepdim=True).clamp(min=1e-9)
@@ -109,7 +80,7 @@ def load_stats(loads: Optional[torch.Tensor]) -> dict[str, Optional[float]]:
 
 def set_attention_mode(model: torch.nn.Module, mode: str) -> None:
     for m in model.modules():
-        if hasattr(m, "attention_mode") and isinstance(getattr(m, "attention_mode"), str):
+        if hasattr(m, "attention_mode") and isinstance(m.attention_mode, str):
             m.attention_mode = mode
 
 
@@ -148,3 +119,21 @@ def peak_flops(configured_tflops: float = 0.0) -> float:
         a @ b
     dt = max(time.perf_counter() - t0, 1e-6)
     return 2 * 256 ** 3 * n / dt
+
+
+def router_autocast_safe() -> None:
+    """megatron's router gating linear under ``torch.autocast``: its custom autograd Function computes the
+    logits in fp32 (``moe_router_dtype``) but autocast turns the mm inside into bf16, and its backward then
+    multiplies a bf16 grad with an fp32 weight (``expected mat1 and mat2 to have the same dtype``). Run it
+    with autocast off (inputs are cast to the router dtype inside anyway). Idempotent."""
+    from megatron.core.transformer.moe import router
+    fn = router.router_gating_linear
+    if getattr(fn, "_autocast_safe", False):
+        return
+
+    def gating(inp, weight, bias, router_dtype):
+        with torch.autocast(device_type=inp.device.type, enabled=False):
+            return fn(inp, weight, bias, router_dtype)
+
+    gating._autocast_safe = True
+    router.router_gating_linear = gating

@@ -22,7 +22,6 @@ state, every RNG (per rank) and the data-loader position are restored, so the lo
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -30,12 +29,13 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from parallel import pipeline
 from pretrain import step_utils as su
 from pretrain.checkpoint import CheckpointError, CheckpointManager
 from pretrain.ckpt_state import build_state, load_state, rng_state, set_rng_state
@@ -52,10 +52,10 @@ log = logging.getLogger(__name__)
 class RunResult:
     exit_code: int
     steps_done: int
-    first_loss: Optional[float]
-    last_loss: Optional[float]
+    first_loss: float | None
+    last_loss: float | None
     preempted: bool = False
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
 
 
 def _rank() -> int:
@@ -72,9 +72,6 @@ class Trainer:
         self.cfg, self.layout = cfg, layout
         self.rank, self.world = _rank(), _world()
         t = cfg.train
-        if layout.pp > 1:
-            raise ConfigError(f"parallel.pp={layout.pp}: the trainer runs pipeline-parallel layouts only "
-                              f"through checkpoint resharding so far; train with pp=1")
         self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
         self.dp = ps.get_data_parallel_world_size(with_context_parallel=True)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
@@ -84,6 +81,10 @@ class Trainer:
             log.warning("train.precision=bf16 on CPU: using fp32 (bf16 autocast is for GPUs)")
             want = "fp32"
         self.precision = want
+        from ops import dispatch
+        dispatch.set_backend(cfg.model.ops_backend)
+        if want == "bf16":
+            su.router_autocast_safe()
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.run_dir = Path(cfg.run.dir)
@@ -105,8 +106,8 @@ class Trainer:
         self.loader_stage = -1
         self.manifest: dict[int, Any] = {}
         self.peak = su.peak_flops(cfg.run.peak_tflops)
-        self.flops_per_token = 6.0 * su.activated_params(self.model, cfg.model.n_routed_experts,
-                                                         cfg.model.num_experts_per_tok)
+        self.flops_per_token = 6.0 * sum(su.activated_params(m, cfg.model.n_routed_experts,
+                                                             cfg.model.num_experts_per_tok) for m in self.modules)
 
     # ------------------------------------------------------------------------------------------ build
     def _seed_all(self, seed: int) -> None:
@@ -116,39 +117,32 @@ class Trainer:
 
     def _build_model(self) -> None:
         from megatron.core import tensor_parallel
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-        try:
-            from pretrain.model import DeepSeekV4Model
-        except ImportError:          # package without an __init__ re-export
-            from pretrain.model.transformer import DeepSeekV4Model
+        from pretrain.model.build import build_model
         t = self.cfg.train
-        self._seed_all(t.seed)                  # identical init of replicated weights on every rank
+        self._seed_all(t.seed)
         tensor_parallel.model_parallel_cuda_manual_seed(t.seed)
-        model = DeepSeekV4Model(self.cfg.model, balance_loss_coeff=t.seq_aux_loss_coeff,
-                                bias_update_rate=t.bias_update_rate, params_dtype=torch.float32)
-        model.to(self.device)
-        tcfg = copy.copy(model.moe_config)
-        tcfg.moe_router_enable_expert_bias = False      # bias updated by the trainer (see module doc)
-        ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                use_distributed_optimizer=False)
-        self.ddp = DistributedDataParallel(tcfg, ddp_cfg, model)
-        self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        # one DDP-wrapped chunk per virtual pipeline stage, initialised layout-independently from the seed
+        self.chunks = build_model(self.cfg.model, seed=t.seed, pp_layer_split=self.cfg.parallel.pp_layer_split,
+                                  balance_loss_coeff=t.seq_aux_loss_coeff, bias_update_rate=t.bias_update_rate,
+                                  params_dtype=torch.float32)
+        self.modules = [pipeline.unwrap(c).module for c in self.chunks]
+        self.params = [p for m in self.modules for p in m.parameters() if p.requires_grad]
         # per-rank streams for anything stochastic after init (the data order comes from the loader)
         self._seed_all(t.seed + 1000003 * (self.rank + 1))
-        n = sum(p.numel() for p in model.parameters())
+        n = sum(p.numel() for m in self.modules for p in m.parameters())
         log.info("model: %.2fM parameters on this rank, precision %s, layout %s", n / 1e6, self.precision,
                  self.layout)
 
     def _build_optimizers(self) -> None:
         from parallel.optimizer_groups import build_optimizers
         groups = "parallel_state" if self.world > 1 else None
-        muon, adamw = build_optimizers(self.model, self.cfg.optim, self.cfg.train.lr, groups=groups)
+        named = [(n, p) for m in self.modules for n, p in m.named_parameters()]
+        muon, adamw = build_optimizers(named, self.cfg.optim, self.cfg.train.lr, groups=groups)
         self.optimizers = {k: v for k, v in (("muon", muon), ("adamw", adamw)) if v is not None}
 
     # ------------------------------------------------------------------------------------------ data
-    def _loader_for(self, sched: StepSchedule, state: Optional[dict[str, Any]] = None) -> None:
+    def _loader_for(self, sched: StepSchedule, state: dict[str, Any] | None = None) -> None:
         """(Re)build the data loader when the sequence-length stage changes (or on resume)."""
         if self.loader is not None and self.loader_stage == sched.seq_stage and state is None:
             return
@@ -185,16 +179,16 @@ class Trainer:
         return {"rng": rng_state(), "loader": self.loader.state_dict() if self.loader is not None else None,
                 "loader_stage": self.loader_stage}
 
-    def save_checkpoint(self) -> Optional[str]:
+    def save_checkpoint(self) -> str | None:
         common = {"step": self.step, "tokens_total": self.tokens_total, "guards": self.guards.state_dict(),
                   "schedules": self.sched.state_dict(), "config": self.cfg.to_dict(),
                   "layout": {k: getattr(self.layout, k) for k in ("tp", "pp", "ep", "etp", "sp", "dp")}}
-        sd = build_state(self.ddp, self.optimizers, common, self._rank_objects(), self.rank, self.world)
+        sd = build_state(self.chunks, self.optimizers, common, self._rank_objects(), self.rank, self.world)
         meta = {"step": self.step, "world": self.world, "layout": common["layout"], "tokens": self.tokens_total}
         self.ckpt.save(self.step, sd, meta)
         return str(self.ckpt.root / f"step_{self.step:08d}")
 
-    def _resume_path(self) -> Optional[Path]:
+    def _resume_path(self) -> Path | None:
         path = self.ckpt.find_latest_valid()
         if path is None and self.cfg.checkpoint.load:
             p = Path(self.cfg.checkpoint.load)
@@ -209,7 +203,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path, keep_loader: bool = False) -> None:
         t0 = time.monotonic()
-        common, objs, same_world = load_state(path, self.ddp, self.optimizers, self.rank, self.world)
+        common, objs, same_world = load_state(path, self.chunks, self.optimizers, self.rank, self.world)
         self.step = int(common["step"])
         self.tokens_total = int(common.get("tokens_total", 0))
         self.guards.load_state_dict(common.get("guards", {}))
@@ -238,60 +232,39 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self, sched: StepSchedule) -> dict[str, Any]:
-        from megatron.core.distributed import finalize_model_grads
         t = self.cfg.train
         for opt in self.optimizers.values():
             for g in opt.param_groups:
                 g["lr"] = sched.lr
-        su.set_attention_mode(self.model, sched.attention_mode)
-        self.ddp.zero_grad_buffer()
-        for p in self.params:
-            p.grad = None
-        sums = torch.zeros(6, dtype=torch.float64)    # loss, lm, mtp, balance, indexer (x tokens), tokens
-        n_micro = sched.micro_batches
-        inject = (self.step + 1) in set(t.fault_inject_nan_steps)
-        for _ in range(n_micro):
-            b = su.split_batch(self._next_batch(), self.device)
-            with self._autocast():
-                out = self.ddp(b["input_ids"], doc_ids=b["doc_ids"], labels=b["labels"],
-                               mtp_labels=b["mtp_labels"], mtp_lambda=sched.mtp_lambda)
-            loss = out["loss"]
-            if inject:
-                loss = loss * float("nan")
-            (loss / n_micro).backward()
-            ntok = float(b["labels"].numel())
-            vals = [loss.detach().float()] + [out[k].detach().float() for k in
-                                              ("lm_loss", "mtp_loss", "balance_loss", "indexer_loss")]
-            sums[:5] += torch.stack([v.cpu().double() for v in vals]) * ntok
-            sums[5] += ntok
-        finalize_model_grads([self.ddp])
-        for p in self.params:
-            p.grad = p.main_grad
-        if self.dp > 1:
-            from megatron.core import parallel_state as ps
-            dist.all_reduce(sums, group=ps.get_data_parallel_group(with_context_parallel=True))
-        means = (sums[:5] / sums[5]).tolist()
+        for m in self.modules:
+            su.set_attention_mode(m, sched.attention_mode)
+        pipeline.zero_grads(self.chunks)
+        micro = [su.split_batch(self._next_batch(), self.device) for _ in range(sched.micro_batches)]
+        with self._autocast():
+            losses = pipeline.forward_backward(self.chunks, micro, mtp_lambda=sched.mtp_lambda)
+        pipeline.finalize_grads(self.chunks)
+        if (self.step + 1) in set(t.fault_inject_nan_steps):       # testing the guard: poison loss and grads
+            losses["loss"] = float("nan")
+            self.params[0].grad.fill_(float("nan"))
         gnorm = su.grad_norm(self.params)
-        loads = su.expert_loads(self.model)
-        skipped = self.guards.check_nonfinite(means[0], gnorm, self.step + 1)
+        skipped = self.guards.check_nonfinite(losses["loss"], gnorm, self.step + 1)
         if skipped:
             log.warning("step %d: non-finite loss %s / grad norm %s: step skipped (%d so far)", self.step + 1,
-                        means[0], gnorm, self.guards.skipped_total)
-            su.update_expert_bias(self.model, None, 0.0)
+                        losses["loss"], gnorm, self.guards.skipped_total)
         else:
             su.clip_(self.params, gnorm, t.grad_clip)
-            frozen = su.frozen_for_indexer_warmup(self.model) if sched.attention_mode == "indexer_warmup" else []
+            frozen = [p for m in self.modules for p in su.frozen_for_indexer_warmup(m)] \
+                if sched.attention_mode == "indexer_warmup" else []
             saved = [p.detach().clone() for p in frozen]
             for opt in self.optimizers.values():
                 opt.step()
             with torch.no_grad():
                 for p, s in zip(frozen, saved):      # main model frozen during the indexer warm-up
                     p.copy_(s)
-            su.update_expert_bias(self.model, loads, sched.bias_update_rate)
+        loads = pipeline.update_expert_bias(self.chunks, 0.0 if skipped else sched.bias_update_rate)
         for p in self.params:
             p.grad = None
-        rec = {"loss": means[0], "lm_loss": means[1], "mtp_loss": means[2], "balance_loss": means[3],
-               "indexer_loss": means[4], "lr": sched.lr, "grad_norm": gnorm if math.isfinite(gnorm) else None,
+        rec = {**losses, "lr": sched.lr, "grad_norm": gnorm if math.isfinite(gnorm) else None,
                "skipped": skipped, "skipped_total": self.guards.skipped_total}
         rec.update(su.load_stats(loads))
         return rec
@@ -324,9 +297,8 @@ class Trainer:
                 self.step += 1
                 ntok = sched.global_batch * sched.seq_len
                 self.tokens_total += ntok
-                if not rec["skipped"] and self.guards.is_spike(rec["loss"]):
-                    if self._rollback(rec["loss"]):
-                        continue
+                if not rec["skipped"] and self.guards.is_spike(rec["loss"]) and self._rollback(rec["loss"]):
+                    continue
                 done = self.step - start_step
                 eta = (time.monotonic() - t_run) / done * (t.steps - self.step)
                 rec = {"step": self.step, **rec, "tokens": ntok, "tokens_total": self.tokens_total,

@@ -19,6 +19,7 @@ def _mlp(seed: int):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer import MegatronModule, TransformerConfig
+
     from parallel.process_groups import megatron_cpu_flags
 
     cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, **megatron_cpu_flags())
