@@ -1,6 +1,9 @@
 # Helpers for the submit scripts in clusters/ (sourced; they run on the login node, not inside jobs).
 # shellcheck shell=bash
 
+# command substitutions $(...) stop at the first failure too (bash does not pass `set -e` into them by default)
+shopt -s inherit_errexit
+
 # The repository root (clusters/..), absolute.
 V4_REPO=${V4_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 
@@ -27,6 +30,18 @@ resolve_config() {
     else
         die "unknown CONFIG '$c': not a file and not in pretrain/configs/ (known: ${known:-none})"
     fi
+}
+
+# data_shape_args ARGS...: "--seq-len S --vocab-size V" from CONFIG (train.seq_len, data.vocab_size), as
+# `make pretrain` passes them to the data pipeline; nothing when ARGS already hold either option.
+data_shape_args() {
+    local python=${V4_PYTHON:-$V4_REPO/.venv/bin/python} config shape
+    [[ " $* " == *" --seq-len "* || " $* " == *" --vocab-size "* ]] && return 0
+    config=$(resolve_config "${CONFIG:-tiny}") || exit 2
+    shape=$(cd "$V4_REPO" && "$python" -c "from pretrain.config import load_config as l
+c = l('$config'); print('--seq-len', c.train.seq_len, '--vocab-size', c.data.vocab_size)") \
+        || die "cannot read CONFIG '$config' with $python"
+    echo "$shape"
 }
 
 # abspath PATH: absolute form of PATH relative to the repository root (the directory need not exist).

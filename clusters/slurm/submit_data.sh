@@ -8,7 +8,8 @@
 #   NODES       nodes of the Ray cluster (head + NODES-1 workers)                          [1]
 #   MIXTURE     mixture YAML                                 [data_pipeline/configs/default_mixture.yaml]
 #   OUTPUT      output directory of the shards (shared filesystem)                         [runs/data/<config>]
-#   CONFIG      only names the default OUTPUT                                              [tiny]
+#   CONFIG      names the default OUTPUT and gives --seq-len / --vocab-size (train.seq_len,
+#               data.vocab_size) unless they are among the arguments                       [tiny]
 #   TIME, PARTITION, ACCOUNT, QOS, SBATCH_EXTRA   as for submit_pretrain.sh
 #   CPUS        CPUs per node to request and give Ray (--cpus-per-task); empty: --exclusive, whole nodes
 #   LOG_DIR     batch log and Ray node logs                                                [runs/slurm-data]
@@ -41,6 +42,9 @@ if [[ -n ${SBATCH_EXTRA:-} ]]; then
     sbatch_args+=("${extra[@]}")
 fi
 
+# sequence length and vocabulary of the shards: from CONFIG (as `make pretrain` does), unless given as arguments
+shape_args=$(data_shape_args "$@")
+read -r -a shape <<<"$shape_args"
 job_env=(V4_REPO="$V4_REPO" V4_LOG_DIR="$log_dir")
 for v in V4_PYTHON V4_RAY_PORT V4_RAY_DASHBOARD_PORT V4_RAY_HEAD_IP V4_RAY_TMP V4_RAY_OBJECT_STORE_BYTES \
          V4_RAY_START_ARGS RAY_AUTH_MODE; do
@@ -49,7 +53,7 @@ done
 
 [[ ${DRY:-0} == 1 ]] || mkdir -p "$log_dir"
 cmd=(env "${job_env[@]}" sbatch --parsable "${sbatch_args[@]}" "$V4_REPO/clusters/slurm/data.sbatch"
-     run --mixture "$mixture" --output "$output" "$@")
+     run --mixture "$mixture" --output "$output" "$@" "${shape[@]}")
 show_cmd slurm-data "${cmd[@]}"
 [[ ${DRY:-0} == 1 ]] && exit 0
 out=$(cd "$V4_REPO" && "${cmd[@]}")
