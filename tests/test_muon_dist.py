@@ -175,7 +175,7 @@ def _world4(rank, world):
 
 @pytest.mark.slow
 def test_muon_distributed_two_ranks():
-    results = run_ranks(_world2, 2, timeout=240)
+    results = run_ranks(_world2, 2, timeout=400)
     _check(results, expect_labels={"tp2-gather", "tp2-gram", "tp2-auto", "tp2-gram-gramNS", "dp2", "ep2"})
     plans = {label: p for label, _, p in results[0]}
     assert plans["tp2-gather"]["dense"]["modes"]["gram"] == 0
@@ -187,7 +187,7 @@ def test_muon_distributed_two_ranks():
 
 @pytest.mark.slow
 def test_muon_distributed_four_ranks():
-    results = run_ranks(_world4, 4, timeout=300)
+    results = run_ranks(_world4, 4, timeout=500)
     _check(results, expect_labels={"tp2xdp2-gather", "tp2xdp2-gram", "pp2xdp2-stage0", "pp2xdp2-stage1"})
     plans = {label: p for r in results for label, _, p in r}
     assert plans["tp2xdp2-gram"]["dense"]["tp"] == 2 and plans["tp2xdp2-gram"]["dense"]["dp"] == 2
@@ -320,6 +320,6 @@ def test_muon_state_restores_under_other_dp_size(tmp_path):
     """Own state dict: dp2 -> dp4 / dp1 (tp1) and tp2 x dp2 -> tp2 x dp1 (gather -> gram owners);
     megatron dist_checkpointing: tp2 x dp2 -> tp1 x dp4 (a TP change, through sharded_state_dict)."""
     (tmp_path / "ckpt").mkdir()
-    results = run_ranks(_state_world4, 4, str(tmp_path / "ckpt"), timeout=400)
+    results = run_ranks(_state_world4, 4, str(tmp_path / "ckpt"), timeout=550)
     _check(results, expect_labels={"dp2-saved-momentum", "dp2->dp4", "dp2->dp1", "tp2xdp2->tp2xdp1",
                                    "dist_ckpt tp2xdp2->tp1xdp4"})
