@@ -103,6 +103,7 @@ def main() -> int:
 
     from pretrain.config import load_config
     from pretrain.model.hf import hf_config_from_model_config
+    from pretrain.model.moe import make_hash_table
 
     rows = []
     for name in args.configs:
@@ -111,7 +112,12 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(0)
             hf_cfg = hf_config_from_model_config(cfg)
-            DeepseekV4ForCausalLM(hf_cfg).save_pretrained(tmp)
+            hf = DeepseekV4ForCausalLM(hf_cfg)
+            with torch.no_grad():   # HF initialises the hash table to zeros: use a real one (distinct experts)
+                for mod_name, buf in hf.named_buffers():
+                    if mod_name.endswith("tid2eid"):
+                        buf.copy_(make_hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.num_experts_per_tok, 0))
+            hf.save_pretrained(tmp)
             res = {w: run_one(w, tmp, args.batch, seq, args.steps, args.threads) for w in ("hf", "ours")}
         speedup = res["ours"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
         for w in ("hf", "ours"):

@@ -203,6 +203,12 @@ def load_hf_state_dict(model: nn.Module, hf_sd: dict[str, torch.Tensor], strict:
         elif rest == "gate.e_score_correction_bias":
             ours[pre + "router.expert_bias"] = t
         elif rest == "gate.tid2eid":
+            dup = (t.sort(dim=1).values.diff(dim=1) == 0).any(dim=1)
+            if bool(dup.any()):
+                raise ValueError(f"load_hf_state_dict: '{name}' maps {int(dup.sum())} token ids to a repeated expert "
+                                 f"(e.g. token {int(dup.nonzero()[0])}: {t[dup.nonzero()[0]].tolist()}); every row "
+                                 f"needs {t.shape[1]} distinct experts (HF's untrained init is all zeros: fill it, "
+                                 f"e.g. with pretrain.model.moe.make_hash_table)")
             ours[pre + "router.tid2eid"] = t
         elif rest == "experts.gate_up_proj":
             for e in range(cfg.n_routed_experts):
