@@ -300,10 +300,9 @@ class Muon(torch.optim.Optimizer):
         """Collective. ``{"format", "steps", "state": {name: {"momentum_buffer": local-slice fp32}},
         "param_groups": [hyper-parameters + "params": names]}``; identical on all DP ranks."""
         state: dict[str, Any] = {}
-        if self._steps:
-            for eng in self._engines:
-                for name, buf in eng.local_momentum().items():
-                    state[name] = {"momentum_buffer": buf}
+        for eng in self._engines:             # zeros for units never stepped (== no momentum)
+            for name, buf in eng.local_momentum().items():
+                state[name] = {"momentum_buffer": buf}
         groups = []
         for gi, g in enumerate(self.param_groups):
             hyper = {k: v for k, v in g.items() if k not in ("params", "param_names")}
