@@ -26,6 +26,15 @@ What we add:
   averaged over the sequences of the micro-batch (computed with megatron's ``switch_load_balancing_loss_func``).
   Hash layers have no balance loss: their selection is fixed, so only f_i·P_i's P term could move (paper UNKNOWN).
 
+Tensor parallelism: megatron's MoELayer under TP expects its input split along the sequence over the TP ranks
+(``sequence_parallel``; the shared expert all-gathers / reduce-scatters, the router weight's gradient is summed
+over TP by ``finalize_model_grads``, so the DDP config must have ``sequence_parallel=True``). The rest of the
+model keeps replicated activations, so :class:`V4MoE` scatters x [S, B, d] along S on entry and all-gathers the
+output (backward: split) — replicated in, replicated out, exact. The balance loss is then assembled from the
+TP ranks' chunks: the per-(sequence, expert) counts f are all-reduced over TP, each rank's partial
+α Σ f·P_local is summed over TP (forward all-reduce, backward identity), so every rank holds the full loss and
+each its own tokens' gradient.
+
 Expert-bias update: megatron applies it in ``finalize_model_grads`` (once per global batch, all-reduced over
 TP×DP×CP) when ``moe_router_enable_expert_bias`` is set. A trainer that does not call ``finalize_model_grads``
 (one process, no DDP) calls :func:`update_expert_bias` after ``optimizer.step()``; it applies the same rule to
@@ -93,7 +102,9 @@ def megatron_moe_config(cfg: Any, params_dtype: torch.dtype = torch.float32, bia
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
         expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
-        sequence_parallel=False, params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
+        # TP > 1: megatron's MoE needs sequence-parallel chunks (see the module docstring); the head must not
+        sequence_parallel=ps.get_tensor_model_parallel_world_size() > 1,
+        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
         add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
         activation_func_clamp_value=cfg.swiglu_limit, glu_linear_offset=0.0,
         init_method=partial(nn.init.normal_, mean=0.0, std=std),
@@ -180,8 +191,15 @@ class BalancedTopKRouter(_LoadTracking, TopKRouter):
             # the S tokens, so the sum over pairs is Σ_b Σ_i f_i^b P_i^b (megatron's seq_aux_loss trick).
             scores = scores.reshape(seq_len, bsz * e)
             counts = sel_map.reshape(seq_len, bsz * e).sum(dim=0).to(scores.dtype)
-            self.balance_loss = switch_load_balancing_loss_func(
-                scores, counts, seq_len, self.topk, e, self.balance_loss_coeff) / bsz
+            tp = ps.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
+            if tp > 1:     # sequence chunks on the TP ranks (module docstring): global f, partial P
+                torch.distributed.all_reduce(counts, group=ps.get_tensor_model_parallel_group())
+            loss = switch_load_balancing_loss_func(
+                scores, counts, seq_len * tp, self.topk, e, self.balance_loss_coeff) / bsz
+            if tp > 1:
+                from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+                loss = reduce_from_tensor_model_parallel_region(loss)
+            self.balance_loss = loss
         return probs, routing_map
 
 
@@ -227,16 +245,30 @@ class V4MoE(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor]) -> torch.Tensor:
         if x.dim() != 3:
             raise ValueError(f"V4MoE: x must be [B, S, d], got {tuple(x.shape)}")
+        tp = ps.get_tensor_model_parallel_world_size() if self.layer.config.sequence_parallel else 1
+        if tp > 1 and x.shape[1] % tp:
+            raise ValueError(f"V4MoE: sequence length {x.shape[1]} must be divisible by the tensor-parallel "
+                             f"size {tp} (the MoE works on sequence chunks under TP)")
         if self.is_hash:
             if input_ids is None or tuple(input_ids.shape) != tuple(x.shape[:2]):
                 raise ValueError(f"V4MoE (hash layer): input_ids [B, S] = {tuple(x.shape[:2])} required, got "
                                  f"{None if input_ids is None else tuple(input_ids.shape)}")
-            self.layer.router.token_ids = input_ids.transpose(0, 1).reshape(-1)
+            ids = input_ids.transpose(0, 1)
+            if tp > 1:
+                ids = ids.chunk(tp, dim=0)[ps.get_tensor_model_parallel_rank()]
+            self.layer.router.token_ids = ids.reshape(-1)
+        h = x.transpose(0, 1).contiguous()
+        if tp > 1:
+            from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
+            h = scatter_to_sequence_parallel_region(h)
         try:
-            out, _ = self.layer(x.transpose(0, 1).contiguous())
+            out, _ = self.layer(h)
         finally:
             if self.is_hash:
                 self.layer.router.token_ids = None
+        if tp > 1:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+            out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
         return out.transpose(0, 1)
 
 

@@ -27,6 +27,7 @@ fused fc1 ``v4_blocks`` (pretrain.model.moe).
 """
 from __future__ import annotations
 
+import copy
 import logging
 from functools import partial
 from typing import Any, Optional
@@ -119,8 +120,10 @@ class DeepSeekV4Model(nn.Module):
         if post_process:
             self.hc_head = HyperHead(cfg.hidden_size, cfg.hc_mult, cfg.hc_eps, cfg.rms_norm_eps, cfg.hc_init_gating)
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            head_cfg = copy.copy(self.moe_config)
+            head_cfg.sequence_parallel = False      # activations are replicated over TP outside the MoE
             self.lm_head = tensor_parallel.ColumnParallelLinear(
-                cfg.hidden_size, cfg.vocab_size, config=self.moe_config, init_method=init, bias=False,
+                cfg.hidden_size, cfg.vocab_size, config=head_cfg, init_method=init, bias=False,
                 gather_output=False)
             self.lm_head.weight.v4_optimizer = "adamw"
             self.mtp = None
