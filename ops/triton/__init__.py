@@ -39,6 +39,17 @@ def new_empty(shape, *, device, dtype):
     return torch.full(shape, fill, device=device, dtype=dtype)
 
 
+# Set by ``ops.triton.sm90check``: the launchers take the Triton path for CPU tensors and every kernel launch is
+# compiled for an sm_90 (Hopper) target instead of being run — the compile-only check on a machine without GPU.
+COMPILE_ONLY = False
+
+
+def native(t) -> bool:
+    """True when the Triton kernels take tensor ``t``: CUDA, the CPU interpreter, or the compile-only check."""
+    import os
+    return bool(t.is_cuda or COMPILE_ONLY or os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
 # op name -> (kernel module, function)
 KERNELS: dict[str, tuple[str, str]] = {
     "sinkhorn": ("mhc_pre", "sinkhorn"),

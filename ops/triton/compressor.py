@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ops import compressor as _ref
-from ops.triton import new_empty
+from ops.triton import native, new_empty
 
 
 def _interp() -> bool:
@@ -162,7 +162,7 @@ def compressor_pool(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.T
     ok = (kv.dim() == 3 and gate.shape == kv.shape and position_bias.dim() == 2
           and position_bias.shape[1] == kv.shape[2] and block_start.dim() == 2
           and block_start.shape[0] == kv.shape[0] and kv.dtype != torch.float64
-          and (kv.is_cuda or _interp()) and (prev_valid is None or kv.shape[2] % 2 == 0))
+          and native(kv) and (prev_valid is None or kv.shape[2] % 2 == 0))
     if not ok:
         return _ref.compressor_pool(kv, gate, position_bias, block_start, prev_valid)
     overlap = prev_valid is not None

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ops import sparse_attention as _ref
-from ops.triton import new_empty
+from ops.triton import native, new_empty
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -366,7 +366,7 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, sca
                      comp_lo: Optional[torch.Tensor] = None, comp_hi: Optional[torch.Tensor] = None,
                      comp_idx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton hybrid attention; same contract as ``ops.sparse_attention.hybrid_attention`` -> (o, lse)."""
-    if q.dim() != 4 or kv.dim() != 3 or q.dtype == torch.float64 or not (q.is_cuda or _interp()) \
+    if q.dim() != 4 or kv.dim() != 3 or q.dtype == torch.float64 or not native(q) \
             or tuple(kv.shape) != (q.shape[0], q.shape[1], q.shape[3]) or tuple(sinks.shape) != (q.shape[2],):
         return _ref.hybrid_attention(q, kv, sinks, scale, window, seg_start, comp_kv, comp_lo, comp_hi, comp_idx)
     B, S, H, D = q.shape

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ops import indexer as _ref
-from ops.triton import new_empty
+from ops.triton import native, new_empty
 
 
 def _interp() -> bool:
@@ -122,7 +122,7 @@ def _launch(scores, q, keys, w, lo, hi, k, B, S, N, fused):
 
 def indexer_topk(scores: torch.Tensor, visible_lo: torch.Tensor, visible_hi: torch.Tensor, k: int) -> torch.Tensor:
     """Triton top-k over given scores; same contract as ``ops.indexer.indexer_topk``."""
-    if scores.dim() != 3 or not (scores.is_cuda or _interp()) or scores.dtype == torch.float64:
+    if scores.dim() != 3 or not native(scores) or scores.dtype == torch.float64:
         return _ref.indexer_topk(scores, visible_lo, visible_hi, k)
     B, S, N = scores.shape
     return _launch(scores.detach().float().contiguous(), None, None, None, visible_lo, visible_hi, k, B, S, N,
@@ -132,7 +132,7 @@ def indexer_topk(scores: torch.Tensor, visible_lo: torch.Tensor, visible_hi: tor
 def indexer_select(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, visible_lo: torch.Tensor,
                    visible_hi: torch.Tensor, k: int) -> torch.Tensor:
     """Fused scores + top-k: ``indexer_topk(indexer_scores(q, keys, weights), lo, hi, k)`` without [S, N]."""
-    if q.dim() != 4 or not (q.is_cuda or _interp()) or q.dtype == torch.float64:
+    if q.dim() != 4 or not native(q) or q.dtype == torch.float64:
         return _ref.indexer_topk(_ref.indexer_scores(q, keys, weights), visible_lo, visible_hi, k)
     B, S, _, _ = q.shape
     N = keys.shape[1]

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ops import mhc as _ref
-from ops.triton import new_empty
+from ops.triton import native, new_empty
 
 _BT = 16
 
@@ -127,7 +127,7 @@ def mhc_post(o: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.T
     """Triton mHC post side (same contract as ``ops.mhc.mhc_post``): returns [T, n, d] in x.dtype."""
     ok = (x.dim() == 3 and (x.shape[1] & (x.shape[1] - 1)) == 0 and tuple(o.shape) == (x.shape[0], x.shape[2])
           and tuple(post.shape) == tuple(x.shape[:2]) and tuple(comb.shape) == (x.shape[0], x.shape[1], x.shape[1])
-          and not any(t.dtype == torch.float64 for t in (o, x, post, comb)) and (x.is_cuda or _interp()))
+          and not any(t.dtype == torch.float64 for t in (o, x, post, comb)) and native(x))
     if not ok:
         return _ref.mhc_post(o, x, post, comb)
     return _MhcPost.apply(o, x, post, comb)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ops import mhc as _ref
-from ops.triton import new_empty
+from ops.triton import native, new_empty
 
 # fp32 dots: 3-pass tf32 on the GPU keeps ~fp32 accuracy at tensor-core speed; the interpreter is exact.
 def _interp() -> bool:
@@ -49,37 +49,51 @@ _BT = 16
 
 
 @triton.jit
-def _sk_steps(L, nsteps, eps):
-    """Run Sinkhorn steps 0..nsteps-1 on logits L [BT, N, N] (nsteps ≥ 1); returns the output of the last."""
+def _sk_col(M, eps):
+    """Column normalisation (odd steps): M / (Σ_j M[:, j, k] + ε)."""
+    return M / (tl.sum(M, axis=1)[:, None, :] + eps)
+
+
+@triton.jit
+def _sk_row(M, eps):
+    """Row normalisation (even steps ≥ 2): M / (Σ_k M[:, j, k] + ε)."""
+    return M / (tl.sum(M, axis=2)[:, :, None] + eps)
+
+
+@triton.jit
+def _sk_col_state(L, k, eps):
+    """Output of step 2k−1 (k ≥ 1) on logits L [BT, N, N]: softmax+ε, column, then k−1 × (row, column).
+    k = iters gives the Sinkhorn result. The parity of every step is static (no runtime branch): the
+    compiler requires both branches of a runtime ``if`` to give identically shaped values."""
     mx = tl.max(L, axis=2)
     p = tl.exp(L - mx[:, :, None])
-    M = p / tl.sum(p, axis=2)[:, :, None] + eps
-    for i in range(1, nsteps):
-        if i % 2 == 1:
-            M = M / (tl.sum(M, axis=1)[:, None, :] + eps)
-        else:
-            M = M / (tl.sum(M, axis=2)[:, :, None] + eps)
+    M = _sk_col(p / tl.sum(p, axis=2)[:, :, None] + eps, eps)
+    for _ in range(1, k):
+        M = _sk_col(_sk_row(M, eps), eps)
     return M
 
 
 @triton.jit
 def _sk_backward(L, G, iters, eps):
-    """∂L of comb = Sinkhorn(L) given ∂comb = G; inputs of each step recomputed from L."""
-    nsteps = 2 * iters
-    for i in range(0, nsteps - 1):
-        s = nsteps - 1 - i
-        Min = _sk_steps(L, s, eps)          # input of step s
-        if s % 2 == 1:
-            den = tl.sum(Min, axis=1)[:, None, :] + eps
-            Y = Min / den
-            G = (G - tl.sum(G * Y, axis=1)[:, None, :]) / den
-        else:
-            den = tl.sum(Min, axis=2)[:, :, None] + eps
-            Y = Min / den
-            G = (G - tl.sum(G * Y, axis=2)[:, :, None]) / den
+    """∂L of comb = Sinkhorn(L) given ∂comb = G; inputs of each step recomputed from L (O(iters²) tiny steps).
+
+    Normalisation y = m/(s+ε) over one axis:  ∂m = (∂y − Σ(∂y ⊙ y)) / (s+ε)  (same axis). Steps are walked
+    backwards in (column 2k+1, row 2k) pairs for k = iters−1 … 1, then column step 1, then the softmax."""
+    for i in range(0, iters - 1):
+        k = iters - 1 - i
+        A = _sk_col_state(L, k, eps)                 # output of step 2k−1 = input of row step 2k
+        den_r = tl.sum(A, axis=2)[:, :, None] + eps
+        B = A / den_r                                # output of step 2k = input of column step 2k+1
+        den_c = tl.sum(B, axis=1)[:, None, :] + eps
+        Yc = B / den_c
+        G = (G - tl.sum(G * Yc, axis=1)[:, None, :]) / den_c
+        G = (G - tl.sum(G * B, axis=2)[:, :, None]) / den_r
     mx = tl.max(L, axis=2)
     p = tl.exp(L - mx[:, :, None])
     p = p / tl.sum(p, axis=2)[:, :, None]
+    M0 = p + eps                                     # output of step 0 = input of column step 1
+    den1 = tl.sum(M0, axis=1)[:, None, :] + eps
+    G = (G - tl.sum(G * (M0 / den1), axis=1)[:, None, :]) / den1
     return p * (G - tl.sum(G * p, axis=2)[:, :, None])
 
 
@@ -157,7 +171,7 @@ def _mhc_pre_fwd_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr,
         post = 2.0 * tl.sigmoid(z1)
         tl.store(post_ptr + offs_t[:, None] * N + offs_n[None, :], post, mask=tmask[:, None])
         L = _gather_mat(mix, 2 * N, N, RP) * s2 + _gather_mat(bvec[None, :], 2 * N, N, RP)
-        comb = _sk_steps(L, 2 * iters, hc_eps)
+        comb = _sk_col_state(L, iters, hc_eps)
         jk = offs_n[:, None] * N + offs_n[None, :]
         tl.store(comb_ptr + offs_t[:, None, None] * (N * N) + jk[None, :, :], comb, mask=tmask[:, None, None])
     # collapse: x_in = Σ_j pre_j X_j
@@ -297,7 +311,7 @@ def _sinkhorn_fwd_kernel(l_ptr, out_ptr, T, iters, eps, N: tl.constexpr, BT: tl.
     jk = offs_n[:, None] * N + offs_n[None, :]
     m3 = (offs_t < T)[:, None, None]
     L = tl.load(l_ptr + offs_t[:, None, None] * (N * N) + jk[None, :, :], mask=m3, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_t[:, None, None] * (N * N) + jk[None, :, :], _sk_steps(L, 2 * iters, eps), mask=m3)
+    tl.store(out_ptr + offs_t[:, None, None] * (N * N) + jk[None, :, :], _sk_col_state(L, iters, eps), mask=m3)
 
 
 @triton.jit
@@ -425,8 +439,7 @@ class _Sinkhorn(torch.autograd.Function):
 
 
 def _fallback(*tensors: torch.Tensor, n: int) -> bool:
-    return (not _pow2(n)) or any(t.dtype == torch.float64 for t in tensors) or not (
-        tensors[0].is_cuda or _interp())
+    return (not _pow2(n)) or any(t.dtype == torch.float64 for t in tensors) or not native(tensors[0])
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ops import newton_schulz as _ref
-from ops.triton import new_empty
+from ops.triton import native, new_empty
 
 
 def _interp() -> bool:
@@ -140,7 +140,7 @@ def _iterate(Y: torch.Tensor, iters: list[tuple[float, float, float]], reduce) -
 def newton_schulz(X: torch.Tensor, steps: _ref.NSSteps = _ref.V4_NS_STEPS, fp32: bool = True,
                   reduce: _ref.Reduce = None) -> torch.Tensor:
     """Triton Newton-Schulz, same contract as ``ops.newton_schulz.newton_schulz`` (``[..., n, m]`` -> same)."""
-    if X.dtype == torch.float64 or not (X.is_cuda or _interp()) or X.dim() < 2:
+    if X.dtype == torch.float64 or not native(X) or X.dim() < 2:
         return _ref.newton_schulz(X, steps, fp32, reduce)
     Y, transposed = _ref._prepare(X, reduce)
     cdt = _ref._compute_dtype(X, fp32)
