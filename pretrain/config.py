@@ -113,6 +113,15 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
+    """The run: batch, schedules (pretrain.schedules), precision and guards (pretrain.guards).
+
+    ``precision``: auto = bf16 autocast with fp32 master weights on GPU, fp32 on CPU. Guards: a step with a
+    non-finite loss or gradient norm is skipped (``max_consecutive_skips`` in a row abort); with
+    ``spike_threshold`` > 0 a loss above threshold x the mean of the last ``spike_window`` steps rolls back to
+    the last checkpoint (``max_rollbacks`` per process). ``fault_inject_nan_steps`` (1-based steps) poisons
+    the loss and gradients at those steps: a test hook for the guard, empty in real runs.
+    """
+
     steps: int = 1000
     global_batch: int = 8                   # sequences per optimizer step
     micro_batch: int = 1                    # sequences per forward pass per data-parallel rank
@@ -169,6 +178,10 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
+    """pretrain.checkpoint: every ``interval`` steps (0 = only at preemption) and at the end, under
+    ``<run.dir>/checkpoints``; keep the last ``keep_last`` plus every ``keep_every``-th; ``async_save`` on GPU.
+    ``load``: a checkpoint (``step_*`` dir or a run's ``checkpoints`` dir) to start a fresh run.dir from."""
+
     interval: int = 100
     keep_last: int = 2
     keep_every: int = 0                     # also keep every N-th step (0 = off)
@@ -178,6 +191,9 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
+    """Outputs under ``dir`` (metrics.jsonl, tensorboard/, loss.png, checkpoints/, config.yaml); rerunning with
+    the same ``dir`` resumes. ``preempt_exit_code``: exit status after a SIGTERM/SIGUSR1 checkpoint."""
+
     dir: str = "runs/default"
     name: str = ""
     tensorboard: bool = True

@@ -4,16 +4,17 @@ One optimizer step (``Trainer.train_step``):
 
 1. schedules for step s (``pretrain.schedules``): LR into both optimizers, attention mode into the model,
    MTP lambda, expert-bias rate, number of micro-batches (batch ramp), sequence length (stages).
-2. for each micro-batch of this data-parallel rank: forward (bf16 autocast on GPU, fp32 master weights; fp32
-   on CPU), ``loss / n_micro`` backward. megatron DDP accumulates into fp32 ``main_grad`` buffers.
-3. ``finalize_model_grads``: gradients averaged over data parallel (experts over expert-data parallel,
-   scaled by 1/dp: megatron's DDP), so the gradient is that of the mean loss over the global batch for any
-   dp size. The expert-bias update is *not* done there (DDP gets a config copy without it) but in step 5,
-   so that a skipped step does not move the biases.
-4. guards: global loss (token-weighted mean, all-reduced) and global gradient norm; non-finite -> skip;
-   else clip to ``train.grad_clip``, ``Muon.step()`` and ``AdamW.step()``.
-5. expert biases: loads of the step summed over TP x DP (incl. EP), ``b += gamma sign(mean - load)``.
-6. metrics line; checkpoint every ``checkpoint.interval``; preemption and spike checks.
+2. this data-parallel rank's micro-batches through megatron's schedule (``parallel.pipeline.forward_backward``:
+   1F1B / interleaved when pp > 1), under bf16 autocast on GPU (fp32 master weights) or fp32 on CPU; each
+   micro-batch loss is divided by their number; the returned losses are global-batch means.
+3. ``parallel.pipeline.finalize_grads``: megatron's ``finalize_model_grads`` (DDP reduction over data
+   parallel, experts over expert-data parallel, scaled 1/dp), so the gradient is that of the mean loss over
+   the global batch for any dp size; ``p.grad = main_grad``. The expert bias is not touched there.
+4. guards: global gradient norm; non-finite loss or norm -> skip the step; else clip to ``train.grad_clip``,
+   ``Muon.step()`` and ``AdamW.step()`` (indexer warm-up: weights outside the indexers are restored).
+5. expert biases (``parallel.pipeline.update_expert_bias``): loads of the step summed over TP x DP (incl. EP),
+   ``b += gamma sign(mean - load)`` once per optimizer step (rate 0 for a skipped step).
+6. metrics line; checkpoint every ``checkpoint.interval``; spike rollback; preemption check.
 
 Resume: the same command with the same ``run.dir`` loads ``<run.dir>/checkpoints/latest`` (falling back to
 older valid ones), or ``checkpoint.load`` for a fresh run.dir. Model, Muon and AdamW state, step, guard
