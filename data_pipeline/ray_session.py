@@ -43,6 +43,7 @@ def ray_session(num_cpus: int = 0, object_store_mb: int = 300) -> Iterator[None]
             ray.init(address=address, log_to_driver=False)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
             cpus = num_cpus or os.cpu_count() or 1
             log.info("starting a local Ray: %d CPUs, %d MB object store", cpus, object_store_mb)
             ray.init(num_cpus=cpus, object_store_memory=object_store_mb * 1024 * 1024,

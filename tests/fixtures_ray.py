@@ -15,6 +15,7 @@ import pytest
 def ray_local():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")   # a loaded 2-core CI machine starts slowly
     os.environ["DATA_PIPELINE_PROGRESS"] = "0"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray
