@@ -105,7 +105,8 @@ def bench_ns(E: int = 64, m: int = 2048, n: int = 1024) -> None:
     err32 = rel(out[:4], ref.newton_schulz(X[:4], fp32=True))      # vs the fp32 answer (bf16 error level)
     ms_t, mem_t = bench(lambda: tri.newton_schulz(X, fp32=False))
     ms_r, mem_r = bench(lambda: ref.newton_schulz(X, fp32=False))
-    record(case="newton_schulz", shape=[E, m, n], dtype="bf16", rel_err_vs_ref=err, rel_err_vs_fp32_first4=err32,
+    variant = {str(k): v for k, v in tri.last_choice().items()}
+    record(case="newton_schulz", shape=[E, m, n], dtype="bf16", variant=variant, rel_err_vs_ref=err, rel_err_vs_fp32_first4=err32,
            ms=ms_t, tflops=flops / ms_t / 1e9, peak_gib=mem_t, ref_ms=ms_r, ref_tflops=flops / ms_r / 1e9,
            ref_peak_gib=mem_r, speedup=ms_r / ms_t, target_tflops=550)
 
@@ -360,15 +361,20 @@ def main() -> None:
     want = (lambda k: not only or k in only)
     record(case="device", name=torch.cuda.get_device_name(), torch=torch.__version__,
            triton=__import__("triton").__version__)
-    if want("ns"):
-        bench_ns()
-    for S in sizes:
-        if want("mhc"):
-            bench_mhc(S)
-    for mode in ("topk", "range", "window"):
-        for S in sizes:
+    # order: attention hd512 (window, range, top-k) and mHC at the sizes ≤ 16K, NS, then the larger sizes
+    small = [S for S in sizes if S <= 16384]
+    large = [S for S in sizes if S > 16384]
+    for group in (small, None, large):
+        if group is None:
+            if want("ns"):
+                bench_ns()
+            continue
+        for S in group:
             if want("attn"):
-                bench_attn(S, mode)
+                for mode in ("window", "range", "topk"):
+                    bench_attn(S, mode)
+            if want("mhc"):
+                bench_mhc(S)
     for S in sizes:
         if want("sdpa"):
             bench_sdpa(S, D=128)

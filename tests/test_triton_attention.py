@@ -95,3 +95,39 @@ def test_hybrid_attention_sink_only_rows_and_full_heads():
     out_r, g_r = _run(ref.hybrid_attention, args, kw, 1, scale, 4)
     for a, b in zip(list(out_t) + g_t, list(out_r) + g_r):
         assert rel(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["window", "range", "topk"])
+def test_hybrid_attention_head_dim_512(mode):
+    """The V4 head dim (D = 512, the path that overflowed shared memory on the H200), tiny S and H."""
+    k = testing.kernels("hybrid_attention")
+    args, kw, window, scale = _case(41, mode, torch.float32, B=1, S=8, H=2, D=512, window=4, rate=4, topk=2)
+    out_t, g_t = _run(k.hybrid_attention, args, kw, window, scale, 5)
+    out_r, g_r = _run(ref.hybrid_attention, args, kw, window, scale, 5)
+    for name, a, b in zip(("o", "lse", "dq", "dkv", "dsinks", "dcomp_kv"), list(out_t) + g_t, list(out_r) + g_r):
+        assert rel(a, b) <= 1e-5, (mode, name, rel(a, b))
+
+
+def test_config_shared_memory_fits_sm90():
+    """Every compiled (GPU) config the launcher can choose fits Hopper's 227 KB of shared memory per block,
+    by ``smem_estimate`` (an upper estimate calibrated on sm_90 compilations by ``ops.triton.sm90check``,
+    which fails when a compilation exceeds it). This is the check that would have caught the D = 512
+    ``OutOfResources: Required: 294912`` of the first H200 run. No GPU needed."""
+    k = testing.kernels("hybrid_attention")
+    assert k.SMEM_LIMIT == 232448
+    # the failing H200 config (dkv kernel, BM = 64, BNK = 32, D = 512, bf16) is estimated above the limit
+    assert k.smem_estimate("dkv", 64, 32, 512, 2, 1) >= 294912
+    for D in (16, 64, 128, 512):
+        for dtype in (torch.bfloat16, torch.float32):
+            for comp in (0, 1, 2):
+                for H in (2, 16, 64):
+                    cfg = k._config(H, D, dtype, comp, interp=False)
+                    if cfg is None:
+                        # only fp32 top-k at D = 512 has no tiling under the budget: the reference runs
+                        assert (D, dtype, comp) == (512, torch.float32, 2)
+                        continue
+                    for key in ("BH", "BN", "BHQ", "BNQ", "BM", "BNK"):
+                        v = cfg[key]
+                        assert v >= 16 and v & (v - 1) == 0, (key, v)      # tl.dot: pow2 dims ≥ 16
+                    est = k.config_smem(H, D, dtype, comp)
+                    assert max(est.values()) <= k.SMEM_BUDGET < k.SMEM_LIMIT, (D, dtype, comp, H, est)

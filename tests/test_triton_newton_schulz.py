@@ -72,3 +72,14 @@ def test_newton_schulz_reduce_hook_and_steps():
     want = ref.newton_schulz(X, steps=steps, fp32=True, reduce=reduce)
     assert len(calls) == 2 * n_ref and n_ref == 1 + 4          # norm + one Gram per iteration
     assert rel(out, want) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["mixed", "torch"])
+def test_newton_schulz_variants(variant, monkeypatch):
+    """The GPU picks the fastest of three variants by timing; each must give the reference's answer."""
+    k = testing.kernels("newton_schulz")
+    monkeypatch.setenv("V4_NS_VARIANT", variant)
+    g = torch.Generator().manual_seed(12)
+    X = torch.randn(1, 20, 36, generator=g).to(DEV)
+    out = k.newton_schulz(X, fp32=True)
+    assert rel(out, ref.newton_schulz(X, fp32=True)) <= 1e-5

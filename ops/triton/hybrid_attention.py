@@ -265,13 +265,82 @@ def _prec(q: torch.Tensor) -> str:
     return "tf32x3" if q.dtype == torch.float32 else "tf32"     # the latter is Triton's default (unused for bf16)
 
 
-def _config(H: int, D: int) -> dict:
-    if _interp():
-        return dict(BH=16, BN=16, BM=16, BNK=16, warps=4, stages=1)
-    bh = min(64 if D <= 128 else 32, max(16, triton.next_power_of_2(H)))
-    if D <= 128:
-        return dict(BH=bh, BN=64, BM=64, BNK=64, warps=4, stages=2)
-    return dict(BH=bh, BN=32, BM=64, BNK=32, warps=8, stages=1)
+SMEM_LIMIT = 232448             # shared memory per block on sm_90 (H100/H200), bytes
+SMEM_BUDGET = 200 * 1024        # what a config may use by the estimate below (headroom for the compiler)
+
+# Candidates in order of preference: (rows = heads BH / query rows BM, keys BN / BNK, num_stages).
+_CAND_SMALL_D = [(64, 64, 2), (64, 32, 2), (32, 64, 2), (32, 32, 2), (32, 32, 1), (16, 32, 1), (16, 16, 1)]
+_CAND_LARGE_D = [(64, 32, 2), (64, 32, 1), (32, 32, 2), (32, 32, 1), (32, 16, 1), (16, 32, 1), (16, 16, 1)]
+
+
+def smem_estimate(kernel: str, rows: int, keys: int, D: int, esz: int, stages: int = 1, comp: int = 0) -> int:
+    """Upper estimate (bytes) of the shared memory the compiler gives one program of ``kernel``.
+
+    Every ``tl.dot`` operand tile is staged in shared memory, one buffer per distinct use (a tile used as
+    A of one dot and B of another, or as Kᵀ and K, gets its own), the tiles loaded inside the key / query
+    loop once per pipeline stage. DP = next_pow2(D) columns; esz = bytes per element of the dot inputs.
+    Calibrated on sm_90 compilations (``python -m ops.triton.sm90check`` prints both numbers and fails when
+    a compilation needs more than this estimate), e.g. D=512: fwd 32×32 bf16 96 KB / fp32 192 KB, dq 32×32
+    bf16 128 KB / fp32 320 KB, dkv 64×32 bf16 288 KB / fp32 384 KB.
+
+    * fwd: q [rows, DP] once; K tile as Kᵀ (scores) and K (P·V) per stage; P tile [rows, keys].
+    * dq:  q, dO [rows, DP]; K tile three times per stage (Kᵀ for scores and dP, K for dS·K; fp32 keeps a
+           third copy); P, dS tiles; CSA (comp = 2) adds q, dO as B operands of the selected-entry dK
+           (dSᵀ·q, Pᵀ·dO) and the transposed P, dS tiles.
+    * dkv: q, dO rows [rows, DP] each as A (scores, dP) and B (dK) per stage; the key tile [keys, DP] once;
+           Pᵀ, dSᵀ tiles.
+    """
+    DP = triton.next_power_of_2(D)
+    st = max(1, int(stages))
+    if kernel == "fwd":
+        el = rows * DP + 2 * keys * DP * st + rows * keys
+    elif kernel == "dq":
+        el = 2 * rows * DP + 3 * keys * DP * st + 2 * rows * keys
+        if comp == 2:
+            el += 2 * rows * DP + 2 * rows * keys
+    elif kernel == "dkv":
+        el = 4 * rows * DP * st + keys * DP + 2 * rows * keys
+    else:
+        raise ValueError(kernel)
+    return int(el * esz)
+
+
+def _pick(kernel: str, H: int, D: int, esz: int, comp: int) -> Optional[dict]:
+    cap = max(16, triton.next_power_of_2(H)) if kernel != "dkv" else 1 << 30
+    for rows, keys, st in (_CAND_SMALL_D if D <= 128 else _CAND_LARGE_D):
+        if rows > cap:
+            continue
+        if smem_estimate(kernel, rows, keys, D, esz, st, comp) <= SMEM_BUDGET:
+            return dict(rows=rows, keys=keys, warps=4 if D <= 128 else 8, stages=st)
+    return None
+
+
+def _config(H: int, D: int, dtype: torch.dtype, comp: int, interp: Optional[bool] = None) -> Optional[dict]:
+    """Block sizes of the three kernels for H heads of dim D, or None when no candidate fits the budget
+    (the caller then uses the reference). fwd/dq: BH heads × BN keys; dkv: BM query rows × BNK keys."""
+    if _interp() if interp is None else interp:
+        return dict(BH=16, BN=16, warps=4, stages=1, BHQ=16, BNQ=16, warps_q=4, stages_q=1,
+                    BM=16, BNK=16, warps_k=4, stages_k=1)
+    esz = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    f = _pick("fwd", H, D, esz, comp)
+    q = _pick("dq", H, D, esz, comp)
+    k = _pick("dkv", H, D, esz, comp)
+    if f is None or q is None or k is None:
+        return None
+    return dict(BH=f["rows"], BN=f["keys"], warps=f["warps"], stages=f["stages"],
+                BHQ=q["rows"], BNQ=q["keys"], warps_q=q["warps"], stages_q=q["stages"],
+                BM=k["rows"], BNK=k["keys"], warps_k=k["warps"], stages_k=k["stages"])
+
+
+def config_smem(H: int, D: int, dtype: torch.dtype, comp: int) -> dict:
+    """Estimated shared memory (bytes) of each kernel under the compiled (GPU) config of ``_config``."""
+    cfg = _config(H, D, dtype, comp, interp=False)
+    if cfg is None:
+        return {}
+    esz = 2 if dtype in (torch.bfloat16, torch.float16) else 4
+    return dict(fwd=smem_estimate("fwd", cfg["BH"], cfg["BN"], D, esz, cfg["stages"], comp),
+                dq=smem_estimate("dq", cfg["BHQ"], cfg["BNQ"], D, esz, cfg["stages_q"], comp),
+                dkv=smem_estimate("dkv", cfg["BM"], cfg["BNK"], D, esz, cfg["stages_k"], comp))
 
 
 def _dkv(q, keys, seg, lo, hi, do, lse, delta, window, scale, mode, cfg):
@@ -303,7 +372,7 @@ def _dkv(q, keys, seg, lo, hi, do, lse, delta, window, scale, mode, cfg):
         q, keys, seg, lo, hi, tlo, thi, do, lse, delta, part, S, H, NK, nkb, qc, scale * LOG2E, scale, window,
         D=D, DP=triton.next_power_of_2(D), BM=cfg["BM"], BNK=bnk, MODE=mode, UPCAST=_interp(),
             PREC=_prec(q),
-        num_warps=cfg["warps"], num_stages=cfg["stages"])
+        num_warps=cfg["warps_k"], num_stages=cfg["stages_k"])
     return part.sum(0) if chunks > 1 else part[0]
 
 
@@ -316,7 +385,7 @@ class _HybridAttention(torch.autograd.Function):
         ksel = idx.shape[2] if idx is not None else 0
         o = new_empty((B, S, H, D), device=q.device, dtype=q.dtype)
         lse = new_empty((B, S, H), device=q.device, dtype=torch.float32)
-        cfg = _config(H, D)
+        cfg = _config(H, D, q.dtype, comp)
         idx_ = idx if idx is not None else seg
         _attn_fwd_kernel[(B * S, triton.cdiv(H, cfg["BH"]))](
             q, kv, ck, sinks, seg, lo, hi, idx_, o, lse, S, H, N, ksel, scale * LOG2E, window,
@@ -339,17 +408,17 @@ class _HybridAttention(torch.autograd.Function):
             delta = delta - dlse.float()
         delta = delta.contiguous()
         dsinks = -(torch.exp(sinks.float().view(1, 1, H) - lse) * delta).sum((0, 1)).to(sinks.dtype)
-        cfg = _config(H, D)
+        cfg = _config(H, D, q.dtype, comp)
         dq = new_empty(q.shape, device=q.device, dtype=q.dtype)
         ck = comp_kv if comp_kv is not None else kv
         dck32 = torch.zeros(B, N, D, device=q.device, dtype=torch.float32) if comp == 2 else lse
         ksel = idx.shape[2] if idx is not None else 0
         idx_ = idx if idx is not None else seg
-        _attn_bwd_dq_kernel[(B * S, triton.cdiv(H, cfg["BH"]))](
+        _attn_bwd_dq_kernel[(B * S, triton.cdiv(H, cfg["BHQ"]))](
             q, kv, ck, seg, lo, hi, idx_, do, lse, delta, dq, dck32, S, H, N, ksel, scale * LOG2E, scale, window,
-            D=D, DP=triton.next_power_of_2(D), BH=cfg["BH"], BN=cfg["BN"], COMP=comp, UPCAST=_interp(),
+            D=D, DP=triton.next_power_of_2(D), BH=cfg["BHQ"], BN=cfg["BNQ"], COMP=comp, UPCAST=_interp(),
             PREC=_prec(q),
-            num_warps=cfg["warps"], num_stages=cfg["stages"])
+            num_warps=cfg["warps_q"], num_stages=cfg["stages_q"])
         dkv = _dkv(q, kv, seg, lo, hi, do, lse, delta, window, scale, 0, cfg).to(kv.dtype)
         dck = None
         if comp == 1:
@@ -381,6 +450,8 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, sca
     hi = comp_hi.to(torch.int32).contiguous() if comp == 1 else seg
     idx = comp_idx.to(torch.int32).contiguous() if comp == 2 else None
     window = int(max(1, min(int(window), S)))
+    if _config(H, D, q.dtype, comp) is None:       # no tiling fits shared memory (e.g. fp32 at D ≥ 1024)
+        return _ref.hybrid_attention(q, kv, sinks, scale, window, seg_start, comp_kv, comp_lo, comp_hi, comp_idx)
     return _HybridAttention.apply(q.contiguous(), kv.contiguous(), sinks.contiguous(),
                                   comp_kv.contiguous() if has_comp else None, float(scale), window, seg, lo, hi,
                                   idx, comp)

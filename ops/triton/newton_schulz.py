@@ -15,6 +15,11 @@ Precision: ``fp32=False`` (the fast path): X, A, B stored in bf16, every dot acc
 rounding points as the reference's bf16 bmm path. ``fp32=True``: fp32 storage; on the GPU dots use 3-pass
 tf32 (≈ fp32 accuracy). ``reduce`` (sharded Gram all-reduce) is applied to A between the first two kernels,
 exactly where the reference applies it.
+
+On the GPU, the first call for a batch shape times one iteration of three variants (all Triton; the two
+symmetric Triton kernels + cuBLAS for the full update GEMM; all cuBLAS = the reference's iteration) and keeps
+the fastest (``_choose``; ``V4_NS_VARIANT=triton|mixed|torch`` forces one): on the H200 the all-Triton path
+was slower than cuBLAS for 64×2048×1024 bf16 (18.1 vs 14.9 ms), so the batched path never loses to torch.
 """
 from __future__ import annotations
 
@@ -111,29 +116,90 @@ def _config(dtype: torch.dtype) -> dict:
     return dict(BM=128, BN=128, BK=64, warps=8, stages=3)
 
 
+VARIANTS = ("triton", "mixed", "torch")
+_CHOICE: dict = {}          # (shape, dtype, device) -> variant chosen by timing on the GPU
+
+
+def _step(variant: str, Y, A, B, Y2, a: float, b: float, c: float, reduce, cfg: dict, prec: str, ti, tj):
+    """One NS iteration Y -> a·Y + (b·A + c·A²)·Y with A = Y·Yᵀ; returns (new Y, A, B).
+
+    * triton: symmetric one-triangle Gram and polynomial kernels + the fused update kernel;
+    * mixed:  the two symmetric kernels (half the tiles) + cuBLAS ``baddbmm`` for the full update GEMM;
+    * torch:  cuBLAS ``bmm``/``baddbmm`` for all three (exactly the reference's iteration)."""
+    E, s, l = Y.shape
+    bm = cfg["BM"]
+    kw = dict(num_warps=cfg["warps"], num_stages=cfg["stages"], UPCAST=_interp())
+    if variant == "torch":
+        A = torch.bmm(Y, Y.mT, out=A)
+    else:
+        _gram_sym_kernel[(E, ti.numel())](Y, A, ti, tj, s, l, 0.0, 0.0, POLY=False, BM=bm, BK=cfg["BK"],
+                                          PREC=prec, **kw)
+    if reduce is not None:
+        A = reduce(A)
+    if variant == "torch":
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
+    else:
+        _gram_sym_kernel[(E, ti.numel())](A, B, ti, tj, s, s, float(b), float(c), POLY=True, BM=bm,
+                                          BK=cfg["BK"], PREC=prec, **kw)
+    if variant == "triton":
+        _ns_update_kernel[(E, triton.cdiv(s, bm), triton.cdiv(l, cfg["BN"]))](B, Y, Y2, s, l, float(a), BM=bm,
+                                                                              BN=cfg["BN"], BK=cfg["BK"],
+                                                                              PREC=prec, **kw)
+    else:
+        Y2 = torch.baddbmm(Y, B, Y, beta=a, alpha=1.0, out=Y2)
+    return Y2, A, B
+
+
+def _choose(Y: torch.Tensor, abc: tuple[float, float, float], cfg: dict, prec: str, ti, tj) -> str:
+    """The fastest variant for this batch shape on this GPU, timed once (CUDA events, no ``reduce``: the
+    hook may be a collective) and cached. ``V4_NS_VARIANT`` forces one. Off the GPU: ``triton``."""
+    forced = os.environ.get("V4_NS_VARIANT", "")
+    if forced in VARIANTS:
+        return forced
+    if _interp() or not Y.is_cuda:
+        return "triton"
+    key = (tuple(Y.shape), Y.dtype, str(Y.device))
+    if key not in _CHOICE:
+        a, b, c = abc
+        A = torch.empty(Y.shape[0], Y.shape[1], Y.shape[1], device=Y.device, dtype=Y.dtype)
+        B = torch.empty_like(A)
+        Y2 = torch.empty_like(Y)
+        best, best_ms = "torch", float("inf")
+        for v in VARIANTS:
+            _step(v, Y, A, B, Y2, a, b, c, None, cfg, prec, ti, tj)          # warm-up / compile
+            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            ev0.record()
+            for _ in range(3):
+                _step(v, Y, A, B, Y2, a, b, c, None, cfg, prec, ti, tj)
+            ev1.record()
+            ev1.synchronize()
+            ms = ev0.elapsed_time(ev1)
+            if ms < best_ms * 0.98 or (v == "torch" and ms <= best_ms):
+                best, best_ms = v, ms
+        _CHOICE[key] = best
+    return _CHOICE[key]
+
+
+def last_choice() -> dict:
+    """Variants chosen so far: {(shape, dtype, device): variant} (for benchmarks and logs)."""
+    return dict(_CHOICE)
+
+
 def _iterate(Y: torch.Tensor, iters: list[tuple[float, float, float]], reduce) -> torch.Tensor:
     """Run the NS iterations on the already normalised, contiguous batch Y [E, s, l] (dtype = compute)."""
     E, s, l = Y.shape
     cfg = _config(Y.dtype)
     prec = "ieee" if _interp() else ("tf32x3" if Y.dtype == torch.float32 else "tf32")
-    bm = cfg["BM"]
-    nt = triton.cdiv(s, bm)
+    nt = triton.cdiv(s, cfg["BM"])
     ti, tj = _triangle(nt, Y.device)
+    variant = _choose(Y, iters[0], cfg, prec, ti, tj) if iters else "triton"
     A = new_empty((E, s, s), device=Y.device, dtype=Y.dtype)
     B = new_empty((E, s, s), device=Y.device, dtype=Y.dtype)
     Y2 = new_empty((E, s, l), device=Y.device, dtype=Y.dtype)
-    # the interpreter's tl.dot mishandles bf16 operands: upcast there (exact: bf16 ⊂ fp32)
-    kw = dict(num_warps=cfg["warps"], num_stages=cfg["stages"], UPCAST=_interp())
+    # the interpreter's tl.dot mishandles bf16 operands: kernels upcast there (exact: bf16 ⊂ fp32)
     for a, b, c in iters:
-        _gram_sym_kernel[(E, ti.numel())](Y, A, ti, tj, s, l, 0.0, 0.0, POLY=False, BM=bm, BK=cfg["BK"],
-                                          PREC=prec, **kw)
-        if reduce is not None:
-            A = reduce(A)
-        _gram_sym_kernel[(E, ti.numel())](A, B, ti, tj, s, s, float(b), float(c), POLY=True, BM=bm,
-                                          BK=cfg["BK"], PREC=prec, **kw)
-        _ns_update_kernel[(E, nt, triton.cdiv(l, cfg["BN"]))](B, Y, Y2, s, l, float(a), BM=bm, BN=cfg["BN"],
-                                                               BK=cfg["BK"], PREC=prec, **kw)
-        Y, Y2 = Y2, Y
+        Yn, A, B = _step(variant, Y, A, B, Y2, a, b, c, reduce, cfg, prec, ti, tj)
+        Y, Y2 = Yn, Y
     return Y
 
 

@@ -38,12 +38,14 @@ class Record:
     regs: int = -1
     stack: int = -1
     error: str = ""
+    estimate: int = -1
     problems: list = field(default_factory=list)
 
     def line(self) -> str:
         cx = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if not str(k).startswith("_"))
         st = "OK" if not self.problems else "FAIL: " + "; ".join(self.problems)
-        return (f"{self.kernel:28s} smem={self.shared:>7d} regs={self.regs:>4d} stack={self.stack:>4d} "
+        est = f" est={self.estimate:>7d}" if self.estimate >= 0 else ""
+        return (f"{self.kernel:28s} smem={self.shared:>7d}{est} regs={self.regs:>4d} stack={self.stack:>4d} "
                 f"warps={self.options.get('num_warps')} stages={self.options.get('num_stages')} "
                 f"grid={self.grid} [{cx}] {st}")
 
@@ -74,6 +76,19 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
         elif tok.startswith("STACK:"):
             stack = int(tok[6:])
     return regs, stack
+
+
+def _attention_estimate(rec: Record):
+    """``hybrid_attention.smem_estimate`` for an attention-kernel compilation (None for other kernels)."""
+    which = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dq_kernel": "dq", "_attn_bwd_dkv_kernel": "dkv"}.get(rec.kernel)
+    if which is None:
+        return None
+    from ops.triton import hybrid_attention as ha
+    c = rec.constexprs
+    esz = 4 if c.get("PREC") == "tf32x3" or c.get("UPCAST") else 2
+    rows, keys = (c["BM"], c["BNK"]) if which == "dkv" else (c["BH"], c["BN"])
+    return ha.smem_estimate(which, rows, keys, c["D"], esz, rec.options.get("num_stages") or 1,
+                            c.get("COMP", 0) if which != "dkv" else 0)
 
 
 @contextlib.contextmanager
@@ -123,6 +138,11 @@ def capture(arch: int = 90):
         rec.shared = int(k.metadata.shared)
         if rec.shared > SMEM_LIMIT:
             rec.problems.append(f"shared memory {rec.shared} > {SMEM_LIMIT}")
+        est = _attention_estimate(rec)
+        if est is not None:
+            rec.estimate = est
+            if rec.shared > est:
+                rec.problems.append(f"smem_estimate {est} below the compiled {rec.shared}")
         cubin = k.asm.get("cubin") if hasattr(k, "asm") else None
         if cubin:
             rec.regs, rec.stack = _resource_usage(cubin)
