@@ -51,8 +51,16 @@ def free_port() -> int:
 
 
 def compute_layout(world: int, tp: int = 1, pp: int = 1, vpp: int = 1, ep: int = 1, etp: int = 1,
-                   sp: int = 1, model: Any = None, pp_layer_split: Optional[list[int]] = None) -> Layout:
-    """Validate a layout for ``world`` ranks (and a model config, if given); return the derived sizes."""
+                   sp: int = 1, model: Any = None, pp_layer_split: Optional[list[int]] = None,
+                   backend: Optional[str] = None) -> Layout:
+    """Validate a layout for ``world`` ranks (and a model config, if given); return the derived sizes.
+
+    Every check raises :class:`LayoutError` naming the numbers, before any process group exists:
+    world = tp·pp·sp·dp; ep·etp | world/pp; heads, output groups, vocabulary divisible by tp; heads by tp·sp
+    (Ulysses); experts by ep; expert width by etp, shared-expert width by tp; layers by pp·vpp (or a
+    ``pp_layer_split`` of pp·vpp non-negative entries summing to the layers); vpp needs pp > 1; etp > 1
+    needs NCCL.
+    """
     for name, v in dict(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, sp=sp).items():
         if v < 1:
             raise LayoutError(f"parallel.{name}={v} must be >= 1")
@@ -66,6 +74,9 @@ def compute_layout(world: int, tp: int = 1, pp: int = 1, vpp: int = 1, ep: int =
                           f"(world {world}, pp {pp})")
     if vpp > 1 and pp == 1:
         raise LayoutError(f"parallel.vpp={vpp} needs pipeline parallelism (pp > 1)")
+    if etp > 1 and backend == "gloo":
+        raise LayoutError(f"parallel.etp={etp} needs NCCL: gloo has no uneven all_gather for the expert-tensor-"
+                          f"parallel token dispatch (stack-notes §3); use parallel.etp=1 on CPU")
     if model is not None:
         if model.num_heads % tp:
             raise LayoutError(f"model.num_heads={model.num_heads} is not divisible by parallel.tp={tp}")
@@ -81,6 +92,14 @@ def compute_layout(world: int, tp: int = 1, pp: int = 1, vpp: int = 1, ep: int =
         if model.num_heads % (tp * sp):
             raise LayoutError(f"model.num_heads={model.num_heads} is not divisible by tp*sp={tp * sp} "
                               f"(Ulysses splits the local heads across sp ranks)")
+        inter = getattr(model, "moe_intermediate_size", 0)
+        if inter % etp:
+            raise LayoutError(f"model.moe_intermediate_size={inter} is not divisible by "
+                              f"parallel.etp={etp} (expert tensor parallelism splits the expert FFN width)")
+        shared = inter * getattr(model, "n_shared_experts", 0)
+        if shared % tp:
+            raise LayoutError(f"shared-expert width n_shared_experts*moe_intermediate_size = {shared} is not "
+                              f"divisible by parallel.tp={tp}")
         stages = pp * vpp
         if pp_layer_split:
             if len(pp_layer_split) != stages:
@@ -93,6 +112,27 @@ def compute_layout(world: int, tp: int = 1, pp: int = 1, vpp: int = 1, ep: int =
             raise LayoutError(f"model.num_layers={model.num_layers} is not divisible by pp*vpp = {stages}; "
                               f"give parallel.pp_layer_split explicitly")
     return Layout(world=world, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, sp=sp, dp=dp)
+
+
+def validate_batch(layout: Layout, global_batch: int, micro_batch: int, seq_len: int,
+                   model: Any = None) -> int:
+    """Check the batch shape against a layout; return the number of micro-batches per data-parallel rank.
+
+    global_batch = micro_batch · dp · M; the interleaved schedule (vpp > 1) needs M divisible by pp; the MoE's
+    sequence chunks under TP need seq_len divisible by tp, Ulysses by sp (and each sp shard by tp)."""
+    per = micro_batch * layout.dp
+    if global_batch % per:
+        raise LayoutError(f"train.global_batch={global_batch} is not divisible by micro_batch*dp = "
+                          f"{micro_batch}*{layout.dp} = {per}")
+    m = global_batch // per
+    if layout.vpp > 1 and m % layout.pp:
+        raise LayoutError(f"interleaved pipeline (vpp={layout.vpp}): {m} micro-batches per data-parallel rank "
+                          f"(global_batch {global_batch} / (micro_batch {micro_batch} * dp {layout.dp})) must be "
+                          f"divisible by pp={layout.pp}")
+    if seq_len % (layout.sp * layout.tp):
+        raise LayoutError(f"train.seq_len={seq_len} is not divisible by sp*tp = {layout.sp}*{layout.tp} "
+                          f"(Ulysses shards the sequence over sp, the MoE chunks each shard over tp)")
+    return m
 
 
 def launcher_env() -> tuple[int, int, int]:
@@ -147,7 +187,8 @@ def init_distributed(pcfg: Any, model_cfg: Any = None) -> Layout:
     _, world_env, _ = launcher_env()
     world = dist.get_world_size() if dist.is_initialized() else world_env
     layout = compute_layout(world, pcfg.tp, pcfg.pp, pcfg.vpp, pcfg.ep, pcfg.etp, pcfg.sp,
-                            model=model_cfg, pp_layer_split=list(getattr(pcfg, "pp_layer_split", []) or []))
+                            model=model_cfg, pp_layer_split=list(getattr(pcfg, "pp_layer_split", []) or []),
+                            backend=pick_backend(getattr(pcfg, "backend", "auto")))
     from parallel import cpu_compat
     cpu_compat.apply()
     init_torch_distributed(getattr(pcfg, "backend", "auto"), getattr(pcfg, "timeout_minutes", 30))
