@@ -1,0 +1,138 @@
+"""The Ray launch files on a real two-node Ray cluster on this host (tests/cluster_fixtures.py; local-clusters.md).
+
+A head and one worker (`ray start --block`, explicit RAY_AUTH_MODE, bounded object stores, every port explicit).
+The data pipeline is submitted with the real clusters/ray/submit_data.sh (`ray job submit`) twice: once
+undisturbed, once with the worker node's raylet killed (kill -9) while one of the job's tasks runs on it. The job
+still succeeds on the head alone and its output equals the undisturbed run's. Nothing is left running afterwards
+(the cluster is stopped by PID, never with the machine-wide `ray stop`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+
+from cluster_fixtures import REPO, VENV_BIN, RayCluster, describe, poll
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
+
+SMALL_MIXTURE = """\
+# one small source (the Python language reference, 79 documents) so the pipeline runs in seconds
+name: cluster-test
+seed: 1234
+sources:
+  - name: python_docs
+    weight: 1.0
+    input: {kind: embedded, path: python_docs}
+clean: {min_words: 20, max_symbol_word_ratio: 0.2, min_alpha_word_frac: 0.6}
+dedup: {exact: true, minhash: true, ngram: 5, bands: 14, rows: 8, seed: 1}
+tokenizer: {vocab_size: 4096, sample_bytes: 16000000}
+pack: {seq_len: 32, compression: zstd, docs_per_block: 16}
+loader: {backend: exact, period: 10000}
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayCluster]:
+    # a short base path: Ray's unix socket paths (inside the session dir) must stay under 108 bytes
+    base = Path(tempfile.mkdtemp(prefix="v4ray-", dir="/tmp"))
+    cluster = RayCluster(base, workers=1, cpus_per_node=1, object_store_bytes=300_000_000)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        left = cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    assert not left, f"Ray processes were left running:\n{describe(left)}"
+
+
+def submit(cluster: RayCluster, mixture: Path, output: Path, **settings: str) -> subprocess.CompletedProcess:
+    """clusters/ray/submit_data.sh against the test cluster (what `make ray-data` runs)."""
+    env = dict(cluster.env, RAY_ADDRESS=cluster.dashboard, RAY_BIN=str(VENV_BIN / "ray"), MIXTURE=str(mixture),
+               OUTPUT=str(output), **settings)
+    r = subprocess.run(["timeout", "1200", str(REPO / "clusters/ray/submit_data.sh"), "--seq-len", "32",
+                        "--vocab-size", "4096"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1260)
+    assert "[ray-data] " in r.stdout and " job submit " in r.stdout, r.stdout   # it prints what it submits
+    return r
+
+
+def output_digest(d: Path) -> dict[str, str]:
+    """sha256 of every output file, plus the manifest without its timestamps and timings."""
+    out = {}
+    for f in sorted(d.rglob("*")):
+        rel = str(f.relative_to(d))
+        if not f.is_file() or rel.startswith("embedded/") or rel in ("report.md", "report.png", "manifest.json"):
+            continue
+        out[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
+    manifest = json.loads((d / "manifest.json").read_text())
+    for k in ("created", "stages"):
+        manifest.pop(k, None)
+    out["manifest.json (without created/stages)"] = json.dumps(manifest, sort_keys=True)
+    return out
+
+
+def running_task_on(cluster: RayCluster, node: str) -> str:
+    """The name of a task executing on ``node`` now (a worker process titled ``ray::<task>``), or ''."""
+    raylet = psutil.Process(cluster.raylet_pid(node))
+    for p in raylet.children(recursive=True):
+        try:
+            title = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if title.startswith("ray::") and not title.startswith(("ray::IDLE", "ray::JobSupervisor")):
+            return title.split()[0]
+    return ""
+
+
+def test_ray_data_job_survives_killing_the_worker_raylet(ray_cluster: RayCluster) -> None:
+    # inside the cluster's own temp dir (removed at the end), not pytest's (a concurrent session may prune it)
+    tmp_path = ray_cluster.base / "runs"
+    tmp_path.mkdir()
+    mixture = tmp_path / "mixture.yaml"
+    mixture.write_text(SMALL_MIXTURE)
+
+    # 1. undisturbed run, following the job's logs (exit status = the job's)
+    t0 = time.monotonic()
+    r = submit(ray_cluster, mixture, tmp_path / "ref")
+    assert r.returncode == 0, f"{r.stdout[-5000:]}\n{r.stderr[-3000:]}"
+    t_ref = time.monotonic() - t0
+    ref = output_digest(tmp_path / "ref")
+    assert any(k.startswith("shards/") for k in ref)
+
+    # 2. the same job, submitted without waiting; kill -9 the worker's raylet while a task of it runs there
+    job_id = f"v4-fault-{uuid.uuid4().hex[:8]}"
+    r = submit(ray_cluster, mixture, tmp_path / "fault", NO_WAIT="1", SUBMISSION_ID=job_id)
+    assert r.returncode == 0, r.stdout + r.stderr
+    task, deadline, next_status = "", time.monotonic() + 600, 0.0
+    while not task:                                        # cheap process-table polls; the job status rarely
+        task = running_task_on(ray_cluster, "worker0")
+        if not task and time.monotonic() > next_status:
+            status = ray_cluster.job_status(job_id)
+            assert status in ("PENDING", "RUNNING"), f"the job ended ({status}) before a task ran on the worker"
+            next_status = time.monotonic() + 10
+        assert time.monotonic() < deadline, "no task of the job ran on the worker node within 600 s"
+        time.sleep(0.1)
+    raylet = ray_cluster.raylet_pid("worker0")
+    t_kill = time.monotonic()
+    os.kill(raylet, signal.SIGKILL)
+    print(f"killed the worker raylet (pid {raylet}) while it ran {task}")
+
+    status = poll(lambda: (s := ray_cluster.job_status(job_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s,
+                  900, 2.0, f"job {job_id} to end")
+    logs = ray_cluster.job_logs(job_id)
+    assert status == "SUCCEEDED", logs[-5000:]
+    assert ray_cluster.alive_nodes() == 1                  # the worker node is dead: the head finished the job
+    assert output_digest(tmp_path / "fault") == ref        # same output as without the fault
+    print(f"undisturbed run {t_ref:.0f} s; with the fault: killed at a task of {task}, "
+          f"job finished {time.monotonic() - t_kill:.0f} s later")
