@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from typing import Iterator
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,27 @@ def configure_data_context() -> None:
     ctx.shuffle_strategy = ShuffleStrategy(os.environ.get("DATA_PIPELINE_SHUFFLE", "sort_shuffle_push_based"))
 
 
+def start_local_ray(num_cpus: int, object_store_mb: int, attempts: int = 3) -> None:
+    """``ray.init`` of a local instance, retried: on an overloaded machine the raylet can miss Ray's fixed
+    30 s registration window ("The current node timed out during startup")."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    log.info("starting a local Ray: %d CPUs, %d MB object store", num_cpus, object_store_mb)
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 1024 * 1024,
+                     include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            log.warning("Ray start timed out (attempt %d/%d); retrying", attempt, attempts)
+            ray.shutdown()
+            time.sleep(2)
+
+
 @contextlib.contextmanager
 def ray_session(num_cpus: int = 0, object_store_mb: int = 300) -> Iterator[None]:
     import ray
@@ -42,12 +64,7 @@ def ray_session(num_cpus: int = 0, object_store_mb: int = 300) -> Iterator[None]
             log.info("joining Ray cluster at %s", address)
             ray.init(address=address, log_to_driver=False)
         else:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
-            cpus = num_cpus or os.cpu_count() or 1
-            log.info("starting a local Ray: %d CPUs, %d MB object store", cpus, object_store_mb)
-            ray.init(num_cpus=cpus, object_store_memory=object_store_mb * 1024 * 1024,
-                     include_dashboard=False, log_to_driver=False)
+            start_local_ray(num_cpus or os.cpu_count() or 1, object_store_mb)
         started = True
     configure_data_context()
     try:

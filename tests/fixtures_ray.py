@@ -15,17 +15,15 @@ import pytest
 def ray_local():
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")   # a loaded 2-core CI machine starts slowly
     os.environ["DATA_PIPELINE_PROGRESS"] = "0"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import ray
 
-    from data_pipeline.ray_session import configure_data_context
+    from data_pipeline.ray_session import configure_data_context, start_local_ray
 
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
-                 log_to_driver=False)
+        start_local_ray(num_cpus=2, object_store_mb=300)
         started = True
     configure_data_context()
     yield ray
