@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The layout and memory plan of a config on NODES x GPUS devices, without GPUs (what `make dry-run` runs):
+# The layout and memory plan of a config on NODES x GPUS devices, without GPUs (what `make dry-run` runs;
+# the planner is pretrain/dry_run.py):
 #   CONFIG=flash NODES=32 GPUS=8 clusters/dry_run.sh [section.key=value ...]
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -17,7 +18,6 @@ python=${PY:-$V4_REPO/.venv/bin/python}
 [[ $python == /* ]] || python=$V4_REPO/$python
 
 cd "$V4_REPO"
-"$python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('pretrain.dry_run') is None)" \
-    || die "pretrain.dry_run is not in this checkout (the layout/memory planner of the parallelism issue)"
-cmd=("$python" -m pretrain.dry_run --config "$config" --nodes "$nodes" --gpus-per-node "$gpus" "$@")
+# the planner builds the real model shards on the meta device; it needs only the world size
+cmd=("$python" -m pretrain.dry_run --config "$config" --world "$((nodes * gpus))" "$@")
 run_or_show dry-run "${cmd[@]}"

@@ -173,3 +173,17 @@ def test_kuberay_rayjob_manifest() -> None:
         env = {e["name"]: e["value"] for e in p["spec"]["containers"][0]["env"]}
         assert env["RAY_AUTH_MODE"] == "disabled" and env["PYTHONPATH"] == "/app"
     assert f"rayproject/ray:{pinned}" in (REPO / "clusters/ray/Dockerfile").read_text()
+
+
+def test_dry_run_target_runs_the_layout_planner() -> None:
+    r = make("dry-run", "CONFIG=flash", "NODES=32", "GPUS=8", "DRY=1")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("[dry-run] "))
+    argv = shlex.split(line[len("[dry-run] "):])
+    assert argv[1:] == ["-m", "pretrain.dry_run", "--config", "flash", "--world", "256"]
+    assert "CONFIG is required" in make("dry-run", "NODES=32", "DRY=1").stderr
+    assert "NODES must be a positive integer" in make("dry-run", "CONFIG=flash", "NODES=x", "DRY=1").stderr
+    # the real planner, on a config small enough to be quick: the memory table for 2 ranks
+    r = make("dry-run", "CONFIG=tiny", "NODES=1", "GPUS=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tiny on 2 GPUs" in r.stdout and "| pp rank |" in r.stdout
