@@ -14,7 +14,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 from data_pipeline.config import LoaderConfig, load_mixture
 from data_pipeline.loader import Loader
@@ -81,9 +80,9 @@ def ensure_dataset(shards_dir: str, mixture: str, vocab_size: int, seq_len: int,
     return manifest
 
 
-def build_loader(manifest_or_dir: str | Path, mixture: Optional[str | dict], seq_len: int, global_batch: int,
+def build_loader(manifest_or_dir: str | Path, mixture: str | dict | None, seq_len: int, global_batch: int,
                  micro_batch: int, dp_rank: int, dp_size: int, seed: int,
-                 loader_cfg: Optional[LoaderConfig] = None) -> Loader:
+                 loader_cfg: LoaderConfig | None = None) -> Loader:
     """This rank's micro-batch iterator (see :mod:`data_pipeline.loader` for the order and resume rules).
 
     ``mixture``: the mixture YAML (its weights and ``loader`` section), a ``{source: weight}`` dict, or None

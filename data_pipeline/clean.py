@@ -69,7 +69,7 @@ def _repetition_reason(words: list[str], cfg: CleanConfig) -> str:
         if limit is None or len(words) < n:
             continue
         h = _ngram_hashes(ids, n)
-        uniq, first, counts = np.unique(h, return_index=True, return_counts=True)
+        _, first, counts = np.unique(h, return_index=True, return_counts=True)
         top = int(np.argmax(counts))
         if counts[top] > 1:
             start = int(first[top])
@@ -80,7 +80,7 @@ def _repetition_reason(words: list[str], cfg: CleanConfig) -> str:
         if limit is None or len(words) < n:
             continue
         h = _ngram_hashes(ids, n)
-        uniq, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
+        _, inverse, counts = np.unique(h, return_inverse=True, return_counts=True)
         starts = np.nonzero(counts[inverse] > 1)[0]
         if len(starts) == 0:
             continue
@@ -114,15 +114,15 @@ def quality_reason(text: str, cfg: CleanConfig) -> str:
             return "symbol_ratio"
     lines = [line for line in text.split("\n") if line]
     nl = len(lines) or 1
-    if cfg.max_bullet_line_frac is not None:
-        if sum(line.startswith(_BULLETS) for line in lines) / nl > cfg.max_bullet_line_frac:
-            return "bullet_lines"
-    if cfg.max_ellipsis_line_frac is not None:
-        if sum(line.endswith(("...", "…")) for line in lines) / nl > cfg.max_ellipsis_line_frac:
-            return "ellipsis_lines"
-    if cfg.min_alpha_word_frac is not None:
-        if sum(any(ch.isalpha() for ch in w) for w in words) / nw < cfg.min_alpha_word_frac:
-            return "alpha_words"
+    if (cfg.max_bullet_line_frac is not None
+            and sum(line.startswith(_BULLETS) for line in lines) / nl > cfg.max_bullet_line_frac):
+        return "bullet_lines"
+    if (cfg.max_ellipsis_line_frac is not None
+            and sum(line.endswith(("...", "…")) for line in lines) / nl > cfg.max_ellipsis_line_frac):
+        return "ellipsis_lines"
+    if (cfg.min_alpha_word_frac is not None
+            and sum(any(ch.isalpha() for ch in w) for w in words) / nw < cfg.min_alpha_word_frac):
+        return "alpha_words"
     if cfg.min_stop_words is not None:
         stops = sum(w.lower().strip(".,;:!?'\"()") in _STOP for w in words)
         if stops < cfg.min_stop_words:

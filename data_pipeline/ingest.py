@@ -22,8 +22,9 @@ import json
 import logging
 import os
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import zstandard
@@ -77,7 +78,7 @@ def _hf_disk_files(path: str) -> list[str]:
 
     try:
         loaded = datasets.load_from_disk(path)
-    except Exception as e:  # noqa: BLE001 - re-raised with the fix
+    except Exception as e:
         raise IngestError(f"{path}: datasets.load_from_disk failed ({e}); give a directory written by "
                           "Dataset.save_to_disk") from e
     parts = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]

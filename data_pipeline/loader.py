@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +65,7 @@ class Loader:
 
     def __init__(self, manifest_or_dir: str | Path, mixture: str | dict | None, seq_len: int, global_batch: int,
                  micro_batch: int, dp_rank: int, dp_size: int, seed: int,
-                 loader_cfg: Optional[LoaderConfig] = None):
+                 loader_cfg: LoaderConfig | None = None):
         self.manifest_path, m = read_manifest(manifest_or_dir)
         if seq_len != m["seq_len"]:
             raise ValueError(f"{self.manifest_path}: packed for seq_len {m['seq_len']}, asked for {seq_len}; "
@@ -123,7 +123,7 @@ class Loader:
             doc_ids[row] = doc_ids_from_starts(sample["doc_starts"], self.sample_len)
         return {"tokens": tokens, "doc_ids": doc_ids}
 
-    def __iter__(self) -> "Loader":
+    def __iter__(self) -> Loader:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -159,7 +159,7 @@ class Loader:
 
 
 def streaming_dataset(manifest_or_dir: str | Path, mixture: str | dict | None, seed: int, epoch_size: int,
-                      batch_size: int, shuffle: bool = True, cache_dir: Optional[str] = None):
+                      batch_size: int, shuffle: bool = True, cache_dir: str | None = None):
     """The mixture as mosaicml-streaming's ``StreamingDataset`` of ``Stream(local=<source>, proportion=w)``.
 
     For runs that want streaming's remote/cache features instead of the exact loader. Samples come back as

@@ -76,8 +76,8 @@ def write_report(out_dir: Path, manifest: dict[str, Any]) -> Path:
     plt.close(fig)
 
     lines = [f"# Dataset report: {manifest['name']}", "",
-             f"seq_len {manifest['seq_len']} (samples of {manifest['sample_len']} tokens), vocabulary "
-             f"{manifest['vocab_size']}, fingerprint `{manifest['fingerprint']}`.", "", "![report](report.png)", "",
+             (f"seq_len {manifest['seq_len']} (samples of {manifest['sample_len']} tokens), vocabulary "
+              f"{manifest['vocab_size']}, fingerprint `{manifest['fingerprint']}`."), "", "![report](report.png)", "",
              "## Sources", "", "| source | weight | documents | tokens | samples | dropped tokens | MB |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for n, s in sources.items():
@@ -94,8 +94,8 @@ def write_report(out_dir: Path, manifest: dict[str, Any]) -> Path:
         lines.append(f"| clean | {reason} | {n} |")
     lines.append(f"| dedup | exact | {counts['dedup']['exact']} |")
     lines.append(f"| dedup | near (MinHash) | {counts['dedup']['near']} |")
-    lines += ["", f"{len(manifest['shards'])} shards, "
-              f"{sum(s['bytes'] for s in manifest['shards']) / 1e6:.2f} MB (zstd); checksums in manifest.json.", ""]
+    lines += ["", (f"{len(manifest['shards'])} shards, "
+                   f"{sum(s['bytes'] for s in manifest['shards']) / 1e6:.2f} MB (zstd); checksums in manifest.json."), ""]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

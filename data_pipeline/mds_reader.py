@@ -64,7 +64,7 @@ class SourceShards:
         if shard.get("zip_data"):
             try:
                 data = decompress(shard["compression"], data)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise ShardError(f"{path}: corrupt MDS shard: cannot decompress ({e})") from e
         n = int(np.frombuffer(data[:4], np.uint32)[0]) if len(data) >= 4 else -1
         if n != shard["samples"]:

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def start_local_ray(num_cpus: int, object_store_mb: int, attempts: int = 3) -> N
             ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 1024 * 1024,
                      include_dashboard=False, log_to_driver=False)
             return
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+        except Exception as e:
             if "timed out during startup" not in str(e) or attempt == attempts:
                 raise
             log.warning("Ray start timed out (attempt %d/%d); retrying", attempt, attempts)

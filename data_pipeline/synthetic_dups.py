@@ -46,7 +46,7 @@ def make_corpus(n_bases: int, targets: tuple[float, ...], seed: int, words: int 
         base_words = [common[j] for j in rng.integers(0, len(common), size=n)]
         target = targets[i % len(targets)]
         s = n - ngram + 1
-        k = int(round(s * (1 - target) / (ngram * (1 + target))))
+        k = round(s * (1 - target) / (ngram * (1 + target)))
         var_words = list(base_words)
         slots = np.arange(0, n, ngram)
         for p in np.sort(rng.choice(slots, size=min(k, len(slots)), replace=False)):

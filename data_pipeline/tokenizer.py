@@ -8,9 +8,9 @@ vocabulary); training itself runs in the driver process, which is what ``tokeniz
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from data_pipeline.config import TokenizerConfig
 
@@ -53,7 +53,7 @@ def load(path: str | Path):
         raise TokenizerError(f"{path}: tokenizer.json not found; give tokenizer.path or leave it empty to train")
     try:
         return Tokenizer.from_file(str(path))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise TokenizerError(f"{path}: not a tokenizers JSON file ({e})") from e
 
 

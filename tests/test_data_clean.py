@@ -9,8 +9,7 @@ import pytest
 from data_pipeline.clean import clean_batch, normalize, quality_reason
 from data_pipeline.config import CleanConfig, DataConfigError, mixture_from_dict
 
-WORDS = ("the river runs past old stone walls and green fields where farmers work with patient hands "
-         "to bring in the harvest that will feed the town through winter").split()
+WORDS = ["the", "river", "runs", "past", "old", "stone", "walls", "and", "green", "fields", "where", "farmers", "work", "with", "patient", "hands", "to", "bring", "in", "the", "harvest", "that", "will", "feed", "the", "town", "through", "winter"]
 
 
 def prose(rng: np.random.Generator, n: int) -> str:

@@ -1,6 +1,7 @@
 """Dedup quality on planted near-duplicates, distributed connected components, and the dedup CLI format."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -12,6 +13,8 @@ from data_pipeline.config import DedupConfig
 from data_pipeline.dedup import dedup_documents
 from data_pipeline.synthetic_dups import make_corpus, score
 from tests.fixtures_ray import ray_local  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def union_find_components(edges: list[tuple[str, str]]) -> dict[str, str]:
@@ -31,7 +34,7 @@ def union_find_components(edges: list[tuple[str, str]]) -> dict[str, str]:
     return {x: find(x) for x in parent if find(x) != x}
 
 
-def test_connected_components_match_union_find(ray_local):
+def test_connected_components_match_union_find():
     import ray.data
 
     rng = np.random.default_rng(17)
@@ -40,7 +43,7 @@ def test_connected_components_match_union_find(ray_local):
     # long chains (worst case for label propagation), stars, and random sparse edges
     for c in range(5):
         chain = nodes[c * 200:(c + 1) * 200]
-        edges += list(zip(chain[:-1], chain[1:]))
+        edges += list(itertools.pairwise(chain))
     for c in range(20):
         hub, leaves = nodes[1000 + c * 30], nodes[1001 + c * 30:1030 + c * 30]
         edges += [(leaf, hub) for leaf in leaves]
@@ -59,7 +62,7 @@ def planted():
     return make_corpus(1200, (1.0, 0.97, 0.93, 0.9, 0.5, 0.45, 0.4, 0.3), seed=23)
 
 
-def test_near_duplicate_quality_on_planted_corpus(ray_local, planted):
+def test_near_duplicate_quality_on_planted_corpus(planted):
     import ray.data
 
     docs, pairs = planted
@@ -83,7 +86,7 @@ def test_near_duplicate_quality_on_planted_corpus(ray_local, planted):
     assert result.stats["exact"] == s["pairs_exact"]
 
 
-def test_dedup_command_writes_removed_jsonl(ray_local, tmp_path, planted):
+def test_dedup_command_writes_removed_jsonl(tmp_path, planted):
     from data_pipeline.cli import main
 
     docs, pairs = planted

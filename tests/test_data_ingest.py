@@ -13,6 +13,8 @@ from data_pipeline.config import SourceConfig, SourceInput
 from data_pipeline.pipeline import Stages, ingest_stage
 from tests.fixtures_ray import ray_local  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("ray_local")
+
 
 def good_lines(rng: np.random.Generator, n: int, prefix: str) -> list[str]:
     words = ["alpha", "beta", "gamma", "delta", "river", "stone", "green", "field"]
@@ -41,7 +43,7 @@ def bad_corpus(tmp_path_factory):
     return d
 
 
-def test_bad_inputs_are_quarantined_and_the_job_completes(ray_local, bad_corpus, tmp_path):
+def test_bad_inputs_are_quarantined_and_the_job_completes(bad_corpus, tmp_path):
     import ray.data
 
     src = SourceConfig(name="web", input=SourceInput(kind="jsonl", path=str(bad_corpus)))
@@ -66,7 +68,7 @@ def test_bad_inputs_are_quarantined_and_the_job_completes(ray_local, bad_corpus,
     assert 0 < n_gz < 800      # both truncated files gave the lines before the cut (400 each at most)
 
 
-def test_parquet_and_datasets_inputs(ray_local, tmp_path):
+def test_parquet_and_datasets_inputs(tmp_path):
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq

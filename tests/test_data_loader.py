@@ -193,7 +193,7 @@ def test_corrupt_or_missing_shard_fails_with_its_name(tmp_path):
     with pytest.raises(ShardError, match=victim.name):
         for _ in range(5):
             next(ld)
-    missing = sorted((tmp_path / "b").glob("shard.*.mds.zstd"))[0]
+    missing = min((tmp_path / "b").glob("shard.*.mds.zstd"))
     missing.unlink()
     ld = build_loader(manifest, {"b": 1.0}, SEQ, 64, 64, 0, 1, 0)
     with pytest.raises(ShardError, match=f"{missing.name}: MDS shard missing"):

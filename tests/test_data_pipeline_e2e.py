@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import yaml
 
-from data_pipeline.api import build_loader, dataset_dir, ensure_dataset, load_tokenizer, special_tokens
+from data_pipeline.api import (
+    build_loader,
+    dataset_dir,
+    ensure_dataset,
+    load_tokenizer,
+    special_tokens,
+)
 from data_pipeline.embedded_corpus import shakespeare_documents
 
 pytestmark = pytest.mark.slow
@@ -64,7 +70,7 @@ def built(tmp_path_factory):
 
 def test_concurrent_ensure_dataset_builds_once(built):
     shards, mixture, results, _, _ = built
-    (p1, t1), (p2, t2) = results
+    (p1, _), (p2, _) = results
     assert p1 == p2 and Path(p1).is_file()
     assert Path(p1).parent == dataset_dir(shards, str(mixture), VOCAB, SEQ)
     # exactly one dataset directory and no temporary leftovers
@@ -78,7 +84,7 @@ def test_concurrent_ensure_dataset_builds_once(built):
 
 
 def test_manifest_counts_quarantine_and_dedup(built):
-    shards, mixture, results, scenes, dups = built
+    _, _, results, scenes, dups = built
     manifest_path = Path(results[0][0])
     m = json.loads(manifest_path.read_text())
     root = manifest_path.parent
