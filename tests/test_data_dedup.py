@@ -38,17 +38,17 @@ def test_connected_components_match_union_find():
     import ray.data
 
     rng = np.random.default_rng(17)
-    nodes = [f"n{i:05d}" for i in rng.permutation(3000)]
+    nodes = [f"n{i:05d}" for i in rng.permutation(1500)]
     edges = []
-    # long chains (worst case for label propagation), stars, and random sparse edges
-    for c in range(5):
-        chain = nodes[c * 200:(c + 1) * 200]
+    # chains with randomly ordered ids (the worst case for min-label propagation), stars, random sparse edges
+    for c in range(3):
+        chain = nodes[c * 100:(c + 1) * 100]
         edges += list(itertools.pairwise(chain))
-    for c in range(20):
-        hub, leaves = nodes[1000 + c * 30], nodes[1001 + c * 30:1030 + c * 30]
+    for c in range(10):
+        hub, leaves = nodes[300 + c * 30], nodes[301 + c * 30:330 + c * 30]
         edges += [(leaf, hub) for leaf in leaves]
-    for _ in range(600):
-        a, b = rng.choice(nodes[1600:], size=2, replace=False)
+    for _ in range(400):
+        a, b = rng.choice(nodes[700:], size=2, replace=False)
         edges.append((str(a), str(b)))
     expected = union_find_components(edges)
     ds = ray.data.from_pandas(pd.DataFrame(edges, columns=["u", "v"])).repartition(4)
