@@ -29,9 +29,8 @@ import subprocess
 import sys
 import time
 import uuid
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 log = logging.getLogger("cluster_fixtures")
 
@@ -165,10 +164,10 @@ def stop_process(proc: subprocess.Popen, name: str, grace: float = 10.0) -> None
 
 
 def client(argv: list[str], env: dict[str, str], timeout: float = 20, check: bool = True,
-           cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+           cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run a cluster client command under ``timeout`` (and a Python-side timeout as a second guard)."""
     full = ["timeout", "-k", "5", str(int(timeout))] + argv
-    r = subprocess.run(full, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout + 15)
+    r = subprocess.run(full, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout + 15, check=False)
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} -> rc {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}")
     return r
@@ -191,7 +190,7 @@ SLURM_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 SLURM_BINARIES = ["slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo", "srun", "munged"]
 
 
-def _which(b: str) -> Optional[str]:
+def _which(b: str) -> str | None:
     return shutil.which(b, path=SBIN_PATH + ":" + os.environ.get("PATH", ""))
 
 
@@ -208,7 +207,7 @@ def ensure_slurm_installed() -> None:
     lock = ["-o", "DPkg::Lock::Timeout=300"]
     for argv in (["apt-get", "update", "-qq"],
                  ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *lock, *SLURM_PACKAGES]):
-        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     missing = [b for b in SLURM_BINARIES if not _which(b)]
@@ -280,7 +279,7 @@ class SlurmCluster:
                 del self.env[k]
 
     # -- lifecycle
-    def start(self, ready_timeout: float = 60) -> "SlurmCluster":
+    def start(self, ready_timeout: float = 60) -> SlurmCluster:
         ensure_slurm_installed()
         b = self.base
         for d in ("munge", "state/ctld", "state/d", "log"):
@@ -309,10 +308,9 @@ class SlurmCluster:
         return self
 
     def _spawn(self, name: str, argv: list) -> None:
-        f = open(self.base / "log" / f"{name}.stderr", "ab")
-        p = subprocess.Popen([str(a) for a in argv], env=self.env, stdout=f, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL)
-        f.close()
+        with open(self.base / "log" / f"{name}.stderr", "ab") as f:     # the child keeps its own descriptor
+            p = subprocess.Popen([str(a) for a in argv], env=self.env, stdout=f, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL)
         self.procs.append((name, p))
 
     def _check_daemons(self) -> None:
@@ -345,7 +343,7 @@ class SlurmCluster:
         return left
 
     # -- jobs
-    def sbatch(self, argv: list[str], env: Optional[dict[str, str]] = None, cwd: Path = REPO) -> int:
+    def sbatch(self, argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) -> int:
         r = client(["sbatch", "--parsable", *argv], dict(self.env, **(env or {})), timeout=20, cwd=cwd)
         return int(r.stdout.strip().split(";")[0])
 
@@ -404,14 +402,13 @@ class RayCluster:
     def _start_node(self, name: str, argv: list[str]) -> None:
         tmp = self.base / name
         tmp.mkdir(parents=True, exist_ok=True)
-        f = open(self.base / f"{name}.log", "ab")
-        p = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", f"--temp-dir={tmp}", *argv,
-                              *self._node_args()], env=self.env, stdout=f, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL)
-        f.close()
+        with open(self.base / f"{name}.log", "ab") as f:
+            p = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", f"--temp-dir={tmp}", *argv,
+                                  *self._node_args()], env=self.env, stdout=f, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL)
         self.nodes.append((name, p, tmp))
 
-    def start(self, timeout: float = 120) -> "RayCluster":
+    def start(self, timeout: float = 120) -> RayCluster:
         t0 = time.monotonic()
         self._start_node("head", ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
                                   "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
@@ -434,9 +431,8 @@ class RayCluster:
         return True
 
     def nodes_info(self) -> list[dict]:
-        code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
-                "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'raylet_socket': "
-                "n.get('RayletSocketName', '')} for n in ray.nodes()]))") % self.address
+        code = (f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
+                "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive']} for n in ray.nodes()]))")
         r = client([sys.executable, "-c", code], self.env, timeout=60, check=False)
         if r.returncode != 0:
             return []
@@ -478,13 +474,18 @@ class RayCluster:
         return r.stdout + r.stderr
 
     def stop(self) -> list[int]:
-        """Stop every node by PID (SIGTERM to ``ray start --block``, which stops its daemons), then kill
-        whatever carries our tag. Returns the leftover PIDs found after the orderly stop."""
+        """Stop every node by PID (SIGTERM to ``ray start --block``, which drains the node and stops its daemons;
+        workers and actors exit once their raylet is gone), give stragglers a moment, then kill whatever still
+        carries our tag. Returns the PIDs that had to be killed that way (logged; the caller checks that none
+        is alive afterwards)."""
         t0 = time.monotonic()
         for name, p, _ in reversed(self.nodes):
-            stop_process(p, f"ray {name}", grace=20)
+            stop_process(p, f"ray {name}", grace=45)
         self.nodes.clear()
-        time.sleep(1.0)
+        try:
+            poll(lambda: not tagged_pids(self.tag), 20, 0.5, "Ray's workers to exit")
+        except TimeoutError:
+            pass
         left = kill_tagged(self.tag)
         log.info("Ray down in %.1f s", time.monotonic() - t0)
         return left
@@ -495,5 +496,16 @@ def leak_report(tag: str) -> str:
     return describe(pids) if pids else ""
 
 
-__all__ = ["SlurmCluster", "RayCluster", "ClusterUnavailable", "client", "poll", "free_ports", "tagged_pids",
-           "kill_tagged", "ExitStack", "REPO", "VENV_BIN", "TAG_VAR"]
+__all__ = [
+    "REPO",
+    "TAG_VAR",
+    "VENV_BIN",
+    "ClusterUnavailable",
+    "RayCluster",
+    "SlurmCluster",
+    "client",
+    "free_ports",
+    "kill_tagged",
+    "poll",
+    "tagged_pids",
+]

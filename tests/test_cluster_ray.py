@@ -17,13 +17,12 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import pytest
-
-from cluster_fixtures import REPO, VENV_BIN, RayCluster, describe, poll
+from cluster_fixtures import REPO, VENV_BIN, RayCluster, describe, poll, tagged_pids
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
 
@@ -52,9 +51,11 @@ def ray_cluster() -> Iterator[RayCluster]:
         cluster.start()
         yield cluster
     finally:
-        left = cluster.stop()
+        killed = cluster.stop()
         shutil.rmtree(base, ignore_errors=True)
-    assert not left, f"Ray processes were left running:\n{describe(left)}"
+    if killed:
+        print(f"{len(killed)} Ray process(es) outlived the orderly stop and were killed (logged above)")
+    assert not tagged_pids(cluster.tag), f"Ray processes still running:\n{describe(tagged_pids(cluster.tag))}"
 
 
 def submit(cluster: RayCluster, mixture: Path, output: Path, **settings: str) -> subprocess.CompletedProcess:
@@ -62,7 +63,8 @@ def submit(cluster: RayCluster, mixture: Path, output: Path, **settings: str) ->
     env = dict(cluster.env, RAY_ADDRESS=cluster.dashboard, RAY_BIN=str(VENV_BIN / "ray"), MIXTURE=str(mixture),
                OUTPUT=str(output), **settings)
     r = subprocess.run(["timeout", "1200", str(REPO / "clusters/ray/submit_data.sh"), "--seq-len", "32",
-                        "--vocab-size", "4096"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1260)
+                        "--vocab-size", "4096"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1260,
+                       check=False)
     assert "[ray-data] " in r.stdout and " job submit " in r.stdout, r.stdout   # it prints what it submits
     return r
 
@@ -82,6 +84,10 @@ def output_digest(d: Path) -> dict[str, str]:
     return out
 
 
+# processes titled ray::* that are not tasks of a job: idle workers, the job driver's supervisor, the node agents
+NOT_JOB_TASKS = {"ray::IDLE", "ray::JobSupervisor", "ray::DashboardAgent", "ray::RuntimeEnvAgent"}
+
+
 def running_task_on(cluster: RayCluster, node: str) -> str:
     """The name of a task executing on ``node`` now (a worker process titled ``ray::<task>``), or ''."""
     raylet = psutil.Process(cluster.raylet_pid(node))
@@ -90,8 +96,9 @@ def running_task_on(cluster: RayCluster, node: str) -> str:
             title = " ".join(p.cmdline())
         except psutil.Error:
             continue
-        if title.startswith("ray::") and not title.startswith(("ray::IDLE", "ray::JobSupervisor")):
-            return title.split()[0]
+        name = title.split()[0] if title else ""
+        if name.startswith("ray::") and name not in NOT_JOB_TASKS:
+            return name
     return ""
 
 

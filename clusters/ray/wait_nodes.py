@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     while time.monotonic() < deadline:
         try:
             seen = live_nodes(a.address)
-        except Exception as e:  # the head is not up yet: GCS connection refused, ...
+        except (OSError, TimeoutError, RuntimeError) as e:  # the head is not up (GCS not reachable yet)
             log.info("head not reachable yet (%s)", type(e).__name__)
         if seen >= a.nodes:
             log.info("%d/%d Ray nodes alive", seen, a.nodes)
