@@ -118,6 +118,9 @@ class PipelineStage(nn.Module):
         self.module.set_input_tensor(input_tensor)
 
     def forward(self, batch: dict[str, torch.Tensor], mtp_lambda: float = 0.3) -> torch.Tensor:
+        from parallel import sequence_parallel as usp
+        if usp.sp_group() is not None:           # Ulysses: this rank's contiguous shard of every [B, S] input
+            batch = {k: usp.shard(v) for k, v in batch.items()}
         out = self.module(batch["input_ids"], doc_ids=batch.get("doc_ids"), labels=batch["labels"],
                           mtp_labels=batch.get("mtp_labels"), mtp_lambda=mtp_lambda)
         if self.post_process:

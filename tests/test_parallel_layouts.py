@@ -51,7 +51,7 @@ CFG = dict(vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, head_dim=3
            yarn=dict(enabled=True, factor=4.0, original_max_position=16, beta_fast=32.0, beta_slow=1.0))
 
 LAYOUTS_2 = {"tp2": dict(tp=2), "pp2": dict(pp=2), "pp2_vpp2": dict(pp=2, vpp=2),
-             "pp2_uneven": dict(pp=2, pp_layer_split=[1, 3]), "ep2": dict(ep=2), "dp2": dict()}
+             "pp2_uneven": dict(pp=2, pp_layer_split=[1, 3]), "ep2": dict(ep=2), "dp2": dict(), "sp2": dict(sp=2)}
 LAYOUTS_4 = {"tp2_pp2": dict(tp=2, pp=2), "ep2_pp2": dict(ep=2, pp=2), "tp2_ep2": dict(tp=2, ep=2),
              "ep2_dp2": dict(ep=2)}
 

@@ -237,7 +237,11 @@ class V4Attention(nn.Module):
     def forward(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, S, d] -> [B, S, d]. ``doc_ids`` [B, S] document index per token (None = one document);
-        ``position_ids`` [B, S] RoPE positions (None = restart at 0 per document). Sets ``indexer_loss``."""
+        ``position_ids`` [B, S] RoPE positions (None = restart at 0 per document). Sets ``indexer_loss``.
+        Under Ulysses sequence parallelism x is this rank's shard (see :meth:`_forward_sp`)."""
+        from parallel import sequence_parallel as usp
+        if usp.sp_group() is not None:
+            return self._forward_sp(x, doc_ids, position_ids)
         self._check_inputs(x, doc_ids, position_ids)
         B, S, _ = x.shape
         seg_start = segment_starts(doc_ids, B, S, x.device) if doc_ids is not None else None
@@ -277,6 +281,88 @@ class V4Attention(nn.Module):
         o = rope(o, cos[:, :, None], sin[:, :, None], inverse=True)             # RoPE at -t
         o = self.o_a_proj(o.reshape(B, S, self.o_a_proj.local_groups, -1))
         return self._parallel_linear(self.o_b_proj, o)
+
+    def _forward_sp(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor],
+                    position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        """Ulysses sequence parallelism (``parallel.sequence_parallel``): x is this rank's shard [B, S/sp, d]
+        (tokens [r·S/sp, (r+1)·S/sp)); ``doc_ids``/``position_ids``, if given, cover the WHOLE sequence [B, S].
+        Queries go head-parallel through the Ulysses all-to-all; the K=V head and the compressor input are
+        all-gathered; the indexer scores the local queries against all compressed keys (top-k over the full
+        sequence) and its selections are all-gathered. Same arithmetic as :meth:`forward` otherwise."""
+        from parallel import sequence_parallel as usp
+        sp, r = usp.sp_size_rank()
+        B, S_l, d = x.shape
+        S = S_l * sp
+        if d != self.cfg.hidden_size or self.local_heads % sp:
+            raise ValueError(f"V4Attention (layer {self.layer_idx}) under sp={sp}: x must be [B, S/sp, "
+                             f"{self.cfg.hidden_size}] and the {self.local_heads} local heads divisible by sp; "
+                             f"got {tuple(x.shape)}")
+        for name, t in (("doc_ids", doc_ids), ("position_ids", position_ids)):
+            if t is not None and tuple(t.shape) != (B, S):
+                raise ValueError(f"V4Attention (layer {self.layer_idx}) under sp={sp}: {name} must cover the "
+                                 f"whole sequence [B, S] = {[B, S]}, got {list(t.shape)}")
+        seg_start = segment_starts(doc_ids, B, S, x.device) if doc_ids is not None else None
+        if position_ids is None:
+            position_ids = (document_positions(seg_start) if seg_start is not None
+                            else torch.arange(S, device=x.device).expand(B, S))
+        position_ids = position_ids.long()
+        local = slice(r * S_l, (r + 1) * S_l)
+        cos, sin = self.rotary(position_ids[:, local])
+        rope = dispatch.get("apply_rope", x)
+
+        q_latent = self.q_a_norm(self.q_a_proj(x))
+        q = self._parallel_linear(self.q_b_proj, q_latent).view(B, S_l, self.local_heads, self.head_dim)
+        q = rope(unweighted_rms_norm(q, self.eps), cos[:, :, None], sin[:, :, None])
+        kv = self._to_head_parallel(usp.gather_seq(rope(self.kv_norm(self.kv_proj(x)), cos, sin)))   # [B, S, c]
+
+        self.indexer_loss = None
+        comp_kv = lo = hi = idx = scores = None
+        mode = self.attention_mode
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention_mode='{mode}' unknown; use one of {ATTENTION_MODES}")
+        if self.compressor is not None:
+            starts = seg_start if seg_start is not None else torch.zeros(B, S, dtype=torch.long, device=x.device)
+            layout = compressed_layout(starts, position_ids, self.compressor.rate)
+            x_full = usp.gather_seq(x)
+            comp_kv = self._to_head_parallel(self.compressor(x_full, layout, self.rotary))
+            lo, hi = layout.visible_lo, layout.visible_hi
+            if self.layer_type == "csa" and mode != "dense":
+                scores = self.compressor.indexer(x.detach(), q_latent.detach(), position_ids[:, local], layout,
+                                                 self.rotary, keys_x=x_full.detach())          # local queries
+                if mode == "sparse":
+                    idx = usp.gather_seq(dispatch.get("indexer_topk", scores)(
+                        scores, lo[:, local], hi[:, local], self.index_topk))
+
+        h_sp = self.local_heads // sp
+        qh = usp.heads_to_seq(q)                                                   # [B, S, h/sp, c]
+        attend = dispatch.get("hybrid_attention", qh)
+        o, lse = attend(qh, kv, self.sinks[r * h_sp:(r + 1) * h_sp], self.scale, self.window, seg_start, comp_kv,
+                        lo, hi, idx)
+        if scores is not None:
+            self.indexer_loss = self._indexer_kl_sp(qh, comp_kv, lse, scores, lo, hi, idx, local, sp)
+        o = usp.seq_to_heads(o)                                                    # [B, S/sp, h, c]
+        o = rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
+        o = self.o_a_proj(o.reshape(B, S_l, self.o_a_proj.local_groups, -1))
+        return self._parallel_linear(self.o_b_proj, o)
+
+    def _indexer_kl_sp(self, qh: torch.Tensor, comp_kv: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor,
+                       lo: torch.Tensor, hi: torch.Tensor, idx: Optional[torch.Tensor], local: slice,
+                       sp: int) -> torch.Tensor:
+        """The KL of :meth:`_indexer_kl` for the local queries, scaled so that its mean over the sp ranks is the
+        one-process mean over ALL qualifying queries: kl_r = mean_local · n_local · sp / n_global."""
+        from parallel import sequence_parallel as usp
+        mask = compressed_entry_mask(comp_kv.shape[1], lo, hi, idx)
+        with torch.no_grad():
+            mass = dispatch.get("compressed_attention_mass", qh)(qh.detach(), comp_kv.detach(), lse.detach(),
+                                                                 self.scale, mask)
+            mass = usp.reduce_scatter_seq(mass)                  # Σ over the sp ranks' heads, local queries
+            if self.tp_size > 1:
+                dist.all_reduce(mass, group=self.tp_group)
+        mask = mask[:, local]
+        kl = dispatch.get("indexer_kl_loss", scores)(scores, mass, mask)
+        rows = ((torch.where(mask, mass, torch.zeros_like(mass)).sum(-1) > 0) & mask.any(-1)).sum()
+        n_global = usp.global_count(rows)
+        return kl * (rows.to(kl.dtype) * sp / n_global.clamp(min=1).to(kl.dtype))
 
     def _indexer_kl(self, q: torch.Tensor, comp_kv: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor,
                     lo: torch.Tensor, hi: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:

@@ -17,6 +17,8 @@ HF names: the indexer lives at ``compressor.indexer`` with ``kv_proj``, ``gate_p
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -57,18 +59,21 @@ class LightningIndexer(KVCompressor):
         self.scorer = IndexerScorer(cfg.hidden_size, cfg.index_n_heads, cfg.init_std)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
-                layout: CompressedLayout, rope: RotaryEmbedding) -> torch.Tensor:
+                layout: CompressedLayout, rope: RotaryEmbedding,
+                keys_x: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Index scores.
 
         Args:
             x: [B, S, d] attention input h (pass it detached). q_latent: [B, S, d_c] c^Q (detached).
             positions: int64 [B, S] RoPE positions of the queries. layout: entry layout at rate m.
             rope: the layer's RoPE (compress base + YaRN).
+            keys_x: the hidden states the keys are compressed from, when they cover more tokens than the
+                queries (Ulysses sequence parallelism: the whole sequence, ``x`` this rank's shard); default x.
         Returns:
             float32 [B, S, N] scores I_{t,s} (unmasked; invisible entries must be masked by the caller).
         """
         B, S, _ = x.shape
-        keys = self.compress(x, layout, rope)                                  # [B, N, c_I]
+        keys = self.compress(x if keys_x is None else keys_x, layout, rope)     # [B, N, c_I]
         q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim)
         cos, sin = rope(positions)
         q = dispatch.get("apply_rope", q)(q, cos[:, :, None], sin[:, :, None])

@@ -194,12 +194,16 @@ class BalancedTopKRouter(_LoadTracking, TopKRouter):
             tp = ps.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
             if tp > 1:     # sequence chunks on the TP ranks (module docstring): global f, partial P
                 torch.distributed.all_reduce(counts, group=ps.get_tensor_model_parallel_group())
+            from parallel import sequence_parallel as usp
+            sp, _ = usp.sp_size_rank()
+            if sp > 1:     # Ulysses shards too: f over the whole sequence; rank's P share × sp (mean = full)
+                torch.distributed.all_reduce(counts, group=usp.sp_group())
             loss = switch_load_balancing_loss_func(
-                scores, counts, seq_len * tp, self.topk, e, self.balance_loss_coeff) / bsz
+                scores, counts, seq_len * tp * sp, self.topk, e, self.balance_loss_coeff) / bsz
             if tp > 1:
                 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
                 loss = reduce_from_tensor_model_parallel_region(loss)
-            self.balance_loss = loss
+            self.balance_loss = loss * sp if sp > 1 else loss
         return probs, routing_map
 
 

@@ -159,6 +159,10 @@ class DeepSeekV4Model(nn.Module):
         """Token-mean CE over labels != −100 (vocab-parallel when TP > 1)."""
         valid = labels != IGNORE_INDEX
         n = valid.sum().clamp(min=1)
+        from parallel import sequence_parallel as usp
+        sp, _ = usp.sp_size_rank()
+        if sp > 1:   # Ulysses: the mean over the sp ranks of Σ_local / (N_global / sp) is the one-process mean
+            n = usp.global_count(valid.sum()).clamp(min=1).to(torch.float32) / sp
         if ps.get_tensor_model_parallel_world_size() == 1:
             return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="sum") / n
@@ -181,6 +185,9 @@ class DeepSeekV4Model(nn.Module):
             raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
         for _, router in self.routers():
             router.balance_loss = None
+        from parallel import sequence_parallel as usp
+        if doc_ids is not None and usp.sp_group() is not None:
+            doc_ids = usp.gather_seq(doc_ids)        # Ulysses: tokens are this rank's shard, documents global
         if self.pre_process:
             x = expand_streams(self.embed_tokens(input_ids), self.cfg.hc_mult)
         else:
