@@ -491,6 +491,20 @@ class RayCluster:
         return left
 
 
+def write_small_mixture(path: Path, source: str = "python_docs") -> Path:
+    """The repository's default mixture reduced to one small embedded source (the Python language reference,
+    79 documents), so that the pipeline runs in seconds; everything else (clean, dedup, tokenizer, pack settings)
+    stays as the data pipeline defines it."""
+    import yaml
+    mix = yaml.safe_load((REPO / "data_pipeline/configs/default_mixture.yaml").read_text())
+    mix["name"] = "cluster-test"
+    mix["sources"] = [dict(s, weight=1.0) for s in mix["sources"] if s["name"] == source]
+    if not mix["sources"]:
+        raise RuntimeError(f"the default mixture has no source named {source!r}")
+    path.write_text(yaml.safe_dump(mix, sort_keys=False))
+    return path
+
+
 def leak_report(tag: str) -> str:
     pids = tagged_pids(tag)
     return describe(pids) if pids else ""

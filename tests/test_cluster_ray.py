@@ -22,24 +22,18 @@ from pathlib import Path
 
 import psutil
 import pytest
-from cluster_fixtures import REPO, VENV_BIN, RayCluster, describe, poll, tagged_pids
+from cluster_fixtures import (
+    REPO,
+    VENV_BIN,
+    RayCluster,
+    describe,
+    poll,
+    tagged_pids,
+    write_small_mixture,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
 
-SMALL_MIXTURE = """\
-# one small source (the Python language reference, 79 documents) so the pipeline runs in seconds
-name: cluster-test
-seed: 1234
-sources:
-  - name: python_docs
-    weight: 1.0
-    input: {kind: embedded, path: python_docs}
-clean: {min_words: 20, max_symbol_word_ratio: 0.2, min_alpha_word_frac: 0.6}
-dedup: {exact: true, minhash: true, ngram: 5, bands: 14, rows: 8, seed: 1}
-tokenizer: {vocab_size: 4096, sample_bytes: 16000000}
-pack: {seq_len: 32, compression: zstd, docs_per_block: 16}
-loader: {backend: exact, period: 10000}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +100,7 @@ def test_ray_data_job_survives_killing_the_worker_raylet(ray_cluster: RayCluster
     # inside the cluster's own temp dir (removed at the end), not pytest's (a concurrent session may prune it)
     tmp_path = ray_cluster.base / "runs"
     tmp_path.mkdir()
-    mixture = tmp_path / "mixture.yaml"
-    mixture.write_text(SMALL_MIXTURE)
+    mixture = write_small_mixture(tmp_path / "mixture.yaml")
 
     # 1. undisturbed run, following the job's logs (exit status = the job's)
     t0 = time.monotonic()

@@ -32,6 +32,7 @@ from cluster_fixtures import (
     free_ports,
     poll,
     tagged_pids,
+    write_small_mixture,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1800)]
@@ -43,20 +44,6 @@ TINY = ["train.seq_len=32", "train.global_batch=4", "train.micro_batch=2", "trai
 RANKS = 2
 RESUMED = re.compile(r"resumed from \S+ at step (\d+)")     # the trainer's log line on resume
 
-SMALL_MIXTURE = """\
-# one small source (the Python language reference, 79 documents) so the pipeline runs in seconds
-name: cluster-test
-seed: 1234
-sources:
-  - name: python_docs
-    weight: 1.0
-    input: {kind: embedded, path: python_docs}
-clean: {min_words: 20, max_symbol_word_ratio: 0.2, min_alpha_word_frac: 0.6}
-dedup: {exact: true, minhash: true, ngram: 5, bands: 14, rows: 8, seed: 1}
-tokenizer: {vocab_size: 4096, sample_bytes: 16000000}
-pack: {seq_len: 32, compression: zstd, docs_per_block: 16}
-loader: {backend: exact, period: 10000}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +142,7 @@ def pretrain_settings(cluster: SlurmCluster, run_dir: Path, **extra: str) -> dic
 def data_job(slurm: SlurmCluster) -> Iterator[dict]:
     """The data pipeline as a Slurm job with its own Ray cluster; its shards feed the trainer tests."""
     base = workdir(slurm, "data")
-    mixture = base / "mixture.yaml"
-    mixture.write_text(SMALL_MIXTURE)
+    mixture = write_small_mixture(base / "mixture.yaml")
     out, logs = base / "shards", base / "logs"
     gcs, dash, client_port, nm, om, metrics, agent, agent_grpc, renv = free_ports(9)
     lo, hi = free_port_range(40)
