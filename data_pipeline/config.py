@@ -15,7 +15,7 @@ A mixture file names the sources and their sampling weights; optional sections t
     dedup: {bands: 14, rows: 8}
     tokenizer: {vocab_size: 4096}
     pack: {seq_len: 128}
-    loader: {backend: exact}
+    loader: {period: 10000}
 
 Unknown keys are rejected with an error naming the file, the key and the closest valid key.
 """
@@ -127,7 +127,9 @@ class PackConfig:
 
 @dataclass
 class LoaderConfig:
-    backend: str = "exact"         # exact | streaming
+    """The exact interleave loader (data_pipeline.loader.Loader); ``loader.streaming_dataset`` builds the
+    StreamingDataset-of-Streams alternative from the same mixture."""
+
     period: int = 10_000           # interleave period: weights are quantised to 1/period
     shuffle_block: int = 4096      # samples permuted together (bounded shard cache)
     cache_shards: int = 16         # decompressed shards kept per source
@@ -230,8 +232,6 @@ def mixture_from_dict(data: dict[str, Any], where: str = "<mixture>",
         if (base_dir is not None and src.input.kind != "embedded" and not src.input.path.startswith("/")
                 and "://" not in src.input.path):
             src.input.path = str((base_dir / src.input.path).resolve())
-    if cfg.loader.backend not in ("exact", "streaming"):
-        raise DataConfigError(f"{where}.loader.backend: '{cfg.loader.backend}' is not exact|streaming")
     return cfg
 
 

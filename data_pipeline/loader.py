@@ -22,6 +22,7 @@ raises rather than silently changing the data order).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -51,7 +52,8 @@ def mixture_weights(mixture: str | dict | None, manifest: dict[str, Any]) -> tup
         weights, lcfg = {s.name: s.weight for s in cfg.sources}, cfg.loader
     else:
         weights = {n: s["weight"] for n, s in manifest["sources"].items()}
-        lcfg = LoaderConfig(**{k: v for k, v in manifest["mixture"].get("loader", {}).items()})
+        known = {f.name for f in dataclasses.fields(LoaderConfig)}
+        lcfg = LoaderConfig(**{k: v for k, v in manifest["mixture"].get("loader", {}).items() if k in known})
     missing = [n for n in weights if n not in manifest["sources"]]
     if missing:
         raise ValueError(f"mixture sources {missing} are not in the dataset (it has {list(manifest['sources'])}); "
