@@ -6,6 +6,8 @@ documents per row) through megatron's schedules (``parallel.pipeline.forward_bac
 shards (elementwise, so sharding cannot change the update), the expert-bias update with globally reduced loads,
 and is compared with the single-process run of the same code:
 * the initial full model (gathered to canonical names) is bit-identical to the single-process one;
+* the routers' expert biases after 3 steps are bit-identical to one process's and equal on every rank
+  (loads are integer counts reduced over TP × DP × CP, so the sign updates are exact);
 * the global-batch mean losses of the 3 steps and the gathered parameters after them agree within
   1e-5 relative (per tensor, ‖a − b‖∞ ≤ 1e-5 · ‖b‖∞ + 1e-8; losses |a − b| ≤ 1e-5 · |b|). The 1e-8 floor is
   for tensors that start at 0 and whose gradient vanishes by symmetry (the n mHC streams start identical,
@@ -20,12 +22,15 @@ Routing is discrete: a perturbation of 1e-7 could in principle flip a near-tied 
 indexer entries); with this seed no near ties occur (the test would show an O(1e-2) mismatch if one did).
 
 The layouts run in one launch per world size (the import cost of 2-4 ranks dominates on 2 CPU cores):
-2 ranks: tp2, pp2, pp2 × vpp2, pp2 with an uneven split, ep2, dp2; 4 ranks: tp2 × pp2, ep2 × pp2, tp2 × ep2,
-ep2 × dp2.
+2 ranks: tp2, pp2, pp2 × vpp2, pp2 with an uneven split [1, 3], ep2, dp2, sp2 (Ulysses); 4 ranks: tp2 × pp2,
+ep2 × pp2, tp2 × ep2, ep2 × dp2. About 5 minutes on 2 CPU cores (mostly imports; the first sp2 run on a machine
+also JIT-builds DeepSpeed's shared-memory op, ~30 s, cached in TORCH_EXTENSIONS_DIR).
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import pytest
 import torch
@@ -84,7 +89,7 @@ def train_layouts(rank: int, world: int, layouts: dict, batches) -> dict:
     from megatron.core import parallel_state as ps
 
     from parallel import pipeline
-    from parallel.init_seed import gather_full_state
+    from parallel.init_seed import canonical_name, gather_full_state
     from parallel.process_groups import init_distributed
     from pretrain.config import ParallelConfig
     from pretrain.model.build import build_model
@@ -93,6 +98,7 @@ def train_layouts(rank: int, world: int, layouts: dict, batches) -> dict:
     cfg = model_config()
     results = {}
     for name, lay in layouts.items():
+        t0 = time.monotonic()
         layout = init_distributed(ParallelConfig(**lay), cfg)
         chunks = build_model(cfg, SEED, pp_layer_split=lay.get("pp_layer_split"),
                              balance_loss_coeff=BALANCE_COEFF, bias_update_rate=BIAS_RATE)
@@ -109,9 +115,18 @@ def train_layouts(rank: int, world: int, layouts: dict, batches) -> dict:
             opt.step()
             pipeline.update_expert_bias(chunks, BIAS_RATE)
         final = gather_full_state(chunks, cfg.n_routed_experts)
-        bias = {f"{n}": b.clone() for c in chunks for n, b in c.named_buffers() if n.endswith("expert_bias")}
+        bias = {canonical_name(n): b.clone() for c in chunks for n, b in c.named_buffers()
+                if n.endswith("expert_bias")}
+        every = [None] * world
+        torch.distributed.all_gather_object(every, _np(bias))
+        for d in every[1:]:      # every rank that holds a router holds the same bias
+            for k, v in d.items():
+                if k in every[0]:
+                    assert (every[0][k] == v).all(), f"{name}: expert bias {k} differs between ranks"
+        bias = {k: v for d in every for k, v in d.items()}
         results[name] = dict(layout=str(layout), losses=losses, init=_np(init) if rank == 0 else None,
-                             final=_np(final) if rank == 0 else None, bias=_np(bias))
+                             final=_np(final) if rank == 0 else None, bias=bias,
+                             seconds=time.monotonic() - t0)
         ps.destroy_model_parallel()
     return results
 
@@ -128,6 +143,7 @@ def reference():
 
 
 def _check(ref: dict, got: dict, name: str) -> None:
+    logging.getLogger(__name__).info("%s: %.1f s", name, got["seconds"])
     ref = {k: ({n: torch.from_numpy(a) for n, a in v.items()} if isinstance(v, dict) else v) for k, v in ref.items()}
     got = {k: ({n: torch.from_numpy(a) for n, a in v.items()} if isinstance(v, dict) else v) for k, v in got.items()}
     extra = set(got["init"]) - set(ref["init"])
@@ -143,6 +159,9 @@ def _check(ref: dict, got: dict, name: str) -> None:
         err = float((got["final"][k] - v).abs().max())
         assert err <= TOL * float(v.abs().max()) + ATOL, \
             f"{name}: parameter {k} differs by {err:.2e} (max |value| {float(v.abs().max()):.2e}) after {STEPS} steps"
+    assert set(got["bias"]) == set(ref["bias"]) and ref["bias"], f"{name}: routers differ"
+    for k, v in ref["bias"].items():    # sign updates of exactly equal global loads: bit-identical
+        assert torch.equal(got["bias"][k], v), f"{name}: expert bias {k} differs from one process"
     if "mtp_embed_tokens.weight" in got["final"]:
         assert torch.allclose(got["final"]["mtp_embed_tokens.weight"], got["final"]["embed_tokens.weight"],
                               rtol=TOL, atol=1e-7), f"{name}: the MTP copy of the embedding drifted"
