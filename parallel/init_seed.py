@@ -34,14 +34,14 @@ import hashlib
 import logging
 import math
 import re
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-Rule = Callable[[str, nn.Parameter, tuple, torch.Generator], Optional[torch.Tensor]]
+Rule = Callable[[str, nn.Parameter, tuple, torch.Generator], torch.Tensor | None]
 
 _EXPERT_RE = re.compile(r"(\.local_experts\.)(\d+)(\.)")
 _WRAPPERS = ("module.",)
@@ -72,7 +72,7 @@ def is_gated_fc1(name: str) -> bool:
 
 
 def canonical_name(name: str, ep_rank: int = 0, num_local_experts: int = 0,
-                   aliases: Optional[dict[str, str]] = None) -> str:
+                   aliases: dict[str, str] | None = None) -> str:
     """Name of ``name`` (a local parameter name) in the single-process model."""
     name = strip_wrappers(name)
     if num_local_experts and ".local_experts." in name:
@@ -105,7 +105,7 @@ def normal_rule(std: float, xavier: Callable[[str], bool] = lambda n: False) -> 
     Names for which ``xavier(name)`` holds get Xavier-uniform over the full shape (fan_out = dim 0,
     fan_in = dim 1); everything else N(0, std²)."""
 
-    def rule(name: str, p: nn.Parameter, shape: tuple, g: torch.Generator) -> Optional[torch.Tensor]:
+    def rule(name: str, p: nn.Parameter, shape: tuple, g: torch.Generator) -> torch.Tensor | None:
         if p.numel() == 0 or bool((p.detach() == p.detach().reshape(-1)[0]).all()):
             return None
         if xavier(name):
@@ -119,8 +119,8 @@ def normal_rule(std: float, xavier: Callable[[str], bool] = lambda n: False) -> 
 
 @torch.no_grad()
 def init_layout_independent_(chunks: Iterable[nn.Module], seed: int, rule: Rule,
-                             aliases: Optional[dict[str, str]] = None, tp: Optional[tuple[int, int]] = None,
-                             etp: Optional[tuple[int, int]] = None, ep: Optional[tuple[int, int]] = None,
+                             aliases: dict[str, str] | None = None, tp: tuple[int, int] | None = None,
+                             etp: tuple[int, int] | None = None, ep: tuple[int, int] | None = None,
                              num_experts: int = 0) -> int:
     """Overwrite the parameters of ``chunks`` (this rank's model chunks) with layout-independent values.
 

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
-import torch
 import torch.distributed as dist
 from torch import nn
 

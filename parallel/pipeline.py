@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from functools import partial
-from typing import Any, Callable, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,7 @@ LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "indexer_loss")
 
 # --------------------------------------------------------------------------------------------- stage split
 def stage_layer_ranges(num_layers: int, pp: int, vpp: int = 1,
-                       split: Optional[Sequence[int]] = None) -> list[tuple[int, int]]:
+                       split: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """[lo, hi) layer range of every virtual stage s = 0 .. pp·vpp − 1 (validated)."""
     stages = pp * vpp
     if split:
@@ -165,8 +165,8 @@ def schedule_config(model_config: Any, hc_mult: int, vpp: int) -> Any:
 
 
 def build_model_chunks(provider: Provider, num_layers: int, hc_mult: int,
-                       pp_layer_split: Optional[Sequence[int]] = None,
-                       init: Optional[Callable[[list[nn.Module]], None]] = None, wrap_ddp: bool = True,
+                       pp_layer_split: Sequence[int] | None = None,
+                       init: Callable[[list[nn.Module]], None] | None = None, wrap_ddp: bool = True,
                        ddp_config: Any = None) -> list[nn.Module]:
     """This rank's model chunks (one per virtual stage), wrapped in :class:`PipelineStage` and megatron DDP.
 
@@ -191,8 +191,11 @@ def build_model_chunks(provider: Provider, num_layers: int, hc_mult: int,
              [ranges[s] for s in chunk_stages(pp_rank, pp, vpp)])
     if not wrap_ddp:
         return stages
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    base = getattr(stages[0].module, "moe_config", None) or getattr(stages[0].module, "config")
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+    )
+    base = getattr(stages[0].module, "moe_config", None) or stages[0].module.config
     cfg = schedule_config(base, hc_mult, vpp)
     if ddp_config is None:
         gpu = torch.cuda.is_available()
@@ -298,7 +301,7 @@ def _routers(chunks: Iterable[nn.Module]) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def update_expert_bias(chunks: list[nn.Module], rate: float) -> Optional[torch.Tensor]:
+def update_expert_bias(chunks: list[nn.Module], rate: float) -> torch.Tensor | None:
     """b ← b + rate·sign(mean(load) − load) for every learned router of this rank, with the loads of the
     global batch (counts summed over TP × DP × CP, i.e. over all ranks of the stage, expert-parallel ones
     included; TP ranks count the same tokens, which scales all loads alike and leaves the sign unchanged).

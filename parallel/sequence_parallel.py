@@ -25,13 +25,11 @@ reduction orders differ (fp32 rounding).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
 
-def sp_group() -> Optional[dist.ProcessGroup]:
+def sp_group() -> dist.ProcessGroup | None:
     """megatron's context-parallel group (Ulysses uses that slot), or None when sp = 1 / no parallel state."""
     if not (dist.is_available() and dist.is_initialized()):
         return None

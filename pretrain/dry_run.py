@@ -33,7 +33,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -44,10 +44,10 @@ from parallel.process_groups import Layout, compute_layout, validate_batch
 log = logging.getLogger(__name__)
 
 README_LAYOUTS = [   # (config, world, parallel overrides)
-    ("flash", 256, dict(tp=1, pp=4, ep=64, pp_layer_split=[10, 11, 11, 11])),
-    ("flash", 1024, dict(tp=1, pp=4, ep=128, pp_layer_split=[10, 11, 11, 11])),
-    ("pro", 256, dict(tp=1, pp=8, ep=32, pp_layer_split=[7, 8, 8, 8, 8, 8, 8, 6])),
-    ("pro", 1024, dict(tp=1, pp=8, ep=128, pp_layer_split=[7, 8, 8, 8, 8, 8, 8, 6])),
+    ("flash", 256, {"tp": 1, "pp": 4, "ep": 64, "pp_layer_split": [10, 11, 11, 11]}),
+    ("flash", 1024, {"tp": 1, "pp": 4, "ep": 128, "pp_layer_split": [10, 11, 11, 11]}),
+    ("pro", 256, {"tp": 1, "pp": 8, "ep": 32, "pp_layer_split": [7, 8, 8, 8, 8, 8, 8, 6]}),
+    ("pro", 1024, {"tp": 1, "pp": 8, "ep": 128, "pp_layer_split": [7, 8, 8, 8, 8, 8, 8, 6]}),
 ]
 
 
@@ -136,7 +136,7 @@ def render(name: str, cfg: Any, layout: Layout, rows: list[RankRow], micro_batch
     return layout_plan.format_table(title, header, body)
 
 
-def run(config: str, world: int, overrides: list[str], global_batch: Optional[int] = None) -> str:
+def run(config: str, world: int, overrides: list[str], global_batch: int | None = None) -> str:
     from pretrain.config import load_config
     cfg = load_config(config, overrides)
     t = cfg.train
@@ -148,7 +148,7 @@ def run(config: str, world: int, overrides: list[str], global_batch: Optional[in
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="flash")
     ap.add_argument("--world", type=int, default=256)

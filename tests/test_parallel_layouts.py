@@ -47,18 +47,18 @@ BALANCE_COEFF = 1e-2
 TOL = 1e-5
 ATOL = 1e-8     # parameters that start at 0 and whose gradient is pure rounding noise (see the docstring)
 
-CFG = dict(vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, head_dim=32, rope_head_dim=8,
-           q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8, compress_rate_csa=4,
-           compress_rate_hca=8, index_n_heads=2, index_head_dim=16, index_topk=4,
-           layer_types=["sliding", "csa", "hca", "csa"], mtp_layer_type="sliding", n_routed_experts=4,
-           n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32, n_hash_layers=1, hc_mult=4,
-           max_position_embeddings=256,
-           yarn=dict(enabled=True, factor=4.0, original_max_position=16, beta_fast=32.0, beta_slow=1.0))
+CFG = {"vocab_size": 256, "hidden_size": 64, "num_layers": 4, "num_heads": 4, "head_dim": 32, "rope_head_dim": 8,
+           "q_lora_rank": 32, "o_groups": 2, "o_lora_rank": 16, "sliding_window": 8, "compress_rate_csa": 4,
+           "compress_rate_hca": 8, "index_n_heads": 2, "index_head_dim": 16, "index_topk": 4,
+           "layer_types": ["sliding", "csa", "hca", "csa"], "mtp_layer_type": "sliding", "n_routed_experts": 4,
+           "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_hash_layers": 1, "hc_mult": 4,
+           "max_position_embeddings": 256,
+           "yarn": {"enabled": True, "factor": 4.0, "original_max_position": 16, "beta_fast": 32.0, "beta_slow": 1.0}}
 
-LAYOUTS_2 = {"tp2": dict(tp=2), "pp2": dict(pp=2), "pp2_vpp2": dict(pp=2, vpp=2),
-             "pp2_uneven": dict(pp=2, pp_layer_split=[1, 3]), "ep2": dict(ep=2), "dp2": dict(), "sp2": dict(sp=2)}
-LAYOUTS_4 = {"tp2_pp2": dict(tp=2, pp=2), "ep2_pp2": dict(ep=2, pp=2), "tp2_ep2": dict(tp=2, ep=2),
-             "ep2_dp2": dict(ep=2)}
+LAYOUTS_2 = {"tp2": {"tp": 2}, "pp2": {"pp": 2}, "pp2_vpp2": {"pp": 2, "vpp": 2},
+             "pp2_uneven": {"pp": 2, "pp_layer_split": [1, 3]}, "ep2": {"ep": 2}, "dp2": {}, "sp2": {"sp": 2}}
+LAYOUTS_4 = {"tp2_pp2": {"tp": 2, "pp": 2}, "ep2_pp2": {"ep": 2, "pp": 2}, "tp2_ep2": {"tp": 2, "ep": 2},
+             "ep2_dp2": {"ep": 2}}
 
 
 def model_config():
@@ -124,9 +124,9 @@ def train_layouts(rank: int, world: int, layouts: dict, batches) -> dict:
                 if k in every[0]:
                     assert (every[0][k] == v).all(), f"{name}: expert bias {k} differs between ranks"
         bias = {k: v for d in every for k, v in d.items()}
-        results[name] = dict(layout=str(layout), losses=losses, init=_np(init) if rank == 0 else None,
-                             final=_np(final) if rank == 0 else None, bias=bias,
-                             seconds=time.monotonic() - t0)
+        results[name] = {"layout": str(layout), "losses": losses, "init": _np(init) if rank == 0 else None,
+                             "final": _np(final) if rank == 0 else None, "bias": bias,
+                             "seconds": time.monotonic() - t0}
         ps.destroy_model_parallel()
     return results
 

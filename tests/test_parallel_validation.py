@@ -11,28 +11,28 @@ from pretrain.config import ModelConfig
 
 
 def tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, head_dim=32, rope_head_dim=8,
-                q_lora_rank=32, o_groups=2, o_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2,
-                moe_intermediate_size=32, n_hash_layers=1, index_n_heads=2, index_head_dim=16)
+    base = {"vocab_size": 256, "hidden_size": 64, "num_layers": 4, "num_heads": 4, "head_dim": 32, "rope_head_dim": 8,
+                "q_lora_rank": 32, "o_groups": 2, "o_lora_rank": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                "moe_intermediate_size": 32, "n_hash_layers": 1, "index_n_heads": 2, "index_head_dim": 16}
     base.update(kw)
     return ModelConfig(**base)
 
 
 @pytest.mark.parametrize("kwargs,model_kw,message", [
-    (dict(world=6, tp=4), {}, r"world size 6 is not divisible by tp\*pp\*sp = 4\*1\*1 = 4"),
-    (dict(world=8, tp=8), {}, r"num_heads=4 is not divisible by parallel.tp=8"),
-    (dict(world=4, tp=4), dict(num_heads=8), r"o_groups=2 is not divisible by parallel.tp=4"),
-    (dict(world=3, ep=3), {}, r"n_routed_experts=4 is not divisible by parallel.ep=3"),
-    (dict(world=2, tp=2), dict(vocab_size=255), r"vocab_size=255 is not divisible by parallel.tp=2"),
-    (dict(world=3, pp=3), {}, r"num_layers=4 is not divisible by pp\*vpp = 3"),
-    (dict(world=2, pp=2, vpp=2), dict(num_layers=6), r"num_layers=6 is not divisible by pp\*vpp = 4"),
-    (dict(world=2, pp=2, pp_layer_split=[1, 2]), {}, r"pp_layer_split \[1, 2\] sums to 3, model.num_layers=4"),
-    (dict(world=2, pp=2, pp_layer_split=[4]), {}, r"pp_layer_split has 1 entries; need pp\*vpp = 2"),
-    (dict(world=8, tp=2, sp=4), {}, r"num_heads=4 is not divisible by tp\*sp=8"),
-    (dict(world=4, ep=2, etp=2), dict(moe_intermediate_size=33), r"moe_intermediate_size=33 is not divisible"),
-    (dict(world=4, ep=2, etp=2, backend="gloo"), {}, r"parallel.etp=2 needs NCCL"),
-    (dict(world=4, pp=2, ep=4), {}, r"ep\*etp = 4\*1 = 4 must divide world/pp = 2"),
-    (dict(world=2, vpp=2), {}, r"vpp=2 needs pipeline parallelism"),
+    ({"world": 6, "tp": 4}, {}, r"world size 6 is not divisible by tp\*pp\*sp = 4\*1\*1 = 4"),
+    ({"world": 8, "tp": 8}, {}, r"num_heads=4 is not divisible by parallel.tp=8"),
+    ({"world": 4, "tp": 4}, {"num_heads": 8}, r"o_groups=2 is not divisible by parallel.tp=4"),
+    ({"world": 3, "ep": 3}, {}, r"n_routed_experts=4 is not divisible by parallel.ep=3"),
+    ({"world": 2, "tp": 2}, {"vocab_size": 255}, r"vocab_size=255 is not divisible by parallel.tp=2"),
+    ({"world": 3, "pp": 3}, {}, r"num_layers=4 is not divisible by pp\*vpp = 3"),
+    ({"world": 2, "pp": 2, "vpp": 2}, {"num_layers": 6}, r"num_layers=6 is not divisible by pp\*vpp = 4"),
+    ({"world": 2, "pp": 2, "pp_layer_split": [1, 2]}, {}, r"pp_layer_split \[1, 2\] sums to 3, model.num_layers=4"),
+    ({"world": 2, "pp": 2, "pp_layer_split": [4]}, {}, r"pp_layer_split has 1 entries; need pp\*vpp = 2"),
+    ({"world": 8, "tp": 2, "sp": 4}, {}, r"num_heads=4 is not divisible by tp\*sp=8"),
+    ({"world": 4, "ep": 2, "etp": 2}, {"moe_intermediate_size": 33}, r"moe_intermediate_size=33 is not divisible"),
+    ({"world": 4, "ep": 2, "etp": 2, "backend": "gloo"}, {}, r"parallel.etp=2 needs NCCL"),
+    ({"world": 4, "pp": 2, "ep": 4}, {}, r"ep\*etp = 4\*1 = 4 must divide world/pp = 2"),
+    ({"world": 2, "vpp": 2}, {}, r"vpp=2 needs pipeline parallelism"),
 ])
 def test_bad_layouts_name_the_numbers(kwargs, model_kw, message):
     with pytest.raises(LayoutError, match=message):

@@ -19,7 +19,8 @@ embedding (alias ``mtp_embed_tokens.weight`` → ``embed_tokens.weight``).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ V4_ALIASES = {"mtp_embed_tokens.weight": "embed_tokens.weight"}
 
 
 def _xavier(name: str) -> bool:
-    return name.endswith(".fn") or name.endswith(".hc_fn")
+    return name.endswith((".fn", ".hc_fn"))
 
 
 def v4_init_rule(cfg: Any) -> init_seed.Rule:
@@ -43,7 +44,7 @@ def init_v4_(modules: Sequence[nn.Module], cfg: Any, seed: int) -> int:
                                               num_experts=cfg.n_routed_experts)
 
 
-def build_model(cfg: Any, seed: int, pp_layer_split: Optional[Sequence[int]] = None,
+def build_model(cfg: Any, seed: int, pp_layer_split: Sequence[int] | None = None,
                 balance_loss_coeff: float = 1e-4, bias_update_rate: float = 1e-3,
                 params_dtype: torch.dtype = torch.float32, wrap_ddp: bool = True,
                 ddp_config: Any = None) -> list[nn.Module]:
