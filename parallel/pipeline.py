@@ -17,7 +17,8 @@ with a token count of 1, so no context-parallel rescaling), DDP averages gradien
 ranks: the gradient is that of (1/(dp·M)) Σ_micro-batches loss, the mean over the global batch whatever the
 layout. Auxiliary losses of non-last stages (balance, indexer) enter the backward through megatron's
 ``MoEAuxLossAutoScaler`` attached to the stage output (scaled by 1/M like the main loss) and are added to the
-reported loss (summed over the pipeline group). :func:`forward_backward` returns the global-batch mean of each
+reported loss (summed over the pipeline group). (megatron scales that auto-scaler by cp/M; under Ulysses
+the stage divides its aux loss by sp to keep 1/M.) :func:`forward_backward` returns the global-batch mean of each
 loss component on every rank.
 
 Shared embedding: when pp > 1 the last stage owns a copy of the embedding for the MTP input (parameter
@@ -134,8 +135,11 @@ class PipelineStage(nn.Module):
             self.sums += torch.stack([aux.detach().double().cpu(), torch.zeros((), dtype=torch.float64),
                                       torch.zeros((), dtype=torch.float64), bal, idx])
             if aux.requires_grad:
+                # megatron sets the auto-scaler's gradient to cp/M (schedules.forward_step_calc_loss); our sp
+                # ranks' losses already average to the full loss, so divide the cp factor out
                 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-                send = MoEAuxLossAutoScaler.apply(send, aux)
+                sp, _ = usp.sp_size_rank()
+                send = MoEAuxLossAutoScaler.apply(send, aux / sp if sp > 1 else aux)
         return send
 
 

@@ -23,7 +23,7 @@ indexer entries); with this seed no near ties occur (the test would show an O(1e
 
 The layouts run in one launch per world size (the import cost of 2-4 ranks dominates on 2 CPU cores):
 2 ranks: tp2, pp2, pp2 × vpp2, pp2 with an uneven split [1, 3], ep2, dp2, sp2 (Ulysses); 4 ranks: tp2 × pp2,
-ep2 × pp2, tp2 × ep2, ep2 × dp2. About 5 minutes on 2 CPU cores (mostly imports; the first sp2 run on a machine
+ep2 × pp2, tp2 × ep2, ep2 × dp2, and beyond the issue's list tp2 × sp2 and sp2 × pp2. About 5 minutes on 2 CPU cores (mostly imports; the first sp2 run on a machine
 also JIT-builds DeepSpeed's shared-memory op, ~30 s, cached in TORCH_EXTENSIONS_DIR).
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ CFG = {"vocab_size": 256, "hidden_size": 64, "num_layers": 4, "num_heads": 4, "h
 LAYOUTS_2 = {"tp2": {"tp": 2}, "pp2": {"pp": 2}, "pp2_vpp2": {"pp": 2, "vpp": 2},
              "pp2_uneven": {"pp": 2, "pp_layer_split": [1, 3]}, "ep2": {"ep": 2}, "dp2": {}, "sp2": {"sp": 2}}
 LAYOUTS_4 = {"tp2_pp2": {"tp": 2, "pp": 2}, "ep2_pp2": {"ep": 2, "pp": 2}, "tp2_ep2": {"tp": 2, "ep": 2},
-             "ep2_dp2": {"ep": 2}}
+             "ep2_dp2": {"ep": 2}, "tp2_sp2": {"tp": 2, "sp": 2}, "sp2_pp2": {"sp": 2, "pp": 2}}
 
 
 def model_config():
