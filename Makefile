@@ -26,8 +26,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test test-fast pretrain data lint clean bench dry-run \
-        slurm-pretrain slurm-data ray-up ray-data ray-down
+.PHONY: help setup test test-fast pretrain data lint clean
 
 help:
 	@echo "make setup      create $(VENV) and install the pinned stack (idempotent)"
@@ -36,6 +35,7 @@ help:
 	@echo "make data       run only the data pipeline (CONFIG=$(CONFIG))"
 	@echo "make lint       ruff"
 	@echo "make clean      remove runs, caches and $(VENV)"
+	@echo "cluster launch: make slurm-pretrain|slurm-data|ray-up|ray-data|ray-down|dry-run (clusters/README.md)"
 
 # setup is re-run only when the requirement files change (stamp file)
 setup: $(STAMP)
@@ -69,8 +69,9 @@ pretrain: setup
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pretrain --config $(CONFIG) \
 	    parallel.ep=$(NPROC) data.shards_dir=runs/data/$(CONFIG) $(ARGS)
 
+# Only the data pipeline (ingest, clean, dedup, tokenizer, pack) on the bundled corpus.
 data: setup
-	$(PY) -m data_pipeline run --mixture data_pipeline/configs/default_mixture.yaml --output runs/data/$(CONFIG)
+	$(PY) -m data_pipeline run --mixture data_pipeline/configs/default_mixture.yaml --output runs/data/default
 
 lint: setup
 	$(VENV)/bin/ruff check pretrain parallel data_pipeline ops tests
@@ -78,3 +79,5 @@ lint: setup
 clean:
 	rm -rf runs .cache $(VENV) .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+include clusters/clusters.mk
