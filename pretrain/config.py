@@ -119,7 +119,9 @@ class TrainConfig:
     non-finite loss or gradient norm is skipped (``max_consecutive_skips`` in a row abort); with
     ``spike_threshold`` > 0 a loss above threshold x the mean of the last ``spike_window`` steps rolls back to
     the last checkpoint (``max_rollbacks`` per process). ``fault_inject_nan_steps`` (1-based steps) poisons
-    the loss and gradients at those steps: a test hook for the guard, empty in real runs.
+    the loss and gradients at those steps: a test hook for the guard, empty in real runs;
+    ``fault_inject_pause_step`` makes every rank stop right after that step's metrics line and wait to be
+    killed (the resume tests ``kill -9`` the process group there, deterministically mid-run), 0 in real runs.
     """
 
     steps: int = 1000
@@ -147,6 +149,7 @@ class TrainConfig:
     max_rollbacks: int = 3                  # spike rollbacks allowed per process
     max_consecutive_skips: int = 10         # non-finite steps in a row before the run aborts
     fault_inject_nan_steps: list[int] = field(default_factory=list)  # testing: NaN loss at these steps
+    fault_inject_pause_step: int = 0        # testing: every rank stops after this step, to be killed (0 = off)
     log_interval: int = 1
     deterministic: bool = True
 

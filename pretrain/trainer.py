@@ -315,6 +315,10 @@ class Trainer:
                 interval = cfg.checkpoint.interval
                 if interval > 0 and self.step % interval == 0 and self.step < t.steps:
                     self.save_checkpoint()
+                if t.fault_inject_pause_step == self.step:
+                    log.warning("train.fault_inject_pause_step=%d: waiting to be killed", self.step)
+                    while True:
+                        time.sleep(1)
                 if self.preempt.requested():
                     preempted = True
                     break
