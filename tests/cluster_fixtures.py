@@ -42,6 +42,10 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "
                    "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
+class HeadFailed(RuntimeError):
+    """The Ray head node exited during start-up."""
+
+
 class ClusterUnavailable(RuntimeError):
     """The machine cannot host the local cluster (not root, no apt-get, ...); tests skip with this reason."""
 
@@ -386,6 +390,9 @@ class RayCluster:
         self.env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                         PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}", **{TAG_VAR: self.tag})
         self.env.pop("RAY_ADDRESS", None)
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
         # the GCS must not be reused by anything else on the host: every port explicit and free
         self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
         self.address = f"127.0.0.1:{self.gcs_port}"
@@ -408,7 +415,21 @@ class RayCluster:
                                  stdin=subprocess.DEVNULL)
         self.nodes.append((name, p, tmp))
 
-    def start(self, timeout: float = 120) -> RayCluster:
+    def start(self, timeout: float = 120, attempts: int = 3) -> RayCluster:
+        """Start the nodes; a head that fails to start (a port taken between our probe and Ray's bind by another
+        process on this busy host) is retried on fresh ports."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start(timeout)
+            except HeadFailed as e:
+                log.warning("Ray head failed to start (attempt %d/%d): %s", attempt, attempts, str(e)[-500:])
+                self.stop()
+                if attempt == attempts:
+                    raise
+                self._pick_ports()
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> RayCluster:
         t0 = time.monotonic()
         self._start_node("head", ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
                                   "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
@@ -426,7 +447,7 @@ class RayCluster:
     def _check(self) -> bool:
         for name, p, _ in self.nodes:
             if p.poll() is not None and name == "head":
-                raise RuntimeError(f"ray head exited with {p.returncode}:\n"
+                raise HeadFailed(f"ray head exited with {p.returncode}:\n"
                                    f"{(self.base / 'head.log').read_text(errors='replace')[-3000:]}")
         return True
 
