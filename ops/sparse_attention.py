@@ -17,8 +17,10 @@ Also returned: the log-normaliser ``lse_{h,t} = log(Σ_j exp z + exp z'_h)`` so 
 probability of any entry can be recomputed later (``compressed_attention_mass``, the indexer's KL target)
 without storing probabilities — what a fused kernel returns too.
 
-The reference gathers each query's window keys ([B, S, n_win, D], never [S, S]) and scores all N compressed
-entries ([B, S, H, N]) with a mask; a kernel only needs the window band and the index list / range.
+The reference cuts the queries into blocks of n_win tokens; each block scores the 2·n_win keys that can fall in
+its queries' windows with one dense matmul (a masked band, never [S, S] and no gathered [S, n_win, D] key copy),
+and scores all N compressed entries ([B, S, H, N]) with a mask; a kernel only needs the window band and the
+index list / range.
 
 Ops registered in ``ops.dispatch``: ``hybrid_attention``, ``compressed_attention_mass``.
 """
@@ -49,16 +51,26 @@ def compressed_entry_mask(num_entries: int, comp_lo: Optional[torch.Tensor] = No
     return (n >= comp_lo[..., None]) & (n < comp_hi[..., None])
 
 
-def _window_keys(seq_len: int, window: int, seg_start: Optional[torch.Tensor],
-                 device: torch.device, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key indices [S, W] of each query's window and their validity [B, S, W]."""
+def _window_blocks(seq_len: int, window: int, seg_start: Optional[torch.Tensor], device: torch.device,
+                   batch: int) -> tuple[int, int, torch.Tensor]:
+    """Blocked window layout: (block size Q, number of blocks nb, validity mask [B|1, nb, Q, Q + W]).
+
+    Queries are cut into blocks of Q = min(W, S) consecutive tokens; block i (queries i·Q .. i·Q + Q - 1) scores
+    the Q + W keys at positions i·Q - W .. i·Q + Q - 1 (one dense matmul per block instead of a gathered
+    [S, W] key copy). Key k of block i, position s = i·Q - W + k, is in query t's window iff
+    t - W < s <= t, s >= 0 and s >= seg_start[t].
+    """
     W = max(1, min(window, seq_len))
-    t = torch.arange(seq_len, device=device)
-    idx = t[:, None] - (W - 1) + torch.arange(W, device=device)[None, :]            # [S, W]
-    ok = (idx >= 0)[None].expand(batch, -1, -1)
-    if seg_start is not None:
-        ok = ok & (idx[None] >= seg_start[..., None])
-    return idx.clamp(min=0), ok
+    Q = W
+    nb = -(-seq_len // Q)
+    t = torch.arange(nb * Q, device=device).view(nb, Q, 1)                         # query positions
+    s = (torch.arange(nb, device=device).view(nb, 1, 1) * Q - W
+         + torch.arange(Q + W, device=device).view(1, 1, Q + W))                    # key positions
+    ok = (s > t - W) & (s <= t) & (s >= 0)                                          # [nb, Q, Q + W]
+    if seg_start is None:
+        return Q, nb, ok[None]
+    seg = torch.nn.functional.pad(seg_start, (0, nb * Q - seq_len)).view(batch, nb, Q, 1)
+    return Q, nb, ok[None] & (s[None] >= seg)
 
 
 def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, scale: float, window: int,
@@ -91,10 +103,16 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, sca
         raise ValueError(f"hybrid_attention: sinks must be [H] = [{H}], got {tuple(sinks.shape)}")
     cdt = torch.promote_types(q.dtype, torch.float32)
     qc = q.to(cdt)
-    idx, ok = _window_keys(S, window, seg_start, q.device, B)
-    kv_win = kv.to(cdt)[:, idx]                                                      # [B, S, W, D]
-    z_win = torch.einsum("bshd,bswd->bshw", qc, kv_win) * scale
-    z_win = z_win.masked_fill(~ok[:, :, None, :], float("-inf"))
+    Q, nb, ok = _window_blocks(S, window, seg_start, q.device, B)
+    W = Q
+    Sp = nb * Q
+    # keys of block i = kv_pad[:, i·Q : i·Q + Q + W] (W zeros in front, padding behind): a strided view
+    kv_pad = torch.nn.functional.pad(kv.to(cdt), (0, 0, W, Sp - S))                # [B, W + Sp, D]
+    kv_blk = kv_pad.unfold(1, Q + W, Q).transpose(-1, -2)                            # [B, nb, Q + W, D]
+    q_blk = torch.nn.functional.pad(qc, (0, 0, 0, 0, 0, Sp - S)).view(B, nb, Q, H, D)
+    z_win = torch.einsum("biqhd,bikd->biqhk", q_blk, kv_blk) * scale                 # [B, nb, Q, H, Q + W]
+    z_win = z_win.masked_fill(~ok[:, :, :, None, :], float("-inf"))
+    z_win = z_win.reshape(B, Sp, H, Q + W)[:, :S]
     parts = [z_win]
     has_comp = comp_kv is not None and comp_kv.shape[1] > 0
     if has_comp:
@@ -110,8 +128,9 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, sca
     z = torch.cat(parts + [sink], dim=-1)
     lse = torch.logsumexp(z, dim=-1)                                                 # [B, S, H]
     p = torch.exp(z - lse[..., None])
-    Wn = z_win.shape[-1]
-    o = torch.einsum("bshw,bswd->bshd", p[..., :Wn], kv_win)
+    Wn = Q + W
+    p_win = torch.nn.functional.pad(p[..., :Wn], (0, 0, 0, 0, 0, Sp - S)).view(B, nb, Q, H, Wn)
+    o = torch.einsum("biqhk,bikd->biqhd", p_win, kv_blk).reshape(B, Sp, H, D)[:, :S]
     if has_comp:
         o = o + torch.einsum("bshn,bnd->bshd", p[..., Wn:-1], ck)
     return o.to(q.dtype), lse

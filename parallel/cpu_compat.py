@@ -13,8 +13,11 @@ and does nothing when ``torch.cuda.is_available()``:
    (the all-to-all token dispatcher creates a side stream in its constructor).
 4. ``maybe_move_tensor_to_cpu`` in the MoE token dispatcher converts split sizes to numpy only when
    ``tensor.is_cuda``; gloo's ``all_to_all_single`` then receives tensors and fails -> convert on CPU too.
-5. Hard-coded ``device="cuda"`` / ``.cuda()`` (pipeline schedules, ~90 sites): a ``TorchFunctionMode`` maps
-   the cuda device to cpu for tensor factories and ``.to``; ``Tensor.cuda`` returns the tensor itself.
+5. Hard-coded ``device="cuda"`` / ``.cuda()`` (pipeline schedules, optimizer, clip_grads, checkpointing,
+   ~50 sites, all of them calls of ``torch.tensor/zeros/ones/empty/empty_like/randn`` or ``.to``): the tensor
+   factories (``_FACTORIES``), ``Tensor.new_*`` and ``Tensor.to`` are wrapped to map the cuda device to cpu;
+   ``Tensor.cuda`` returns the tensor itself. (Not a global ``TorchFunctionMode``: that would route every
+   torch call of the model through Python, ~10% of a CPU training step of the tiny model.)
 6. ``Tensor.type()`` (no argument) reports ``torch.cuda.*Tensor`` names, because ``clip_grads`` and the
    distributed optimizer assert on them.
 7. ``typing.override`` (Python 3.12) is provided from typing_extensions, for emerging-optimizers if present.
@@ -26,16 +29,21 @@ Config flags that must accompany it on CPU (set by ``parallel.process_groups.meg
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import typing
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
 
 _applied = False
-_mode: "_CudaToCpuMode | None" = None
+_CPU = torch.device("cpu")
+# torch functions that take ``device=``; megatron calls them with device="cuda"
+_FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
+              "randperm", "eye", "linspace", "empty_strided", "zeros_like", "ones_like", "empty_like",
+              "full_like", "rand_like", "randn_like")
+_TENSOR_FACTORIES = ("new_tensor", "new_zeros", "new_ones", "new_empty", "new_full")
 PATCHES: list[str] = []   # names of what was patched, for tests and logs
 
 
@@ -93,17 +101,30 @@ def _is_cuda_device(dev) -> bool:
     return False
 
 
-class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrite ``device='cuda'`` in factories and ``.to('cuda')`` to the CPU."""
+def _device_kw_to_cpu(fn):
+    """``fn`` with a cuda ``device=`` keyword replaced by the CPU."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        d = kwargs.get("device")
+        if d is not None and _is_cuda_device(d):
+            kwargs["device"] = _CPU
+        return fn(*args, **kwargs)
+    wrapper.__wrapped_cpu_compat__ = True
+    return wrapper
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs["device"] = torch.device("cpu")
-        if func in (torch.Tensor.to,) and args:
-            args = tuple(torch.device("cpu") if (i > 0 and _is_cuda_device(a)) else a
-                         for i, a in enumerate(args))
-        return func(*args, **kwargs)
+
+def _tensor_to_cpu(orig):
+    """``Tensor.to`` with a cuda device (positional or ``device=``) replaced by the CPU."""
+    @functools.wraps(orig)
+    def to(self, *args, **kwargs):
+        if args and _is_cuda_device(args[0]):
+            args = (_CPU,) + args[1:]
+        d = kwargs.get("device")
+        if d is not None and _is_cuda_device(d):
+            kwargs["device"] = _CPU
+        return orig(self, *args, **kwargs)
+    to.__wrapped_cpu_compat__ = True
+    return to
 
 
 def _cpu_tensor_type(orig):
@@ -142,7 +163,7 @@ def _patch_typing_override() -> None:
 
 def apply(force: bool = False) -> bool:
     """Patch torch/megatron for CPU. Returns True if patches were applied (False when CUDA exists)."""
-    global _applied, _mode
+    global _applied
     _patch_typing_override()
     if _applied:
         return True
@@ -191,9 +212,21 @@ def apply(force: bool = False) -> bool:
     except (ImportError, AttributeError):
         pass
 
-    _mode = _CudaToCpuMode()
-    _mode.__enter__()
-    PATCHES.append("device='cuda' -> cpu (TorchFunctionMode)")
+    # ``with torch.device(...)`` recognises factories by identity in a cached set: fill it with the
+    # originals (what our wrappers call) before the names are rebound
+    from torch.utils._device import _device_constructors
+    _device_constructors()
+    for name in _FACTORIES:
+        fn = getattr(torch, name)
+        if not getattr(fn, "__wrapped_cpu_compat__", False):
+            setattr(torch, name, _device_kw_to_cpu(fn))
+    for name in _TENSOR_FACTORIES:
+        fn = getattr(torch.Tensor, name)
+        if not getattr(fn, "__wrapped_cpu_compat__", False):
+            setattr(torch.Tensor, name, _device_kw_to_cpu(fn))
+    if not getattr(torch.Tensor.to, "__wrapped_cpu_compat__", False):
+        torch.Tensor.to = _tensor_to_cpu(torch.Tensor.to)
+    PATCHES.append("device='cuda' -> cpu (tensor factories, Tensor.new_*, Tensor.to)")
     _applied = True
     log.debug("cpu_compat applied: %s", PATCHES)
     return True
