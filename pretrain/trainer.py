@@ -206,6 +206,7 @@ class Trainer:
         t0 = time.monotonic()
         common, objs, same_world = load_state(path, self.chunks, self.optimizers, self.rank, self.world)
         self.step = int(common["step"])
+        self.ckpt.last_saved_step = self.step          # nothing new to save until the next step
         self.tokens_total = int(common.get("tokens_total", 0))
         self.guards.load_state_dict(common.get("guards", {}))
         changed = self.sched.changed_keys(common.get("schedules", {}))
