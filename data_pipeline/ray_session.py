@@ -29,6 +29,11 @@ def configure_data_context() -> None:
     ctx.print_on_execution_start = False
     # sort-based shuffles for grouping (see components.group_reduce); push-based scales to large clusters
     ctx.shuffle_strategy = ShuffleStrategy(os.environ.get("DATA_PIPELINE_SHUFFLE", "sort_shuffle_push_based"))
+    # Ray 2.60's datasource v2 reads Parquet footers through FooterReader actors that die with a lost node
+    # (ActorDiedError) instead of being retried; the v1 read path retries its tasks, so a job survives a
+    # worker-node failure (tests/test_cluster_ray.py kills a raylet mid-job).
+    if hasattr(ctx, "use_datasource_v2"):
+        ctx.use_datasource_v2 = False
 
 
 def start_local_ray(num_cpus: int, object_store_mb: int, attempts: int = 3) -> None:
