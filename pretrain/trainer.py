@@ -370,5 +370,5 @@ def summary(cfg: Config, res: RunResult) -> str:
              f"metrics      {rd / 'metrics.jsonl'}",
              f"tensorboard  {rd / 'tensorboard'}" if cfg.run.tensorboard else "",
              f"loss plot    {rd / 'loss.png'}" if (rd / "loss.png").exists() else "",
-             f"checkpoint   {res.checkpoint}" if res.checkpoint else "checkpoint   (none)"]
+             f"checkpoint   {Path(res.checkpoint).resolve()}" if res.checkpoint else "checkpoint   (none)"]
     return "\n".join(x for x in lines if x)
