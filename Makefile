@@ -58,16 +58,14 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# The main job: data pipeline on the bundled corpus (cached), then the tiny V4 model on CPU with 2 ranks
-# (expert parallel). Override e.g. `make pretrain NPROC=1 ARGS="train.steps=50"`.
+# The main job: the tiny V4 model on CPU with 2 ranks (expert parallel). On first use the trainer runs the data
+# pipeline on the bundled corpus into runs/data/$(CONFIG) (cached; safe when both ranks start at once).
+# Override e.g. `make pretrain NPROC=1 ARGS="train.steps=50"`.
 NPROC ?= 2
 ARGS ?=
 pretrain: setup
-	$(PY) -m data_pipeline run --mixture data_pipeline/configs/default_mixture.yaml --output runs/data/$(CONFIG) \
-	    --seq-len $$($(PY) -c "from pretrain.config import load_config as l; print(l('$(CONFIG)').train.seq_len)") \
-	    --vocab-size $$($(PY) -c "from pretrain.config import load_config as l; print(l('$(CONFIG)').data.vocab_size)")
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pretrain --config $(CONFIG) \
-	    parallel.ep=$(NPROC) data.shards_dir=runs/data/$(CONFIG) $(ARGS)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m pretrain --config $(CONFIG) \
+	    parallel.ep=$(NPROC) $(ARGS)
 
 # Only the data pipeline (ingest, clean, dedup, tokenizer, pack) on the bundled corpus.
 data: setup
