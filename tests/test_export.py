@@ -1,9 +1,10 @@
 """``python -m pretrain.model.export``: a training checkpoint -> HF ``DeepseekV4ForCausalLM`` directory.
 
-Trains 2 steps of the tiny config (``python -m pretrain``, real data loader, dist_checkpointing), exports the
-step-2 checkpoint with the CLI, loads it with HF ``from_pretrained`` and compares HF's logits with our model
-loaded from the same checkpoint (fp32, 1e-5 relative). Clear errors (exit 2) for a missing run directory,
-a run without checkpoints and a missing step.
+Trains 2 steps of the tiny config (``python -m pretrain``, real data loader, dist_checkpointing) in one process
+and with 2 ranks under pipeline parallelism (pp=2: the checkpoint is resharded into the one-process model,
+the last stage's MTP embedding copy is stored once), exports the step-2 checkpoint with the CLI, loads it with
+HF ``from_pretrained`` and compares HF's logits with our model loaded from the same checkpoint (fp32, 1e-5
+relative). Clear errors (exit 2) for a missing run directory, a run without checkpoints and a missing step.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from parallel.process_groups import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -33,24 +36,37 @@ def _export(*args: str) -> subprocess.CompletedProcess:
     return _run(["-m", "pretrain.model.export", *args], timeout=300)
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("export") / "run"
-    r = _run(["-m", "pretrain", "--config", "tiny", f"run.dir={run}",
-              f"data.shards_dir={REPO / 'runs' / 'data' / 'tiny'}", "train.steps=2", "checkpoint.interval=2",
-              "train.seq_len=32", "train.global_batch=2", "train.micro_batch=2", "train.warmup_steps=1",
-              "run.tensorboard=false", "run.progress=false"])
+def _train(run: Path, ranks: int, extra: list[str]) -> Path:
+    args = ["-m", "pretrain", "--config", "tiny", f"run.dir={run}",
+            f"data.shards_dir={REPO / 'runs' / 'data' / 'tiny'}", "train.steps=2", "checkpoint.interval=2",
+            "train.seq_len=32", "train.global_batch=2", "train.micro_batch=1", "train.warmup_steps=1",
+            "run.tensorboard=false", "run.progress=false", *extra]
+    if ranks > 1:
+        args = ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}", *args]
+    r = _run(args)
     assert r.returncode == 0, r.stderr[-4000:]
     assert (run / "checkpoints" / "step_00000002").is_dir()
     return run
 
 
-def test_export_loads_in_hf_with_our_logits(trained_run, tmp_path):
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("export") / "run", 1, [])
+
+
+@pytest.fixture(scope="module")
+def trained_run_pp2(tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("export_pp2") / "run", 2, ["parallel.pp=2"])
+
+
+@pytest.mark.parametrize("run_fixture", ["trained_run", "trained_run_pp2"], ids=["one-process", "pp2"])
+def test_export_loads_in_hf_with_our_logits(run_fixture, request, tmp_path):
     from transformers import DeepseekV4ForCausalLM
 
     from parallel.process_groups import teardown
     from pretrain.model.export import find_checkpoint, load_checkpoint_model
 
+    trained_run = request.getfixturevalue(run_fixture)
     out = tmp_path / "hf"
     r = _export("--run-dir", str(trained_run), "--step", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr[-4000:]

@@ -17,7 +17,9 @@ directory / checkpoint / unusable checkpoint (message on stderr), 1 any other er
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -89,6 +91,25 @@ def checkpoint_config(path: Path) -> Any:
         raise ExportError(str(e)) from e
 
 
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
+                  "SLURM_LOCALID", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def _one_process_env():
+    """A private one-rank rendezvous (loopback, free port), whatever launcher variables the shell inherited
+    (an export inside an allocation or next to a running job must not join or collide with it)."""
+    from parallel.process_groups import free_port
+    saved = {k: os.environ.pop(k) for k in _LAUNCHER_VARS if k in os.environ}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    try:
+        yield
+    finally:
+        for k in ("MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+
+
 def load_checkpoint_model(path: str | Path, params_dtype: torch.dtype = torch.float32):
     """Our full :class:`DeepSeekV4Model` (one process, eval mode) with the weights of checkpoint ``path``.
 
@@ -107,7 +128,12 @@ def load_checkpoint_model(path: str | Path, params_dtype: torch.dtype = torch.fl
     path = Path(path)
     cfg = checkpoint_config(path)
     if not ps.model_parallel_is_initialized():
-        init_distributed(ParallelConfig(), cfg.model)
+        import torch.distributed as dist
+        if dist.is_initialized():
+            init_distributed(ParallelConfig(), cfg.model)
+        else:
+            with _one_process_env():
+                init_distributed(ParallelConfig(), cfg.model)
     elif ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
         raise ExportError("export builds the full model in one process: the current megatron parallel state "
                           "must have tp = pp = 1")
