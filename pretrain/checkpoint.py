@@ -108,6 +108,32 @@ def verify_checkpoint_dir(path: Path) -> dict[str, Any]:
     return meta
 
 
+def start_write_results_queue() -> None:
+    """Start dist_checkpointing's results-queue Manager process with SIGTERM/SIGUSR1/SIGINT blocked.
+
+    megatron creates that Manager lazily at the first save, as a child of the rank. torchrun (and Slurm's
+    signal to a step) deliver SIGTERM to the rank's whole process group, which would kill the Manager and turn
+    the preemption checkpoint into a ``BrokenPipeError``. A blocked signal stays blocked across fork/exec, so
+    the Manager never sees them; in the rank they are only held (pending) for the fraction of a second the
+    start takes and delivered to our handler right after.
+    """
+    import signal as _signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    if getattr(fa, "_results_queue", None) is not None:
+        return
+    # multiprocessing's resource tracker, started lazily by the Manager, *unblocks* SIGINT/SIGTERM in the
+    # parent after spawning itself: start it first so that it cannot undo our mask.
+    from multiprocessing import resource_tracker
+    resource_tracker.ensure_running()
+    sigs = {_signal.SIGTERM, _signal.SIGUSR1, _signal.SIGINT}
+    old = _signal.pthread_sigmask(_signal.SIG_BLOCK, sigs)
+    try:
+        fa.get_write_results_queue()
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, old)
+
+
 class CheckpointManager:
     """Saves and finds checkpoints of one run. All methods are collective (call on every rank)."""
 
@@ -144,6 +170,7 @@ class CheckpointManager:
             if on_done is not None:
                 on_done(final)
 
+        start_write_results_queue()
         req = dist_checkpointing.save(sharded_sd, str(tmp), async_sharded_save=self.async_save,
                                       verify_integrity=True, async_strategy="mcore")
         if req is None:
