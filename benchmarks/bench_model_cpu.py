@@ -1,12 +1,16 @@
 """CPU training-step throughput and peak memory: our DeepSeekV4Model vs HF DeepseekV4ForCausalLM, same weights.
 
-    python benchmarks/bench_model_cpu.py [--configs tiny small] [--steps 3] [--seq tiny=128 small=256]
+    python benchmarks/bench_model_cpu.py [--configs tiny small] [--steps 5] [--seq tiny=128 small=256]
 
-For each config: an HF model with random weights is saved once; each measurement runs in a fresh spawned
-process (so peak RSS is its own) that loads the weights (ours through ``model_from_hf``), runs one warm-up and
-``--steps`` timed training steps (forward with labels, backward, zero_grad) on the same random batch, and
-reports tokens/s and peak RSS (total, and the growth over the loaded model = activations + gradients).
-Prints a table and writes ``benchmarks/results/bench_model_cpu.json``.
+For each config: an HF model with random weights is saved once; ours (through ``model_from_hf``) and HF's are
+loaded in two spawned processes (so each peak RSS is its own) that stay alive and take turns: one warm-up step
+each, then ``--steps`` rounds of one HF step followed by one of ours (forward with labels, backward, zero_grad)
+on the same random batch. Alternating keeps both under the same machine load; on a shared, oversubscribed
+machine wall time per step varies by 10x between minutes, so numbers from separate sequential runs are not
+comparable. Reported per model: median wall seconds per step and tokens/s, median process CPU seconds per
+step (user + system of all its threads: insensitive to waiting for a core, but it counts OpenMP spin-waits)
+and the speedups ours/HF on both, peak RSS (total, and the growth over the loaded model). Prints a table and
+writes ``benchmarks/results/bench_model_cpu.json``.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +39,8 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _measure(which: str, hf_dir: str, batch: int, seq: int, steps: int, threads: int, q) -> None:
+def _worker(which: str, hf_dir: str, batch: int, seq: int, threads: int, conn) -> None:
+    """Load one model, then run one training step per "step" message; reply (wall s, cpu s, loss)."""
     import torch
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -61,30 +67,52 @@ def _measure(which: str, hf_dir: str, batch: int, seq: int, steps: int, threads:
     ids = torch.randint(0, vocab, (batch, seq), generator=g)
     labels = torch.randint(0, vocab, (batch, seq), generator=g)
     base = _rss_mib()
-    loss = step(ids, labels)                        # warm-up
-    model.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    for _ in range(steps):
+    conn.send("ready")
+    while conn.recv() == "step":
+        w0, c0 = time.perf_counter(), time.process_time()
         loss = step(ids, labels)
         model.zero_grad(set_to_none=True)
-    dt = (time.perf_counter() - t0) / steps
-    q.put(dict(model=which, step_s=dt, tokens_per_s=batch * seq / dt, peak_rss_mib=_peak_mib(),
-               step_growth_mib=_peak_mib() - base, loss=loss,
-               params=sum(p.numel() for p in model.parameters())))
+        conn.send((time.perf_counter() - w0, time.process_time() - c0, loss))
+    conn.send(dict(peak_rss_mib=_peak_mib(), step_growth_mib=_peak_mib() - base,
+                   params=sum(p.numel() for p in model.parameters())))
 
 
-def run_one(which: str, hf_dir: str, batch: int, seq: int, steps: int, threads: int) -> dict:
+def run_pair(hf_dir: str, batch: int, seq: int, steps: int, threads: int) -> dict[str, dict]:
+    """Both models in their own processes, stepping alternately (HF, ours, HF, ours, ...)."""
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_measure, args=(which, hf_dir, batch, seq, steps, threads, q))
-    p.start()
+    procs, conns = {}, {}
+    for which in ("hf", "ours"):
+        parent, child = ctx.Pipe()
+        procs[which] = ctx.Process(target=_worker, args=(which, hf_dir, batch, seq, threads, child))
+        procs[which].start()
+        conns[which] = parent
     try:
-        res = q.get(timeout=3600)
+        for which in ("hf", "ours"):
+            if not conns[which].poll(3600) or conns[which].recv() != "ready":
+                raise RuntimeError(f"{which}: the worker did not start")
+        samples: dict[str, list] = {"hf": [], "ours": []}
+        for i in range(steps + 1):                   # round 0 is the warm-up
+            for which in ("hf", "ours"):
+                conns[which].send("step")
+                res = conns[which].recv()
+                if i:
+                    samples[which].append(res)
+        out = {}
+        for which in ("hf", "ours"):
+            conns[which].send("stop")
+            info = conns[which].recv()
+            walls = [s[0] for s in samples[which]]
+            cpus = [s[1] for s in samples[which]]
+            wall, cpu = statistics.median(walls), statistics.median(cpus)
+            out[which] = dict(model=which, step_s=wall, step_s_min=min(walls), cpu_s=cpu,
+                              tokens_per_s=batch * seq / wall, tokens_per_cpu_s=batch * seq / cpu,
+                              loss=samples[which][-1][2], **info)
+        return out
     finally:
-        p.join(timeout=60)
-        if p.is_alive():
-            p.kill()
-    return res
+        for p in procs.values():
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
 
 
 def main() -> int:
@@ -92,7 +120,7 @@ def main() -> int:
     ap.add_argument("--configs", nargs="+", default=["tiny", "small"])
     ap.add_argument("--seq", nargs="*", default=["tiny=128", "small=256"], help="NAME=seq_len")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each model per round)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_model_cpu.json"))
     args = ap.parse_args()
@@ -118,22 +146,25 @@ def main() -> int:
                     if mod_name.endswith("tid2eid"):
                         buf.copy_(make_hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.num_experts_per_tok, 0))
             hf.save_pretrained(tmp)
-            res = {w: run_one(w, tmp, args.batch, seq, args.steps, args.threads) for w in ("hf", "ours")}
-        speedup = res["ours"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
+            res = run_pair(tmp, args.batch, seq, args.steps, args.threads)
         for w in ("hf", "ours"):
             rows.append(dict(config=name, batch=args.batch, seq=seq, **res[w]))
-        rows[-1]["speedup_vs_hf"] = speedup
+        rows[-1]["speedup_vs_hf"] = res["ours"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
+        rows[-1]["speedup_vs_hf_cpu"] = res["ours"]["tokens_per_cpu_s"] / res["hf"]["tokens_per_cpu_s"]
 
-    print(f"{'config':<7}{'model':<6}{'B×S':>9}{'params':>10}{'step s':>9}{'tok/s':>9}{'peak MiB':>10}"
-          f"{'+step MiB':>10}{'speedup':>9}")
+    print(f"{'config':<7}{'model':<6}{'B×S':>9}{'params':>10}{'step s':>9}{'tok/s':>9}{'cpu s':>9}"
+          f"{'tok/cpu-s':>10}{'peak MiB':>10}{'+step MiB':>10}{'speedup':>9}{'(cpu)':>7}")
     for r in rows:
         print(f"{r['config']:<7}{r['model']:<6}{r['batch']}×{r['seq']:<6}{r['params'] / 1e6:>9.1f}M"
-              f"{r['step_s']:>9.3f}{r['tokens_per_s']:>9.0f}{r['peak_rss_mib']:>10.0f}{r['step_growth_mib']:>10.0f}"
-              f"{r.get('speedup_vs_hf', float('nan')):>9.2f}")
+              f"{r['step_s']:>9.3f}{r['tokens_per_s']:>9.0f}{r['cpu_s']:>9.3f}{r['tokens_per_cpu_s']:>10.0f}"
+              f"{r['peak_rss_mib']:>10.0f}{r['step_growth_mib']:>10.0f}"
+              f"{r.get('speedup_vs_hf', float('nan')):>9.2f}{r.get('speedup_vs_hf_cpu', float('nan')):>7.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(machine=dict(cpus=os.cpu_count(), python=platform.python_version(),
-                                                torch=torch.__version__, threads=args.threads),
+                                                torch=torch.__version__, threads=args.threads,
+                                                loadavg_at_end=os.getloadavg()),
+                                   method="alternating steps of both models in two live processes; medians",
                                    steps=args.steps, rows=rows), indent=1))
     print(f"wrote {out}")
     return 0
