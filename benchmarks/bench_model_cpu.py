@@ -1,6 +1,9 @@
 """CPU training-step throughput and peak memory: our DeepSeekV4Model vs HF DeepseekV4ForCausalLM, same weights.
 
-    python benchmarks/bench_model_cpu.py [--configs tiny small] [--steps 5] [--seq tiny=128 small=256]
+    python benchmarks/bench_model_cpu.py [--configs tiny small] [--steps 5] [--seq tiny=128 small=256] [--threads 2]
+
+(The committed results use ``--threads 1``: on the shared 2-core machine the OpenMP threads of a 2-thread run
+spin-wait for each other, which inflates both wall and CPU time.)
 
 For each config: an HF model with random weights is saved once; ours (through ``model_from_hf``) and HF's are
 loaded in two spawned processes (so each peak RSS is its own) that stay alive and take turns: one warm-up step
