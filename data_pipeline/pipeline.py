@@ -111,7 +111,7 @@ def ingest_stage(sources: list[SourceConfig], out: Path, stages: Stages) -> tupl
     counts = count_by(ds)
     quarantine: dict[str, int] = {}
     docs = 0
-    for (src, reason), (n, _) in counts.items():
+    for (_src, reason), (n, _) in counts.items():
         if reason:
             quarantine[reason] = quarantine.get(reason, 0) + n
         else:
@@ -134,7 +134,7 @@ def clean_stage(ingested: Path, cfg: MixtureConfig, out: Path, stages: Stages) -
     counts = count_by(ray.data.read_parquet(str(target)))
     removed: dict[str, int] = {}
     docs = nbytes = 0
-    for (src, reason), (n, b) in counts.items():
+    for (_src, reason), (n, b) in counts.items():
         docs += n
         nbytes += b
         if reason:

@@ -214,8 +214,8 @@ def test_doc_ids_single_document_equals_none() -> None:
 # ----------------------------------------------------------------------------------------------------
 
 def _tp2_worker(rank: int, world: int, layer_types: list[str]) -> dict:
-    from pretrain.config import ParallelConfig
     from parallel.process_groups import init_distributed
+    from pretrain.config import ParallelConfig
     cfg, _ = make_configs(yarn=True, index_topk=2, mode="sparse")
     torch.manual_seed(0)
     fulls = {lt: V4Attention(cfg, lt, 0) for lt in layer_types}    # megatron not initialised yet: tp = 1

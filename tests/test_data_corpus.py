@@ -5,7 +5,7 @@ import json
 import re
 
 from data_pipeline.config import load_mixture
-from data_pipeline.embedded_corpus import EMBEDDED, _READERS, write_embedded
+from data_pipeline.embedded_corpus import _READERS, EMBEDDED, write_embedded
 
 
 def test_embedded_sources_are_real_text_with_stable_ids(tmp_path):

@@ -78,8 +78,7 @@ def test_mhc_post_applies_comb_transposed():
 @pytest.mark.parametrize("n", [2, 4])
 def test_matches_hf_hyper_connection_and_head(n):
     from transformers import DeepseekV4Config
-    from transformers.models.deepseek_v4.modeling_deepseek_v4 import (DeepseekV4HyperConnection,
-                                                                      DeepseekV4HyperHead)
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection, DeepseekV4HyperHead
     d = 16
     cfg = DeepseekV4Config(hidden_size=d, hc_mult=n, num_hidden_layers=1, vocab_size=32)
     torch.manual_seed(7 + n)

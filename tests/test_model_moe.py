@@ -36,7 +36,7 @@ def test_matches_hf_sparse_moe_block(is_hash, one_rank):
     hf = DeepseekV4SparseMoeBlock(hf_config_from_model_config(cfg), 0 if is_hash else 1).eval()
     ours = V4MoE(cfg, 1 if is_hash else 2, is_hash, megatron_moe_config(cfg)).eval()
     g = torch.Generator().manual_seed(5)
-    e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
+    e, _i = cfg.n_routed_experts, cfg.moe_intermediate_size
     with torch.no_grad():
         for p in hf.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)

@@ -71,7 +71,7 @@ def test_rope_matches_hf_interleaved_and_yarn() -> None:
 def brute_layout(doc_row: list[int], rate: int):
     """Per document, blocks [j*m, (j+1)*m) of its local positions; entries listed by end token."""
     S = len(doc_row)
-    starts, ends, prev_ok, pos = [], [], [], []
+    starts, _ends, prev_ok, pos = [], [], [], []
     t = 0
     while t < S:
         e = t
@@ -122,10 +122,12 @@ def brute_pool(kv, gate, bias, start, prev_ok, overlap):
     vals, logits = [], []
     if overlap and prev_ok:
         for j in range(m):
-            vals.append(kv[start - m + j, :c]); logits.append(gate[start - m + j, :c] + bias[j, :c])
+            vals.append(kv[start - m + j, :c])
+            logits.append(gate[start - m + j, :c] + bias[j, :c])
     for j in range(m):
         sl = slice(c, 2 * c) if overlap else slice(0, c)
-        vals.append(kv[start + j, sl]); logits.append(gate[start + j, sl] + bias[j, sl])
+        vals.append(kv[start + j, sl])
+        logits.append(gate[start + j, sl] + bias[j, sl])
     w = torch.softmax(torch.stack(logits), dim=0)
     return (w * torch.stack(vals)).sum(0)
 

@@ -39,6 +39,7 @@ import triton.language as tl
 from ops import mhc as _ref
 from ops.triton import native, new_empty
 
+
 # fp32 dots: 3-pass tf32 on the GPU keeps ~fp32 accuracy at tensor-core speed; the interpreter is exact.
 def _interp() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

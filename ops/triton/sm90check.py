@@ -97,11 +97,12 @@ def capture(arch: int = 90):
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("sm90check needs TRITON_INTERPRET unset (kernels defined for the compiler)")
     import triton
-    import ops.triton as pkg
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource, make_backend
     from triton.runtime import jit as rjit
-    from triton import knobs
+
+    import ops.triton as pkg
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -161,6 +162,7 @@ def capture(arch: int = 90):
 # ------------------------------------------------------------------------------------------- the V4 shapes
 def _attention(D: int, dtype, mode: str, S: int = 256, H: int = 64, window: int = 128, topk: int = 512) -> None:
     import torch
+
     from ops import compressor
     from ops.triton import hybrid_attention as tri
     g = torch.Generator().manual_seed(0)
@@ -184,6 +186,7 @@ def _attention(D: int, dtype, mode: str, S: int = 256, H: int = 64, window: int 
 
 def _mhc(dtype, T: int = 64, n: int = 4, d: int = 4096) -> None:
     import torch
+
     from ops.triton import mhc_post, mhc_pre
     x = torch.randn(T, n, d).to(dtype).requires_grad_()
     fn = (torch.randn((2 + n) * n, n * d) * (n * d) ** -0.5).requires_grad_()
@@ -202,6 +205,7 @@ def _mhc(dtype, T: int = 64, n: int = 4, d: int = 4096) -> None:
 
 def _ns(dtype_fp32: bool, E: int = 2, m: int = 2048, n: int = 1024) -> None:
     import torch
+
     from ops.triton import newton_schulz
     X = torch.randn(E, m, n).to(torch.bfloat16)
     newton_schulz.newton_schulz(X, fp32=dtype_fp32)
@@ -209,6 +213,7 @@ def _ns(dtype_fp32: bool, E: int = 2, m: int = 2048, n: int = 1024) -> None:
 
 def _compressor(dtype) -> None:
     import torch
+
     from ops import compressor as ref
     from ops.triton import compressor as tri
     S = 512
@@ -226,6 +231,7 @@ def _compressor(dtype) -> None:
 
 def _indexer(dtype) -> None:
     import torch
+
     from ops import compressor
     from ops.triton import indexer as tri
     S, HI, cI, rate = 256, 64, 128, 4

@@ -204,7 +204,7 @@ class V4Attention(nn.Module):
 
     def _tag_parameters(self) -> None:
         """``v4_optimizer`` per CONTRACTS.md: sinks, position biases, norm weights -> adamw; matrices -> muon."""
-        for name, p in self.named_parameters():
+        for _name, p in self.named_parameters():
             if hasattr(p, "v4_optimizer"):
                 continue
             p.v4_optimizer = "muon" if p.dim() >= 2 else "adamw"

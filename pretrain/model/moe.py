@@ -54,9 +54,12 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
-from megatron.core.transformer.moe.moe_utils import (compute_routing_scores_for_aux_loss, get_updated_expert_bias,
-                                                     switch_load_balancing_loss_func,
-                                                     topk_routing_with_score_function)
+from megatron.core.transformer.moe.moe_utils import (
+    compute_routing_scores_for_aux_loss,
+    get_updated_expert_bias,
+    switch_load_balancing_loss_func,
+    topk_routing_with_score_function,
+)
 from megatron.core.transformer.moe.router import Router, TopKRouter
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.transformer_config import TransformerConfig
