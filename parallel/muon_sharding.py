@@ -11,6 +11,10 @@ experts over (expert_tp_group, expert_dp_group); pipeline stages are independent
   over t in rank order. Slices may be uneven; with ``v4_blocks`` each rank holds its slice of every block,
   so block j of the full matrix is cat_t(local block j on rank t) -- never a contiguous row range of the
   concatenated local tensors (the classic way to get fused-projection Muon silently wrong).
+  With ``v4_tp_whole_blocks`` (e.g. the grouped attention output projection ``o_a_proj``, whose TP shard
+  along the rows is ``g / T`` whole groups) the blocks are NOT sliced: rank t holds whole blocks, and the
+  full matrix's blocks are rank 0's, then rank 1's, ... Each such block is a unit that lives on one TP
+  rank only (its ``holder_tp``; the other ranks hold an empty 0-row slice of it).
 * **Modes** (how a TP-sharded unit is orthogonalised exactly as the full matrix):
   - ``local``: not TP-sharded (or TP size 1): one owner rank computes it from its own copy.
   - ``gather``: the owner TP rank receives all slices (all-to-all), runs NS on the full matrix and sends
@@ -54,6 +58,7 @@ class ParamInfo:
     tp_sharded: bool
     partition_dim: int | None
     blocks: tuple[int, ...]
+    whole_blocks: bool = False     # TP shards are whole v4_blocks (see the module doc)
 
     @staticmethod
     def of(name: str, p: torch.Tensor, tp_size: int) -> ParamInfo:
@@ -71,7 +76,11 @@ class ParamInfo:
         if sum(blocks) != rows or min(blocks) <= 0:
             raise ValueError(f"Muon parameter '{name}': v4_blocks {list(blocks)} must be positive and sum to "
                              f"the local row count {rows}")
-        return ParamInfo(name, tuple(p.shape), sharded, pdim, blocks)
+        whole = sharded and bool(getattr(p, "v4_tp_whole_blocks", False))
+        if whole and pdim != p.dim() - 2:
+            raise ValueError(f"Muon parameter '{name}': v4_tp_whole_blocks needs the TP shard along the block "
+                             f"(row) dim, got partition_dim={pdim}")
+        return ParamInfo(name, tuple(p.shape), sharded, pdim, blocks, whole)
 
 
 @dataclass
@@ -89,6 +98,7 @@ class Unit:
     owner_dp: int = 0
     owner_tp: int | None = 0               # None for gram (all TP ranks of the owner replica)
     cost: float = 0.0
+    holder_tp: int | None = None           # whole-block unit: the only TP rank holding it (module doc)
 
     def numel_local(self, t: int) -> int:
         r, c = self.local_shapes[t]
@@ -167,8 +177,8 @@ def build_units(infos: Sequence[Sequence[ParamInfo]]) -> list[Unit]:
     for i in range(len(infos[0])):
         per = [infos[t][i] for t in range(T)]
         p0 = per[0]
-        if any((q.tp_sharded, q.partition_dim, len(q.shape), len(q.blocks)) !=
-               (p0.tp_sharded, p0.partition_dim, len(p0.shape), len(p0.blocks)) for q in per):
+        if any((q.tp_sharded, q.partition_dim, len(q.shape), len(q.blocks), q.whole_blocks) !=
+               (p0.tp_sharded, p0.partition_dim, len(p0.shape), len(p0.blocks), p0.whole_blocks) for q in per):
             raise ValueError(f"parameter {i} ('{p0.name}') differs in sharding metadata across TP ranks: {per}")
         mdim = None if p0.partition_dim is None else p0.partition_dim - (len(p0.shape) - 2)
         for q in per:
@@ -180,6 +190,16 @@ def build_units(infos: Sequence[Sequence[ParamInfo]]) -> list[Unit]:
                 raise ValueError(f"parameter '{p0.name}': v4_blocks differ across TP ranks but the rows are "
                                  f"not sharded ({[x.blocks for x in per]})")
         experts = [None] if len(p0.shape) == 2 else list(range(p0.shape[0]))
+        if p0.whole_blocks and mdim == 0:
+            for e in experts:               # full block order: rank 0's blocks, then rank 1's, ...
+                for h, q in enumerate(per):
+                    for j, b in enumerate(q.blocks):
+                        off = sum(q.blocks[:j])
+                        units.append(Unit(uid=len(units), pidx=i, expert=e, block=j,
+                                          row_off=tuple(off if t == h else 0 for t in range(T)),
+                                          local_shapes=tuple((b if t == h else 0, q.shape[-1]) for t in range(T)),
+                                          shard_dim=0, full_shape=(b, q.shape[-1]), holder_tp=h))
+            continue
         for e in experts:
             for j in range(len(p0.blocks)):
                 row_off = tuple(sum(q.blocks[:j]) for q in per)
@@ -208,6 +228,8 @@ def plan(infos: Sequence[Sequence[ParamInfo]], dp: int, tp_mode: str = "auto", i
         u.cost = ns_flops(s, l, iters, gram=ns_impl == "gram", restarts=restarts)
         if u.shard_dim is None or T == 1:
             u.mode = "local"
+        elif u.holder_tp is not None:   # owned by its holder: the gather moves nothing (empty slices)
+            u.mode = "gather"
         elif tp_mode == "gather" or not u.gram_ok():
             u.mode = "gather"
         elif tp_mode == "gram":
@@ -224,7 +246,8 @@ def plan(infos: Sequence[Sequence[ParamInfo]], dp: int, tp_mode: str = "auto", i
             for t in range(T):
                 load[d][t] += per_rank
         else:
-            d, t = min(((k, t) for k in range(dp) for t in range(T)), key=lambda kt: (load[kt[0]][kt[1]], kt))
+            ts = range(T) if u.holder_tp is None else (u.holder_tp,)
+            d, t = min(((k, t) for k in range(dp) for t in ts), key=lambda kt: (load[kt[0]][kt[1]], kt))
             u.owner_dp, u.owner_tp = d, t
             load[d][t] += u.cost
     out = Plan(units=units, tp=T, dp=dp, load=load)
@@ -234,4 +257,4 @@ def plan(infos: Sequence[Sequence[ParamInfo]], dp: int, tp_mode: str = "auto", i
 
 def fingerprint(infos: Sequence[ParamInfo]) -> tuple:
     """What must agree across data-parallel ranks (same parameters, shapes and metadata, same order)."""
-    return tuple((x.shape, x.tp_sharded, x.partition_dim, x.blocks) for x in infos)
+    return tuple((x.shape, x.tp_sharded, x.partition_dim, x.blocks, x.whole_blocks) for x in infos)

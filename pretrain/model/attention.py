@@ -99,8 +99,9 @@ class GroupedOutputProjection(nn.Module):
 
     ``weight`` is [g_local·d_g, n_h·c/g] (HF's layout, viewed as [g_local, d_g, n_h·c/g]); with tensor
     parallelism each rank holds ``g/tp`` consecutive groups (rows of the full matrix), tagged
-    ``tensor_model_parallel`` / ``partition_dim=0`` and ``v4_blocks = [d_g] * g_local`` (each group is an
-    independent matrix for Muon).
+    ``tensor_model_parallel`` / ``partition_dim=0``, ``v4_blocks = [d_g] * g_local`` (each group is an
+    independent matrix for Muon) and ``v4_tp_whole_blocks`` (the TP shard is whole groups, not a slice of
+    every group as for a fused [gate; up]).
     """
 
     def __init__(self, in_per_group: int, out_per_group: int, n_groups: int, tp_size: int = 1,
@@ -119,6 +120,7 @@ class GroupedOutputProjection(nn.Module):
         self.weight.partition_stride = 1
         self.weight.v4_optimizer = "muon"
         self.weight.v4_blocks = [out_per_group] * self.local_groups
+        self.weight.v4_tp_whole_blocks = True    # TP shards hold whole groups, not slices of every group
 
     def forward(self, o: torch.Tensor) -> torch.Tensor:
         """o: [..., g_local, n_h·c/g] -> [..., g_local·d_g]."""
