@@ -1,4 +1,4 @@
-"""Distributed Muon on the tiny V4 under TP / DP / EP: one step, Muon only, per tensor (gloo, 2 ranks).
+"""Distributed Muon on the tiny V4 under TP / DP / EP / PP: one step, Muon only, per tensor (gloo, 2 and 4 ranks).
 
 Each layout builds the model as in ``tests/test_parallel_layouts.py`` (same config, seed, batches), runs ONE
 global batch (``zero_grads`` / ``forward_backward`` / ``finalize_grads``), gathers the full gradients, then
@@ -29,8 +29,10 @@ orthogonalises the TP-concatenation of the ranks' groups as one matrix (mixing i
 check 1 must fail by far more than the tolerance (observed 0.4-0.6 relative). This was the bug that made
 tp2 training drift from one process.
 
-Layouts: tp2 (tp_mode auto -> gather), tp2 with tp_mode gram (Gram-form all-reduces where valid), dp2, ep2.
-About 1 minute on 2 CPU cores.
+Layouts: tp2 (tp_mode auto -> gather), tp2 with tp_mode gram (Gram-form all-reduces where valid), dp2, ep2
+(one 2-rank launch); tp2 × dp2 and pp2 × dp2 (one 4-rank launch, dp inferred from the world size; under pp2
+rank 0 holds only the first stage's Muon tensors, the gathered updates and gradients cover all of them).
+About 2 minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ GRAD_ATOL = 1e-10
 CONTROL = "tp2_no_whole_blocks"
 LAYOUTS = {"tp2": {"tp": 2}, "tp2_gram": {"tp": 2, "tp_mode": "gram"}, "dp2": {}, "ep2": {"ep": 2},
            CONTROL: {"tp": 2, "untag_o_a": True}}
+LAYOUTS_4 = {"tp2_dp2": {"tp": 2}, "pp2_dp2": {"pp": 2}}     # 4 ranks: dp2 from the world size
 log = logging.getLogger(__name__)
 
 
@@ -140,14 +143,15 @@ def _rel(a, b) -> float:
 @pytest.fixture(scope="module")
 def runs():
     batches = make_batches()
-    dist = run_ranks(muon_step, 2, LAYOUTS, batches, timeout=600)[0]
+    dist = {**run_ranks(muon_step, 2, LAYOUTS, batches, timeout=600)[0],
+            **run_ranks(muon_step, 4, LAYOUTS_4, batches, timeout=600)[0]}
     ref = run_ranks(muon_step, 1, {"single": {}}, batches, {k: v["grads"] for k, v in dist.items()},
                     timeout=600)[0]["single"]
     return ref, dist
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != CONTROL])
+@pytest.mark.parametrize("layout", [k for k in {**LAYOUTS, **LAYOUTS_4} if k != CONTROL])
 def test_muon_one_step_per_tensor(runs, layout):
     ref, dist = runs
     got, same_grads = dist[layout], ref["on_grads"][layout]
