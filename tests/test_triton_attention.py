@@ -20,18 +20,13 @@ ON_GPU = testing.setup()
 DEV = "cuda" if ON_GPU else "cpu"
 pytest.importorskip("triton")
 
-import ops.triton  # noqa: E402
 from ops import compressor, indexer  # noqa: E402
 from ops import sparse_attention as ref  # noqa: E402
 
 rel = testing.rel
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    ops.triton.POISON = True
-    yield
-    ops.triton.POISON = False
+_poison = pytest.fixture(autouse=True)(testing.poison_outputs)
 
 
 def _case(seed, mode, dtype, B=2, S=32, H=2, D=16, window=7, rate=4, topk=3):

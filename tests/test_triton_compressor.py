@@ -17,17 +17,12 @@ ON_GPU = testing.setup()
 DEV = "cuda" if ON_GPU else "cpu"
 pytest.importorskip("triton")
 
-import ops.triton  # noqa: E402
 from ops import compressor as ref  # noqa: E402
 
 rel = testing.rel
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    ops.triton.POISON = True
-    yield
-    ops.triton.POISON = False
+_poison = pytest.fixture(autouse=True)(testing.poison_outputs)
 
 
 @pytest.mark.parametrize("rate,dtype", [(4, torch.float32), (8, torch.float32), (4, torch.bfloat16)])

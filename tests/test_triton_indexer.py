@@ -19,15 +19,9 @@ ON_GPU = testing.setup()
 DEV = "cuda" if ON_GPU else "cpu"
 pytest.importorskip("triton")
 
-import ops.triton  # noqa: E402
 from ops import indexer as ref  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _poison():
-    ops.triton.POISON = True
-    yield
-    ops.triton.POISON = False
+_poison = pytest.fixture(autouse=True)(testing.poison_outputs)
 
 
 def _visibility(B, S, N, seed):

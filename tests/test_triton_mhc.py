@@ -22,19 +22,13 @@ ON_GPU = testing.setup()          # before triton is imported: interpreter on CP
 DEV = "cuda" if ON_GPU else "cpu"
 triton = pytest.importorskip("triton")
 
-import ops  # noqa: E402
-import ops.triton  # noqa: E402
 from ops import dispatch  # noqa: E402
 from ops import mhc as ref  # noqa: E402
 
 _kernels = testing.kernels
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    ops.triton.POISON = True
-    yield
-    ops.triton.POISON = False
+_poison = pytest.fixture(autouse=True)(testing.poison_outputs)
 
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}

@@ -19,17 +19,12 @@ ON_GPU = testing.setup()
 DEV = "cuda" if ON_GPU else "cpu"
 pytest.importorskip("triton")
 
-import ops.triton  # noqa: E402
 from ops import newton_schulz as ref  # noqa: E402
 
 rel = testing.rel
 
 
-@pytest.fixture(autouse=True)
-def _poison():
-    ops.triton.POISON = True
-    yield
-    ops.triton.POISON = False
+_poison = pytest.fixture(autouse=True)(testing.poison_outputs)
 
 
 @pytest.mark.parametrize("shape", [(2, 20, 36), (1, 36, 20)])   # wide, and tall (transposed internally)

@@ -25,6 +25,18 @@ def setup() -> bool:
     return on_gpu
 
 
+def poison_outputs():
+    """Body of the Triton tests' autouse fixture: kernels fill their outputs with NaN (indices with a
+    negative sentinel) before writing, so an element a kernel never writes fails the comparison.
+    Use as ``_poison = pytest.fixture(autouse=True)(testing.poison_outputs)``."""
+    import ops.triton
+    ops.triton.POISON = True
+    try:
+        yield
+    finally:
+        ops.triton.POISON = False
+
+
 def kernels(name: str) -> ModuleType:
     """Import kernel module ``ops.triton.<name>`` in this process's mode (interpreted or compiled)."""
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
