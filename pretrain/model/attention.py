@@ -204,6 +204,23 @@ class V4Attention(nn.Module):
             init_method(lin.weight)
         self._tag_parameters()
 
+    def _project_q_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """c^Q = RMSNorm(x W^{DQ}); q = RoPE(UnweightedRMSNorm(c^Q W^{UQ})) per local head;
+        kv = RoPE(RMSNorm(x W^{KV}))."""
+        B, S, _ = x.shape
+        q_latent = self.q_a_norm(self.q_a_proj(x))
+        q = self._parallel_linear(self.q_b_proj, q_latent).view(B, S, self.local_heads, self.head_dim)
+        q = rope(unweighted_rms_norm(q, self.eps), cos[:, :, None], sin[:, :, None])
+        kv = rope(self.kv_norm(self.kv_proj(x)), cos, sin)
+        return q_latent, q, kv
+
+    def _checked_mode(self) -> str:
+        mode = self.attention_mode
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention_mode='{mode}' unknown; use one of {ATTENTION_MODES}")
+        return mode
+
     def _tag_parameters(self) -> None:
         """``v4_optimizer`` per CONTRACTS.md: sinks, position biases, norm weights -> adamw; matrices -> muon."""
         for _name, p in self.named_parameters():
@@ -254,16 +271,12 @@ class V4Attention(nn.Module):
         cos, sin = self.rotary(position_ids)                                   # [B, S, r/2]
         rope = dispatch.get("apply_rope", x)
 
-        q_latent = self.q_a_norm(self.q_a_proj(x))                              # c^Q [B, S, d_c]
-        q = self._parallel_linear(self.q_b_proj, q_latent).view(B, S, self.local_heads, self.head_dim)
-        q = rope(unweighted_rms_norm(q, self.eps), cos[:, :, None], sin[:, :, None])
-        kv = self._to_head_parallel(rope(self.kv_norm(self.kv_proj(x)), cos, sin))   # [B, S, c]
+        q_latent, q, kv = self._project_q_kv(x, cos, sin, rope)   # c^Q [B,S,d_c], q [B,S,h,c], kv [B,S,c]
+        kv = self._to_head_parallel(kv)
 
         self.indexer_loss = None
         comp_kv = lo = hi = idx = scores = None
-        mode = self.attention_mode
-        if mode not in ATTENTION_MODES:
-            raise ValueError(f"attention_mode='{mode}' unknown; use one of {ATTENTION_MODES}")
+        mode = self._checked_mode()
         if self.compressor is not None:
             starts = seg_start if seg_start is not None else torch.zeros(B, S, dtype=torch.long, device=x.device)
             layout = compressed_layout(starts, position_ids, self.compressor.rate)
@@ -312,16 +325,12 @@ class V4Attention(nn.Module):
         cos, sin = self.rotary(position_ids[:, local])
         rope = dispatch.get("apply_rope", x)
 
-        q_latent = self.q_a_norm(self.q_a_proj(x))
-        q = self._parallel_linear(self.q_b_proj, q_latent).view(B, S_l, self.local_heads, self.head_dim)
-        q = rope(unweighted_rms_norm(q, self.eps), cos[:, :, None], sin[:, :, None])
-        kv = self._to_head_parallel(usp.gather_seq(rope(self.kv_norm(self.kv_proj(x)), cos, sin)))   # [B, S, c]
+        q_latent, q, kv = self._project_q_kv(x, cos, sin, rope)   # local sequence chunk
+        kv = self._to_head_parallel(usp.gather_seq(kv))                 # [B, S, c]
 
         self.indexer_loss = None
         comp_kv = lo = hi = idx = scores = None
-        mode = self.attention_mode
-        if mode not in ATTENTION_MODES:
-            raise ValueError(f"attention_mode='{mode}' unknown; use one of {ATTENTION_MODES}")
+        mode = self._checked_mode()
         if self.compressor is not None:
             starts = seg_start if seg_start is not None else torch.zeros(B, S, dtype=torch.long, device=x.device)
             layout = compressed_layout(starts, position_ids, self.compressor.rate)
