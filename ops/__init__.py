@@ -7,4 +7,4 @@ try:  # Triton kernels: registered lazily (no kernel defined, triton not importe
     from ops import triton as _triton_ops  # noqa: F401,E402
 except ImportError:
     pass
-from ops import compressor, indexer, rope, sparse_attention  # noqa: F401,E402
+from ops import blocked_attention, compressor, indexer, rope, sparse_attention  # noqa: F401,E402

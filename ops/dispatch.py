@@ -1,9 +1,13 @@
-"""One switch that selects the implementation of every op: the PyTorch reference or a Triton kernel.
+"""One switch that selects the implementation of every op: the PyTorch reference, a blocked PyTorch path or Triton.
 
 Backends:
 - ``reference``: the plain PyTorch functions in ``ops/`` (they define correctness; run anywhere).
+- ``blocked``: plain PyTorch evaluated chunk by chunk with a recomputing backward (``ops.blocked_attention``):
+  same results as the reference up to summation order, cost and memory of the sparse attention. Only ops that
+  have one (``hybrid_attention``); the others fall back to their reference.
 - ``triton``: fused kernels (GPU, or CPU through ``TRITON_INTERPRET=1`` for tests).
-- ``auto``: Triton when the inputs live on a CUDA device and a kernel is registered, else the reference.
+- ``auto``: Triton when the inputs live on a CUDA device and a kernel is registered, else ``blocked`` when
+  registered, else the reference.
 
 Ops register themselves with ``register(name, reference=fn)`` / ``register(name, triton=fn)``; callers use
 ``get(name)`` (resolved per call so the switch can change between steps) or ``call(name, *args)``.
@@ -18,18 +22,17 @@ from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "blocked", "triton")
 _registry: dict[str, dict[str, Callable[..., Any]]] = {}
 _backend = os.environ.get("V4_OPS_BACKEND", "auto")
 
 
 def register(name: str, *, reference: Callable[..., Any] | None = None,
-             triton: Callable[..., Any] | None = None) -> None:
+             blocked: Callable[..., Any] | None = None, triton: Callable[..., Any] | None = None) -> None:
     entry = _registry.setdefault(name, {})
-    if reference is not None:
-        entry["reference"] = reference
-    if triton is not None:
-        entry["triton"] = triton
+    for kind, fn in (("reference", reference), ("blocked", blocked), ("triton", triton)):
+        if fn is not None:
+            entry[kind] = fn
 
 
 def set_backend(name: str) -> None:
@@ -72,7 +75,12 @@ def get(name: str, *example_args: Any) -> Callable[..., Any]:
         raise KeyError(f"op '{name}' is not registered; known: {sorted(_registry)}")
     want = _backend
     if want == "auto":
-        want = "triton" if ("triton" in entry and _on_cuda(example_args)) else "reference"
+        if "triton" in entry and _on_cuda(example_args):
+            want = "triton"
+        else:
+            want = "blocked" if "blocked" in entry else "reference"
+    elif want == "blocked" and "blocked" not in entry:
+        want = "reference"
     if want not in entry:
         raise RuntimeError(f"op '{name}' has no '{want}' implementation (have {sorted(entry)}); "
                            f"set model.ops_backend=reference or auto")

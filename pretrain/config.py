@@ -82,7 +82,7 @@ class ModelConfig:
     init_std: float = 0.02
     attention_mode: Literal["dense", "indexer_warmup", "sparse"] = "sparse"
     indexer_loss_coeff: float = 0.01
-    ops_backend: Literal["auto", "reference", "triton"] = "auto"
+    ops_backend: Literal["auto", "reference", "blocked", "triton"] = "auto"
 
     def __post_init__(self) -> None:
         if not self.layer_types:

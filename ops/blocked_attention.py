@@ -1,0 +1,274 @@
+"""Hybrid attention in plain PyTorch, query chunk by query chunk, with a recomputing backward (CPU fast path).
+
+Same contract and math as the reference ``ops.sparse_attention.hybrid_attention`` (read its docstring): for
+head h of query t with J_t = W_t ∪ C_t, one shared K=V head (v_j = k_j) and the sink logit z'_h,
+
+    z_j = scale · q_{t,h}·k_j,   lse_{t,h} = log(Σ_{j∈J_t} e^{z_j} + e^{z'_h}),   o_{t,h} = Σ_j e^{z_j − lse} k_j
+
+What differs is only how it is evaluated, so that a CPU training step costs what the sparse attention costs:
+
+* Queries are cut into chunks of whole window blocks (block = n_win queries scoring the 2·n_win keys of its
+  band, as in the reference). The compressed entries of a chunk are scored either
+  - by **gathering** each query's K selected entries (CSA sparse: ``comp_idx``): cost ∝ K per query, not N —
+    the reference (and HF's eager model) score all N = S/m entries and mask, i.e. O(S²/m);
+  - or **densely over the chunk's visible span** [min lo, max hi) with a mask (HCA, CSA dense / indexer
+    warm-up, and CSA sparse when K is at least half of that span, where the gather would not pay).
+* Only (inputs, o, lse) are saved. The backward recomputes the probabilities chunk by chunk from lse
+  (FlashAttention-style), with Δ_{t,h} = Σ_d dO⊙O − ∂lse (lse is a differentiable output):
+
+      p_j = e^{z_j − lse},  dp_j = dO·k_j,  ds_j = p_j (dp_j − Δ)
+      dq  = scale Σ_j ds_j k_j
+      dk_j = scale Σ_{t,h} ds_j q_{t,h} + Σ_{t,h} p_j dO_{t,h}        (k = v: key and value gradients added)
+      dz'_h = −Σ_t e^{z'_h − lse_{t,h}} Δ_{t,h}
+
+  so activation memory is O(S·H·D) per layer instead of the reference's saved [S, H, 2·n_win + N] scores.
+  Peak scratch memory is bounded by ``CHUNK_ELEMENTS`` per large temporary.
+
+Selected indices must be distinct per query (the top-k output is), exactly as for the Triton kernel.
+Registered in ``ops.dispatch`` as the ``blocked`` backend of ``hybrid_attention``; ``auto`` uses it wherever
+no Triton kernel applies (CPU). Correctness: ``tests/test_ops_blocked_attention.py`` (against the reference and
+float64 gradcheck).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ops.dispatch import register
+from ops.sparse_attention import _window_blocks
+
+__all__ = ["blocked_hybrid_attention", "CHUNK_ELEMENTS"]
+
+CHUNK_ELEMENTS = 1 << 24      # elements of the largest per-chunk temporary (64 MiB in fp32)
+
+
+class _Plan:
+    """Shapes shared by forward and backward: window blocks, padding, chunking, compressed mode."""
+
+    def __init__(self, q: torch.Tensor, window: int, seg_start: Optional[torch.Tensor],
+                 comp_kv: Optional[torch.Tensor], comp_idx: Optional[torch.Tensor]):
+        B, S, H, D = q.shape
+        self.B, self.S, self.H, self.D = B, S, H, D
+        self.Q, self.nb, self.ok = _window_blocks(S, window, seg_start, q.device, B)   # ok [B|1, nb, Q, 2Q]
+        self.W = self.Q
+        self.Sp = self.nb * self.Q
+        self.has_comp = comp_kv is not None and comp_kv.shape[1] > 0
+        self.N = comp_kv.shape[1] if self.has_comp else 0
+        self.K = comp_idx.shape[-1] if (self.has_comp and comp_idx is not None) else 0
+        per_query = H * (2 * self.W + 1) + (H + D) * (self.K if self.K else self.N)
+        rows = max(self.Q, CHUNK_ELEMENTS // max(1, B * per_query))
+        self.blocks_per_chunk = max(1, rows // self.Q)
+
+    def chunks(self):
+        for i0 in range(0, self.nb, self.blocks_per_chunk):
+            yield i0, min(self.nb, i0 + self.blocks_per_chunk)
+
+
+def _pad_rows(x: Optional[torch.Tensor], rows: int, value: float) -> Optional[torch.Tensor]:
+    """Pad dim 1 of x ([B, S, ...]) to ``rows`` with ``value``."""
+    if x is None or x.shape[1] == rows:
+        return x
+    pad = [0, 0] * (x.dim() - 2) + [0, rows - x.shape[1]]
+    return F.pad(x, pad, value=value)
+
+
+class _Compressed:
+    """The compressed entries one chunk of queries scores: gathered top-k rows or a dense span with a mask."""
+
+    def __init__(self, ck: torch.Tensor, lo: Optional[torch.Tensor], hi: Optional[torch.Tensor],
+                 idx: Optional[torch.Tensor]):
+        B, N, D = ck.shape
+        self.gather = False
+        if idx is not None:
+            valid = idx >= 0
+            if not bool(valid.any()):
+                self.span = (0, 0)
+                self.mask = valid[..., :0]
+                self.keys = ck[:, :0]
+                return
+            mn = int(torch.where(valid, idx, N).min())
+            mx = int(torch.where(valid, idx, -1).max()) + 1
+            if 2 * idx.shape[-1] < mx - mn:                      # sparse enough: gather K entries per query
+                self.gather = True
+                self.valid = valid
+                self.safe = idx.clamp(min=0)                     # [B, C, K]
+                C, K = idx.shape[1], idx.shape[2]
+                self.keys = torch.gather(ck, 1, self.safe.reshape(B, C * K, 1).expand(-1, -1, D)).view(B, C, K, D)
+                return
+            self.span = (mn, mx)
+            span = mx - mn
+            sel = torch.where(valid, idx - mn, torch.full_like(idx, span))
+            mask = torch.zeros(*idx.shape[:2], span + 1, dtype=torch.bool, device=idx.device)
+            self.mask = mask.scatter_(-1, sel, True)[..., :span]
+        else:
+            mn = int(lo.min())
+            mx = max(mn, int(hi.max()))
+            self.span = (mn, mx)
+            n = torch.arange(mn, mx, device=lo.device)
+            self.mask = (n >= lo[..., None]) & (n < hi[..., None])   # [B, C, span]
+        self.keys = ck[:, self.span[0]:self.span[1]]               # [B, span, D]
+
+    def scores(self, qc: torch.Tensor, scale: float) -> torch.Tensor:
+        """z_c [B, C, H, K|span] with -inf where the entry is not attended."""
+        if self.gather:
+            z = torch.einsum("bqhd,bqkd->bqhk", qc, self.keys) * scale
+            return z.masked_fill_(~self.valid[:, :, None, :], float("-inf"))
+        z = torch.einsum("bqhd,bnd->bqhn", qc, self.keys) * scale
+        return z.masked_fill_(~self.mask[:, :, None, :], float("-inf"))
+
+    def apply(self, p: torch.Tensor) -> torch.Tensor:
+        """Σ_j p_j k_j over these entries: [B, C, H, D]."""
+        if self.gather:
+            return torch.einsum("bqhk,bqkd->bqhd", p, self.keys)
+        return torch.einsum("bqhn,bnd->bqhd", p, self.keys)
+
+    def backward(self, ds: torch.Tensor, p: torch.Tensor, qc: torch.Tensor, go: torch.Tensor, scale: float,
+                 dck: torch.Tensor) -> torch.Tensor:
+        """Adds the entries' gradient into ``dck`` [B, N, D]; returns this part's dq [B, C, H, D]."""
+        if self.gather:
+            dq = torch.einsum("bqhk,bqkd->bqhd", ds, self.keys) * scale
+            dkeys = torch.einsum("bqhk,bqhd->bqkd", ds * scale, qc) + torch.einsum("bqhk,bqhd->bqkd", p, go)
+            B, C, K, D = dkeys.shape
+            dck.scatter_add_(1, self.safe.reshape(B, C * K, 1).expand(-1, -1, D), dkeys.reshape(B, C * K, D))
+            return dq
+        dq = torch.einsum("bqhn,bnd->bqhd", ds, self.keys) * scale
+        lo, hi = self.span
+        if hi > lo:
+            dck[:, lo:hi] += torch.einsum("bqhn,bqhd->bnd", ds * scale, qc) + torch.einsum("bqhn,bqhd->bnd", p, go)
+        return dq
+
+
+def _chunk_scores(plan: _Plan, i0: int, i1: int, q_pad: torch.Tensor, kv_blk: torch.Tensor, sinks: torch.Tensor,
+                  scale: float, comp: Optional[_Compressed]) -> torch.Tensor:
+    """Logits of the chunk's queries, [B, C, H, 2W + K|span + 1] (window band, compressed, sink)."""
+    B, H, D, Q = plan.B, plan.H, plan.D, plan.Q
+    nbc = i1 - i0
+    q_blk = q_pad[:, i0 * Q:i1 * Q].view(B, nbc, Q, H, D)
+    z_win = torch.einsum("biqhd,bikd->biqhk", q_blk, kv_blk) * scale
+    z_win = z_win.masked_fill_(~plan.ok[:, i0:i1, :, None, :], float("-inf")).view(B, nbc * Q, H, 2 * Q)
+    parts = [z_win]
+    if comp is not None:
+        parts.append(comp.scores(q_pad[:, i0 * Q:i1 * Q], scale))
+    parts.append(sinks.view(1, 1, H, 1).expand(B, nbc * Q, H, 1))
+    return torch.cat(parts, dim=-1)
+
+
+class _BlockedHybridAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, kv, sinks, comp_kv, scale, window, seg_start, comp_lo, comp_hi, comp_idx):
+        cdt = torch.promote_types(q.dtype, torch.float32)
+        plan = _Plan(q, window, seg_start, comp_kv, comp_idx)
+        B, S, H, D, Q, Sp = plan.B, plan.S, plan.H, plan.D, plan.Q, plan.Sp
+        q_pad = _pad_rows(q.to(cdt), Sp, 0.0)
+        kv_pad = F.pad(kv.to(cdt), (0, 0, Q, Sp - S))                          # [B, Q + Sp, D]
+        kv_bands = kv_pad.unfold(1, 2 * Q, Q).transpose(-1, -2)                # [B, nb, 2Q, D] (view)
+        ck = comp_kv.to(cdt) if plan.has_comp else None
+        lo, hi = _pad_rows(comp_lo, Sp, 0), _pad_rows(comp_hi, Sp, 0)
+        idx = _pad_rows(comp_idx, Sp, -1)
+        sk = sinks.to(cdt)
+        o = torch.empty(B, Sp, H, D, dtype=cdt, device=q.device)
+        lse = torch.empty(B, Sp, H, dtype=cdt, device=q.device)
+        for i0, i1 in plan.chunks():
+            r0, r1 = i0 * Q, i1 * Q
+            comp = (_Compressed(ck, None if lo is None else lo[:, r0:r1], None if hi is None else hi[:, r0:r1],
+                                None if idx is None else idx[:, r0:r1]) if plan.has_comp else None)
+            kv_blk = kv_bands[:, i0:i1]
+            z = _chunk_scores(plan, i0, i1, q_pad, kv_blk, sk, scale, comp)
+            l_c = torch.logsumexp(z, dim=-1)
+            p = torch.exp(z - l_c[..., None])
+            nbc = i1 - i0
+            o_c = torch.einsum("biqhk,bikd->biqhd", p[..., :2 * Q].reshape(B, nbc, Q, H, 2 * Q), kv_blk)
+            o_c = o_c.reshape(B, nbc * Q, H, D)
+            if comp is not None:
+                o_c = o_c + comp.apply(p[..., 2 * Q:-1])
+            o[:, r0:r1] = o_c
+            lse[:, r0:r1] = l_c
+        o_out = o[:, :S].to(q.dtype)
+        lse_out = lse[:, :S].contiguous()
+        ctx.save_for_backward(q, kv, sinks, comp_kv, seg_start, comp_lo, comp_hi, comp_idx, o_out, lse_out)
+        ctx.scale, ctx.window = scale, window
+        return o_out, lse_out
+
+    @staticmethod
+    def backward(ctx, g_o, g_lse):
+        q, kv, sinks, comp_kv, seg_start, comp_lo, comp_hi, comp_idx, o, lse = ctx.saved_tensors
+        scale = ctx.scale
+        cdt = torch.promote_types(q.dtype, torch.float32)
+        plan = _Plan(q, ctx.window, seg_start, comp_kv, comp_idx)
+        B, S, H, D, Q, Sp = plan.B, plan.S, plan.H, plan.D, plan.Q, plan.Sp
+        q_pad = _pad_rows(q.to(cdt), Sp, 0.0)
+        kv_pad = F.pad(kv.to(cdt), (0, 0, Q, Sp - S))
+        kv_bands = kv_pad.unfold(1, 2 * Q, Q).transpose(-1, -2)
+        ck = comp_kv.to(cdt) if plan.has_comp else None
+        lo, hi = _pad_rows(comp_lo, Sp, 0), _pad_rows(comp_hi, Sp, 0)
+        idx = _pad_rows(comp_idx, Sp, -1)
+        sk = sinks.to(cdt)
+        go = _pad_rows(g_o.to(cdt), Sp, 0.0)
+        delta = _pad_rows((g_o.to(cdt) * o.to(cdt)).sum(-1) - g_lse.to(cdt), Sp, 0.0)     # [B, Sp, H]
+        lse_p = _pad_rows(lse.to(cdt), Sp, 0.0)
+        dq = torch.empty(B, Sp, H, D, dtype=cdt, device=q.device)
+        dkv = torch.zeros(B, plan.nb + 1, Q, D, dtype=cdt, device=q.device)    # kv_pad in blocks of Q rows
+        dck = torch.zeros_like(ck) if plan.has_comp else None
+        dsink = torch.zeros(H, dtype=cdt, device=q.device)
+        for i0, i1 in plan.chunks():
+            r0, r1 = i0 * Q, i1 * Q
+            nbc = i1 - i0
+            comp = (_Compressed(ck, None if lo is None else lo[:, r0:r1], None if hi is None else hi[:, r0:r1],
+                                None if idx is None else idx[:, r0:r1]) if plan.has_comp else None)
+            kv_blk = kv_bands[:, i0:i1]
+            z = _chunk_scores(plan, i0, i1, q_pad, kv_blk, sk, scale, comp)
+            p = torch.exp(z - lse_p[:, r0:r1, :, None])
+            dl = delta[:, r0:r1]
+            go_c, q_c = go[:, r0:r1], q_pad[:, r0:r1]
+            dsink -= (p[..., -1] * dl).sum(dim=(0, 1))
+            # window band
+            go_blk = go_c.view(B, nbc, Q, H, D)
+            p_win = p[..., :2 * Q].reshape(B, nbc, Q, H, 2 * Q)
+            ds_win = p_win * (torch.einsum("biqhd,bikd->biqhk", go_blk, kv_blk) - dl.view(B, nbc, Q, H, 1))
+            dq_c = torch.einsum("biqhk,bikd->biqhd", ds_win, kv_blk).reshape(B, nbc * Q, H, D) * scale
+            dband = (torch.einsum("biqhk,biqhd->bikd", ds_win * scale, q_c.view(B, nbc, Q, H, D))
+                     + torch.einsum("biqhk,biqhd->bikd", p_win, go_blk))       # [B, nbc, 2Q, D]
+            dkv[:, i0:i1] += dband[:, :, :Q]
+            dkv[:, i0 + 1:i1 + 1] += dband[:, :, Q:]
+            if comp is not None:
+                p_c = p[..., 2 * Q:-1]
+                ds_c = p_c * (comp_dp(comp, go_c) - dl[..., None])
+                dq_c = dq_c + comp.backward(ds_c, p_c, q_c, go_c, scale, dck)
+            dq[:, r0:r1] = dq_c
+        d_kv = dkv.view(B, (plan.nb + 1) * Q, D)[:, Q:Q + S]
+        return (dq[:, :S].to(q.dtype), d_kv.to(kv.dtype), dsink.to(sinks.dtype),
+                None if dck is None else dck.to(comp_kv.dtype), None, None, None, None, None, None)
+
+
+def comp_dp(comp: _Compressed, go: torch.Tensor) -> torch.Tensor:
+    """dp_j = dO·k_j for the chunk's compressed entries: [B, C, H, K|span]."""
+    if comp.gather:
+        return torch.einsum("bqhd,bqkd->bqhk", go, comp.keys)
+    return torch.einsum("bqhd,bnd->bqhn", go, comp.keys)
+
+
+def blocked_hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, scale: float, window: int,
+                             seg_start: Optional[torch.Tensor] = None, comp_kv: Optional[torch.Tensor] = None,
+                             comp_lo: Optional[torch.Tensor] = None, comp_hi: Optional[torch.Tensor] = None,
+                             comp_idx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for ``ops.sparse_attention.hybrid_attention`` (same arguments, shapes, dtypes and results up to
+    floating-point summation order); see the module docstring for how it is evaluated."""
+    if q.dim() != 4 or kv.dim() != 3 or kv.shape[0] != q.shape[0] or kv.shape[1] != q.shape[1] \
+            or kv.shape[2] != q.shape[3]:
+        raise ValueError(f"hybrid_attention: expected q [B,S,H,D] and kv [B,S,D]; got {tuple(q.shape)} "
+                         f"and {tuple(kv.shape)}")
+    B, S, H, D = q.shape
+    if sinks.shape != (H,):
+        raise ValueError(f"hybrid_attention: sinks must be [H] = [{H}], got {tuple(sinks.shape)}")
+    if comp_kv is not None and (comp_kv.dim() != 3 or comp_kv.shape[0] != B or comp_kv.shape[2] != D):
+        raise ValueError(f"hybrid_attention: comp_kv must be [B, N, D] = [{B}, N, {D}], got {tuple(comp_kv.shape)}")
+    if comp_kv is not None and comp_kv.shape[1] > 0 and comp_idx is None and (comp_lo is None or comp_hi is None):
+        raise ValueError("compressed entries need either comp_idx or both comp_lo and comp_hi")
+    return _BlockedHybridAttention.apply(q, kv, sinks, comp_kv, scale, window, seg_start, comp_lo, comp_hi,
+                                         comp_idx)
+
+
+register("hybrid_attention", blocked=blocked_hybrid_attention)
