@@ -27,6 +27,8 @@ summed over megatron's embedding group (first and last stage) in :func:`finalize
 
 Expert bias: :func:`update_expert_bias` sums the routers' token counts over the TP × DP × CP group (every rank
 of a pipeline stage, expert-parallel ranks included), so every rank applies the same b ← b + γ·sign(mean − load).
+The counters grow once per micro-batch forward; a block recomputed in the backward (activation recomputation,
+``model.recompute``) must not count again: the model restores them after each recompute.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 LayerType = Literal["sliding", "csa", "hca"]
+RECOMPUTE_MODES = ("none", "selective", "full")
 
 
 class ConfigError(ValueError):
@@ -42,7 +43,13 @@ class YarnConfig:
 
 @dataclass
 class ModelConfig:
-    """DeepSeek-V4 architecture. Field names follow HF ``DeepseekV4Config`` where one exists."""
+    """DeepSeek-V4 architecture. Field names follow HF ``DeepseekV4Config`` where one exists.
+
+    Also how the model runs without changing its math: ``ops_backend`` and activation recomputation
+    ``recompute`` = none | selective | full (``pretrain.model.recompute`` says what each keeps; the dry run,
+    ``pretrain.dry_run``, shows the memory), ``recompute_num_layers`` = N > 0 applies it to the first N blocks of
+    every pipeline chunk only (megatron's ``recompute_method=block``; the MTP block then keeps everything).
+    """
 
     vocab_size: int = 129280
     hidden_size: int = 4096                 # d
@@ -83,10 +90,17 @@ class ModelConfig:
     attention_mode: Literal["dense", "indexer_warmup", "sparse"] = "sparse"
     indexer_loss_coeff: float = 0.01
     ops_backend: Literal["auto", "reference", "blocked", "triton"] = "auto"
+    # activation recomputation (pretrain.model.recompute): what the blocks keep for backward; the math is unchanged
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_num_layers: int = 0           # > 0: only the first N blocks of every pipeline chunk; 0 = all
 
     def __post_init__(self) -> None:
         if not self.layer_types:
             self.layer_types = default_layer_types(self.num_layers)
+        if self.recompute not in RECOMPUTE_MODES:     # YAML values are checked by the Literal; this is for code
+            raise ValueError(f"model.recompute={self.recompute!r} is not one of {list(RECOMPUTE_MODES)}")
+        if self.recompute_num_layers < 0:
+            raise ValueError(f"model.recompute_num_layers={self.recompute_num_layers} must be >= 0 (0 = every block)")
 
 
 def default_layer_types(num_layers: int) -> list[str]:

@@ -39,6 +39,11 @@ replicated; the replicated kv / compressed entries enter the head-parallel regio
 ``copy_to_tensor_model_parallel_region`` (gradient all-reduced), and the indexer's target mass is summed
 over all heads with an all-reduce. At tp = 1 all of this is the identity.
 
+Selective activation recomputation (``recompute_core``, set by the block for ``model.recompute=selective``;
+:mod:`pretrain.model.recompute`): the region from c^Q to the de-rotated o (q_b_proj, the per-head norm, RoPE,
+the hybrid attention, RoPE_{-t}; under Ulysses also the q / o all-to-alls) keeps only its inputs and is rerun
+in the backward (:meth:`V4Attention._core_attention`, shared by both forward paths).
+
 HF names are used for every parameter, so an HF ``DeepseekV4Attention`` state dict copies in unchanged
 (shapes equal at tp = 1; o_a_proj.weight is [g·d_g, n_h·c/g] as in HF). Megatron's linear layers add an
 ``_extra_state`` entry (None) per layer to ``state_dict()``; converters skip those keys.
@@ -168,6 +173,7 @@ class V4Attention(nn.Module):
         self.index_topk = cfg.index_topk
         self.attention_mode = cfg.attention_mode
         self.indexer_loss: Optional[torch.Tensor] = None
+        self.recompute_core = False       # set by V4Block.set_recompute ("selective"): see _core_attention
         pc = parallel_config if parallel_config is not None else megatron_parallel_config(self.tp_size)
         std = cfg.init_std
 
@@ -204,16 +210,37 @@ class V4Attention(nn.Module):
             init_method(lin.weight)
         self._tag_parameters()
 
-    def _project_q_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """c^Q = RMSNorm(x W^{DQ}); q = RoPE(UnweightedRMSNorm(c^Q W^{UQ})) per local head;
-        kv = RoPE(RMSNorm(x W^{KV}))."""
-        B, S, _ = x.shape
-        q_latent = self.q_a_norm(self.q_a_proj(x))
-        q = self._parallel_linear(self.q_b_proj, q_latent).view(B, S, self.local_heads, self.head_dim)
+    def _project_latent_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """c^Q = RMSNorm(x W^{DQ}); kv = RoPE(RMSNorm(x W^{KV}))."""
+        return self.q_a_norm(self.q_a_proj(x)), rope(self.kv_norm(self.kv_proj(x)), cos, sin)
+
+    def _core_attention(self, q_latent: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        sinks: torch.Tensor, seg_start: Optional[torch.Tensor], comp_kv: Optional[torch.Tensor],
+                        lo: Optional[torch.Tensor], hi: Optional[torch.Tensor], idx: Optional[torch.Tensor],
+                        ulysses: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q = RoPE(UnweightedRMSNorm(c^Q W^{UQ})) per local head, the hybrid attention and RoPE_{-t} of its output:
+        c^Q [B, S_l, d_c] -> (o [B, S_l, h, c] de-rotated, q as attended, lse). Under Ulysses (``ulysses``) q goes
+        head-parallel before the attention and o back after it. The region of ``recompute=selective``
+        (pretrain.model.recompute): it keeps c^Q and kv and drops q, its norm, o and the softmax tensors."""
+        from parallel import sequence_parallel as usp
+        B, S_l, _ = q_latent.shape
+        rope = dispatch.get("apply_rope", q_latent)
+        q = self._parallel_linear(self.q_b_proj, q_latent).view(B, S_l, self.local_heads, self.head_dim)
         q = rope(unweighted_rms_norm(q, self.eps), cos[:, :, None], sin[:, :, None])
-        kv = rope(self.kv_norm(self.kv_proj(x)), cos, sin)
-        return q_latent, q, kv
+        if ulysses:
+            q = usp.heads_to_seq(q)                                                # [B, S, h/sp, c]
+        attend = dispatch.get("hybrid_attention", q)
+        o, lse = attend(q, kv, sinks, self.scale, self.window, seg_start, comp_kv, lo, hi, idx)
+        if ulysses:
+            o = usp.seq_to_heads(o)                                                # [B, S/sp, h, c]
+        return rope(o, cos[:, :, None], sin[:, :, None], inverse=True), q, lse     # RoPE at -t
+
+    def _attend(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.recompute_core:
+            from pretrain.model import recompute
+            return recompute.checkpoint(self._core_attention, *args)
+        return self._core_attention(*args)
 
     def _checked_mode(self) -> str:
         mode = self.attention_mode
@@ -271,7 +298,7 @@ class V4Attention(nn.Module):
         cos, sin = self.rotary(position_ids)                                   # [B, S, r/2]
         rope = dispatch.get("apply_rope", x)
 
-        q_latent, q, kv = self._project_q_kv(x, cos, sin, rope)   # c^Q [B,S,d_c], q [B,S,h,c], kv [B,S,c]
+        q_latent, kv = self._project_latent_kv(x, cos, sin, rope)   # c^Q [B,S,d_c], kv [B,S,c]
         kv = self._to_head_parallel(kv)
 
         self.indexer_loss = None
@@ -288,12 +315,9 @@ class V4Attention(nn.Module):
                 if mode == "sparse":
                     idx = dispatch.get("indexer_topk", scores)(scores, lo, hi, self.index_topk)
 
-        attend = dispatch.get("hybrid_attention", q)
-        o, lse = attend(q, kv, self.sinks, self.scale, self.window, seg_start, comp_kv, lo, hi, idx)
+        o, q, lse = self._attend(q_latent, kv, cos, sin, self.sinks, seg_start, comp_kv, lo, hi, idx, False)
         if scores is not None:
             self.indexer_loss = self._indexer_kl(q, comp_kv, lse, scores, lo, hi, idx)
-
-        o = rope(o, cos[:, :, None], sin[:, :, None], inverse=True)             # RoPE at -t
         o = self.o_a_proj(o.reshape(B, S, self.o_a_proj.local_groups, -1))
         return self._parallel_linear(self.o_b_proj, o)
 
@@ -325,7 +349,7 @@ class V4Attention(nn.Module):
         cos, sin = self.rotary(position_ids[:, local])
         rope = dispatch.get("apply_rope", x)
 
-        q_latent, q, kv = self._project_q_kv(x, cos, sin, rope)   # local sequence chunk
+        q_latent, kv = self._project_latent_kv(x, cos, sin, rope)   # local sequence chunk
         kv = self._to_head_parallel(usp.gather_seq(kv))                 # [B, S, c]
 
         self.indexer_loss = None
@@ -345,14 +369,10 @@ class V4Attention(nn.Module):
                         scores, lo[:, local], hi[:, local], self.index_topk))
 
         h_sp = self.local_heads // sp
-        qh = usp.heads_to_seq(q)                                                   # [B, S, h/sp, c]
-        attend = dispatch.get("hybrid_attention", qh)
-        o, lse = attend(qh, kv, self.sinks[r * h_sp:(r + 1) * h_sp], self.scale, self.window, seg_start, comp_kv,
-                        lo, hi, idx)
+        o, qh, lse = self._attend(q_latent, kv, cos, sin, self.sinks[r * h_sp:(r + 1) * h_sp], seg_start, comp_kv,
+                                  lo, hi, idx, True)                               # qh [B, S, h/sp, c]
         if scores is not None:
             self.indexer_loss = self._indexer_kl_sp(qh, comp_kv, lse, scores, lo, hi, idx, local, sp)
-        o = usp.seq_to_heads(o)                                                    # [B, S/sp, h, c]
-        o = rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
         o = self.o_a_proj(o.reshape(B, S_l, self.o_a_proj.local_groups, -1))
         return self._parallel_linear(self.o_b_proj, o)
 

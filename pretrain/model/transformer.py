@@ -21,6 +21,12 @@ first, it owns its own copy of the embedding for the MTP input (``mtp_embed_toke
 Auxiliary losses of a stage (balance, indexer) are in ``stage_aux_loss`` after each forward for the pipeline
 code to attach to the stage output.
 
+Activation recomputation (``cfg.recompute`` = none | selective | full, ``cfg.recompute_num_layers``;
+:mod:`pretrain.model.recompute`): ``full`` checkpoints each :class:`V4Block` (it keeps only its input X),
+``selective`` the core attention (``V4Attention._core_attention``) and both mHC ``pre`` sites; N > 0 limits it
+to the first N blocks of this stage (the MTP block then keeps everything). Same results and gradients; the
+router load counters and the per-forward losses are restored after each recompute, so nothing counts twice.
+
 Parameter metadata for the optimizers (docs/CONTRACTS.md) is set here: every parameter gets ``v4_optimizer``
 (embedding, head, norms, mHC base/scale, 1-D tensors → AdamW; matrices → Muon), experts ``v4_expert`` and
 fused fc1 ``v4_blocks`` (pretrain.model.moe).
@@ -38,6 +44,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from torch import nn
 
+from pretrain.model import recompute
 from pretrain.model.attention import V4Attention
 from pretrain.model.mhc import HyperConnection, HyperHead, expand_streams
 from pretrain.model.moe import V4MoE, megatron_moe_config
@@ -65,14 +72,32 @@ class V4Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         is_hash = (not is_mtp) and layer_idx < cfg.n_hash_layers
         self.mlp = V4MoE(cfg, layer_idx + 1, is_hash, moe_config, balance_loss_coeff, is_mtp_layer=is_mtp)
+        self.recompute = "none"
+        self.set_recompute(getattr(cfg, "recompute", "none"))
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation recomputation of this block: none | selective | full (pretrain.model.recompute)."""
+        self.recompute = recompute.check_mode(mode)
+        self.self_attn.recompute_core = mode == "selective"
 
     def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        x_in, post, comb = self.attn_hc.pre(x)
+        if self.recompute == "full":
+            return recompute.checkpoint(self._forward, x, input_ids, doc_ids, state_of=self)
+        return self._forward(x, input_ids, doc_ids)
+
+    def _hc_pre(self, hc: HyperConnection, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.recompute == "selective":       # projection, gates and Sinkhorn recomputed from X
+            return recompute.checkpoint(hc.pre, x)
+        return hc.pre(x)
+
+    def _forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor]
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        x_in, post, comb = self._hc_pre(self.attn_hc, x)
         out = self.self_attn(self.input_layernorm(x_in), doc_ids=doc_ids)
         indexer_loss = self.self_attn.indexer_loss
         x = self.attn_hc.post(out, x, post, comb)
-        x_in, post, comb = self.ffn_hc.pre(x)
+        x_in, post, comb = self._hc_pre(self.ffn_hc, x)
         x = self.ffn_hc.post(self.mlp(self.post_attention_layernorm(x_in), input_ids), x, post, comb)
         return x, indexer_loss
 
@@ -117,6 +142,10 @@ class DeepSeekV4Model(nn.Module):
         self.layers = nn.ModuleDict({
             str(i): V4Block(cfg, i, cfg.layer_types[i], self.moe_config, balance_loss_coeff)
             for i in _layer_slice(cfg, layer_range)})
+        n_rc = getattr(cfg, "recompute_num_layers", 0)
+        for k, block in enumerate(self.layers.values()):   # recompute_num_layers: the first N of this chunk
+            if n_rc and k >= n_rc:
+                block.set_recompute("none")
         if post_process:
             self.hc_head = HyperHead(cfg.hidden_size, cfg.hc_mult, cfg.hc_eps, cfg.rms_norm_eps, cfg.hc_init_gating)
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -132,6 +161,8 @@ class DeepSeekV4Model(nn.Module):
                     raise ValueError(f"num_mtp_layers={cfg.num_mtp_layers}: only MTP depth 1 is implemented (V4)")
                 block = V4Block(cfg, cfg.num_layers, cfg.mtp_layer_type, self.moe_config, balance_loss_coeff,
                                 is_mtp=True)
+                if getattr(cfg, "recompute_num_layers", 0):
+                    block.set_recompute("none")
                 self.mtp = MTPModule(cfg, block)
                 if not pre_process:
                     self.mtp_embed_tokens = tensor_parallel.VocabParallelEmbedding(
@@ -139,6 +170,9 @@ class DeepSeekV4Model(nn.Module):
                     self.mtp_embed_tokens.weight.shared_embedding = True
                     self.mtp_embed_tokens.weight.v4_optimizer = "adamw"
         _tag_default_optimizers(self)
+        modes = {name: blk.recompute for name, blk in self.named_modules() if isinstance(blk, V4Block)}
+        if any(m != "none" for m in modes.values()):
+            log.info("activation recomputation: %s", ", ".join(f"{n}={m}" for n, m in modes.items()))
 
     # ------------------------------------------------------------------------------------------------
     def set_input_tensor(self, input_tensor: Any) -> None:
