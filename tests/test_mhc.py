@@ -1,11 +1,12 @@
-"""mHC reference ops (ops/mhc.py): float64 gradcheck, Sinkhorn properties, agreement with HF's modules."""
+"""mHC reference ops (ops/mhc.py): float64 gradcheck, Sinkhorn properties, agreement with HF's modules, and the
+hand-written Sinkhorn backward (``sinkhorn``) against its plain-autograd definition (``sinkhorn_autograd``)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ops import dispatch
-from ops.mhc import hc_head, mhc_post, mhc_pre, sinkhorn
+from ops import dispatch, mhc
+from ops.mhc import hc_head, mhc_post, mhc_pre, sinkhorn, sinkhorn_autograd
 
 
 def _inputs(seed: int, t: int = 3, n: int = 2, d: int = 4, dtype=torch.float64):
@@ -108,3 +109,94 @@ def test_bad_shapes_name_the_argument():
         mhc_pre(x, fn, base, scale[:2], 1e-6, 1e-6, 3)
     with pytest.raises(ValueError, match="logits must be"):
         sinkhorn(torch.randn(2, 3, 4), 3, 1e-6)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _sinkhorn_fwd_bwd(f, logits: torch.Tensor, grad_out: torch.Tensor):
+    leaf = logits.detach().clone().requires_grad_()
+    out = f(leaf)
+    out.backward(grad_out)
+    return out, leaf.grad
+
+
+def _logits(seed: int, t: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # scale 3: rows of softmax(L) far from doubly stochastic, so every iteration changes M (and some
+    # entries are ~e^-10, where the +eps matters); an upstream gradient with no structure
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(t, n, n, generator=g, dtype=dtype) * 3,
+            torch.randn(t, n, n, generator=g, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("iters", [1, 20])
+def test_sinkhorn_function_matches_autograd(iters, n, dtype):
+    logits, grad_out = _logits(10 + n + iters, 37, n, dtype)
+    ref, ref_grad = _sinkhorn_fwd_bwd(lambda l: sinkhorn_autograd(l, iters, 1e-6), logits, grad_out)
+    out, grad = _sinkhorn_fwd_bwd(lambda l: sinkhorn(l, iters, 1e-6), logits, grad_out)
+    assert type(out.grad_fn).__name__ == "_SinkhornFnBackward"     # one autograd node, not ~6 per step
+    # forward: the same ops on the same values (the softmax in [T, n, n], sums of n <= 4 terms add in the
+    # same order in both layouts, IEEE division) -> bit-for-bit, also on the no-grad path
+    assert out.dtype == ref.dtype and out.is_contiguous()
+    assert torch.equal(out, ref)
+    with torch.no_grad():
+        assert torch.equal(sinkhorn(logits, iters, 1e-6), ref)
+    # backward: the same derivative in another order: (∂Y − Σ ∂Y⊙Y) / D by hand, ∂Y/D − Σ(∂Y⊙X)/D² by
+    # autograd. Measured ‖Δ‖/‖ref‖ ~2e-7 in fp32 (≈ each version's own distance to the float64 gradient);
+    # not elementwise: both subtract nearly equal terms, so entries near 0 carry large relative rounding
+    # in either version. 1e-6 of the norm and of the largest entry.
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    assert _rel(grad, ref_grad) <= tol
+    assert (grad - ref_grad).abs().max() <= tol * ref_grad.abs().max()
+    if dtype == torch.float32:
+        _, grad64 = _sinkhorn_fwd_bwd(lambda l: sinkhorn_autograd(l, iters, 1e-6), logits.double(),
+                                      grad_out.double())
+        assert _rel(grad, grad64) <= 1e-6 and _rel(ref_grad, grad64) <= 1e-6
+
+
+@pytest.mark.parametrize("n,iters", [(2, 1), (2, 20), (4, 1), (4, 20)])
+def test_sinkhorn_function_gradcheck(n, iters):
+    logits, _ = _logits(20 + n + iters, 3, n, torch.float64)
+    logits.requires_grad_()
+    assert torch.autograd.gradcheck(lambda l: mhc._SinkhornFn.apply(l, iters, 1e-6), (logits,))
+
+
+def test_sinkhorn_function_keeps_input_dtype_and_refuses_double_backward():
+    logits, grad_out = _logits(30, 6, 4, torch.float32)
+    ref, ref_grad = _sinkhorn_fwd_bwd(lambda l: sinkhorn_autograd(l, 5, 1e-6), logits.bfloat16(), grad_out)
+    out, grad = _sinkhorn_fwd_bwd(lambda l: sinkhorn(l, 5, 1e-6), logits.bfloat16(), grad_out)
+    # bf16 logits: fp32 math, gradient rounded once to bf16 in both; ≤ 1 bf16 ulp apart (2^-8 relative)
+    assert out.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert torch.equal(out, ref)
+    assert _rel(grad, ref_grad) <= 2 ** -8
+    leaf = logits.double().requires_grad_()
+    (g,) = torch.autograd.grad(sinkhorn(leaf, 3, 1e-6).square().sum(), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+
+
+def test_mhc_pre_grads_unchanged_by_sinkhorn_function(monkeypatch):
+    t, n, d = 24, 4, 16
+    x, fn, base, scale = _inputs(40, t=t, n=n, d=d, dtype=torch.float32)
+    base[2 * n:] *= 6                           # comb logits ~N(0, 3): the iterations matter
+    g = torch.Generator().manual_seed(41)
+    grads_out = (torch.randn(t, d, generator=g), torch.randn(t, n, generator=g), torch.randn(t, n, n, generator=g))
+
+    def run():
+        args = [a.detach().clone().requires_grad_() for a in (x, fn, base, scale)]
+        outs = mhc_pre(*args, 1e-6, 1e-6, 20)
+        torch.autograd.backward(outs, grads_out)
+        return outs, [a.grad for a in args]
+
+    outs, grads = run()
+    monkeypatch.setattr(mhc, "sinkhorn", sinkhorn_autograd)
+    ref_outs, ref_grads = run()
+    for a, b in zip(outs, ref_outs):
+        assert torch.equal(a, b)
+    # the Sinkhorn gradient differs by ~2e-7 (see above); the rest of mhc_pre is the same autograd graph
+    for name, a, b in zip(("dx", "dfn", "dbase", "dscale"), grads, ref_grads):
+        assert _rel(a, b) <= 1e-6, (name, _rel(a, b))
