@@ -1,12 +1,14 @@
 """CPU training-step throughput and peak memory: our DeepSeekV4Model vs HF DeepseekV4ForCausalLM, same weights.
 
-    python benchmarks/bench_model_cpu.py [--configs tiny small] [--steps 5] [--seq tiny=128 small=256] [--threads 2]
+    python benchmarks/bench_model_cpu.py [--configs tiny small] [--steps 5] [--threads 1]
+        [--seq tiny=128x2,1024x1,4096x1 small=256x2,2048x1]     (NAME=seq[xbatch],... ; batch default --batch)
 
 (The committed results use ``--threads 1``: on the shared 2-core machine the OpenMP threads of a 2-thread run
 spin-wait for each other, which inflates both wall and CPU time.)
 
-For each config: an HF model with random weights is saved once; ours (through ``model_from_hf``) and HF's are
-loaded in two spawned processes (so each peak RSS is its own) that stay alive and take turns: one warm-up step
+For each config: an HF model with random weights is saved once; for each sequence length, ours (through
+``model_from_hf``, ops backend ``auto``: the blocked hybrid attention on CPU) and HF's are loaded in two spawned
+processes (so each peak RSS is its own) that stay alive and take turns: one warm-up step
 each, then ``--steps`` rounds of one HF step followed by one of ours (forward with labels, backward, zero_grad)
 on the same random batch. Alternating keeps both under the same machine load; on a shared, oversubscribed
 machine wall time per step varies by 10x between minutes, so numbers from separate sequential runs are not
@@ -121,13 +123,18 @@ def run_pair(hf_dir: str, batch: int, seq: int, steps: int, threads: int) -> dic
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=["tiny", "small"])
-    ap.add_argument("--seq", nargs="*", default=["tiny=128", "small=256"], help="NAME=seq_len")
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", nargs="*", default=["tiny=128x2,1024x1,4096x1", "small=256x2,2048x1"],
+                    help="NAME=seq[xbatch],...")
+    ap.add_argument("--batch", type=int, default=2, help="batch when a --seq entry gives none")
     ap.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each model per round)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_model_cpu.json"))
     args = ap.parse_args()
-    seqs = dict(s.split("=") for s in args.seq)
+    seqs = {}
+    for spec in args.seq:
+        name, _, runs = spec.partition("=")
+        seqs[name] = [(int(r.split("x")[0]), int(r.split("x")[1]) if "x" in r else args.batch)
+                      for r in runs.split(",") if r]
 
     import torch
     from transformers import DeepseekV4ForCausalLM
@@ -139,7 +146,6 @@ def main() -> int:
     rows = []
     for name in args.configs:
         cfg = load_config(name).model
-        seq = int(seqs.get(name, 128))
         with tempfile.TemporaryDirectory() as tmp:
             torch.manual_seed(0)
             hf_cfg = hf_config_from_model_config(cfg)
@@ -149,19 +155,24 @@ def main() -> int:
                     if mod_name.endswith("tid2eid"):
                         buf.copy_(make_hash_table(cfg.vocab_size, cfg.n_routed_experts, cfg.num_experts_per_tok, 0))
             hf.save_pretrained(tmp)
-            res = run_pair(tmp, args.batch, seq, args.steps, args.threads)
-        for w in ("hf", "ours"):
-            rows.append(dict(config=name, batch=args.batch, seq=seq, **res[w]))
-        rows[-1]["speedup_vs_hf"] = res["ours"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
-        rows[-1]["speedup_vs_hf_cpu"] = res["ours"]["tokens_per_cpu_s"] / res["hf"]["tokens_per_cpu_s"]
+            del hf
+            for seq, batch in seqs.get(name, [(128, args.batch)]):
+                res = run_pair(tmp, batch, seq, args.steps, args.threads)
+                for w in ("hf", "ours"):
+                    rows.append(dict(config=name, batch=batch, seq=seq, **res[w]))
+                rows[-1]["speedup_vs_hf"] = res["ours"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
+                rows[-1]["speedup_vs_hf_cpu"] = res["ours"]["tokens_per_cpu_s"] / res["hf"]["tokens_per_cpu_s"]
+                rows[-1]["memory_vs_hf"] = res["ours"]["step_growth_mib"] / res["hf"]["step_growth_mib"]
+                print(f"{name} {batch}x{seq}: ours/HF tokens/s {rows[-1]['speedup_vs_hf']:.2f}", flush=True)
 
     print(f"{'config':<7}{'model':<6}{'B×S':>9}{'params':>10}{'step s':>9}{'tok/s':>9}{'cpu s':>9}"
-          f"{'tok/cpu-s':>10}{'peak MiB':>10}{'+step MiB':>10}{'speedup':>9}{'(cpu)':>7}")
+          f"{'tok/cpu-s':>10}{'peak MiB':>10}{'+step MiB':>10}{'speedup':>9}{'(cpu)':>7}{'mem':>6}")
     for r in rows:
         print(f"{r['config']:<7}{r['model']:<6}{r['batch']}×{r['seq']:<6}{r['params'] / 1e6:>9.1f}M"
               f"{r['step_s']:>9.3f}{r['tokens_per_s']:>9.0f}{r['cpu_s']:>9.3f}{r['tokens_per_cpu_s']:>10.0f}"
               f"{r['peak_rss_mib']:>10.0f}{r['step_growth_mib']:>10.0f}"
-              f"{r.get('speedup_vs_hf', float('nan')):>9.2f}{r.get('speedup_vs_hf_cpu', float('nan')):>7.2f}")
+              f"{r.get('speedup_vs_hf', float('nan')):>9.2f}{r.get('speedup_vs_hf_cpu', float('nan')):>7.2f}"
+              f"{r.get('memory_vs_hf', float('nan')):>6.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(machine=dict(cpus=os.cpu_count(), python=platform.python_version(),
