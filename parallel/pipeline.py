@@ -130,7 +130,8 @@ class PipelineStage(nn.Module):
             self.sums += torch.stack([out[k].detach().double().cpu() for k in LOSS_KEYS])
             return out["loss"]
         b, s, n, d = out.shape
-        send = out.transpose(0, 1).reshape(s, b, n * d)
+        # contiguous: with micro_batch > 1 the reshape of the transpose is a strided view, which p2p refuses
+        send = out.transpose(0, 1).reshape(s, b, n * d).contiguous()
         aux = getattr(self.module, "stage_aux_loss", None)
         if aux is not None:
             bal, idx = self._stage_aux_components()

@@ -207,8 +207,10 @@ def init_distributed(pcfg: Any, model_cfg: Any = None) -> Layout:
     return layout
 
 
-def teardown() -> None:
-    """Destroy megatron's groups and the default process group (idempotent)."""
+def teardown(barrier: bool = True) -> None:
+    """Destroy megatron's groups and the default process group (idempotent). ``barrier=False`` after an
+    error: a peer blocked in a collective or a pipeline receive would never reach the barrier, and this
+    rank's traceback would wait for the process-group timeout before anyone sees it."""
     try:
         from megatron.core import parallel_state as ps
         if ps.model_parallel_is_initialized():
@@ -217,7 +219,8 @@ def teardown() -> None:
         pass
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            if barrier:
+                dist.barrier()
         except Exception:  # a failing peer must not block teardown
             pass
         dist.destroy_process_group()

@@ -61,13 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     from pretrain.trainer import Trainer, summary
+    ok = False
     try:
         res = Trainer(cfg, layout).fit()
+        ok = True
     except (ConfigError, CheckpointError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        teardown()
+        teardown(barrier=ok)     # after an error a peer may be blocked in a p2p receive: no barrier
     if layout and int(os.environ.get("RANK", "0")) == 0:
         log.info("summary\n%s", summary(cfg, res))
     return res.exit_code

@@ -5,13 +5,15 @@
   with -100, doc_ids[:, :-1]).
 - :func:`grad_norm`: global gradient 2-norm over TP/PP/EP without double counting replicated shards.
 - :func:`load_stats`: expert-load balance numbers from the loads ``parallel.pipeline.update_expert_bias``
-  returns (tokens per expert of the global batch, per router).
+  returns (tokens per expert of the global batch, per router), averaged over the routers of every stage.
 - :func:`set_attention_mode`, :func:`frozen_for_indexer_warmup`.
-- :func:`activated_params` and :func:`peak_flops` for the MFU estimate.
+- :func:`activated_params` (the whole model's, summed over the model-parallel ranks) and :func:`peak_flops`
+  for the MFU estimate.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 
@@ -38,27 +40,38 @@ def is_expert(p: torch.Tensor) -> bool:
     return bool(getattr(p, "v4_expert", False)) or getattr(p, "allreduce", True) is False
 
 
-def grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
-    """Global 2-norm of ``p.grad`` (after the data-parallel reduction)."""
+def _model_sum(params: Iterable[torch.nn.Parameter], value) -> float:
+    """Σ ``value(p)`` over the whole model, each tensor counted once: dense parameters summed over TP × PP
+    (TP-replicated ones counted on TP rank 0 only), experts over ETP × EP × PP (ETP-replicated ones on ETP
+    rank 0); the last stage's copy of the embedding (``shared_embedding``) is skipped. ``value`` returns a
+    float64 scalar tensor or None (skip). Collective over the model-parallel groups."""
     from megatron.core import parallel_state as ps
     dense = torch.zeros((), dtype=torch.float64)
     expert = torch.zeros((), dtype=torch.float64)
     tp_rank = ps.get_tensor_model_parallel_rank()
     etp_rank = ps.get_expert_tensor_parallel_rank()
     for p in params:
-        if p.grad is None or getattr(p, "shared_embedding", False):   # the last stage's embedding copy
+        if getattr(p, "shared_embedding", False):
+            continue
+        v = value(p)
+        if v is None:
             continue
         sharded = bool(getattr(p, "tensor_model_parallel", False))
-        sq = p.grad.detach().double().pow(2).sum().cpu()
         if is_expert(p):
             if sharded or etp_rank == 0:
-                expert += sq
+                expert += v
         elif sharded or tp_rank == 0:
-            dense += sq
+            dense += v
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(dense, group=ps.get_model_parallel_group())
         dist.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
-    return float((dense + expert).sqrt())
+    return float(dense + expert)
+
+
+def grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
+    """Global 2-norm of ``p.grad`` (after the data-parallel reduction)."""
+    return math.sqrt(_model_sum(params, lambda p: None if p.grad is None else
+                                p.grad.detach().double().pow(2).sum().cpu()))
 
 
 def clip_(params: Iterable[torch.nn.Parameter], norm: float, max_norm: float) -> None:
@@ -71,11 +84,21 @@ def clip_(params: Iterable[torch.nn.Parameter], norm: float, max_norm: float) ->
 
 
 def load_stats(loads: torch.Tensor | None) -> dict[str, float | None]:
-    if loads is None or loads.sum() == 0:
+    """Mean over all learned routers of the model (every pipeline stage: collective over the pipeline group)
+    of max/mean and the coefficient of variation of the per-expert loads of the global batch."""
+    from megatron.core import parallel_state as ps
+    acc = torch.zeros(3, dtype=torch.float64)          # Σ max/mean, Σ cv, number of routers
+    if loads is not None and loads.sum() > 0:
+        loads = loads.double()
+        mean = loads.mean(dim=1).clamp(min=1e-9)
+        acc += torch.stack([(loads.max(dim=1).values / mean).sum(),
+                            (loads.std(dim=1, unbiased=False) / mean).sum(),
+                            torch.tensor(float(loads.shape[0]), dtype=torch.float64)])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(acc, group=ps.get_pipeline_model_parallel_group())
+    if acc[2] == 0:
         return {"expert_load_max_over_mean": None, "expert_load_cv": None}
-    mean = loads.mean(dim=1, keepdim=True).clamp(min=1e-9)
-    return {"expert_load_max_over_mean": float((loads.max(dim=1).values / mean.squeeze(1)).mean()),
-            "expert_load_cv": float((loads.std(dim=1, unbiased=False) / mean.squeeze(1)).mean())}
+    return {"expert_load_max_over_mean": float(acc[0] / acc[2]), "expert_load_cv": float(acc[1] / acc[2])}
 
 
 def set_attention_mode(model: torch.nn.Module, mode: str) -> None:
@@ -89,12 +112,12 @@ def frozen_for_indexer_warmup(model: torch.nn.Module) -> list[torch.nn.Parameter
     return [p for n, p in model.named_parameters() if ".indexer." not in f".{n}"]
 
 
-def activated_params(model: torch.nn.Module, n_routed: int, top_k: int) -> float:
-    """Parameters one token touches: routed experts count K_r / N_r of their size (per rank)."""
-    total = 0.0
-    for p in model.parameters():
-        total += p.numel() * (top_k / n_routed if is_expert(p) else 1.0)
-    return total
+def activated_params(params: Iterable[torch.nn.Parameter], n_routed: int, top_k: int) -> float:
+    """Parameters of the whole model one token touches (routed experts count K_r / N_r of their size),
+    summed over the model-parallel ranks (collective)."""
+    factor = top_k / n_routed
+    return _model_sum(params, lambda p: torch.tensor(p.numel() * (factor if is_expert(p) else 1.0),
+                                                     dtype=torch.float64))
 
 
 _GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12}

@@ -73,8 +73,10 @@ class Trainer:
         self.cfg, self.layout = cfg, layout
         self.rank, self.world = _rank(), _world()
         t = cfg.train
-        self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
-        self.dp = ps.get_data_parallel_world_size(with_context_parallel=True)
+        # the data-parallel slice of the global batch: Ulysses sp ranks (megatron's context-parallel slot) read
+        # the same rows and each keeps its sequence shard (parallel.pipeline.PipelineStage.forward)
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp = ps.get_data_parallel_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
         want = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
@@ -93,6 +95,7 @@ class Trainer:
             self.sched = Schedules(t, dp=self.dp, default_attention_mode=cfg.model.attention_mode)
         except ValueError as e:
             raise ConfigError(f"{e} (data-parallel size {self.dp} from world {self.world})") from e
+        self._validate_batches()
         self.guards = Guards(t.spike_threshold, t.spike_window, t.max_consecutive_skips, t.max_rollbacks)
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
                                       cfg.checkpoint.keep_every, cfg.checkpoint.async_save)
@@ -107,10 +110,18 @@ class Trainer:
         self.loader_stage = -1
         self.manifest: dict[int, Any] = {}
         self.peak = su.peak_flops(cfg.run.peak_tflops)
-        self.flops_per_token = 6.0 * sum(su.activated_params(m, cfg.model.n_routed_experts,
-                                                             cfg.model.num_experts_per_tok) for m in self.modules)
+        self.flops_per_token = 6.0 * su.activated_params([p for m in self.modules for p in m.parameters()],
+                                                         cfg.model.n_routed_experts, cfg.model.num_experts_per_tok)
 
     # ------------------------------------------------------------------------------------------ build
+    def _validate_batches(self) -> None:
+        """``train.global_batch`` at every sequence length fits the layout (micro-batches per rank a multiple of
+        pp under vpp; seq_len divisible by sp·tp): fail before the model is built, naming the numbers."""
+        from parallel.process_groups import validate_batch
+        t = self.cfg.train
+        for seq_len in sorted({t.seq_len} | {sl for _, sl in self.sched.stages}):
+            validate_batch(self.layout, t.global_batch, t.micro_batch, seq_len)
+
     def _seed_all(self, seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
