@@ -297,7 +297,8 @@ def bench_compressor(S: int, rate: int, c: int = 512) -> None:
 
 @case("indexer_topk")
 def bench_indexer(S: int, k: int = 512, HI: int = 64, cI: int = 128, rate: int = 4) -> None:
-    from ops import compressor, indexer as ref
+    from ops import compressor
+    from ops import indexer as ref
     from ops.triton import indexer as tri
     g = torch.Generator(device="cuda").manual_seed(4)
     N = S // rate
