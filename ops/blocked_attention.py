@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ops.dispatch import register
-from ops.sparse_attention import _window_blocks
+from ops.sparse_attention import _window_blocks, check_attention_inputs
 
 __all__ = ["blocked_hybrid_attention", "CHUNK_ELEMENTS"]
 
@@ -262,17 +262,7 @@ def blocked_hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Ten
                              comp_idx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for ``ops.sparse_attention.hybrid_attention`` (same arguments, shapes, dtypes and results up to
     floating-point summation order); see the module docstring for how it is evaluated."""
-    if q.dim() != 4 or kv.dim() != 3 or kv.shape[0] != q.shape[0] or kv.shape[1] != q.shape[1] \
-            or kv.shape[2] != q.shape[3]:
-        raise ValueError(f"hybrid_attention: expected q [B,S,H,D] and kv [B,S,D]; got {tuple(q.shape)} "
-                         f"and {tuple(kv.shape)}")
-    B, S, H, D = q.shape
-    if sinks.shape != (H,):
-        raise ValueError(f"hybrid_attention: sinks must be [H] = [{H}], got {tuple(sinks.shape)}")
-    if comp_kv is not None and (comp_kv.dim() != 3 or comp_kv.shape[0] != B or comp_kv.shape[2] != D):
-        raise ValueError(f"hybrid_attention: comp_kv must be [B, N, D] = [{B}, N, {D}], got {tuple(comp_kv.shape)}")
-    if comp_kv is not None and comp_kv.shape[1] > 0 and comp_idx is None and (comp_lo is None or comp_hi is None):
-        raise ValueError("compressed entries need either comp_idx or both comp_lo and comp_hi")
+    check_attention_inputs(q, kv, sinks, comp_kv, comp_lo, comp_hi, comp_idx)
     return _BlockedHybridAttention.apply(q, kv, sinks, comp_kv, scale, window, seg_start, comp_lo, comp_hi,
                                          comp_idx)
 

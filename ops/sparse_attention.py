@@ -73,6 +73,23 @@ def _window_blocks(seq_len: int, window: int, seg_start: Optional[torch.Tensor],
     return Q, nb, ok[None] & (s[None] >= seg)
 
 
+def check_attention_inputs(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, comp_kv: Optional[torch.Tensor],
+                           comp_lo: Optional[torch.Tensor], comp_hi: Optional[torch.Tensor],
+                           comp_idx: Optional[torch.Tensor]) -> None:
+    """Shape checks shared by every ``hybrid_attention`` implementation; raises ValueError naming the shapes."""
+    if q.dim() != 4 or kv.dim() != 3 or kv.shape[0] != q.shape[0] or kv.shape[1] != q.shape[1] \
+            or kv.shape[2] != q.shape[3]:
+        raise ValueError(f"hybrid_attention: expected q [B,S,H,D] and kv [B,S,D]; got {tuple(q.shape)} "
+                         f"and {tuple(kv.shape)}")
+    B, S, H, D = q.shape
+    if sinks.shape != (H,):
+        raise ValueError(f"hybrid_attention: sinks must be [H] = [{H}], got {tuple(sinks.shape)}")
+    if comp_kv is not None and (comp_kv.dim() != 3 or comp_kv.shape[0] != B or comp_kv.shape[2] != D):
+        raise ValueError(f"hybrid_attention: comp_kv must be [B, N, D] = [{B}, N, {D}], got {tuple(comp_kv.shape)}")
+    if comp_kv is not None and comp_kv.shape[1] > 0 and comp_idx is None and (comp_lo is None or comp_hi is None):
+        raise ValueError("compressed entries need either comp_idx or both comp_lo and comp_hi")
+
+
 def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, scale: float, window: int,
                      seg_start: Optional[torch.Tensor] = None, comp_kv: Optional[torch.Tensor] = None,
                      comp_lo: Optional[torch.Tensor] = None, comp_hi: Optional[torch.Tensor] = None,
@@ -94,13 +111,8 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, sca
         lse: [B, S, H] float32 (float64 for float64 q) log of the full softmax denominator incl. the sink.
     Softmax arithmetic in float32 (float64 for float64 inputs). Differentiable w.r.t. q, kv, sinks, comp_kv.
     """
-    if q.dim() != 4 or kv.dim() != 3 or kv.shape[0] != q.shape[0] or kv.shape[1] != q.shape[1] \
-            or kv.shape[2] != q.shape[3]:
-        raise ValueError(f"hybrid_attention: expected q [B,S,H,D] and kv [B,S,D]; got {tuple(q.shape)} "
-                         f"and {tuple(kv.shape)}")
+    check_attention_inputs(q, kv, sinks, comp_kv, comp_lo, comp_hi, comp_idx)
     B, S, H, D = q.shape
-    if sinks.shape != (H,):
-        raise ValueError(f"hybrid_attention: sinks must be [H] = [{H}], got {tuple(sinks.shape)}")
     cdt = torch.promote_types(q.dtype, torch.float32)
     qc = q.to(cdt)
     Q, nb, ok = _window_blocks(S, window, seg_start, q.device, B)
@@ -116,9 +128,6 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, sca
     parts = [z_win]
     has_comp = comp_kv is not None and comp_kv.shape[1] > 0
     if has_comp:
-        if comp_kv.dim() != 3 or comp_kv.shape[0] != B or comp_kv.shape[2] != D:
-            raise ValueError(f"hybrid_attention: comp_kv must be [B, N, D] = [{B}, N, {D}], "
-                             f"got {tuple(comp_kv.shape)}")
         N = comp_kv.shape[1]
         ck = comp_kv.to(cdt)
         vis = compressed_entry_mask(N, comp_lo, comp_hi, comp_idx)                   # [B, S, N]

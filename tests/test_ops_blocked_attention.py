@@ -17,6 +17,7 @@ from ops.blocked_attention import blocked_hybrid_attention
 from ops.compressor import compressed_layout, document_positions, segment_starts
 from ops.indexer import indexer_topk
 from ops.sparse_attention import hybrid_attention
+from ops.triton.testing import attention_fwd_bwd
 
 
 def _case(seed: int, mode: str, dtype: torch.dtype, topk: int = 2, B: int = 2, S: int = 37, H: int = 3,
@@ -39,16 +40,9 @@ def _case(seed: int, mode: str, dtype: torch.dtype, topk: int = 2, B: int = 2, S
 
 
 def _run(fn, args, kw, window, scale, seed):
-    args = [a.detach().clone().requires_grad_() for a in args]
-    kw = dict(kw)
-    if "comp_kv" in kw:
-        kw["comp_kv"] = kw["comp_kv"].detach().clone().requires_grad_()
-    o, lse = fn(*args, scale, window, **kw)
-    g = torch.Generator().manual_seed(seed)
-    go = torch.randn(o.shape, generator=g, dtype=o.dtype)
-    glse = torch.randn(lse.shape, generator=g, dtype=lse.dtype)
-    torch.autograd.backward((o, lse), (go, glse))
-    return [o, lse] + [a.grad for a in args] + ([kw["comp_kv"].grad] if "comp_kv" in kw else [])
+    """[o, lse, dq, dkv, dsinks(, dcomp_kv)] under random upstream gradients on both outputs."""
+    outs, grads = attention_fwd_bwd(fn, args, kw, window, scale, seed)
+    return list(outs) + grads
 
 
 @pytest.fixture

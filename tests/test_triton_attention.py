@@ -51,18 +51,7 @@ def _case(seed, mode, dtype, B=2, S=32, H=2, D=16, window=7, rate=4, topk=3):
     return [q.to(DEV), kv.to(DEV), sinks.to(DEV)], kw, window, D ** -0.5
 
 
-def _run(fn, args, kw, window, scale, seed):
-    args = [a.detach().clone().requires_grad_() for a in args]
-    kw = dict(kw)
-    if "comp_kv" in kw:
-        kw["comp_kv"] = kw["comp_kv"].detach().clone().requires_grad_()
-    o, lse = fn(*args, scale, window, **kw)
-    g = torch.Generator().manual_seed(seed)
-    go = torch.randn(o.shape, generator=g).to(o.device, o.dtype)
-    glse = torch.randn(lse.shape, generator=g).to(lse.device, lse.dtype)
-    torch.autograd.backward((o, lse), (go, glse))
-    grads = [a.grad for a in args] + ([kw["comp_kv"].grad] if "comp_kv" in kw else [])
-    return (o, lse), grads
+_run = testing.attention_fwd_bwd
 
 
 @pytest.mark.parametrize("mode,dtype", [("window", torch.float32), ("range", torch.float32),

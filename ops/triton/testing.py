@@ -37,6 +37,24 @@ def poison_outputs():
         ops.triton.POISON = False
 
 
+def attention_fwd_bwd(fn, args, kw, window, scale, seed):
+    """Run a ``hybrid_attention`` implementation on fresh leaf copies of ``args`` (q, kv, sinks) and of
+    ``kw["comp_kv"]``, back-propagate seeded random gradients on BOTH outputs (o and lse); returns
+    ((o, lse), [dq, dkv, dsinks] + [dcomp_kv] when present)."""
+    import torch
+    args = [a.detach().clone().requires_grad_() for a in args]
+    kw = dict(kw)
+    if "comp_kv" in kw:
+        kw["comp_kv"] = kw["comp_kv"].detach().clone().requires_grad_()
+    o, lse = fn(*args, scale, window, **kw)
+    g = torch.Generator().manual_seed(seed)
+    go = torch.randn(o.shape, generator=g).to(o.device, o.dtype)
+    glse = torch.randn(lse.shape, generator=g).to(lse.device, lse.dtype)
+    torch.autograd.backward((o, lse), (go, glse))
+    grads = [a.grad for a in args] + ([kw["comp_kv"].grad] if "comp_kv" in kw else [])
+    return (o, lse), grads
+
+
 def kernels(name: str) -> ModuleType:
     """Import kernel module ``ops.triton.<name>`` in this process's mode (interpreted or compiled)."""
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
