@@ -1,5 +1,5 @@
-"""The trainer end to end under tp2, pp2, pp2 × vpp2 and sp2 (Ulysses): the same losses as one process, exact
-resume under pp2, and pp2 / tp2 checkpoints resumed by one process.
+"""The trainer end to end under tp2, pp2, pp2 × vpp2, sp2 (Ulysses) and, on 4 ranks, ep2 × pp2 (× dp2): the same
+losses as one process, exact resume under pp2, and pp2 / tp2 checkpoints resumed by one process.
 
 Every run is ``pretrain.trainer.Trainer(cfg, layout).fit()`` on the tiny config — what ``python -m pretrain``
 runs after parsing the command line — with the real loader on the embedded corpus (``runs/data/tiny``, shared
@@ -51,6 +51,7 @@ LAYOUTS = {"tp2": ["parallel.tp=2", "checkpoint.interval=2", "checkpoint.keep_ev
            "pp2": ["parallel.pp=2"],
            "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2"],
            "sp2": ["parallel.sp=2"]}
+FOUR_RANK_LAYOUTS = {"ep2_pp2": ["parallel.ep=2", "parallel.pp=2"]}     # V4's main layout family: dp2 × pp2, ep2
 STOP = 2
 CKPT = f"checkpoints/step_{STOP:08d}"
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def runs(tmp_path_factory) -> dict:
            ("tp2_at_tp1", "tp2_at_tp1", [f"checkpoint.load={Path(root) / 'tp2' / CKPT}"])]
     # the first launch may build the dataset cache (~1 min) and DeepSpeed's shared-memory op for sp2 (~30 s)
     res = run_ranks(train_runs, 2, root, two, timeout=900)[0]
+    res.update(run_ranks(train_runs, 4, root, [(k, k, v) for k, v in FOUR_RANK_LAYOUTS.items()], timeout=600)[0])
     res.update(run_ranks(train_runs, 1, root, one, timeout=600)[0])
     for k, v in res.items():
         log.info("%s: %.1f s", k, v["seconds"])
@@ -120,7 +122,7 @@ def _match(got: dict[int, dict], want: dict[int, dict], steps: range, name: str)
     return worst
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", [*LAYOUTS, *FOUR_RANK_LAYOUTS])
 def test_layout_losses_equal_one_process(runs, layout):
     got, want = _by_step(runs[layout]["records"]), _by_step(runs["one"]["records"])
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
