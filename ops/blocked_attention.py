@@ -130,6 +130,12 @@ class _Compressed:
             return torch.einsum("bqhk,bqkd->bqhd", p, self.keys)
         return torch.einsum("bqhn,bnd->bqhd", p, self.keys)
 
+    def dp(self, go: torch.Tensor) -> torch.Tensor:
+        """dp_j = dO·k_j for these entries: [B, C, H, K|span]."""
+        if self.gather:
+            return torch.einsum("bqhd,bqkd->bqhk", go, self.keys)
+        return torch.einsum("bqhd,bnd->bqhn", go, self.keys)
+
     def backward(self, ds: torch.Tensor, p: torch.Tensor, qc: torch.Tensor, go: torch.Tensor, scale: float,
                  dck: torch.Tensor) -> torch.Tensor:
         """Adds the entries' gradient into ``dck`` [B, N, D]; returns this part's dq [B, C, H, D]."""
@@ -241,19 +247,12 @@ class _BlockedHybridAttention(torch.autograd.Function):
             dkv[:, i0 + 1:i1 + 1] += dband[:, :, Q:]
             if comp is not None:
                 p_c = p[..., 2 * Q:-1]
-                ds_c = p_c * (comp_dp(comp, go_c) - dl[..., None])
+                ds_c = p_c * (comp.dp(go_c) - dl[..., None])
                 dq_c = dq_c + comp.backward(ds_c, p_c, q_c, go_c, scale, dck)
             dq[:, r0:r1] = dq_c
         d_kv = dkv.view(B, (plan.nb + 1) * Q, D)[:, Q:Q + S]
         return (dq[:, :S].to(q.dtype), d_kv.to(kv.dtype), dsink.to(sinks.dtype),
                 None if dck is None else dck.to(comp_kv.dtype), None, None, None, None, None, None)
-
-
-def comp_dp(comp: _Compressed, go: torch.Tensor) -> torch.Tensor:
-    """dp_j = dO·k_j for the chunk's compressed entries: [B, C, H, K|span]."""
-    if comp.gather:
-        return torch.einsum("bqhd,bqkd->bqhk", go, comp.keys)
-    return torch.einsum("bqhd,bnd->bqhn", go, comp.keys)
 
 
 def blocked_hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, scale: float, window: int,
