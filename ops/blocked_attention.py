@@ -51,25 +51,53 @@ GATHER_COST = 64
 
 
 class _Plan:
-    """Shapes shared by forward and backward: window blocks, padding, chunking, compressed mode."""
+    """What forward and backward share: shapes, window blocks, chunking, and the padded fp32/fp64 inputs."""
 
-    def __init__(self, q: torch.Tensor, window: int, seg_start: Optional[torch.Tensor],
-                 comp_kv: Optional[torch.Tensor], comp_idx: Optional[torch.Tensor]):
+    def __init__(self, q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, comp_kv: Optional[torch.Tensor],
+                 window: int, seg_start: Optional[torch.Tensor], comp_lo: Optional[torch.Tensor],
+                 comp_hi: Optional[torch.Tensor], comp_idx: Optional[torch.Tensor]):
         B, S, H, D = q.shape
         self.B, self.S, self.H, self.D = B, S, H, D
+        self.cdt = torch.promote_types(q.dtype, torch.float32)
         self.Q, self.nb, self.ok = _window_blocks(S, window, seg_start, q.device, B)   # ok [B|1, nb, Q, 2Q]
-        self.W = self.Q
-        self.Sp = self.nb * self.Q
+        self.Sp = Sp = self.nb * self.Q
         self.has_comp = comp_kv is not None and comp_kv.shape[1] > 0
-        self.N = comp_kv.shape[1] if self.has_comp else 0
-        self.K = comp_idx.shape[-1] if (self.has_comp and comp_idx is not None) else 0
-        per_query = H * (2 * self.W + 1) + (H + D) * (self.K if self.K else self.N)
+        K = comp_idx.shape[-1] if (self.has_comp and comp_idx is not None) else 0
+        per_query = H * (2 * self.Q + 1) + (H + D) * (K if K else (comp_kv.shape[1] if self.has_comp else 0))
         rows = max(self.Q, CHUNK_ELEMENTS // max(1, B * per_query))
         self.blocks_per_chunk = max(1, rows // self.Q)
+        self.q_pad = _pad_rows(q.to(self.cdt), Sp, 0.0)
+        kv_pad = F.pad(kv.to(self.cdt), (0, 0, self.Q, Sp - S))                          # [B, Q + Sp, D]
+        self.kv_bands = kv_pad.unfold(1, 2 * self.Q, self.Q).transpose(-1, -2)          # [B, nb, 2Q, D] (view)
+        self.sinks = sinks.to(self.cdt)
+        self.ck = comp_kv.to(self.cdt) if self.has_comp else None
+        self.lo, self.hi = _pad_rows(comp_lo, Sp, 0), _pad_rows(comp_hi, Sp, 0)
+        self.idx = _pad_rows(comp_idx, Sp, -1)
 
     def chunks(self):
         for i0 in range(0, self.nb, self.blocks_per_chunk):
             yield i0, min(self.nb, i0 + self.blocks_per_chunk)
+
+    def compressed(self, i0: int, i1: int) -> Optional["_Compressed"]:
+        """The compressed entries the queries of blocks [i0, i1) score (None on sliding-only layers)."""
+        if not self.has_comp:
+            return None
+        r0, r1 = i0 * self.Q, i1 * self.Q
+        rows = [None if t is None else t[:, r0:r1] for t in (self.lo, self.hi, self.idx)]
+        return _Compressed(self.ck, *rows, self.H)
+
+    def scores(self, i0: int, i1: int, scale: float, comp: Optional["_Compressed"]) -> torch.Tensor:
+        """Logits of the queries of blocks [i0, i1), [B, C, H, 2Q + K|span + 1] (window band, compressed, sink)."""
+        B, H, D, Q = self.B, self.H, self.D, self.Q
+        nbc = i1 - i0
+        q_c = self.q_pad[:, i0 * Q:i1 * Q]
+        z_win = torch.einsum("biqhd,bikd->biqhk", q_c.view(B, nbc, Q, H, D), self.kv_bands[:, i0:i1]) * scale
+        z_win = z_win.masked_fill_(~self.ok[:, i0:i1, :, None, :], float("-inf")).view(B, nbc * Q, H, 2 * Q)
+        parts = [z_win]
+        if comp is not None:
+            parts.append(comp.scores(q_c, scale))
+        parts.append(self.sinks.view(1, 1, H, 1).expand(B, nbc * Q, H, 1))
+        return torch.cat(parts, dim=-1)
 
 
 def _pad_rows(x: Optional[torch.Tensor], rows: int, value: float) -> Optional[torch.Tensor]:
@@ -152,48 +180,22 @@ class _Compressed:
         return dq
 
 
-def _chunk_scores(plan: _Plan, i0: int, i1: int, q_pad: torch.Tensor, kv_blk: torch.Tensor, sinks: torch.Tensor,
-                  scale: float, comp: Optional[_Compressed]) -> torch.Tensor:
-    """Logits of the chunk's queries, [B, C, H, 2W + K|span + 1] (window band, compressed, sink)."""
-    B, H, D, Q = plan.B, plan.H, plan.D, plan.Q
-    nbc = i1 - i0
-    q_blk = q_pad[:, i0 * Q:i1 * Q].view(B, nbc, Q, H, D)
-    z_win = torch.einsum("biqhd,bikd->biqhk", q_blk, kv_blk) * scale
-    z_win = z_win.masked_fill_(~plan.ok[:, i0:i1, :, None, :], float("-inf")).view(B, nbc * Q, H, 2 * Q)
-    parts = [z_win]
-    if comp is not None:
-        parts.append(comp.scores(q_pad[:, i0 * Q:i1 * Q], scale))
-    parts.append(sinks.view(1, 1, H, 1).expand(B, nbc * Q, H, 1))
-    return torch.cat(parts, dim=-1)
-
-
 class _BlockedHybridAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, kv, sinks, comp_kv, scale, window, seg_start, comp_lo, comp_hi, comp_idx):
-        cdt = torch.promote_types(q.dtype, torch.float32)
-        plan = _Plan(q, window, seg_start, comp_kv, comp_idx)
-        B, S, H, D, Q, Sp = plan.B, plan.S, plan.H, plan.D, plan.Q, plan.Sp
-        q_pad = _pad_rows(q.to(cdt), Sp, 0.0)
-        kv_pad = F.pad(kv.to(cdt), (0, 0, Q, Sp - S))                          # [B, Q + Sp, D]
-        kv_bands = kv_pad.unfold(1, 2 * Q, Q).transpose(-1, -2)                # [B, nb, 2Q, D] (view)
-        ck = comp_kv.to(cdt) if plan.has_comp else None
-        lo, hi = _pad_rows(comp_lo, Sp, 0), _pad_rows(comp_hi, Sp, 0)
-        idx = _pad_rows(comp_idx, Sp, -1)
-        sk = sinks.to(cdt)
-        o = torch.empty(B, Sp, H, D, dtype=cdt, device=q.device)
-        lse = torch.empty(B, Sp, H, dtype=cdt, device=q.device)
+        plan = _Plan(q, kv, sinks, comp_kv, window, seg_start, comp_lo, comp_hi, comp_idx)
+        B, S, H, D, Q = plan.B, plan.S, plan.H, plan.D, plan.Q
+        o = torch.empty(B, plan.Sp, H, D, dtype=plan.cdt, device=q.device)
+        lse = torch.empty(B, plan.Sp, H, dtype=plan.cdt, device=q.device)
         for i0, i1 in plan.chunks():
-            r0, r1 = i0 * Q, i1 * Q
-            comp = (_Compressed(ck, None if lo is None else lo[:, r0:r1], None if hi is None else hi[:, r0:r1],
-                                None if idx is None else idx[:, r0:r1], H) if plan.has_comp else None)
-            kv_blk = kv_bands[:, i0:i1]
-            z = _chunk_scores(plan, i0, i1, q_pad, kv_blk, sk, scale, comp)
+            r0, r1, nbc = i0 * Q, i1 * Q, i1 - i0
+            comp = plan.compressed(i0, i1)
+            z = plan.scores(i0, i1, scale, comp)
             l_c = torch.logsumexp(z, dim=-1)
             p = torch.exp(z - l_c[..., None])
-            nbc = i1 - i0
-            o_c = torch.einsum("biqhk,bikd->biqhd", p[..., :2 * Q].reshape(B, nbc, Q, H, 2 * Q), kv_blk)
-            o_c = o_c.reshape(B, nbc * Q, H, D)
+            o_c = torch.einsum("biqhk,bikd->biqhd", p[..., :2 * Q].reshape(B, nbc, Q, H, 2 * Q),
+                               plan.kv_bands[:, i0:i1]).reshape(B, nbc * Q, H, D)
             if comp is not None:
                 o_c = o_c + comp.apply(p[..., 2 * Q:-1])
             o[:, r0:r1] = o_c
@@ -208,33 +210,23 @@ class _BlockedHybridAttention(torch.autograd.Function):
     def backward(ctx, g_o, g_lse):
         q, kv, sinks, comp_kv, seg_start, comp_lo, comp_hi, comp_idx, o, lse = ctx.saved_tensors
         scale = ctx.scale
-        cdt = torch.promote_types(q.dtype, torch.float32)
-        plan = _Plan(q, ctx.window, seg_start, comp_kv, comp_idx)
-        B, S, H, D, Q, Sp = plan.B, plan.S, plan.H, plan.D, plan.Q, plan.Sp
-        q_pad = _pad_rows(q.to(cdt), Sp, 0.0)
-        kv_pad = F.pad(kv.to(cdt), (0, 0, Q, Sp - S))
-        kv_bands = kv_pad.unfold(1, 2 * Q, Q).transpose(-1, -2)
-        ck = comp_kv.to(cdt) if plan.has_comp else None
-        lo, hi = _pad_rows(comp_lo, Sp, 0), _pad_rows(comp_hi, Sp, 0)
-        idx = _pad_rows(comp_idx, Sp, -1)
-        sk = sinks.to(cdt)
-        go = _pad_rows(g_o.to(cdt), Sp, 0.0)
-        delta = _pad_rows((g_o.to(cdt) * o.to(cdt)).sum(-1) - g_lse.to(cdt), Sp, 0.0)     # [B, Sp, H]
+        plan = _Plan(q, kv, sinks, comp_kv, ctx.window, seg_start, comp_lo, comp_hi, comp_idx)
+        B, S, H, D, Q, Sp, cdt = plan.B, plan.S, plan.H, plan.D, plan.Q, plan.Sp, plan.cdt
+        g_o = g_o.to(cdt)
+        go = _pad_rows(g_o, Sp, 0.0)
+        delta = _pad_rows((g_o * o.to(cdt)).sum(-1) - g_lse.to(cdt), Sp, 0.0)              # [B, Sp, H]
         lse_p = _pad_rows(lse.to(cdt), Sp, 0.0)
         dq = torch.empty(B, Sp, H, D, dtype=cdt, device=q.device)
         dkv = torch.zeros(B, plan.nb + 1, Q, D, dtype=cdt, device=q.device)    # kv_pad in blocks of Q rows
-        dck = torch.zeros_like(ck) if plan.has_comp else None
+        dck = torch.zeros_like(plan.ck) if plan.has_comp else None
         dsink = torch.zeros(H, dtype=cdt, device=q.device)
         for i0, i1 in plan.chunks():
-            r0, r1 = i0 * Q, i1 * Q
-            nbc = i1 - i0
-            comp = (_Compressed(ck, None if lo is None else lo[:, r0:r1], None if hi is None else hi[:, r0:r1],
-                                None if idx is None else idx[:, r0:r1], H) if plan.has_comp else None)
-            kv_blk = kv_bands[:, i0:i1]
-            z = _chunk_scores(plan, i0, i1, q_pad, kv_blk, sk, scale, comp)
-            p = torch.exp(z - lse_p[:, r0:r1, :, None])
+            r0, r1, nbc = i0 * Q, i1 * Q, i1 - i0
+            comp = plan.compressed(i0, i1)
+            kv_blk = plan.kv_bands[:, i0:i1]
+            p = torch.exp(plan.scores(i0, i1, scale, comp) - lse_p[:, r0:r1, :, None])
             dl = delta[:, r0:r1]
-            go_c, q_c = go[:, r0:r1], q_pad[:, r0:r1]
+            go_c, q_c = go[:, r0:r1], plan.q_pad[:, r0:r1]
             dsink -= (p[..., -1] * dl).sum(dim=(0, 1))
             # window band
             go_blk = go_c.view(B, nbc, Q, H, D)
