@@ -26,6 +26,13 @@ LayerType = Literal["sliding", "csa", "hca"]
 RECOMPUTE_MODES = ("none", "selective", "full")
 
 
+def check_recompute_mode(mode: str, where: str = "model.recompute") -> str:
+    """``mode`` if it is one of RECOMPUTE_MODES (pretrain.model.recompute), else a ValueError naming it."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"{where}={mode!r} is not one of {list(RECOMPUTE_MODES)}")
+    return mode
+
+
 class ConfigError(ValueError):
     """A configuration problem; the message names the file/key and the fix."""
 
@@ -97,8 +104,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.layer_types:
             self.layer_types = default_layer_types(self.num_layers)
-        if self.recompute not in RECOMPUTE_MODES:     # YAML values are checked by the Literal; this is for code
-            raise ValueError(f"model.recompute={self.recompute!r} is not one of {list(RECOMPUTE_MODES)}")
+        check_recompute_mode(self.recompute)    # YAML values are checked by the Literal; this is for code
         if self.recompute_num_layers < 0:
             raise ValueError(f"model.recompute_num_layers={self.recompute_num_layers} must be >= 0 (0 = every block)")
 

@@ -65,21 +65,17 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from pretrain.config import RECOMPUTE_MODES  # noqa: F401 (re-exported)
+from pretrain.config import check_recompute_mode as check_mode
+
 log = logging.getLogger(__name__)
 
 __all__ = ["RECOMPUTE_MODES", "checkpoint", "check_mode"]
 
-RECOMPUTE_MODES = ("none", "selective", "full")
 # per-forward results that modules keep as attributes (restored after a recompute)
 _RESULT_ATTRS = ("balance_loss", "tokens_per_expert", "indexer_loss")
 # counters accumulated over the forwards of a step (restored in place after a recompute)
 _COUNTER_ATTRS = ("local_tokens_per_expert",)
-
-
-def check_mode(mode: str, where: str = "model.recompute") -> str:
-    if mode not in RECOMPUTE_MODES:
-        raise ValueError(f"{where}={mode!r} is not one of {list(RECOMPUTE_MODES)}")
-    return mode
 
 
 def _rng_tracker() -> Any:
