@@ -54,7 +54,9 @@ def find_checkpoint(run_dir: str | Path, step: Optional[int] = None) -> Path:
     if not candidates_root.is_dir():
         raise ExportError(f"no checkpoints in {run_dir}: {candidates_root} does not exist (the run has not "
                           f"saved one yet; checkpoints are written every checkpoint.interval steps and at the end)")
-    steps = sorted(int(m.group(1)) for p in candidates_root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir())
+    from pretrain.checkpoint import CheckpointManager
+    manager = CheckpointManager(candidates_root)
+    steps = manager.steps_on_disk()
     if forced is not None:
         if not forced.is_dir():
             have = ", ".join(str(s) for s in steps) or "none"
@@ -67,8 +69,7 @@ def find_checkpoint(run_dir: str | Path, step: Optional[int] = None) -> Path:
     if not steps:
         raise ExportError(f"no checkpoint in {candidates_root} (no step_* directory; checkpoints are written every "
                           f"checkpoint.interval steps and at the end of training)")
-    from pretrain.checkpoint import CheckpointManager
-    found = CheckpointManager(candidates_root).find_latest_valid()   # what a resume would pick
+    found = manager.find_latest_valid()   # what a resume would pick
     if found is None:
         raise ExportError(f"no valid checkpoint in {candidates_root}: every step_* directory ({steps}) failed "
                           f"verification (see the warnings above)")
@@ -97,11 +98,10 @@ _LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM
 
 @contextlib.contextmanager
 def _one_process_env():
-    """A private one-rank rendezvous (loopback, free port), whatever launcher variables the shell inherited
-    (an export inside an allocation or next to a running job must not join or collide with it)."""
-    from parallel.process_groups import free_port
+    """A private one-rank rendezvous, whatever launcher variables the shell inherited (an export inside an
+    allocation or next to a running job must not join or collide with it): with them removed,
+    ``init_torch_distributed`` sees one rank and picks loopback and a free port itself."""
     saved = {k: os.environ.pop(k) for k in _LAUNCHER_VARS if k in os.environ}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         yield
     finally:
