@@ -40,14 +40,23 @@ def is_expert(p: torch.Tensor) -> bool:
     return bool(getattr(p, "v4_expert", False)) or getattr(p, "allreduce", True) is False
 
 
+def _collective_device() -> torch.device:
+    """Where the step's small reductions live: the current GPU under NCCL (it reduces device tensors only),
+    else the CPU (gloo)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _model_sum(params: Iterable[torch.nn.Parameter], value) -> float:
     """Σ ``value(p)`` over the whole model, each tensor counted once: dense parameters summed over TP × PP
     (TP-replicated ones counted on TP rank 0 only), experts over ETP × EP × PP (ETP-replicated ones on ETP
     rank 0); the last stage's copy of the embedding (``shared_embedding``) is skipped. ``value`` returns a
     float64 scalar tensor or None (skip). Collective over the model-parallel groups."""
     from megatron.core import parallel_state as ps
-    dense = torch.zeros((), dtype=torch.float64)
-    expert = torch.zeros((), dtype=torch.float64)
+    dev = _collective_device()            # summed where the values are: one host sync at the end, not per tensor
+    dense = torch.zeros((), dtype=torch.float64, device=dev)
+    expert = torch.zeros((), dtype=torch.float64, device=dev)
     tp_rank = ps.get_tensor_model_parallel_rank()
     etp_rank = ps.get_expert_tensor_parallel_rank()
     for p in params:
@@ -56,6 +65,7 @@ def _model_sum(params: Iterable[torch.nn.Parameter], value) -> float:
         v = value(p)
         if v is None:
             continue
+        v = v.to(dev)
         sharded = bool(getattr(p, "tensor_model_parallel", False))
         if is_expert(p):
             if sharded or etp_rank == 0:
@@ -71,7 +81,7 @@ def _model_sum(params: Iterable[torch.nn.Parameter], value) -> float:
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
     """Global 2-norm of ``p.grad`` (after the data-parallel reduction)."""
     return math.sqrt(_model_sum(params, lambda p: None if p.grad is None else
-                                p.grad.detach().double().pow(2).sum().cpu()))
+                                p.grad.detach().double().pow(2).sum()))
 
 
 def clip_(params: Iterable[torch.nn.Parameter], norm: float, max_norm: float) -> None:
@@ -87,13 +97,14 @@ def load_stats(loads: torch.Tensor | None) -> dict[str, float | None]:
     """Mean over all learned routers of the model (every pipeline stage: collective over the pipeline group)
     of max/mean and the coefficient of variation of the per-expert loads of the global batch."""
     from megatron.core import parallel_state as ps
-    acc = torch.zeros(3, dtype=torch.float64)          # Σ max/mean, Σ cv, number of routers
+    dev = _collective_device()
+    acc = torch.zeros(3, dtype=torch.float64, device=dev)     # Σ max/mean, Σ cv, number of routers
     if loads is not None and loads.sum() > 0:
-        loads = loads.double()
+        loads = loads.to(dev, torch.float64)
         mean = loads.mean(dim=1).clamp(min=1e-9)
         acc += torch.stack([(loads.max(dim=1).values / mean).sum(),
                             (loads.std(dim=1, unbiased=False) / mean).sum(),
-                            torch.tensor(float(loads.shape[0]), dtype=torch.float64)])
+                            torch.tensor(float(loads.shape[0]), dtype=torch.float64, device=dev)])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(acc, group=ps.get_pipeline_model_parallel_group())
     if acc[2] == 0:
