@@ -54,6 +54,7 @@ import torch
 from parallel import layout_plan
 from parallel.pipeline import chunk_stages, stage_layer_ranges
 from parallel.process_groups import Layout, compute_layout, validate_batch
+from pretrain.config import RECOMPUTE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def render_comparison(entries: list[tuple[str, Layout, list[RankRow]]], gpu_gb: 
     return layout_plan.format_table(title, header, body)
 
 
-COMPARE = [("none", 0), ("selective", 0), ("full", 0)]
+COMPARE = [(mode, 0) for mode in RECOMPUTE_MODES]     # every mode on every block
 
 
 def run(config: str, world: int, overrides: list[str], global_batch: int | None = None,

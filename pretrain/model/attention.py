@@ -173,7 +173,7 @@ class V4Attention(nn.Module):
         self.index_topk = cfg.index_topk
         self.attention_mode = cfg.attention_mode
         self.indexer_loss: Optional[torch.Tensor] = None
-        self.recompute_core = False       # set by V4Block.set_recompute ("selective"): see _core_attention
+        self.recompute_core = False       # set by V4Block (recompute "selective"): see _core_attention
         pc = parallel_config if parallel_config is not None else megatron_parallel_config(self.tp_size)
         std = cfg.init_std
 

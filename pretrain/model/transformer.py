@@ -60,7 +60,7 @@ class V4Block(nn.Module):
     """One block: X [B, S, n, d] -> X, with its own mHC sites around attention and MoE (HF names)."""
 
     def __init__(self, cfg: Any, layer_idx: int, layer_type: str, moe_config: Any, balance_loss_coeff: float,
-                 is_mtp: bool = False):
+                 is_mtp: bool = False, recompute_mode: str = "none"):
         super().__init__()
         mhc = partial(HyperConnection, cfg.hidden_size, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps,
                       cfg.rms_norm_eps, cfg.hc_init_gating)
@@ -72,13 +72,9 @@ class V4Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         is_hash = (not is_mtp) and layer_idx < cfg.n_hash_layers
         self.mlp = V4MoE(cfg, layer_idx + 1, is_hash, moe_config, balance_loss_coeff, is_mtp_layer=is_mtp)
-        self.recompute = "none"
-        self.set_recompute(getattr(cfg, "recompute", "none"))
-
-    def set_recompute(self, mode: str) -> None:
-        """Activation recomputation of this block: none | selective | full (pretrain.model.recompute)."""
-        self.recompute = recompute.check_mode(mode)
-        self.self_attn.recompute_core = mode == "selective"
+        # activation recomputation of this block: none | selective | full (pretrain.model.recompute)
+        self.recompute = recompute.check_mode(recompute_mode)
+        self.self_attn.recompute_core = recompute_mode == "selective"
 
     def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -139,13 +135,11 @@ class DeepSeekV4Model(nn.Module):
             self.embed_tokens = tensor_parallel.VocabParallelEmbedding(
                 cfg.vocab_size, cfg.hidden_size, init_method=init, config=self.moe_config)
             self.embed_tokens.weight.v4_optimizer = "adamw"
-        self.layers = nn.ModuleDict({
-            str(i): V4Block(cfg, i, cfg.layer_types[i], self.moe_config, balance_loss_coeff)
-            for i in _layer_slice(cfg, layer_range)})
-        n_rc = getattr(cfg, "recompute_num_layers", 0)
-        for k, block in enumerate(self.layers.values()):   # recompute_num_layers: the first N of this chunk
-            if n_rc and k >= n_rc:
-                block.set_recompute("none")
+        mode, n_rc = getattr(cfg, "recompute", "none"), getattr(cfg, "recompute_num_layers", 0)
+        self.layers = nn.ModuleDict({      # recompute_num_layers > 0: only the first N blocks of this chunk
+            str(i): V4Block(cfg, i, cfg.layer_types[i], self.moe_config, balance_loss_coeff,
+                            recompute_mode=mode if not n_rc or k < n_rc else "none")
+            for k, i in enumerate(_layer_slice(cfg, layer_range))})
         if post_process:
             self.hc_head = HyperHead(cfg.hidden_size, cfg.hc_mult, cfg.hc_eps, cfg.rms_norm_eps, cfg.hc_init_gating)
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -160,9 +154,7 @@ class DeepSeekV4Model(nn.Module):
                 if cfg.num_mtp_layers != 1:
                     raise ValueError(f"num_mtp_layers={cfg.num_mtp_layers}: only MTP depth 1 is implemented (V4)")
                 block = V4Block(cfg, cfg.num_layers, cfg.mtp_layer_type, self.moe_config, balance_loss_coeff,
-                                is_mtp=True)
-                if getattr(cfg, "recompute_num_layers", 0):
-                    block.set_recompute("none")
+                                is_mtp=True, recompute_mode="none" if n_rc else mode)
                 self.mtp = MTPModule(cfg, block)
                 if not pre_process:
                     self.mtp_embed_tokens = tensor_parallel.VocabParallelEmbedding(
