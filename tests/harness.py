@@ -5,14 +5,21 @@ initialises the default gloo process group in each, calls ``fn(rank, world_size,
 down, and returns the list of return values ordered by rank. An exception on any rank is re-raised in the
 test with that rank's traceback. On timeout, or once any rank failed, all ranks and their children are
 killed by PID (never left behind). ``fn`` must be a module-level function (spawn pickles it by name).
+
+``run_command(cmd, timeout)``: a command line (``python -m pretrain``, torchrun, the export CLI) with captured
+output; afterwards its whole process tree is killed (``process_tree`` / ``kill_process_tree``): torchrun's
+workers (own sessions) and dist_checkpointing's Manager processes would otherwise outlive it and hold its pipes.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue
+import subprocess
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import psutil
@@ -46,17 +53,47 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
             pass
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process ``pid`` and all its descendants (empty if it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_process_tree(procs: list[psutil.Process]) -> None:
+    """SIGKILL ``process_tree(pid)``'s processes; waits for the descendants (the root is the caller's child:
+    the caller reaps it, to see its exit status)."""
+    for q in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            q.kill()
+    psutil.wait_procs(procs[1:], timeout=10)
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_command(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in the repository with captured text output; its process tree is killed afterwards."""
+    p = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        kill_process_tree(process_tree(p.pid))
+        p.wait()
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def _kill_tree(procs: list[mp.Process]) -> None:
     for p in procs:
-        if p.pid is None:
-            continue
-        try:
-            parent = psutil.Process(p.pid)
-            for child in parent.children(recursive=True):
-                child.kill()
-            parent.kill()
-        except psutil.NoSuchProcess:
-            pass
+        if p.pid is not None:
+            kill_process_tree(process_tree(p.pid))
     for p in procs:
         p.join(timeout=10)
 

@@ -8,7 +8,6 @@ relative). Clear errors (exit 2) for a missing run directory, a run without chec
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,19 +16,15 @@ import pytest
 import torch
 
 from parallel.process_groups import free_port
+from tests.harness import run_command
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-
-
 def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], check=False, cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return run_command([sys.executable, *args], timeout=timeout)
 
 
 def _export(*args: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import psutil
 import pytest
 
 from parallel.process_groups import free_port
+from tests.harness import kill_process_tree, process_tree, run_command, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -50,38 +50,6 @@ def _cmd(run_dir: Path, shards: str, extra: list[str], ranks: int = 1) -> list[s
             f"--master_port={free_port()}", *args]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _kill_tree(procs: list[psutil.Process]) -> None:
-    """SIGKILL a run and every descendant: torchrun's workers (own sessions) and dist_checkpointing's
-    Manager processes, which would otherwise outlive a killed parent and hold its output pipes."""
-    for q in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            q.kill()
-    # not the root: it is our child, and Popen.wait must reap it to see its exit status
-    psutil.wait_procs(procs[1:], timeout=10)
-
-
-def _run(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
-    p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    finally:
-        _kill_tree(_tree(p.pid))
-        p.wait()
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
-
-
 def _losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -93,7 +61,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def _start_and_signal(cmd: list[str], run_dir: Path, sig: int, after_step: int, need_ckpt: bool,
                       timeout: float = 400) -> tuple[int, str]:
     """Start ``cmd`` in its own process group; send ``sig`` once metrics.jsonl shows ``after_step``."""
-    p = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    p = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True)
     deadline = time.monotonic() + timeout
     try:
@@ -102,9 +70,9 @@ def _start_and_signal(cmd: list[str], run_dir: Path, sig: int, after_step: int, 
             steps = len(m.read_text().splitlines()) if m.exists() else 0
             if steps >= after_step and (not need_ckpt or (run_dir / "checkpoints" / "latest").exists()):
                 if sig == signal.SIGKILL:
-                    _kill_tree(_tree(p.pid))   # the launcher, every rank and their helpers: a node loss
+                    kill_process_tree(process_tree(p.pid))   # the launcher, every rank and their helpers: a node loss
                 else:
-                    for q in _tree(p.pid):     # what Slurm/torchrun deliver: the signal to every rank
+                    for q in process_tree(p.pid):     # what Slurm/torchrun deliver: the signal to every rank
                         with contextlib.suppress(psutil.Error):
                             if q.pid == p.pid or "pretrain" in " ".join(q.cmdline()):
                                 q.send_signal(sig)
@@ -113,14 +81,14 @@ def _start_and_signal(cmd: list[str], run_dir: Path, sig: int, after_step: int, 
         out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
         return p.returncode, out
     finally:
-        _kill_tree(_tree(p.pid))
+        kill_process_tree(process_tree(p.pid))
         p.wait()
 
 
 def _kill9_resume_matches(tmp_path: Path, shards: str, ranks: int) -> None:
     extra = ["train.steps=6", "checkpoint.interval=2"] + (["parallel.ep=2"] if ranks == 2 else [])
     ref = tmp_path / "ref"
-    r = _run(_cmd(ref, shards, extra, ranks))
+    r = run_command(_cmd(ref, shards, extra, ranks))
     assert r.returncode == 0, r.stderr[-4000:]
     run = tmp_path / "killed"
     # every rank stops right after step 3 (the last checkpoint is step 2); kill -9 the whole process group
@@ -129,7 +97,7 @@ def _kill9_resume_matches(tmp_path: Path, shards: str, ranks: int) -> None:
     assert code == -signal.SIGKILL or code == 128 + signal.SIGKILL, out[-3000:]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
-    r = _run(_cmd(run, shards, extra, ranks))        # the same command resumes
+    r = run_command(_cmd(run, shards, extra, ranks))        # the same command resumes
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resumed from" in r.stderr
     want, got = _losses(ref), _losses(run)
@@ -157,7 +125,7 @@ def test_sigterm_checkpoints_and_exits_for_requeue_nan_step_skipped(tmp_path, sh
     nan = recs[1]
     assert nan["step"] == 2 and nan["skipped"] is True and nan["grad_norm"] is None
     assert recs[2]["skipped"] is False and recs[2]["skipped_total"] == 1
-    r = _run(_cmd(run, shards, extra))
+    r = run_command(_cmd(run, shards, extra))
     assert r.returncode == 0, r.stderr[-4000:]
     final = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in final] == list(range(1, 31)) and final[-1]["skipped_total"] == 1
@@ -166,10 +134,10 @@ def test_sigterm_checkpoints_and_exits_for_requeue_nan_step_skipped(tmp_path, sh
 
 def test_resume_with_a_different_data_parallel_size(tmp_path, shards):
     two = tmp_path / "two"
-    r = _run(_cmd(two, shards, ["train.steps=3", "checkpoint.interval=2", "parallel.ep=2"], ranks=2))
+    r = run_command(_cmd(two, shards, ["train.steps=3", "checkpoint.interval=2", "parallel.ep=2"], ranks=2))
     assert r.returncode == 0, r.stderr[-4000:]
     one = tmp_path / "one"
-    r = _run(_cmd(one, shards, ["train.steps=3", f"checkpoint.load={two / 'checkpoints' / 'step_00000002'}"]))
+    r = run_command(_cmd(one, shards, ["train.steps=3", f"checkpoint.load={two / 'checkpoints' / 'step_00000002'}"]))
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resharded" in r.stderr and "resumed from" in r.stderr
     a, b = _losses(two), _losses(one)
