@@ -7,6 +7,7 @@ import torch
 
 from ops import dispatch, mhc
 from ops.mhc import hc_head, mhc_post, mhc_pre, sinkhorn, sinkhorn_autograd
+from ops.triton.testing import rel
 
 
 def _inputs(seed: int, t: int = 3, n: int = 2, d: int = 4, dtype=torch.float64):
@@ -111,11 +112,6 @@ def test_bad_shapes_name_the_argument():
         sinkhorn(torch.randn(2, 3, 4), 3, 1e-6)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ in float64."""
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def _sinkhorn_fwd_bwd(f, logits: torch.Tensor, grad_out: torch.Tensor):
     leaf = logits.detach().clone().requires_grad_()
     out = f(leaf)
@@ -150,12 +146,12 @@ def test_sinkhorn_function_matches_autograd(iters, n, dtype):
     # not elementwise: both subtract nearly equal terms, so entries near 0 carry large relative rounding
     # in either version. 1e-6 of the norm and of the largest entry.
     tol = 1e-6 if dtype == torch.float32 else 1e-13
-    assert _rel(grad, ref_grad) <= tol
+    assert rel(grad, ref_grad) <= tol
     assert (grad - ref_grad).abs().max() <= tol * ref_grad.abs().max()
     if dtype == torch.float32:
         _, grad64 = _sinkhorn_fwd_bwd(lambda l: sinkhorn_autograd(l, iters, 1e-6), logits.double(),
                                       grad_out.double())
-        assert _rel(grad, grad64) <= 1e-6 and _rel(ref_grad, grad64) <= 1e-6
+        assert rel(grad, grad64) <= 1e-6 and rel(ref_grad, grad64) <= 1e-6
 
 
 @pytest.mark.parametrize("n,iters", [(2, 1), (2, 20), (4, 1), (4, 20)])
@@ -172,7 +168,7 @@ def test_sinkhorn_function_keeps_input_dtype_and_refuses_double_backward():
     # bf16 logits: fp32 math, gradient rounded once to bf16 in both; ≤ 1 bf16 ulp apart (2^-8 relative)
     assert out.dtype == torch.float32 and grad.dtype == torch.bfloat16
     assert torch.equal(out, ref)
-    assert _rel(grad, ref_grad) <= 2 ** -8
+    assert rel(grad, ref_grad) <= 2 ** -8
     leaf = logits.double().requires_grad_()
     (g,) = torch.autograd.grad(sinkhorn(leaf, 3, 1e-6).square().sum(), leaf, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
@@ -199,4 +195,4 @@ def test_mhc_pre_grads_unchanged_by_sinkhorn_function(monkeypatch):
         assert torch.equal(a, b)
     # the Sinkhorn gradient differs by ~2e-7 (see above); the rest of mhc_pre is the same autograd graph
     for name, a, b in zip(("dx", "dfn", "dbase", "dscale"), grads, ref_grads):
-        assert _rel(a, b) <= 1e-6, (name, _rel(a, b))
+        assert rel(a, b) <= 1e-6, (name, rel(a, b))
