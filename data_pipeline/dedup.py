@@ -8,7 +8,8 @@
    distributed: every component maps to its minimum id.
 4. The survivor of each cluster is its minimum id (deterministic, independent of block order); every other
    member is removed with ``kept_id`` = the survivor, so no cluster loses all its members.
-5. Anti-join by id (a distributed sort by id) drops the removed documents and tags them with their survivor.
+5. Anti-join by id (a distributed sort by id) drops the removed documents and tags them with their survivor;
+   the kept documents come out in (id, source, loc) order, whatever the block layout.
 
 Documents need unique ids; two documents that share an id are one node of the graph (counted as
 ``duplicate_ids`` in the stats).
@@ -69,9 +70,11 @@ def _bucket_edges(part: pd.DataFrame) -> pd.DataFrame:
 
 def _anti_join(part: pd.DataFrame) -> pd.DataFrame:
     """Rows of one id-partition: documents (kept_id == "") and removal markers (kept_id != "").
-    Returns the documents, with kept_id set on the removed ones, and ``dup_id`` counting repeated ids."""
+    Returns the documents in (id, source, loc) order, with kept_id set on the removed ones, and ``dup_id``
+    counting repeated ids. The sort by id alone leaves documents that share an id in whatever order the
+    shuffle merged them; (source, loc) is unique per ingested row, so this order is a function of the data."""
     marks = part[part["kept_id"] != ""].drop_duplicates("id").set_index("id")["kept_id"]
-    docs = part[part["kept_id"] == ""].copy()
+    docs = part[part["kept_id"] == ""].sort_values(["id", "source", "loc"], kind="stable")
     docs["kept_id"] = marks.reindex(docs["id"]).fillna("").to_numpy()
     docs["dup_id"] = docs.duplicated("id").astype(np.int64).to_numpy()
     return docs

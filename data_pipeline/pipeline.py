@@ -4,6 +4,15 @@ Stage outputs are Parquet directories under ``<out>/work`` (distributed writes, 
 stage), so no stage pulls the corpus into the driver; the driver only lists files, sums per-block counts,
 streams the quarantine/removal records into their JSONL files, and trains the tokenizer on a bounded sample.
 
+Reproducible: the same inputs and mixture give byte-identical outputs (tokenizer, shards, indexes, quarantine
+and removal lists, manifest except its ``created`` time and stage wall times), whatever the Python hash seed,
+the task completion order or how Ray splits the data into blocks (which follows random samples in its sorts
+and the cluster's CPU count). Each stage's output is a function of the documents alone: dedup leaves them in
+(id, source, loc) order, each source's tokenizer sample is a prefix of that order, pack cuts each source
+into consecutive runs of exactly ``docs_per_block`` documents (:func:`pack_blocks`), and the manifest's count
+dicts are in key order. It needs Ray Data's ``preserve_order`` (set by
+:func:`~data_pipeline.ray_session.configure_data_context`).
+
 Layout of ``<out>``::
 
     manifest.json  report.md  report.png  tokenizer.json
@@ -56,13 +65,14 @@ def _block_counts(batch: pd.DataFrame) -> pd.DataFrame:
 
 
 def count_by(ds) -> dict[tuple[str, str], tuple[int, int]]:
-    """(source, reason) -> (documents, bytes), summed from per-block counts (no shuffle)."""
+    """(source, reason) -> (documents, bytes), summed from per-block counts (no shuffle), in key order (the
+    order the blocks report keys in depends on the block layout; the manifest's dicts must not)."""
     out: dict[tuple[str, str], list[int]] = {}
     for row in ds.map_batches(_block_counts, batch_format="pandas", batch_size=None).iter_rows():
         acc = out.setdefault((row["source"], row["reason"]), [0, 0])
         acc[0] += int(row["n"])
         acc[1] += int(row["nbytes"])
-    return {k: (v[0], v[1]) for k, v in out.items()}
+    return {k: (out[k][0], out[k][1]) for k in sorted(out)}
 
 
 def stream_jsonl(ds, path: Path, columns: dict[str, str], sort_key: str | None = None) -> int:
@@ -119,7 +129,7 @@ def ingest_stage(sources: list[SourceConfig], out: Path, stages: Stages) -> tupl
     stages.add("ingest", time.time() - t0, docs, nbytes)
     if n_bad:
         log.warning("ingest: %d bad records quarantined in %s: %s", n_bad, out / "quarantine.jsonl", quarantine)
-    return target, quarantine
+    return target, dict(sorted(quarantine.items()))
 
 
 def clean_stage(ingested: Path, cfg: MixtureConfig, out: Path, stages: Stages) -> tuple[Path, dict[str, int]]:
@@ -141,7 +151,7 @@ def clean_stage(ingested: Path, cfg: MixtureConfig, out: Path, stages: Stages) -
             key = reason.removeprefix("filter:")
             removed[key] = removed.get(key, 0) + n
     stages.add("clean", time.time() - t0, docs, nbytes)
-    return target, removed
+    return target, dict(sorted(removed.items()))
 
 
 def dedup_stage(docs, dcfg: DedupConfig, out: Path, stages: Stages, partition_by_source: bool = True
@@ -195,6 +205,17 @@ def tokenizer_stage(cfg: MixtureConfig, deduped: Path, out: Path, stages: Stages
     return target, tok, ids
 
 
+def pack_blocks(ds, docs_per_block: int):
+    """``ds`` cut into consecutive blocks of exactly ``docs_per_block`` rows (the last one shorter), in dataset
+    order: a streaming split and merge of neighbouring blocks, no shuffle.
+
+    ``map_batches(batch_size=docs_per_block)`` alone would cut a batch short at every end of an input block,
+    and the dedup output's block boundaries come from the random boundary sample of Ray's sort and from the
+    cluster's CPU count, so the packed samples (and the tokens dropped at each block's tail) would change
+    from run to run."""
+    return ds.repartition(target_num_rows_per_block=docs_per_block, strict=True)
+
+
 def pack_stage(cfg: MixtureConfig, deduped: Path, tokenizer_path: Path, ids, out: Path, stages: Stages):
     t0 = time.time()
     shards_dir = out / "shards"
@@ -203,7 +224,7 @@ def pack_stage(cfg: MixtureConfig, deduped: Path, tokenizer_path: Path, ids, out
     per_source: dict[str, dict[str, Any]] = {}
     shards: list[dict[str, Any]] = []
     docs_total = bytes_total = 0
-    mapped = [_source_ds(deduped, src.name).map_batches(
+    mapped = [pack_blocks(_source_ds(deduped, src.name), cfg.pack.docs_per_block).map_batches(
         pack.pack_block, batch_size=cfg.pack.docs_per_block, batch_format="numpy",
         fn_kwargs={"tokenizer_json": tok_json, "out_dir": str(shards_dir), "source": src.name, "cfg": cfg.pack,
                    "eos": ids.eos, "bos": ids.bos}) for src in cfg.sources]
@@ -226,8 +247,21 @@ def pack_stage(cfg: MixtureConfig, deduped: Path, tokenizer_path: Path, ids, out
     return per_source, shards
 
 
+def require_ordered_execution() -> None:
+    """Fail unless Ray Data keeps block order (``preserve_order``): without it the stages' outputs, and so
+    the shards, would follow task completion order."""
+    import ray.data
+
+    if not ray.data.DataContext.get_current().execution_options.preserve_order:
+        raise RuntimeError("Ray Data's execution_options.preserve_order is off, so the dataset would depend on "
+                           "task completion order; call data_pipeline.ray_session.configure_data_context() after "
+                           "ray.init (ray_session does)")
+
+
 def run_pipeline(cfg: MixtureConfig, out_dir: str | Path, keep_work: bool = False) -> Path:
-    """Run every stage on ``cfg`` into ``out_dir``; returns the manifest path. Needs Ray initialised."""
+    """Run every stage on ``cfg`` into ``out_dir``; returns the manifest path. Needs Ray initialised and
+    :func:`~data_pipeline.ray_session.configure_data_context` applied."""
+    require_ordered_execution()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages()
