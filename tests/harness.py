@@ -6,7 +6,7 @@ down, and returns the list of return values ordered by rank. An exception on any
 test with that rank's traceback. On timeout, or once any rank failed, all ranks and their children are
 killed by PID (never left behind). ``fn`` must be a module-level function (spawn pickles it by name).
 
-``run_command(cmd, timeout)``: a command line (``python -m pretrain``, torchrun, the export CLI) with captured
+``run_command(cmd, timeout, env=None)``: a command line (``python -m pretrain``, torchrun, the export CLI) with captured
 output; afterwards its whole process tree is killed (``process_tree`` / ``kill_process_tree``): torchrun's
 workers (own sessions) and dist_checkpointing's Manager processes would otherwise outlive it and hold its pipes.
 """
@@ -78,10 +78,12 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_command(cmd: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in the repository with captured text output; its process tree is killed afterwards."""
-    p = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+def run_command(cmd: list[str], timeout: float = 400, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in the repository with captured text output; its process tree is killed afterwards.
+    ``env``: variables set on top of :func:`subprocess_env`."""
+    p = subprocess.Popen(cmd, cwd=REPO, env={**subprocess_env(), **(env or {})}, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     try:
         out, err = p.communicate(timeout=timeout)
     finally:
