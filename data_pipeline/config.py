@@ -33,6 +33,9 @@ from typing import Any
 import yaml
 
 INPUT_KINDS = ("jsonl", "parquet", "hf_disk", "hf_files", "embedded")
+# Bumped whenever the pipeline writes different shards from the same config (2: packing independent of Ray's
+# block layout); part of the fingerprint, hence of the cache directory name.
+SHARD_LAYOUT_VERSION = 2
 
 
 class DataConfigError(ValueError):
@@ -161,10 +164,13 @@ class MixtureConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes the written shards (not the loader settings)."""
+        """Hash of everything that changes the written shards (not the loader, Ray or dedup block settings),
+        and of ``SHARD_LAYOUT_VERSION`` so that datasets cached by an older pipeline are rebuilt."""
         d = self.to_dict()
         d.pop("loader")
         d.pop("ray")
+        d["dedup"].pop("min_blocks", None)   # parallelism only: the shards do not depend on it
+        d["shard_layout_version"] = SHARD_LAYOUT_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

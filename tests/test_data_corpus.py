@@ -33,3 +33,19 @@ def test_default_mixture_mixes_three_embedded_sources():
     cfg = load_mixture("data_pipeline/configs/default_mixture.yaml")
     assert [s.input.kind for s in cfg.sources] == ["embedded"] * 3
     assert abs(sum(cfg.weights().values()) - 1) < 1e-12 and len(cfg.weights()) == 3
+
+
+def test_fingerprint_follows_what_changes_the_shards(monkeypatch):
+    """The cache key: settings of parallelism (dedup blocks, Ray, loader) leave it alone; packing settings and
+    the shard layout version change it (so datasets from an older pipeline are rebuilt, not reused)."""
+    import data_pipeline.config as dcfg
+    cfg = load_mixture("data_pipeline/configs/default_mixture.yaml")
+    base = cfg.fingerprint()
+    cfg.dedup.min_blocks = 7
+    cfg.ray.num_cpus = 3
+    assert cfg.fingerprint() == base
+    cfg.pack.docs_per_block += 1
+    assert cfg.fingerprint() != base
+    cfg.pack.docs_per_block -= 1
+    monkeypatch.setattr(dcfg, "SHARD_LAYOUT_VERSION", dcfg.SHARD_LAYOUT_VERSION + 1)
+    assert cfg.fingerprint() != base
