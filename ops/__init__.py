@@ -7,4 +7,12 @@ try:  # Triton kernels: registered lazily (no kernel defined, triton not importe
     from ops import triton as _triton_ops  # noqa: F401,E402
 except ImportError:
     pass
-from ops import blocked_attention, compressor, indexer, rope, sparse_attention  # noqa: F401,E402
+from ops import (  # noqa: E402
+    blocked_attention,  # noqa: F401
+    blocked_indexer,  # noqa: F401
+    compressor,  # noqa: F401
+    indexer,  # noqa: F401
+    linear_cross_entropy,  # noqa: F401
+    rope,  # noqa: F401
+    sparse_attention,  # noqa: F401
+)

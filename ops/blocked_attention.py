@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ops.dispatch import register
 from ops.sparse_attention import _window_blocks, check_attention_inputs
 
-__all__ = ["blocked_hybrid_attention", "CHUNK_ELEMENTS"]
+__all__ = ["blocked_hybrid_attention", "blocked_compressed_attention_mass", "CHUNK_ELEMENTS"]
 
 CHUNK_ELEMENTS = 1 << 24      # elements of the largest per-chunk temporary (64 MiB in fp32)
 # Gather the K selected entries of a query iff H·span > GATHER_COST·K: the dense span costs H·span·D
@@ -258,4 +258,41 @@ def blocked_hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Ten
                                          comp_idx)
 
 
+MASS_CHUNK_ELEMENTS = 1 << 22     # [B, C, H, span] temporaries of the mass (16 MiB fp32: no fresh mmap per chunk)
+
+
+@torch.no_grad()
+def blocked_compressed_attention_mass(q: torch.Tensor, comp_kv: torch.Tensor, lse: torch.Tensor, scale: float,
+                                      entry_mask: torch.Tensor) -> torch.Tensor:
+    """Drop-in for ``ops.sparse_attention.compressed_attention_mass`` (the indexer's KL target
+    ``Σ_h e^{scale·q_{t,h}·c_n − lse_{t,h}}`` on the entries of ``entry_mask``, 0 elsewhere).
+
+    Evaluated query chunk by query chunk, each scoring only the span of entries its queries attend
+    (causality halves the products on average), with the head sum taken before the mask (the mask does not
+    depend on h). Differs from the reference only by summation order — and where the reference would give
+    ``inf·0 = nan`` for an unattended entry whose logit exceeds lse by ~88, this gives 0.
+    """
+    B, S, H, D = q.shape
+    N = comp_kv.shape[1]
+    cdt = torch.promote_types(q.dtype, torch.float32)
+    out = torch.zeros(B, S, N, dtype=cdt, device=q.device)
+    if N == 0 or S == 0:
+        return out
+    ck = comp_kv.to(cdt)
+    any_query = entry_mask.any(dim=0)                                    # [S, N]
+    rows = max(1, MASS_CHUNK_ELEMENTS // max(1, B * H * N))
+    for t0 in range(0, S, rows):
+        t1 = min(S, t0 + rows)
+        used = any_query[t0:t1].any(dim=0).nonzero()
+        if used.numel() == 0:
+            continue
+        n0, n1 = int(used[0]), int(used[-1]) + 1
+        z = torch.einsum("bthd,bnd->bthn", q[:, t0:t1].to(cdt), ck[:, n0:n1]).mul_(scale)
+        p = z.sub_(lse[:, t0:t1, :, None].to(cdt)).exp_().sum(dim=2)    # [B, C, span]
+        m = entry_mask[:, t0:t1, n0:n1]
+        out[:, t0:t1, n0:n1] = torch.where(m, p, torch.zeros((), dtype=cdt, device=q.device))
+    return out
+
+
 register("hybrid_attention", blocked=blocked_hybrid_attention)
+register("compressed_attention_mass", blocked=blocked_compressed_attention_mass)

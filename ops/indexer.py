@@ -21,7 +21,18 @@ import torch
 
 from ops.dispatch import register
 
-__all__ = ["indexer_scores", "indexer_topk", "indexer_kl_loss"]
+__all__ = ["check_indexer_inputs", "indexer_scores", "indexer_topk", "indexer_kl_loss"]
+
+
+def check_indexer_inputs(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> None:
+    """The shape contract of ``indexer_scores`` (shared by every backend)."""
+    if q.dim() != 4 or keys.dim() != 3 or weights.dim() != 3:
+        raise ValueError(f"indexer_scores: expected q [B,S,H,c], keys [B,N,c], weights [B,S,H]; got "
+                         f"{tuple(q.shape)}, {tuple(keys.shape)}, {tuple(weights.shape)}")
+    B, S, H, c = q.shape
+    if keys.shape[0] != B or keys.shape[2] != c or weights.shape != (B, S, H):
+        raise ValueError(f"indexer_scores: shapes disagree: q {tuple(q.shape)}, keys {tuple(keys.shape)}, "
+                         f"weights {tuple(weights.shape)}")
 
 
 def indexer_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -34,13 +45,8 @@ def indexer_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -
     Returns:
         float32 [B, S, N] (float64 for float64 inputs); no masking (the caller masks invisible entries).
     """
-    if q.dim() != 4 or keys.dim() != 3 or weights.dim() != 3:
-        raise ValueError(f"indexer_scores: expected q [B,S,H,c], keys [B,N,c], weights [B,S,H]; got "
-                         f"{tuple(q.shape)}, {tuple(keys.shape)}, {tuple(weights.shape)}")
+    check_indexer_inputs(q, keys, weights)
     B, S, H, c = q.shape
-    if keys.shape[0] != B or keys.shape[2] != c or weights.shape != (B, S, H):
-        raise ValueError(f"indexer_scores: shapes disagree: q {tuple(q.shape)}, keys {tuple(keys.shape)}, "
-                         f"weights {tuple(weights.shape)}")
     cdt = torch.promote_types(q.dtype, torch.float32)
     dots = torch.einsum("bshc,bnc->bshn", q.to(cdt), keys.to(cdt))
     w = weights.to(cdt) * H ** -0.5

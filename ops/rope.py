@@ -14,7 +14,9 @@ clipped to [0, r-1]; ``ramp_i = clamp((i - low)/(high - low), 0, 1)``; ``θ'_i =
 The inverse rotation (``inverse=True``) is the rotation at position ``-p``; the attention output is de-rotated
 with it at the query position so that each V=K entry contributes by relative distance (§4.4).
 
-Ops registered in ``ops.dispatch``: ``apply_rope``.
+Ops registered in ``ops.dispatch``: ``apply_rope`` (reference; ``blocked``: :func:`apply_rope_inplace_copy`,
+the same rotation written into one copy of ``x``, whose backward is the inverse rotation of the incoming
+gradient's last ``r`` dims — no per-part slices, ``cat`` and zero-filled slice gradients over the full width).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 
 from ops.dispatch import register
 
-__all__ = ["rope_inv_freq", "rope_cos_sin", "apply_rope"]
+__all__ = ["rope_inv_freq", "rope_cos_sin", "apply_rope", "apply_rope_inplace_copy"]
 
 
 def rope_inv_freq(rope_dim: int, base: float, yarn_factor: Optional[float] = None,
@@ -97,4 +99,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     return torch.cat((nope, rot), dim=-1)
 
 
-register("apply_rope", reference=apply_rope)
+def _rotate_tail_(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """Rotate the last ``2·cos.shape[-1]`` dims of ``y`` in place (computed as in :func:`apply_rope`)."""
+    half = cos.shape[-1]
+    cdt = torch.promote_types(y.dtype, torch.float32)
+    pairs = y[..., -2 * half:].unflatten(-1, (half, 2))
+    a, b = pairs[..., 0].to(cdt), pairs[..., 1].to(cdt)
+    c, s = cos.to(cdt), sin.to(cdt)
+    if inverse:
+        s = -s
+    new_a, new_b = a * c - b * s, b * c + a * s      # both before writing: a, b may be views of y
+    pairs[..., 0].copy_(new_a)
+    pairs[..., 1].copy_(new_b)
+    return y
+
+
+class _RopeCopy(torch.autograd.Function):
+    """y = x with its last r dims rotated by φ; dx = dy with its last r dims rotated by −φ (R(φ)ᵀ = R(−φ))."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, inverse):
+        ctx.save_for_backward(cos, sin)
+        ctx.inverse = inverse
+        return _rotate_tail_(x.clone(memory_format=torch.contiguous_format), cos, sin, inverse)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rotate_tail_(g.clone(memory_format=torch.contiguous_format), cos, sin, not ctx.inverse), None, None, None
+
+
+def apply_rope_inplace_copy(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            inverse: bool = False) -> torch.Tensor:
+    """Drop-in for :func:`apply_rope` (same arguments and results; the ``blocked`` backend). cos/sin carry no
+    gradient here (they are functions of integer positions); if they require one, the reference is used."""
+    if x.shape[-1] < 2 * cos.shape[-1]:
+        return apply_rope(x, cos, sin, inverse)            # raises the reference's error
+    if cos.requires_grad or sin.requires_grad:
+        return apply_rope(x, cos, sin, inverse)
+    return _RopeCopy.apply(x, cos, sin, inverse)
+
+
+register("apply_rope", reference=apply_rope, blocked=apply_rope_inplace_copy)

@@ -4,7 +4,8 @@
     X⁰[j]  = e  for j = 1..n                                 [B, S, n, d]
     for l:   (x, post, comb) = mHC_attn.pre(X);  X = mHC_attn.post(Attn_l(RMSNorm(x)), X, post, comb)
              (x, post, comb) = mHC_ffn.pre(X);   X = mHC_ffn.post(MoE_l(RMSNorm(x), ids), X, post, comb)
-    h      = RMSNorm(hc_head(X^L));  logits = h W_headᵀ                  (megatron ColumnParallelLinear, untied)
+    h      = RMSNorm(hc_head(X^L));  logits = h W_headᵀ                  (megatron ColumnParallelLinear, untied;
+             the training loss takes h and W_head through ops.linear_cross_entropy, never the [B, S, V] logits)
     MTP    : depth-1 module on X^L and Emb(t_{i+1}) predicting t_{i+2} (pretrain.model.mtp)
 
 Loss (``forward`` with ``labels``): loss = L_LM + λ·L_MTP + L_bal + c_I·L_indexer, with L_LM / L_MTP token-mean
@@ -44,6 +45,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from torch import nn
 
+from ops import dispatch
 from pretrain.model import recompute
 from pretrain.model.attention import V4Attention
 from pretrain.model.mhc import HyperConnection, HyperHead, expand_streams
@@ -180,15 +182,31 @@ class DeepSeekV4Model(nn.Module):
         logits, _ = self.lm_head(h)
         return logits
 
+    def _head_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Token-mean CE of the head's logits over labels != −100. TP = 1: one ``linear_cross_entropy`` op (the
+        CPU/blocked backend never holds the [B, S, V] logits); TP > 1: megatron's vocab-parallel loss."""
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            return self._cross_entropy(self._head(h), labels)
+        per_sum = dispatch.get("linear_cross_entropy", h)(h.flatten(0, 1), self.lm_head.weight, labels.flatten(),
+                                                          IGNORE_INDEX)
+        return per_sum / self._token_count(labels)
+
     @staticmethod
-    def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Token-mean CE over labels != −100 (vocab-parallel when TP > 1)."""
+    def _token_count(labels: torch.Tensor) -> torch.Tensor:
+        """N of the token mean: this rank's labels != −100, or under Ulysses sp the global count / sp (the mean
+        over the sp ranks of Σ_local / (N_global / sp) is then the one-process mean)."""
         valid = labels != IGNORE_INDEX
-        n = valid.sum().clamp(min=1)
         from parallel import sequence_parallel as usp
         sp, _ = usp.sp_size_rank()
-        if sp > 1:   # Ulysses: the mean over the sp ranks of Σ_local / (N_global / sp) is the one-process mean
-            n = usp.global_count(valid.sum()).clamp(min=1).to(torch.float32) / sp
+        if sp > 1:
+            return usp.global_count(valid.sum()).clamp(min=1).to(torch.float32) / sp
+        return valid.sum().clamp(min=1)
+
+    @classmethod
+    def _cross_entropy(cls, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Token-mean CE over labels != −100 (vocab-parallel when TP > 1)."""
+        valid = labels != IGNORE_INDEX
+        n = cls._token_count(labels)
         if ps.get_tensor_model_parallel_world_size() == 1:
             return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="sum") / n
@@ -231,16 +249,16 @@ class DeepSeekV4Model(nn.Module):
             return x
 
         h = self.norm(self.hc_head(x))
-        logits = self._head(h)
         if not training_loss:
+            logits = self._head(h)
             if ps.get_tensor_model_parallel_world_size() > 1:
                 logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
             return logits
 
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-        lm_loss = self._cross_entropy(logits, labels)
-        mtp_loss = torch.zeros((), device=logits.device)
+        lm_loss = self._head_loss(h, labels)
+        mtp_loss = torch.zeros((), device=h.device)
         if self.mtp is not None and mtp_labels is not None:
             if mtp_labels.shape != input_ids.shape:
                 raise ValueError(f"mtp_labels {tuple(mtp_labels.shape)} must match input_ids {tuple(input_ids.shape)}")
@@ -249,7 +267,7 @@ class DeepSeekV4Model(nn.Module):
             h_mtp, il = self.mtp(x, self._embedding()(next_ids), next_ids, doc_ids)
             if il is not None:
                 indexer_losses.append(il)
-            mtp_loss = self._cross_entropy(self._head(h_mtp), mtp_labels)
+            mtp_loss = self._head_loss(h_mtp, mtp_labels)
         balance, indexer, aux = self._aux_losses(indexer_losses)
         self.stage_aux_loss = aux
         loss = lm_loss + mtp_lambda * mtp_loss + aux
