@@ -258,7 +258,8 @@ def blocked_hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Ten
                                          comp_idx)
 
 
-MASS_CHUNK_ELEMENTS = 1 << 22     # [B, C, H, span] temporaries of the mass (16 MiB fp32: no fresh mmap per chunk)
+# [B, C, H, span] temporaries of the mass (CPU 16 MiB fp32: no fresh mmap per chunk)
+MASS_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
 
 
 @torch.no_grad()
@@ -280,7 +281,7 @@ def blocked_compressed_attention_mass(q: torch.Tensor, comp_kv: torch.Tensor, ls
         return out
     ck = comp_kv.to(cdt)
     any_query = entry_mask.any(dim=0)                                    # [S, N]
-    rows = max(1, MASS_CHUNK_ELEMENTS // max(1, B * H * N))
+    rows = max(1, MASS_CHUNK_ELEMENTS["cuda" if q.is_cuda else "cpu"] // max(1, B * H * N))
     for t0 in range(0, S, rows):
         t1 = min(S, t0 + rows)
         used = any_query[t0:t1].any(dim=0).nonzero()

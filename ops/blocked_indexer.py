@@ -25,13 +25,13 @@ from ops.indexer import check_indexer_inputs
 
 __all__ = ["blocked_indexer_scores", "CHUNK_ELEMENTS"]
 
-# elements of the largest per-chunk temporary [B, C, H, N] (16 MiB in fp32): small enough to stay out of the
+# elements of the largest per-chunk temporary [B, C, H, N]; CPU 16 MiB in fp32: small enough to stay out of the
 # allocator's mmap path (a fresh mapping per chunk costs page faults), large enough for efficient products
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
 
 
-def _chunks(B: int, S: int, H: int, N: int):
-    rows = max(1, CHUNK_ELEMENTS // max(1, B * H * N))
+def _chunks(B: int, S: int, H: int, N: int, device: torch.device):
+    rows = max(1, CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"] // max(1, B * H * N))
     for t0 in range(0, S, rows):
         yield t0, min(S, t0 + rows)
 
@@ -46,7 +46,7 @@ class _BlockedIndexerScores(torch.autograd.Function):
         k = keys.to(cdt)
         w = weights.to(cdt) * H ** -0.5
         out = torch.empty(B, S, N, dtype=cdt, device=q.device)
-        for t0, t1 in _chunks(B, S, H, N):
+        for t0, t1 in _chunks(B, S, H, N, q.device):
             d = torch.einsum("bthc,bnc->bthn", q[:, t0:t1].to(cdt), k).relu_()
             out[:, t0:t1] = torch.einsum("bthn,bth->btn", d, w[:, t0:t1]) * c ** -0.5
         ctx.save_for_backward(q, keys, weights)
@@ -65,7 +65,7 @@ class _BlockedIndexerScores(torch.autograd.Function):
         dq = torch.empty(B, S, H, c, dtype=cdt, device=q.device)
         dk = torch.zeros(B, N, c, dtype=cdt, device=q.device)
         dw = torch.empty(B, S, H, dtype=cdt, device=q.device)
-        for t0, t1 in _chunks(B, S, H, N):
+        for t0, t1 in _chunks(B, S, H, N, q.device):
             q_c, g_c = q[:, t0:t1].to(cdt), g_out[:, t0:t1]
             d = torch.einsum("bthc,bnc->bthn", q_c, k).relu_()
             dw[:, t0:t1] = torch.einsum("bthn,btn->bth", d, g_c) * (a * H ** -0.5)

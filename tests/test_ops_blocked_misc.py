@@ -28,8 +28,8 @@ from ops.triton.testing import rel
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(blocked_indexer, "CHUNK_ELEMENTS", 150)
-    monkeypatch.setattr(blocked_attention, "MASS_CHUNK_ELEMENTS", 150)
+    monkeypatch.setattr(blocked_indexer, "CHUNK_ELEMENTS", {"cpu": 150, "cuda": 150})
+    monkeypatch.setattr(blocked_attention, "MASS_CHUNK_ELEMENTS", {"cpu": 150, "cuda": 150})
     monkeypatch.setattr(lce, "CHUNK_ELEMENTS", {"cpu": 7 * 53, "cuda": 7 * 53})
 
 
