@@ -63,26 +63,30 @@ class _ChunkedLinearCE(torch.autograd.Function):
         cdt = torch.promote_types(h.dtype, torch.float32)
         loss = torch.zeros((), dtype=cdt, device=h.device)
         dh = torch.empty(h.shape, dtype=cdt, device=h.device) if want_grad else None
-        dw = torch.zeros(weight.shape, dtype=cdt, device=h.device) if want_grad else None
+        dw = None
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
             y = labels[t0:t1]
             valid = y != ignore_index
             safe = torch.where(valid, y, torch.zeros_like(y))
-            z = F.linear(h[t0:t1], weight).to(cdt)                              # [C, V]
-            lse = torch.logsumexp(z, dim=-1)
-            target = z.gather(1, safe[:, None]).squeeze(1)
-            loss += torch.where(valid, lse - target, torch.zeros_like(lse)).sum()
+            # log-softmax in one fused pass (torch.logsumexp is several unfused passes over [C, V] on CPU)
+            logp = torch.log_softmax(F.linear(h[t0:t1], weight).to(cdt), dim=-1)       # [C, V]
+            picked = logp.gather(1, safe[:, None]).squeeze(1)
+            loss -= torch.where(valid, picked, torch.zeros_like(picked)).sum()
             if want_grad:
-                g = z.sub_(lse[:, None]).exp_()                                  # softmax, in z's storage
-                g.scatter_add_(1, safe[:, None], torch.full_like(lse, -1.0)[:, None])
+                g = logp.exp_()                                                   # softmax, in place
+                g.scatter_add_(1, safe[:, None], torch.full_like(picked, -1.0)[:, None])
                 g.mul_(valid[:, None])
                 g = g.to(h.dtype)
                 dh[t0:t1] = g @ weight
-                if g.dtype == cdt:
-                    dw.addmm_(g.t(), h[t0:t1])                   # in place: no [V, d] temporary per chunk
+                if dw is None:                      # the first chunk writes ∂W (no zero-filled [V, d] buffer)
+                    dw = (g.t() @ h[t0:t1]).to(cdt)
+                elif g.dtype == cdt:
+                    dw.addmm_(g.t(), h[t0:t1])      # in place: no [V, d] temporary per chunk
                 else:
                     dw += g.t() @ h[t0:t1]
+        if want_grad and dw is None:                # no tokens
+            dw = torch.zeros(weight.shape, dtype=cdt, device=h.device)
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (h.dtype, weight.dtype)
         return loss
