@@ -13,6 +13,7 @@ from ops import (  # noqa: E402
     compressor,  # noqa: F401
     indexer,  # noqa: F401
     linear_cross_entropy,  # noqa: F401
+    rms_norm,  # noqa: F401
     rope,  # noqa: F401
     sparse_attention,  # noqa: F401
 )

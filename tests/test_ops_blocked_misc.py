@@ -3,13 +3,15 @@
 - ``indexer_scores`` (ops/blocked_indexer.py): chunked forward, recomputing backward;
 - ``compressed_attention_mass`` (ops/blocked_attention.py): chunked, span-restricted, head sum before the mask;
 - ``apply_rope`` (ops/rope.py): rotation written into one copy, inverse rotation as the backward;
-- ``linear_cross_entropy`` (ops/linear_cross_entropy.py): head + CE chunk by chunk, gradients in the forward.
+- ``linear_cross_entropy`` (ops/linear_cross_entropy.py): head + CE chunk by chunk, gradients in the forward;
+- ``rms_norm`` (ops/rms_norm.py): weighted and unweighted, hand-written backward.
 
 Inputs are random (fresh seeds), shapes not multiples of anything, chunk sizes lowered so every op runs
 several chunks (a chunk-boundary bug shows). Tolerances: fp32 ≤ 1e-5 relative to the largest reference value
 (the same fp32 arithmetic in a different summation order; observed ≤ 6e-7); float64 ≤ 1e-12 and a float64
-gradcheck of each hand-written backward; RoPE is bit-identical (same elementwise formula); bf16 head + CE
-≤ 2e-2 (the gradient is rounded to bf16 before instead of after the scalar scale: one bf16 ulp, 2^-8).
+gradcheck of each hand-written backward; RoPE and the RMSNorm forward are bit-identical (same elementwise
+formula); bf16 head + CE and bf16 RMSNorm gradients ≤ 2e-2 (rounded to bf16 at another point of the chain —
+before the scalar scale, or after an fp32 instead of a bf16 product: about one bf16 ulp, 2^-8).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ops import linear_cross_entropy as lce
 from ops.blocked_attention import blocked_compressed_attention_mass
 from ops.blocked_indexer import blocked_indexer_scores
 from ops.indexer import indexer_scores
+from ops.rms_norm import rms_norm, rms_norm_fused
 from ops.rope import apply_rope, apply_rope_inplace_copy
 from ops.sparse_attention import compressed_attention_mass
 from ops.triton.testing import rel
@@ -40,6 +43,7 @@ def test_dispatch_picks_the_blocked_cpu_paths():
         assert dispatch.get("compressed_attention_mass", x) is blocked_compressed_attention_mass
         assert dispatch.get("apply_rope", x) is apply_rope_inplace_copy
         assert dispatch.get("linear_cross_entropy", x) is lce.blocked_linear_cross_entropy
+        assert dispatch.get("rms_norm", x) is rms_norm_fused
     with dispatch.backend("reference"):
         assert dispatch.get("indexer_scores", torch.zeros(1)) is indexer_scores
 
@@ -132,3 +136,23 @@ def test_linear_cross_entropy_float64_gradcheck(small_chunks):
     y = torch.randint(0, 53, (9,), generator=g)
     y[2] = -100
     assert torch.autograd.gradcheck(lambda a, b: lce.blocked_linear_cross_entropy(a, b, y), (h, w))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_rms_norm_matches_reference(dtype, tol, weighted):
+    g = torch.Generator().manual_seed(31 + weighted)
+    x = torch.randn(3, 5, 24, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(24, generator=g) + 1).requires_grad_() if weighted else None
+    go = torch.randn(3, 5, 24, generator=g).to(dtype)
+    ins = (x, w) if weighted else (x,)
+    ref, got = rms_norm(x, w, 1e-6), rms_norm_fused(x, w, 1e-6)
+    assert torch.equal(got, ref)
+    for a, b in zip(torch.autograd.grad(got, ins, go), torch.autograd.grad(ref, ins, go)):
+        assert a.dtype == b.dtype and rel(a.float(), b.float()) <= tol
+    x64 = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True) if weighted else None
+    assert torch.autograd.gradcheck(lambda a, *b: rms_norm_fused(a, b[0] if b else None, 1e-6),
+                                    (x64, w64) if weighted else (x64,))
+    with pytest.raises(ValueError, match="must be"):
+        rms_norm_fused(x, torch.ones(5), 1e-6)

@@ -3,11 +3,15 @@ multiplied before the single cast back to the activation dtype.
 
 ``RMSNorm``: ``y = w ⊙ x / sqrt(mean(x²) + eps)`` (weighted; q_a_norm, kv_norm, compressor norms, ...).
 ``unweighted_rms_norm``: ``y = x / sqrt(mean(x²) + eps)`` (the per-head query norm).
+Both go through the ``rms_norm`` op of ``ops.dispatch`` (``ops/rms_norm.py``: reference, and a hand-written
+backward as the CPU path).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ops import dispatch
 
 __all__ = ["RMSNorm", "unweighted_rms_norm"]
 
@@ -24,10 +28,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.weight.shape[0]:
             raise ValueError(f"RMSNorm over {self.weight.shape[0]} dims got input with last dim {x.shape[-1]}")
-        cdt = torch.promote_types(x.dtype, torch.float32)
-        xc = x.to(cdt)
-        y = xc * torch.rsqrt(xc.square().mean(-1, keepdim=True) + self.eps)
-        return (self.weight.to(cdt) * y).to(x.dtype)
+        return dispatch.get("rms_norm", x)(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -35,5 +36,4 @@ class RMSNorm(nn.Module):
 
 def unweighted_rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(mean(x²) + eps)`` over the last dim; the factor is computed in float32 (as HF does)."""
-    cdt = torch.promote_types(x.dtype, torch.float32)
-    return x * torch.rsqrt(x.to(cdt).square().mean(-1, keepdim=True) + eps).to(x.dtype)
+    return dispatch.get("rms_norm", x)(x, None, eps)
