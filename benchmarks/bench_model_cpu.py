@@ -1,7 +1,10 @@
 """CPU training-step throughput and peak memory: our DeepSeekV4Model vs HF DeepseekV4ForCausalLM, same weights.
 
-    python benchmarks/bench_model_cpu.py [--configs tiny small] [--steps 5] [--threads 1]
+    python benchmarks/bench_model_cpu.py [--configs tiny small] [--steps 5] [--threads 1] [--dtype float32]
         [--seq tiny=128x2,1024x1,4096x1 small=256x2,2048x1]     (NAME=seq[xbatch],... ; batch default --batch)
+
+``--dtype bfloat16`` loads both models in bf16 (weights and activations; HF's eager attention then multiplies in
+bf16, our CPU ops keep fp32 softmax statistics and compute their products in fp32).
 
 (The committed results use ``--threads 1``: on the shared 2-core machine the OpenMP threads of a 2-thread run
 spin-wait for each other, which inflates both wall and CPU time.)
@@ -44,14 +47,15 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _worker(which: str, hf_dir: str, batch: int, seq: int, threads: int, conn) -> None:
+def _worker(which: str, hf_dir: str, batch: int, seq: int, threads: int, dtype_name: str, conn) -> None:
     """Load one model, then run one training step per "step" message; reply (wall s, cpu s, loss)."""
     import torch
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
     if which == "ours":
         from pretrain.model.hf import model_from_hf
-        model = model_from_hf(hf_dir).train()
+        model = model_from_hf(hf_dir, dtype=dtype).train()
         vocab = model.cfg.vocab_size
 
         def step(ids, labels):
@@ -61,7 +65,7 @@ def _worker(which: str, hf_dir: str, batch: int, seq: int, threads: int, conn) -
     else:
         from transformers import DeepseekV4ForCausalLM
         model = DeepseekV4ForCausalLM.from_pretrained(hf_dir, attn_implementation="eager",
-                                                      dtype=torch.float32).train()
+                                                      dtype=dtype).train()
         vocab = model.config.vocab_size
 
         def step(ids, labels):
@@ -82,13 +86,13 @@ def _worker(which: str, hf_dir: str, batch: int, seq: int, threads: int, conn) -
                    params=sum(p.numel() for p in model.parameters())))
 
 
-def run_pair(hf_dir: str, batch: int, seq: int, steps: int, threads: int) -> dict[str, dict]:
+def run_pair(hf_dir: str, batch: int, seq: int, steps: int, threads: int, dtype: str) -> dict[str, dict]:
     """Both models in their own processes, stepping alternately (HF, ours, HF, ours, ...)."""
     ctx = mp.get_context("spawn")
     procs, conns = {}, {}
     for which in ("hf", "ours"):
         parent, child = ctx.Pipe()
-        procs[which] = ctx.Process(target=_worker, args=(which, hf_dir, batch, seq, threads, child))
+        procs[which] = ctx.Process(target=_worker, args=(which, hf_dir, batch, seq, threads, dtype, child))
         procs[which].start()
         conns[which] = parent
     try:
@@ -128,8 +132,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2, help="batch when a --seq entry gives none")
     ap.add_argument("--steps", type=int, default=5, help="timed rounds (one step of each model per round)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_model_cpu.json"))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--out", default=None, help="default benchmarks/results/bench_model_cpu[_bfloat16].json")
     args = ap.parse_args()
+    if args.out is None:
+        suffix = "" if args.dtype == "float32" else f"_{args.dtype}"
+        args.out = str(ROOT / "benchmarks" / "results" / f"bench_model_cpu{suffix}.json")
     seqs = {}
     for spec in args.seq:
         name, _, runs = spec.partition("=")
@@ -157,13 +165,13 @@ def main() -> int:
             hf.save_pretrained(tmp)
             del hf
             for seq, batch in seqs.get(name, [(128, args.batch)]):
-                res = run_pair(tmp, batch, seq, args.steps, args.threads)
+                res = run_pair(tmp, batch, seq, args.steps, args.threads, args.dtype)
                 for w in ("hf", "ours"):
-                    rows.append(dict(config=name, batch=batch, seq=seq, **res[w]))
+                    rows.append(dict(config=name, dtype=args.dtype, batch=batch, seq=seq, **res[w]))
                 rows[-1]["speedup_vs_hf"] = res["ours"]["tokens_per_s"] / res["hf"]["tokens_per_s"]
                 rows[-1]["speedup_vs_hf_cpu"] = res["ours"]["tokens_per_cpu_s"] / res["hf"]["tokens_per_cpu_s"]
                 rows[-1]["memory_vs_hf"] = res["ours"]["step_growth_mib"] / res["hf"]["step_growth_mib"]
-                print(f"{name} {batch}x{seq}: ours/HF tokens/s {rows[-1]['speedup_vs_hf']:.2f}", flush=True)
+                print(f"{name} {args.dtype} {batch}x{seq}: ours/HF tokens/s {rows[-1]['speedup_vs_hf']:.2f}", flush=True)
 
     print(f"{'config':<7}{'model':<6}{'B×S':>9}{'params':>10}{'step s':>9}{'tok/s':>9}{'cpu s':>9}"
           f"{'tok/cpu-s':>10}{'peak MiB':>10}{'+step MiB':>10}{'speedup':>9}{'(cpu)':>7}{'mem':>6}")
@@ -176,7 +184,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(machine=dict(cpus=os.cpu_count(), python=platform.python_version(),
-                                                torch=torch.__version__, threads=args.threads,
+                                                torch=torch.__version__, threads=args.threads, dtype=args.dtype,
                                                 loadavg_at_end=os.getloadavg()),
                                    method="alternating steps of both models in two live processes; medians",
                                    steps=args.steps, rows=rows), indent=1))
