@@ -14,8 +14,15 @@ What the optimizers really keep (``parallel.optimizer_groups`` splits the parame
   the plan only needs shapes and sharding attributes, which the meta-device shard has, and the parameter
   descriptions of the other TP ranks are this rank's (shard shapes are identical across the TP ranks of a
   stage: ``compute_layout`` checks that heads, widths and vocabulary divide evenly).
-* **AdamW**: two moments in the parameter dtype (fp32: 8 B per element) for every local AdamW parameter,
-  replicated on every data-parallel rank (torch's ``AdamW``).
+* **AdamW**: two moments in the parameter dtype (fp32: 8 B per element). With ``optim.shard_adamw`` and more
+  than one data-parallel rank (``parallel.zero_adamw.ZeroAdamW``, as ``build_optimizers`` decides) only for the
+  cells DP rank d owns, from the optimizer's own :func:`parallel.zero_adamw.plan_cells` (dense parameters over
+  DP x CP, routed-expert ones over expert DP):
+
+      adamw(d) = 2 x elem_bytes x sum_{cells c owned by d} |c|
+
+  otherwise for every local AdamW parameter (torch's replicated ``AdamW``). The per-parameter ``step`` scalars
+  (4 B each) are left out.
 
 A global rank r of the stage sits at dense coordinates (dp-cp index, tp index) and expert coordinates (expert
 dp index, expert tp index), taken from megatron's rank generator for the ``tp-cp-ep-dp-pp`` order (what
@@ -111,22 +118,38 @@ def muon_momentum_elements(named: Sequence[tuple[str, torch.Tensor]], tp: int, d
     return out
 
 
+def adamw_state_bytes(named: Sequence[tuple[str, torch.Tensor]], dp: int) -> list[int]:
+    """``[d]``: AdamW moment bytes DP rank d keeps for these parameters (``dp`` = 1: replicated), from
+    ZeroAdamW's own cell plan."""
+    from parallel.zero_adamw import plan_cells
+    if not named:
+        return [0] * dp
+    elem = named[0][1].element_size()
+    plan = plan_cells([tuple(p.shape) for _, p in named], dp)
+    return [n * elem * ADAMW_MOMENTS for n in plan.load]
+
+
 def stage_optimizer_memory(named: Sequence[tuple[str, torch.Tensor]], layout: Layout, pp_rank: int,
                            optim_cfg: Any = None) -> StageOptimizerMemory:
     """Optimizer state per global rank of stage ``pp_rank`` for this stage's parameters (see the module doc)."""
     from parallel.muon import is_expert_param
     from parallel.optimizer_groups import split_params
     muon, adamw = split_params(named)
-    dense = [(n, p) for n, p in muon if not is_expert_param(p)]
-    expert = [(n, p) for n, p in muon if is_expert_param(p)]
-    mom_dense = muon_momentum_elements(dense, layout.tp, layout.dp * layout.sp, optim_cfg)
-    mom_expert = muon_momentum_elements(expert, layout.etp, layout.expert_dp, optim_cfg)
-    adam = sum(p.numel() * p.element_size() for _, p in adamw) * ADAMW_MOMENTS
+
+    def by_kind(named: list[tuple[str, torch.Tensor]], expert: bool) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p) for n, p in named if is_expert_param(p) == expert]
+
+    dp, edp = layout.dp * layout.sp, layout.expert_dp
+    mom_dense = muon_momentum_elements(by_kind(muon, False), layout.tp, dp, optim_cfg)
+    mom_expert = muon_momentum_elements(by_kind(muon, True), layout.etp, edp, optim_cfg)
+    shard = bool(getattr(optim_cfg, "shard_adamw", False)) and max(dp, edp) > 1
+    st_dense = adamw_state_bytes(by_kind(adamw, False), dp if shard else 1)
+    st_expert = adamw_state_bytes(by_kind(adamw, True), edp if shard else 1)
     out = StageOptimizerMemory(muon_replicated=sum(p.numel() for _, p in muon) * MUON_ELEM_BYTES,
-                               adamw_replicated=adam)
+                               adamw_replicated=adamw_state_bytes(adamw, 1)[0])
     for c in stage_coords(layout, pp_rank):
         out.muon[c.rank] = (mom_dense[c.dp][c.tp] + mom_expert[c.expert_dp][c.expert_tp]) * MUON_ELEM_BYTES
-        out.adamw[c.rank] = adam
+        out.adamw[c.rank] = st_dense[c.dp if shard else 0] + st_expert[c.expert_dp if shard else 0]
     r = out.max_rank
     log.debug("stage %d optimizer state: most loaded rank %d: Muon %.2f GiB (replicated %.2f), AdamW %.2f GiB",
               pp_rank, r, out.muon[r] / 2**30, out.muon_replicated / 2**30, out.adamw[r] / 2**30)

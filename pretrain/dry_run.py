@@ -9,8 +9,8 @@ For every pipeline rank (one representative rank each, :mod:`parallel.layout_pla
 are built with the training code (``pretrain.model.build`` → ``DeepSeekV4Model`` stages) under
 ``torch.device("meta")`` and a fake process group, then counted: parameters, fp32 gradients, optimizer
 state of the stage's most loaded rank (:mod:`parallel.optimizer_memory`: Muon's fp32 momentum only on the owner
-ranks of Muon's own load-balanced plan, AdamW 2 × fp32). The layout is validated first (``compute_layout``,
-``validate_batch``).
+ranks of Muon's own load-balanced plan; AdamW 2 × fp32, with ``optim.shard_adamw`` only for the cells the rank
+owns in ZeroAdamW's plan). The layout is validated first (``compute_layout``, ``validate_batch``).
 
 Activations are an ESTIMATE (bf16 activations A = 2 B, fp32 F = 4 B; FlashAttention-style attention that saves
 q, k=v, o and the log-sum-exp, a fused indexer that keeps the top-k indices, not the [S, S/m] score matrix).
