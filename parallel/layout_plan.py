@@ -13,8 +13,10 @@ pp_rank · world/pp) stands for all of them.
 ``shard_memory(modules)``: bytes per rank of
 * parameters: fp32 master weights (4 B/param; bf16 compute copies are transient autocast casts);
 * gradients: fp32 ``main_grad`` buffers of megatron's DDP (``grad_reduce_in_fp32``; 4 B/param);
-* optimizer state: Muon keeps one fp32 momentum (4 B), AdamW two fp32 moments (8 B), by the parameter's
-  ``v4_optimizer`` attribute (docs/CONTRACTS.md); not sharded over data parallel (no distributed optimizer).
+* optimizer state: what the optimizers hold on the most loaded rank of the stage
+  (:mod:`parallel.optimizer_memory`: Muon momentum on its units' owner ranks, from Muon's own plan; AdamW's two
+  moments), attached by the caller as ``ShardMemory.optimizer``. Without it: the replicated upper bound, Muon
+  4 B and AdamW 8 B per parameter by the ``v4_optimizer`` attribute (docs/CONTRACTS.md).
 Activation memory is model-specific and estimated by the caller (``pretrain.dry_run``).
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch import nn
 
+from parallel.optimizer_memory import StageOptimizerMemory
 from parallel.process_groups import Layout
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ class ShardMemory:
     params: int = 0                 # number of parameters on the rank
     expert_params: int = 0
     by_optimizer: dict[str, int] = field(default_factory=dict)
+    optimizer: StageOptimizerMemory | None = None     # per-rank optimizer state (parallel.optimizer_memory)
 
     @property
     def param_bytes(self) -> int:
@@ -80,8 +84,14 @@ class ShardMemory:
         return 4 * self.params
 
     @property
-    def optimizer_bytes(self) -> int:
+    def replicated_optimizer_bytes(self) -> int:
+        """Optimizer state if every data-parallel replica kept all of it (the pre-sharding upper bound)."""
         return sum(OPTIMIZER_BYTES.get(k, 8) * n for k, n in self.by_optimizer.items())
+
+    @property
+    def optimizer_bytes(self) -> int:
+        """Optimizer state of the stage's most loaded rank (the replicated bound when no plan is attached)."""
+        return self.optimizer.max_bytes if self.optimizer is not None else self.replicated_optimizer_bytes
 
 
 def shard_memory(modules: Iterable[nn.Module]) -> ShardMemory:

@@ -14,8 +14,10 @@ attention sinks and compressor position biases (``ape``) -- are recommended Adam
 ``build_optimizers(model_or_named_params, optim_cfg, lr, groups=...)`` returns ``(muon, adamw)`` (either
 None when it gets no parameters) with the OptimConfig values (duck-typed: ``muon_momentum``,
 ``muon_nesterov``, ``muon_update_rms``, ``muon_ns_steps``, ``muon_tp_mode``, ``weight_decay``,
-``adam_beta1/2``, ``adam_eps``, ``fp32_newton_schulz``). AdamW runs replicated: with DP-averaged
-gradients every replica computes the same update.
+``adam_beta1/2``, ``adam_eps``, ``fp32_newton_schulz``, ``shard_adamw``). AdamW: with ``shard_adamw`` and a
+data-parallel group of more than one rank, ``parallel.zero_adamw.ZeroAdamW`` (each DP rank keeps and updates the
+state of its share, then the new values are all-gathered: bit-identical to the replicated optimizer); otherwise
+``torch.optim.AdamW`` replicated (with DP-averaged gradients every replica computes the same update).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from typing import Any
 import torch
 
 from parallel.muon import Muon, parallel_state_groups
+from parallel.muon_comm import group_size
+from parallel.zero_adamw import ZeroAdamW
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ def split_params(model_or_named: Any) -> tuple[list[tuple[str, torch.Tensor]], l
 
 
 def build_optimizers(model_or_named: Any, optim_cfg: Any, lr: float, groups: str | dict | None = None,
-                     **muon_overrides: Any) -> tuple[Muon | None, torch.optim.AdamW | None]:
+                     **muon_overrides: Any) -> tuple[Muon | None, torch.optim.Optimizer | None]:
     """Build Muon and AdamW from ``optim_cfg`` (an OptimConfig). ``groups``: None (single process),
     ``"parallel_state"`` (megatron-core groups of this stage), or a dict of Muon's group keywords."""
     muon_params, adam_params = split_params(model_or_named)
@@ -76,9 +80,15 @@ def build_optimizers(model_or_named: Any, optim_cfg: Any, lr: float, groups: str
                   fp32_newton_schulz=optim_cfg.fp32_newton_schulz, **(groups or {}))
         kw.update(muon_overrides)
         muon = Muon(muon_params, **kw)
-    adamw = None
+    adamw: torch.optim.Optimizer | None = None
     if adam_params:
-        adamw = torch.optim.AdamW(adam_params, lr=lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2),
-                                  eps=optim_cfg.adam_eps, weight_decay=optim_cfg.weight_decay)
-    log.info("optimizers: %d Muon tensors, %d AdamW tensors", len(muon_params), len(adam_params))
+        hyper = dict(lr=lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps,
+                     weight_decay=optim_cfg.weight_decay)
+        dp, edp = (groups or {}).get("dp_group"), (groups or {}).get("expert_dp_group")
+        if getattr(optim_cfg, "shard_adamw", False) and max(group_size(dp), group_size(edp)) > 1:
+            adamw = ZeroAdamW(adam_params, **hyper, dp_group=dp, expert_dp_group=edp)
+        else:
+            adamw = torch.optim.AdamW(adam_params, **hyper)
+    log.info("optimizers: %d Muon tensors, %d AdamW tensors (%s)", len(muon_params), len(adam_params),
+             type(adamw).__name__)
     return muon, adamw

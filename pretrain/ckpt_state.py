@@ -8,6 +8,10 @@
   become one-element tensors replicated like the parameter (main replica: the rank holding the parameter's
   first shard). The list of state keys per optimizer goes into the common state so that a fresh optimizer
   can build the tensors to load into.
+- optimizers that shard their own state over data parallel (``parallel.muon.Muon``: momentum on unit owners;
+  ``parallel.zero_adamw.ZeroAdamW``: AdamW cells on their owners) provide ``sharded_state_dict`` and
+  ``load_sharded_state`` (Muon: ``load_sharded_momentum``). ZeroAdamW writes the same keys as the replicated
+  format above (its cells are row blocks of them), so AdamW checkpoints load either way.
 - per-rank state (RNG streams, data-loader position): a ShardedObject per global rank. These only load
   back into the same world size; with another layout the trainer reseeds the RNGs and takes the data-loader
   state of old rank 0 (the loader state is global: samples consumed so far).
@@ -169,20 +173,22 @@ def _entries(name: str, opt: torch.optim.Optimizer, model_sd: dict[str, Any]):
 def optimizer_sharded_state_dict(name: str, opt: torch.optim.Optimizer,
                                  model_sd: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for p, sh in _entries(name, opt, model_sd):
+    # dict keys carry the parameter's index: several parameters of a rank may share a sharded key (megatron's
+    # layer-stacked tensors); the ShardedTensor keys (what the checkpoint stores) do not depend on it
+    for i, (p, sh) in enumerate(_entries(name, opt, model_sd)):
         for k, v in opt.state.get(p, {}).items():
             if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
-                out[f"{k}.{sh.key}"] = make_sharded_optimizer_tensor(sh, v, f"optimizer.{name}.{k}")
+                out[f"{k}.{sh.key}.{i}"] = make_sharded_optimizer_tensor(sh, v, f"optimizer.{name}.{k}")
             else:
                 t = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-                out[f"{k}.{sh.key}"] = _scalar_sharded(sh, p, t, f"optimizer.{name}.scalar.{k}.{sh.key}")
+                out[f"{k}.{sh.key}.{i}"] = _scalar_sharded(sh, p, t, f"optimizer.{name}.scalar.{k}.{sh.key}")
     return out
 
 
 def optimizer_entries(name: str, opt: torch.optim.Optimizer,
                       model_sd: dict[str, Any]) -> list[tuple[torch.nn.Parameter, str]]:
     """(parameter, sharded key) pairs; compute before ``dist_checkpointing.load`` (it consumes model_sd)."""
-    return [(p, sh.key) for p, sh in _entries(name, opt, model_sd)]
+    return [(p, f"{sh.key}.{i}") for i, (p, sh) in enumerate(_entries(name, opt, model_sd))]
 
 
 def restore_optimizer_state(opt: torch.optim.Optimizer, entries: list[tuple[torch.nn.Parameter, str]],
@@ -235,8 +241,17 @@ def per_rank_object(key: str, data: Any, rank: int, world: int) -> ShardedObject
 
 
 def _has_own_sharding(opt: torch.optim.Optimizer) -> bool:
-    """Optimizers that shard their own state (parallel.muon.Muon: momentum lives on owner ranks)."""
-    return hasattr(opt, "sharded_state_dict") and hasattr(opt, "load_sharded_momentum")
+    """Optimizers that shard their own state (parallel.muon.Muon: momentum lives on owner ranks;
+    parallel.zero_adamw.ZeroAdamW: AdamW state on cell owners)."""
+    return hasattr(opt, "sharded_state_dict") and (hasattr(opt, "load_sharded_state")
+                                                   or hasattr(opt, "load_sharded_momentum"))
+
+
+def _load_own(opt: torch.optim.Optimizer, loaded: dict[str, Any]) -> None:
+    if hasattr(opt, "load_sharded_state"):
+        opt.load_sharded_state(loaded)
+    else:
+        opt.load_sharded_momentum(loaded)
 
 
 def _name_to_sharded(model: torch.nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
@@ -249,13 +264,17 @@ def _name_to_sharded(model: torch.nn.Module, model_sd: dict[str, Any]) -> dict[s
 
 
 def _opt_sharded(name: str, opt: torch.optim.Optimizer, model: torch.nn.Module,
-                 model_sd: dict[str, Any]) -> dict[str, Any]:
+                 model_sd: dict[str, Any], keys: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``keys``: for a load, the checkpoint's state keys (used by optimizers with ``checkpoint_state_keys``)."""
     if _has_own_sharding(opt):
-        return opt.sharded_state_dict(_name_to_sharded(model, model_sd), prefix=f"optimizer.{name}.")
+        extra = {"keys": keys} if keys is not None and hasattr(opt, "checkpoint_state_keys") else {}
+        return opt.sharded_state_dict(_name_to_sharded(model, model_sd), prefix=f"optimizer.{name}.", **extra)
     return optimizer_sharded_state_dict(name, opt, model_sd)
 
 
 def _opt_keys(opt: torch.optim.Optimizer) -> dict[str, Any]:
+    if hasattr(opt, "checkpoint_state_keys"):
+        return opt.checkpoint_state_keys()
     return {"__own__": {"kind": "own", "dtype": ""}} if _has_own_sharding(opt) else optimizer_state_keys(opt)
 
 
@@ -293,8 +312,9 @@ def load_state(path: Any, model: torch.nn.Module, optimizers: dict[str, torch.op
         if n not in own:
             init_optimizer_state(o, common["optimizer_keys"][n])
     model_sd = model_sharded_state_dict(model)
+    keys = common["optimizer_keys"]
     sd: dict[str, Any] = {"model": model_sd,
-                          "optimizer": {n: _opt_sharded(n, o, model, model_sd) for n, o in optimizers.items()}}
+                          "optimizer": {n: _opt_sharded(n, o, model, model_sd, keys[n]) for n, o in optimizers.items()}}
     old_world = int(common["world"])
     same_world = old_world == world
     for k in common["rank_keys"]:
@@ -308,7 +328,7 @@ def load_state(path: Any, model: torch.nn.Module, optimizers: dict[str, torch.op
         m.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
     for n, o in optimizers.items():
         if n in own:
-            o.load_sharded_momentum(loaded["optimizer"][n])
+            _load_own(o, loaded["optimizer"][n])
             continue
         restore_optimizer_state(o, entries[n], loaded["optimizer"][n], common["optimizer_keys"][n])
     return common, {k: unpack(loaded[f"rank.{k}"]) for k in common["rank_keys"]}, same_world

@@ -176,6 +176,12 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
+    """Muon + AdamW (``parallel.optimizer_groups``). ``shard_adamw``: ZeRO-1 AdamW
+    (``parallel.zero_adamw``): each data-parallel rank keeps the AdamW moments of its share of the AdamW
+    parameters (bit-identical updates; checkpoints load either way). On by default (Flash/Pro need the
+    memory, see the dry run); it only acts with more than one data-parallel rank; ``tiny`` (and ``small``) turn
+    it off, so their runs are unchanged unless it is set."""
+
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
     muon_update_rms: float = 0.18
@@ -187,6 +193,7 @@ class OptimConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-20
     fp32_newton_schulz: bool = False        # exactness path; bf16 matmuls otherwise on GPU
+    shard_adamw: bool = True                # AdamW state sharded over data parallel (ZeRO-1)
 
 
 @dataclass

@@ -8,7 +8,9 @@
 For every pipeline rank (one representative rank each, :mod:`parallel.layout_plan`) the rank's model chunks
 are built with the training code (``pretrain.model.build`` → ``DeepSeekV4Model`` stages) under
 ``torch.device("meta")`` and a fake process group, then counted: parameters, fp32 gradients, optimizer
-state (Muon 1 × fp32, AdamW 2 × fp32). The layout is validated first (``compute_layout``, ``validate_batch``).
+state of the stage's most loaded rank (:mod:`parallel.optimizer_memory`: Muon's fp32 momentum only on the owner
+ranks of Muon's own load-balanced plan; AdamW 2 × fp32, with ``optim.shard_adamw`` only for the cells the rank
+owns in ZeroAdamW's plan). The layout is validated first (``compute_layout``, ``validate_batch``).
 
 Activations are an ESTIMATE (bf16 activations A = 2 B, fp32 F = 4 B; FlashAttention-style attention that saves
 q, k=v, o and the log-sum-exp, a fused indexer that keeps the top-k indices, not the [S, S/m] score matrix).
@@ -149,10 +151,14 @@ class RankRow:
 
 
 def plan(cfg: Any, world: int, pcfg: Any, micro_batch: int, seq_len: int, global_batch: int,
-         settings: list[Setting] | None = None) -> tuple[Layout, list[RankRow]]:
+         settings: list[Setting] | None = None, optim: Any = None) -> tuple[Layout, list[RankRow]]:
     """Validate the layout, build every pipeline rank's shard on meta, return per-rank memory. Activations for
-    the config's recompute setting and for each of ``settings`` (the shards are built once)."""
+    the config's recompute setting and for each of ``settings`` (the shards are built once); optimizer state
+    for ``optim`` (an OptimConfig; None = its defaults)."""
+    from parallel.optimizer_memory import stage_optimizer_memory
+    from pretrain.config import OptimConfig
     from pretrain.model.build import build_model
+    optim = optim if optim is not None else OptimConfig()
 
     layout = compute_layout(world, pcfg.tp, pcfg.pp, pcfg.vpp, pcfg.ep, pcfg.etp, pcfg.sp, model=cfg,
                             pp_layer_split=list(pcfg.pp_layer_split or []))
@@ -166,6 +172,8 @@ def plan(cfg: Any, world: int, pcfg: Any, micro_batch: int, seq_len: int, global
         with layout_plan.fake_rank(world, rank, layout), torch.device("meta"):
             chunks = build_model(cfg, seed=0, pp_layer_split=pcfg.pp_layer_split or None, wrap_ddp=False)
         mem = layout_plan.shard_memory(chunks)
+        mem.optimizer = stage_optimizer_memory([(n, p) for c in chunks for n, p in c.named_parameters()], layout,
+                                               pp_rank, optim)
         stages = chunk_stages(pp_rank, layout.pp, layout.vpp)
         act = {}
         for setting in settings:
@@ -230,7 +238,8 @@ def run(config: str, world: int, overrides: list[str], global_batch: int | None 
     t = cfg.train
     gb = global_batch or t.global_batch
     t0 = time.monotonic()
-    layout, rows = plan(cfg.model, world, cfg.parallel, t.micro_batch, t.seq_len, gb, settings=COMPARE)
+    layout, rows = plan(cfg.model, world, cfg.parallel, t.micro_batch, t.seq_len, gb, settings=COMPARE,
+                        optim=cfg.optim)
     out = render(config, cfg.model, layout, rows, t.micro_batch, t.seq_len, gb)
     log.info("%s on %d: %.1f s", config, world, time.monotonic() - t0)
     return out, (config, layout, rows)
