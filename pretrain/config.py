@@ -179,8 +179,8 @@ class OptimConfig:
     """Muon + AdamW (``parallel.optimizer_groups``). ``shard_adamw``: ZeRO-1 AdamW
     (``parallel.zero_adamw``): each data-parallel rank keeps the AdamW moments of its share of the AdamW
     parameters (bit-identical updates; checkpoints load either way). On by default (Flash/Pro need the
-    memory, see the dry run); it only acts with more than one data-parallel rank; ``tiny`` (and ``small``) turn
-    it off, so their runs are unchanged unless it is set."""
+    memory, see the dry run); it only acts with more than one data-parallel rank (``make pretrain``'s two
+    ranks are dp=2 for the dense parameters, so the main job runs it)."""
 
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
