@@ -13,6 +13,8 @@ What differs is only how it is evaluated, so that a CPU training step costs what
     the reference (and HF's eager model) score all N = S/m entries and mask, i.e. O(S²/m);
   - or **densely over the chunk's visible span** [min lo, max hi) with a mask (HCA, CSA dense / indexer
     warm-up, and CSA sparse when K is at least half of that span, where the gather would not pay).
+* bf16 inputs: the products run in bf16 with bf16 results (``BF16_PRODUCTS``; HF's eager attention does the
+  same), the softmax statistics and every accumulation in fp32 — 5x the fp32 matmul rate on an AMX core.
 * Only (inputs, o, lse) are saved. The backward recomputes the probabilities chunk by chunk from lse
   (FlashAttention-style), with Δ_{t,h} = Σ_d dO⊙O − ∂lse (lse is a differentiable output):
 
@@ -48,6 +50,10 @@ CHUNK_ELEMENTS = 1 << 24      # elements of the largest per-chunk temporary (64 
 # Sapphire Rapids core: tiny (H=4, D=32, K=8) gathers 16x faster at S=4096; small (H=8, D=512, K=512) is 2-5x
 # SLOWER gathered at S=8192 (span 2048) — 64 puts the switch between the two.
 GATHER_COST = 64
+# bf16 inputs: the products (q·k, p·v and the backward's) run in bf16 with fp32 accumulation inside the matmul
+# and bf16 results (as HF's eager attention does; 5x the fp32 matmul rate on an AMX core), the softmax
+# statistics (max, lse, Δ) and all accumulations across chunks stay fp32. False: every product in fp32.
+BF16_PRODUCTS = True
 
 
 class _Plan:
@@ -59,6 +65,8 @@ class _Plan:
         B, S, H, D = q.shape
         self.B, self.S, self.H, self.D = B, S, H, D
         self.cdt = torch.promote_types(q.dtype, torch.float32)
+        # dtype of the matmul operands (``BF16_PRODUCTS``); results are cast to cdt right after each product
+        self.mdt = q.dtype if (q.dtype == torch.bfloat16 and BF16_PRODUCTS) else self.cdt
         self.Q, self.nb, self.ok = _window_blocks(S, window, seg_start, q.device, B)   # ok [B|1, nb, Q, 2Q]
         self.Sp = Sp = self.nb * self.Q
         self.has_comp = comp_kv is not None and comp_kv.shape[1] > 0
@@ -66,11 +74,11 @@ class _Plan:
         per_query = H * (2 * self.Q + 1) + (H + D) * (K if K else (comp_kv.shape[1] if self.has_comp else 0))
         rows = max(self.Q, CHUNK_ELEMENTS // max(1, B * per_query))
         self.blocks_per_chunk = max(1, rows // self.Q)
-        self.q_pad = _pad_rows(q.to(self.cdt), Sp, 0.0)
-        kv_pad = F.pad(kv.to(self.cdt), (0, 0, self.Q, Sp - S))                          # [B, Q + Sp, D]
+        self.q_pad = _pad_rows(q.to(self.mdt), Sp, 0.0)
+        kv_pad = F.pad(kv.to(self.mdt), (0, 0, self.Q, Sp - S))                          # [B, Q + Sp, D]
         self.kv_bands = kv_pad.unfold(1, 2 * self.Q, self.Q).transpose(-1, -2)          # [B, nb, 2Q, D] (view)
         self.sinks = sinks.to(self.cdt)
-        self.ck = comp_kv.to(self.cdt) if self.has_comp else None
+        self.ck = comp_kv.to(self.mdt) if self.has_comp else None
         self.lo, self.hi = _pad_rows(comp_lo, Sp, 0), _pad_rows(comp_hi, Sp, 0)
         self.idx = _pad_rows(comp_idx, Sp, -1)
 
@@ -84,14 +92,15 @@ class _Plan:
             return None
         r0, r1 = i0 * self.Q, i1 * self.Q
         rows = [None if t is None else t[:, r0:r1] for t in (self.lo, self.hi, self.idx)]
-        return _Compressed(self.ck, *rows, self.H)
+        return _Compressed(self.ck, *rows, self.H, self.cdt)
 
     def scores(self, i0: int, i1: int, scale: float, comp: Optional["_Compressed"]) -> torch.Tensor:
         """Logits of the queries of blocks [i0, i1), [B, C, H, 2Q + K|span + 1] (window band, compressed, sink)."""
         B, H, D, Q = self.B, self.H, self.D, self.Q
         nbc = i1 - i0
         q_c = self.q_pad[:, i0 * Q:i1 * Q]
-        z_win = torch.einsum("biqhd,bikd->biqhk", q_c.view(B, nbc, Q, H, D), self.kv_bands[:, i0:i1]) * scale
+        z_win = torch.einsum("biqhd,bikd->biqhk", q_c.view(B, nbc, Q, H, D),
+                             self.kv_bands[:, i0:i1]).to(self.cdt) * scale
         z_win = z_win.masked_fill_(~self.ok[:, i0:i1, :, None, :], float("-inf")).view(B, nbc * Q, H, 2 * Q)
         parts = [z_win]
         if comp is not None:
@@ -112,8 +121,9 @@ class _Compressed:
     """The compressed entries one chunk of queries scores: gathered top-k rows or a dense span with a mask."""
 
     def __init__(self, ck: torch.Tensor, lo: Optional[torch.Tensor], hi: Optional[torch.Tensor],
-                 idx: Optional[torch.Tensor], heads: int):
+                 idx: Optional[torch.Tensor], heads: int, cdt: torch.dtype):
         B, N, D = ck.shape
+        self.cdt = cdt                  # results' dtype (ck, the operands, may be bf16: see BF16_PRODUCTS)
         self.gather = False
         if idx is not None:
             valid = idx >= 0
@@ -147,36 +157,42 @@ class _Compressed:
     def scores(self, qc: torch.Tensor, scale: float) -> torch.Tensor:
         """z_c [B, C, H, K|span] with -inf where the entry is not attended."""
         if self.gather:
-            z = torch.einsum("bqhd,bqkd->bqhk", qc, self.keys) * scale
+            z = torch.einsum("bqhd,bqkd->bqhk", qc, self.keys).to(self.cdt) * scale
             return z.masked_fill_(~self.valid[:, :, None, :], float("-inf"))
-        z = torch.einsum("bqhd,bnd->bqhn", qc, self.keys) * scale
+        z = torch.einsum("bqhd,bnd->bqhn", qc, self.keys).to(self.cdt) * scale
         return z.masked_fill_(~self.mask[:, :, None, :], float("-inf"))
 
     def apply(self, p: torch.Tensor) -> torch.Tensor:
         """Σ_j p_j k_j over these entries: [B, C, H, D]."""
+        p = p.to(self.keys.dtype)
         if self.gather:
-            return torch.einsum("bqhk,bqkd->bqhd", p, self.keys)
-        return torch.einsum("bqhn,bnd->bqhd", p, self.keys)
+            return torch.einsum("bqhk,bqkd->bqhd", p, self.keys).to(self.cdt)
+        return torch.einsum("bqhn,bnd->bqhd", p, self.keys).to(self.cdt)
 
     def dp(self, go: torch.Tensor) -> torch.Tensor:
-        """dp_j = dO·k_j for these entries: [B, C, H, K|span]."""
+        """dp_j = dO·k_j for these entries: [B, C, H, K|span] (``go`` in the operand dtype)."""
         if self.gather:
-            return torch.einsum("bqhd,bqkd->bqhk", go, self.keys)
-        return torch.einsum("bqhd,bnd->bqhn", go, self.keys)
+            return torch.einsum("bqhd,bqkd->bqhk", go, self.keys).to(self.cdt)
+        return torch.einsum("bqhd,bnd->bqhn", go, self.keys).to(self.cdt)
 
     def backward(self, ds: torch.Tensor, p: torch.Tensor, qc: torch.Tensor, go: torch.Tensor, scale: float,
                  dck: torch.Tensor) -> torch.Tensor:
-        """Adds the entries' gradient into ``dck`` [B, N, D]; returns this part's dq [B, C, H, D]."""
+        """Adds the entries' gradient into ``dck`` [B, N, D] (cdt); returns this part's dq [B, C, H, D] (cdt).
+        ``qc`` and ``go`` are in the operand dtype, ``ds`` and ``p`` in cdt."""
+        mdt, cdt = self.keys.dtype, self.cdt
+        ds_m, dss_m, p_m = ds.to(mdt), (ds * scale).to(mdt), p.to(mdt)
         if self.gather:
-            dq = torch.einsum("bqhk,bqkd->bqhd", ds, self.keys) * scale
-            dkeys = torch.einsum("bqhk,bqhd->bqkd", ds * scale, qc) + torch.einsum("bqhk,bqhd->bqkd", p, go)
+            dq = torch.einsum("bqhk,bqkd->bqhd", ds_m, self.keys).to(cdt) * scale
+            dkeys = (torch.einsum("bqhk,bqhd->bqkd", dss_m, qc).to(cdt)
+                     + torch.einsum("bqhk,bqhd->bqkd", p_m, go).to(cdt))
             B, C, K, D = dkeys.shape
             dck.scatter_add_(1, self.safe.reshape(B, C * K, 1).expand(-1, -1, D), dkeys.reshape(B, C * K, D))
             return dq
-        dq = torch.einsum("bqhn,bnd->bqhd", ds, self.keys) * scale
+        dq = torch.einsum("bqhn,bnd->bqhd", ds_m, self.keys).to(cdt) * scale
         lo, hi = self.span
         if hi > lo:
-            dck[:, lo:hi] += torch.einsum("bqhn,bqhd->bnd", ds * scale, qc) + torch.einsum("bqhn,bqhd->bnd", p, go)
+            dck[:, lo:hi] += (torch.einsum("bqhn,bqhd->bnd", dss_m, qc).to(cdt)
+                              + torch.einsum("bqhn,bqhd->bnd", p_m, go).to(cdt))
         return dq
 
 
@@ -194,8 +210,8 @@ class _BlockedHybridAttention(torch.autograd.Function):
             z = plan.scores(i0, i1, scale, comp)
             l_c = torch.logsumexp(z, dim=-1)
             p = torch.exp(z - l_c[..., None])
-            o_c = torch.einsum("biqhk,bikd->biqhd", p[..., :2 * Q].reshape(B, nbc, Q, H, 2 * Q),
-                               plan.kv_bands[:, i0:i1]).reshape(B, nbc * Q, H, D)
+            o_c = torch.einsum("biqhk,bikd->biqhd", p[..., :2 * Q].reshape(B, nbc, Q, H, 2 * Q).to(plan.mdt),
+                               plan.kv_bands[:, i0:i1]).to(plan.cdt).reshape(B, nbc * Q, H, D)
             if comp is not None:
                 o_c = o_c + comp.apply(p[..., 2 * Q:-1])
             o[:, r0:r1] = o_c
@@ -211,14 +227,14 @@ class _BlockedHybridAttention(torch.autograd.Function):
         q, kv, sinks, comp_kv, seg_start, comp_lo, comp_hi, comp_idx, o, lse = ctx.saved_tensors
         scale = ctx.scale
         plan = _Plan(q, kv, sinks, comp_kv, ctx.window, seg_start, comp_lo, comp_hi, comp_idx)
-        B, S, H, D, Q, Sp, cdt = plan.B, plan.S, plan.H, plan.D, plan.Q, plan.Sp, plan.cdt
+        B, S, H, D, Q, Sp, cdt, mdt = plan.B, plan.S, plan.H, plan.D, plan.Q, plan.Sp, plan.cdt, plan.mdt
         g_o = g_o.to(cdt)
-        go = _pad_rows(g_o, Sp, 0.0)
+        go = _pad_rows(g_o.to(mdt), Sp, 0.0)                                      # operand of the products
         delta = _pad_rows((g_o * o.to(cdt)).sum(-1) - g_lse.to(cdt), Sp, 0.0)              # [B, Sp, H]
         lse_p = _pad_rows(lse.to(cdt), Sp, 0.0)
         dq = torch.empty(B, Sp, H, D, dtype=cdt, device=q.device)
         dkv = torch.zeros(B, plan.nb + 1, Q, D, dtype=cdt, device=q.device)    # kv_pad in blocks of Q rows
-        dck = torch.zeros_like(plan.ck) if plan.has_comp else None
+        dck = torch.zeros(plan.ck.shape, dtype=cdt, device=q.device) if plan.has_comp else None
         dsink = torch.zeros(H, dtype=cdt, device=q.device)
         for i0, i1 in plan.chunks():
             r0, r1, nbc = i0 * Q, i1 * Q, i1 - i0
@@ -231,10 +247,10 @@ class _BlockedHybridAttention(torch.autograd.Function):
             # window band
             go_blk = go_c.view(B, nbc, Q, H, D)
             p_win = p[..., :2 * Q].reshape(B, nbc, Q, H, 2 * Q)
-            ds_win = p_win * (torch.einsum("biqhd,bikd->biqhk", go_blk, kv_blk) - dl.view(B, nbc, Q, H, 1))
-            dq_c = torch.einsum("biqhk,bikd->biqhd", ds_win, kv_blk).reshape(B, nbc * Q, H, D) * scale
-            dband = (torch.einsum("biqhk,biqhd->bikd", ds_win * scale, q_c.view(B, nbc, Q, H, D))
-                     + torch.einsum("biqhk,biqhd->bikd", p_win, go_blk))       # [B, nbc, 2Q, D]
+            ds_win = p_win * (torch.einsum("biqhd,bikd->biqhk", go_blk, kv_blk).to(cdt) - dl.view(B, nbc, Q, H, 1))
+            dq_c = torch.einsum("biqhk,bikd->biqhd", ds_win.to(mdt), kv_blk).to(cdt).reshape(B, nbc * Q, H, D) * scale
+            dband = (torch.einsum("biqhk,biqhd->bikd", (ds_win * scale).to(mdt), q_c.view(B, nbc, Q, H, D)).to(cdt)
+                     + torch.einsum("biqhk,biqhd->bikd", p_win.to(mdt), go_blk).to(cdt))       # [B, nbc, 2Q, D]
             dkv[:, i0:i1] += dband[:, :, :Q]
             dkv[:, i0 + 1:i1 + 1] += dband[:, :, Q:]
             if comp is not None:
