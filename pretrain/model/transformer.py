@@ -40,7 +40,6 @@ from functools import partial
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from torch import nn
@@ -186,7 +185,7 @@ class DeepSeekV4Model(nn.Module):
         """Token-mean CE of the head's logits over labels != −100. TP = 1: one ``linear_cross_entropy`` op (the
         CPU/blocked backend never holds the [B, S, V] logits); TP > 1: megatron's vocab-parallel loss."""
         if ps.get_tensor_model_parallel_world_size() > 1:
-            return self._cross_entropy(self._head(h), labels)
+            return self._vocab_parallel_cross_entropy(self._head(h), labels)
         per_sum = dispatch.get("linear_cross_entropy", h)(h.flatten(0, 1), self.lm_head.weight, labels.flatten(),
                                                           IGNORE_INDEX)
         return per_sum / self._token_count(labels)
@@ -203,15 +202,11 @@ class DeepSeekV4Model(nn.Module):
         return valid.sum().clamp(min=1)
 
     @classmethod
-    def _cross_entropy(cls, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Token-mean CE over labels != −100 (vocab-parallel when TP > 1)."""
+    def _vocab_parallel_cross_entropy(cls, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Token-mean CE over labels != −100 of logits sharded over the vocabulary (TP > 1; megatron's)."""
         valid = labels != IGNORE_INDEX
-        n = cls._token_count(labels)
-        if ps.get_tensor_model_parallel_world_size() == 1:
-            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum") / n
         per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
-        return (per_token * valid).sum() / n
+        return (per_token * valid).sum() / cls._token_count(labels)
 
     def routers(self) -> list[tuple[str, nn.Module]]:
         """(name, router) of every MoE layer of this stage, MTP included (loads: ``router.tokens_per_expert``)."""
