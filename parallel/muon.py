@@ -30,13 +30,27 @@ Distributed use (``Muon(params, ..., tp_group=, dp_group=, expert_tp_group=, exp
 * Pipeline stages hold disjoint parameters and need nothing: pass the groups of the stage.
 * ``state_dict()``/``load_state_dict()`` are collective; the saved momentum is keyed by parameter name
   and laid out like the local parameter (TP slice), so it is identical on all DP ranks and restores under
-  any DP size (any owner layout). ``sharded_state_dict`` wraps it for megatron dist_checkpointing.
+  any DP size (any owner layout). It materialises every rank's whole momentum: for tests and small runs.
+
+Checkpoint (``sharded_state_dict`` / ``load_sharded_momentum``, megatron dist_checkpointing; collective):
+the momentum is saved from where it lives, nothing is gathered. Each unit is one ShardedTensor (format
+``CKPT_FORMAT``) whose global shape is the unit's FULL matrix, after the parameter's prepended global axes
+(megatron's layer / expert index, from the model's ShardedTensor) and, for a 3-D stack, the global expert
+index; key ``<prefix>momentum_unit.<parameter key>.block<j>`` with j the block's index in the full matrix.
+So the key and the global tensor do not depend on TP, DP, EP or PP. Only owners contribute: the owner of a
+local / gather unit its full matrix, every TP rank of a gram unit's owner replica its slice (at its offset
+along the sharded dim; uneven slices are first gathered to TP rank 0 of that replica). The replica id is
+main unless the parameter's main replica lives outside this engine's TP x DP grid. A load requests exactly
+the units (slices) this rank owns under the new plan and torch_dist reads the overlapping parts, so TP, DP,
+EP and owner changes between save and load work. Checkpoints written before this format (momentum laid out
+like the parameters, no ``format`` in the recorded state keys) still load, through the old path.
 """
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,6 +70,8 @@ from parallel.muon_sharding import CostModel, ParamInfo, Plan, Unit, fingerprint
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "v4-muon/1"
+CKPT_FORMAT = "v4-muon-units/1"      # sharded_state_dict: momentum per unit, saved by its owner
+LEGACY_CKPT_FORMAT = "v4-muon-param-layout/0"   # before: momentum laid out like the parameters
 
 
 def is_expert_param(p: torch.Tensor) -> bool:
@@ -72,6 +88,42 @@ def _norm_steps(steps: Sequence[Sequence[float]]) -> tuple[tuple[int, float, flo
     out = tuple((int(s[0]), float(s[1]), float(s[2]), float(s[3])) for s in steps)
     expand_steps(out)  # validates
     return out
+
+
+def _even(u: Unit) -> bool:
+    """A gram unit whose TP slices all have the same shape (a regular checkpoint grid)."""
+    return all(s == u.local_shapes[0] for s in u.local_shapes)
+
+
+@dataclass(frozen=True)
+class _Ident:
+    """Layout-independent identity of a parameter, from its model ShardedTensor: the key, the prepended
+    global axes (megatron's layer / expert index: offsets and sizes), for a 3-D stack the global index of
+    local expert 0 and the global expert count; ``main``: this rank holds the main replica."""
+    key: str
+    lead_off: tuple[int, ...]
+    lead_shape: tuple[int, ...]
+    expert_off: int
+    experts: int
+    main: bool
+
+
+def _ident(name: str, p: torch.Tensor, sh: Any) -> _Ident:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    key, rid = getattr(sh, "key", None), getattr(sh, "replica_id", None)
+    if isinstance(sh, ShardedTensorFactory):
+        if p.dim() != 2:
+            raise NotImplementedError(f"Muon: parameter '{name}' is a {p.dim()}-D ShardedTensorFactory")
+        sh = next((v for v in nested_values(sh.build()) if isinstance(v, ShardedTensor)), None)
+    if not isinstance(sh, ShardedTensor):
+        raise KeyError(f"no ShardedTensor for Muon parameter '{name}' in the model's sharded state "
+                       f"(got {type(sh).__name__})")
+    P = sh.prepend_axis_num
+    rid = rid if isinstance(rid, tuple) else (rid,)
+    e_off, e_n = (sh.global_offset[P], sh.global_shape[P]) if p.dim() == 3 else (0, 0)
+    return _Ident(key, tuple(sh.global_offset[:P]), tuple(sh.global_shape[:P]), int(e_off), int(e_n),
+                  all(r == 0 for r in rid))
 
 
 class _Engine:
@@ -97,6 +149,7 @@ class _Engine:
         self.plan: Plan = plan(all_infos, D, tp_mode, iters, ns_impl, len(GRAM_RESTARTS), cost)
         self.ex = Exchange(self.plan, tp_group, dp_group)
         self.momentum: dict[int, torch.Tensor] = {}
+        self._ckpt_units: list[tuple[Unit, str]] = []   # what the last unit_sharded saved / requested
         self.device = entries[0][1].device if entries else torch.device("cpu")
         # state / traffic dtype: fp32, or fp64 when every parameter is fp64 (exactness tests)
         self.dtype = (torch.float64 if entries and all(p.dtype == torch.float64 for _, p, _ in entries)
@@ -217,6 +270,141 @@ class _Engine:
                                   self.dtype, self.device)
         self.momentum = {uid: t.clone() for uid, t in owned.items()}
 
+    # ---- checkpoint in unit layout (sharded_state_dict; see the module doc) ---------------------------
+    def _global_blocks(self) -> dict[int, int]:
+        """uid -> the unit's block index in the FULL matrix (layout-independent). build_units lists the units
+        of one (parameter, expert) in full-matrix block order (whole-block units: holder 0's, holder 1's, ...)."""
+        out: dict[int, int] = {}
+        seen: dict[tuple[int, int | None], int] = {}
+        for u in self.plan.units:
+            k = (u.pidx, u.expert)
+            out[u.uid] = seen.get(k, 0)
+            seen[k] = out[u.uid] + 1
+        return out
+
+    def _saved_units(self) -> list[tuple[Unit, str]]:
+        """(unit, piece) this rank saves / loads: ``full`` (the owner of a local/gather unit; TP rank 0 of the
+        owner replica of a gram unit with uneven TP slices) or ``slice`` (every TP rank of the owner replica of
+        an evenly sliced gram unit)."""
+        out = []
+        for u in self.plan.units:
+            if u.mode != "gram":
+                if self.ex.owns(u):
+                    out.append((u, "full"))
+            elif u.owner_dp == self.ex.d:
+                if _even(u):
+                    out.append((u, "slice"))
+                elif self.ex.t == 0:
+                    out.append((u, "full"))
+        return out
+
+    def _main_flags(self, idents: list[_Ident]) -> list[bool]:
+        """Collective (TP, then DP): per parameter, does this engine's TP x DP grid hold the main replica of
+        the parameter (False e.g. for a copy of a parameter held by another pipeline stage)."""
+        t = torch.tensor([int(i.main) for i in idents], dtype=torch.int32, device=self.device)
+        for g in (self.ex.tp_group, self.ex.dp_group):
+            if g is not None and t.numel():
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
+        return [bool(x) for x in t.tolist()]
+
+    def _gather_uneven(self, units: list[Unit]) -> dict[int, torch.Tensor]:
+        """Collective in the owner replica's TP group: the slices of ``units`` (gram units with uneven TP
+        slices, owned by this replica) to TP rank 0, which returns the full matrices."""
+        T = self.plan.tp
+
+        def mine(u: Unit) -> torch.Tensor:
+            buf = self.momentum.get(u.uid)
+            return buf if buf is not None else torch.zeros(u.local_shapes[self.ex.t], dtype=self.dtype,
+                                                           device=self.device)
+        send = [[mine(u) for u in units] if peer == 0 else [] for peer in range(T)]
+        recv_sizes = [sum(u.numel_local(peer) for u in units) if self.ex.t == 0 else 0 for peer in range(T)]
+        recv = self.ex._all_to_all(send, recv_sizes, self.dtype, self.device)
+        if self.ex.t != 0:
+            return {}
+        out, offs = {}, [0] * T
+        for u in units:
+            pieces = []
+            for peer in range(T):
+                k = u.numel_local(peer)
+                pieces.append(recv[peer][offs[peer]:offs[peer] + k].view(u.local_shapes[peer]))
+                offs[peer] += k
+            out[u.uid] = u.join(pieces).contiguous()
+        return out
+
+    def unit_sharded(self, model_sharded: dict[str, Any], key_prefix: str, for_load: bool) -> dict[str, Any]:
+        """ShardedTensors of the momentum this rank owns, one per unit (or gram slice): global shape = the
+        unit's full matrix (after the parameter's prepended axes, and the global expert index for 3-D
+        stacks), key ``<key_prefix><param key>.block<j>``. Collective over this engine's TP and DP groups.
+        ``for_load``: the tensors are load targets (no gather of uneven gram slices)."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        self._ckpt_units = []
+        if not self.entries:
+            return {}
+        idents = []
+        for name, p, _ in self.entries:
+            if name not in model_sharded:
+                raise KeyError(f"no ShardedTensor for Muon parameter '{name}' in the model's sharded state")
+            idents.append(_ident(name, p, model_sharded[name]))
+        main = self._main_flags(idents)
+        blocks = self._global_blocks()
+        saved = self._saved_units()
+        self._ckpt_units = saved
+        uneven = [u for u in self.plan.units if u.mode == "gram" and u.owner_dp == self.ex.d and not _even(u)]
+        full_uneven = self._gather_uneven(uneven) if uneven and not for_load else {}
+        out: dict[str, Any] = {}
+        for u, piece in saved:
+            ident = idents[u.pidx]
+            lead_off, lead_shape = list(ident.lead_off), list(ident.lead_shape)
+            if u.expert is not None:
+                lead_off.append(ident.expert_off + u.expert)
+                lead_shape.append(ident.experts)
+            n, m = u.full_shape
+            off, frag = [0, 0], [1, 1]
+            if piece == "full":
+                local = (n, m)
+                data = full_uneven.get(u.uid) if u.mode == "gram" else self.momentum.get(u.uid)
+            else:
+                local, sd, t = u.local_shapes[self.ex.t], u.shard_dim, self.ex.t
+                off[sd] = sum(s[sd] for s in u.local_shapes[:t])
+                frag[sd] = self.plan.tp
+                data = self.momentum.get(u.uid)
+            if data is None:           # never stepped (== zero momentum), or a load target
+                data = torch.zeros(local, dtype=self.dtype, device=self.device)
+            if not data.is_contiguous():
+                data = data.contiguous()
+            shape = (1,) * len(lead_off) + tuple(local)
+            out[f"{self.label}.{u.uid}"] = ShardedTensor(
+                f"{key_prefix}{ident.key}.block{blocks[u.uid]}", data.view(shape), data.dtype, shape,
+                tuple(lead_shape) + (n, m), tuple(lead_off) + tuple(off), tuple(lead_shape) + tuple(frag),
+                0 if main[u.pidx] else 1)
+        return out
+
+    def load_unit_sharded(self, loaded: dict[str, Any]) -> None:
+        """Collective (TP groups with uneven gram units): restore from what ``dist_checkpointing.load``
+        returned for :meth:`unit_sharded`."""
+        mom: dict[int, torch.Tensor] = {}
+        for u, piece in self._ckpt_units:
+            t = loaded[f"{self.label}.{u.uid}"]
+            if u.mode == "gram" and piece == "full":
+                continue
+            shape = u.full_shape if piece == "full" else u.local_shapes[self.ex.t]
+            mom[u.uid] = t.reshape(shape).to(self.device, self.dtype)
+        uneven = [u for u in self.plan.units if u.mode == "gram" and u.owner_dp == self.ex.d and not _even(u)]
+        if uneven:                     # TP rank 0 of the owner replica loaded the full matrix: scatter
+            T = self.plan.tp
+            full = {u.uid: loaded[f"{self.label}.{u.uid}"].reshape(u.full_shape).to(self.device, self.dtype)
+                    for u in uneven} if self.ex.t == 0 else {}
+            send = [[u.split_full(full[u.uid])[peer] for u in uneven] if self.ex.t == 0 else []
+                    for peer in range(T)]
+            recv_sizes = [sum(u.numel_local(self.ex.t) for u in uneven) if peer == 0 else 0 for peer in range(T)]
+            recv = self.ex._all_to_all(send, recv_sizes, self.dtype, self.device)[0]
+            off = 0
+            for u in uneven:
+                k = u.numel_local(self.ex.t)
+                mom[u.uid] = recv[off:off + k].view(u.local_shapes[self.ex.t]).clone()
+                off += k
+        self.momentum = mom
+
 
 class Muon(torch.optim.Optimizer):
     """DeepSeek-V4 Muon (see the module doc). ``params``: tensors, ``(name, tensor)`` pairs, or groups.
@@ -326,25 +514,47 @@ class Muon(torch.optim.Optimizer):
             eng.load_local_momentum(momentum)
         self._steps = int(state_dict.get("steps", 0))
 
-    def sharded_state_dict(self, model_sharded: dict[str, Any], prefix: str = "optimizer.muon.") -> dict[str, Any]:
-        """megatron dist_checkpointing form: each momentum buffer as a ShardedTensor laid out like its
-        parameter. ``model_sharded`` maps parameter name -> the parameter's ShardedTensor (from the
-        model's ``sharded_state_dict``, keys matching the names given to the optimizer). Collective."""
-        from megatron.core.dist_checkpointing.optimizer import (
-            make_sharded_optimizer_tensor,
-        )
+    def checkpoint_state_keys(self) -> dict[str, dict[str, str]]:
+        """What ``pretrain.ckpt_state`` records in the checkpoint's common state for this optimizer: the
+        momentum is the optimizer's own (``kind`` own), saved in the unit format ``CKPT_FORMAT``."""
+        return {"__own__": {"kind": "own", "dtype": "", "format": CKPT_FORMAT}}
+
+    def sharded_state_dict(self, model_sharded: dict[str, Any], prefix: str = "optimizer.muon.",
+                           keys: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+        """megatron dist_checkpointing form of the momentum, saved from where it lives (module doc,
+        "Checkpoint"). ``model_sharded`` maps parameter name -> the parameter's ShardedTensor (or
+        ShardedTensorFactory) from the model's ``sharded_state_dict``; ``keys``: for a load, what the
+        checkpoint recorded (:meth:`checkpoint_state_keys`; without a ``format`` -- a checkpoint written
+        before the unit format -- the momentum is requested in the old parameter layout). The same call
+        builds the save state and the load targets. Collective."""
+        fmt = CKPT_FORMAT if keys is None else (keys.get("__own__") or {}).get("format", LEGACY_CKPT_FORMAT)
+        if fmt not in (CKPT_FORMAT, LEGACY_CKPT_FORMAT):
+            raise ValueError(f"Muon checkpoint format {fmt!r} unknown (this code reads {CKPT_FORMAT!r} and "
+                             f"{LEGACY_CKPT_FORMAT!r})")
+        self._ckpt_format = fmt
         out: dict[str, Any] = {}
+        if fmt == LEGACY_CKPT_FORMAT:
+            from megatron.core.dist_checkpointing.optimizer import (
+                make_sharded_optimizer_tensor,
+            )
+            for eng in self._engines:   # transient: the momentum of all of this rank's parameters
+                for name, buf in eng.local_momentum().items():
+                    if name not in model_sharded:
+                        raise KeyError(f"no ShardedTensor for Muon parameter '{name}' in the model's sharded state")
+                    out[name] = make_sharded_optimizer_tensor(model_sharded[name], buf, prefix + "momentum")
+            return out
         for eng in self._engines:
-            for name, buf in eng.local_momentum().items():
-                if name not in model_sharded:
-                    raise KeyError(f"no ShardedTensor for Muon parameter '{name}' in the model's sharded state")
-                out[name] = make_sharded_optimizer_tensor(model_sharded[name], buf, prefix + "momentum")
+            out.update(eng.unit_sharded(model_sharded, prefix + "momentum_unit.", for_load=keys is not None))
         return out
 
     def load_sharded_momentum(self, loaded: dict[str, torch.Tensor]) -> None:
-        """Collective: restore from what ``dist_checkpointing.load`` returned for :meth:`sharded_state_dict`."""
+        """Collective: restore from what ``dist_checkpointing.load`` returned for the last
+        :meth:`sharded_state_dict` call."""
         for eng in self._engines:
-            eng.load_local_momentum(loaded)
+            if getattr(self, "_ckpt_format", CKPT_FORMAT) == LEGACY_CKPT_FORMAT:
+                eng.load_local_momentum(loaded)
+            else:
+                eng.load_unit_sharded(loaded)
 
 
 def parallel_state_groups() -> dict[str, Group]:

@@ -11,7 +11,9 @@
 - optimizers that shard their own state over data parallel (``parallel.muon.Muon``: momentum on unit owners;
   ``parallel.zero_adamw.ZeroAdamW``: AdamW cells on their owners) provide ``sharded_state_dict`` and
   ``load_sharded_state`` (Muon: ``load_sharded_momentum``). ZeroAdamW writes the same keys as the replicated
-  format above (its cells are row blocks of them), so AdamW checkpoints load either way.
+  format above (its cells are row blocks of them), so AdamW checkpoints load either way. Muon writes one tensor
+  per unit (its full matrix; only owners write, nothing is gathered) and records its format in the optimizer
+  keys (``checkpoint_state_keys``); checkpoints without it (momentum in the parameters' layout) still load.
 - per-rank state (RNG streams, data-loader position): a ShardedObject per global rank. These only load
   back into the same world size; with another layout the trainer reseeds the RNGs and takes the data-loader
   state of old rank 0 (the loader state is global: samples consumed so far).
