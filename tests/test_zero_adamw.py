@@ -328,15 +328,15 @@ def _train(rank: int, world: int, root: str, runs: list[tuple[str, list[str]]]) 
 def test_trainer_dp2_sharded_equals_replicated_and_resumes(tmp_path):
     root = str(tmp_path)
     ckpt = f"checkpoint.load={tmp_path / 'sharded' / 'checkpoints' / 'step_00000002'}"
-    runs = [("replicated", ["train.steps=4", "checkpoint.interval=0"]),
+    runs = [("replicated", ["train.steps=4", "checkpoint.interval=0", "optim.shard_adamw=false"]),
             ("sharded", ["train.steps=4", "checkpoint.interval=2", "checkpoint.keep_every=2",
                          "optim.shard_adamw=true"]),
-            ("resume_replicated", ["train.steps=4", "checkpoint.interval=0", ckpt]),
+            ("resume_replicated", ["train.steps=4", "checkpoint.interval=0", "optim.shard_adamw=false", ckpt]),
             ("resume_sharded", ["train.steps=4", "checkpoint.interval=0", "optim.shard_adamw=true", ckpt])]
     res = run_ranks(_train, 2, root, runs, timeout=600)[0]
     assert all(v["exit"] == 0 for v in res.values()), res
     assert res["replicated"]["adamw"] == "AdamW" and res["sharded"]["adamw"] == "ZeroAdamW"
-    assert res["resume_sharded"]["adamw"] == "ZeroAdamW"
+    assert res["resume_sharded"]["adamw"] == "ZeroAdamW" and res["resume_replicated"]["adamw"] == "AdamW"
     want = res["replicated"]["records"]
     assert sorted(want) == [1, 2, 3, 4]
     assert res["sharded"]["records"] == want                       # bit for bit: losses and grad norms
