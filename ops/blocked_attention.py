@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ops.dispatch import register
+from ops.dispatch import chunk_rows, register
 from ops.sparse_attention import _window_blocks, check_attention_inputs
 
 __all__ = ["blocked_hybrid_attention", "blocked_compressed_attention_mass", "CHUNK_ELEMENTS"]
@@ -297,7 +297,7 @@ def blocked_compressed_attention_mass(q: torch.Tensor, comp_kv: torch.Tensor, ls
         return out
     ck = comp_kv.to(cdt)
     any_query = entry_mask.any(dim=0)                                    # [S, N]
-    rows = max(1, MASS_CHUNK_ELEMENTS["cuda" if q.is_cuda else "cpu"] // max(1, B * H * N))
+    rows = chunk_rows(MASS_CHUNK_ELEMENTS, B * H * N, q.device)
     for t0 in range(0, S, rows):
         t1 = min(S, t0 + rows)
         used = any_query[t0:t1].any(dim=0).nonzero()

@@ -14,13 +14,13 @@ fit ``CHUNK_ELEMENTS``, and the backward recomputes d per chunk:
     ∂q_{t,h} = Σ_s g_{t,h,s} k_s,     ∂k_s = Σ_{t,h} g_{t,h,s} q_{t,h},     ∂w_{t,h} = a H^{-1/2} Σ_s ReLU(d) ∂I_{t,s}
 
 Registered in ``ops.dispatch`` as the ``blocked`` backend of ``indexer_scores``. Correctness:
-``tests/test_ops_blocked_indexer.py`` (against the reference, float64 gradcheck).
+``tests/test_ops_blocked_misc.py`` (against the reference, float64 gradcheck).
 """
 from __future__ import annotations
 
 import torch
 
-from ops.dispatch import register
+from ops.dispatch import chunk_rows, register
 from ops.indexer import check_indexer_inputs
 
 __all__ = ["blocked_indexer_scores", "CHUNK_ELEMENTS"]
@@ -31,7 +31,7 @@ CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
 
 
 def _chunks(B: int, S: int, H: int, N: int, device: torch.device):
-    rows = max(1, CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"] // max(1, B * H * N))
+    rows = chunk_rows(CHUNK_ELEMENTS, B * H * N, device)
     for t0 in range(0, S, rows):
         yield t0, min(S, t0 + rows)
 

@@ -89,6 +89,12 @@ def get(name: str, *example_args: Any) -> Callable[..., Any]:
     return entry[want]
 
 
+def chunk_rows(budget: dict[str, int], per_row: int, device: Any) -> int:
+    """Rows per chunk of a blocked op: a [rows, per_row] temporary holds at most ``budget["cuda"]`` elements
+    on a CUDA ``device``, ``budget["cpu"]`` elsewhere (at least one row)."""
+    return max(1, budget["cuda" if device.type == "cuda" else "cpu"] // max(1, per_row))
+
+
 def call(name: str, *args: Any, **kwargs: Any) -> Any:
     return get(name, *args)(*args, **kwargs)
 

@@ -14,14 +14,14 @@ Backends (``ops.dispatch`` name ``linear_cross_entropy``):
   Products run in the input dtype like the reference's (bf16 in bf16), chunk results accumulate in fp32.
 
 Only for an unsharded vocabulary (TP = 1); the model keeps megatron's vocab-parallel loss under TP.
-Correctness: ``tests/test_ops_linear_cross_entropy.py``.
+Correctness: ``tests/test_ops_blocked_misc.py``.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ops.dispatch import register
+from ops.dispatch import chunk_rows, register
 
 __all__ = ["linear_cross_entropy", "blocked_linear_cross_entropy", "CHUNK_ELEMENTS"]
 
@@ -59,7 +59,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, ignore_index, want_grad):
         T, V = h.shape[0], weight.shape[0]
-        rows = max(1, CHUNK_ELEMENTS["cuda" if h.is_cuda else "cpu"] // max(1, V))
+        rows = chunk_rows(CHUNK_ELEMENTS, V, h.device)
         cdt = torch.promote_types(h.dtype, torch.float32)
         loss = torch.zeros((), dtype=cdt, device=h.device)
         dh = torch.empty(h.shape, dtype=cdt, device=h.device) if want_grad else None

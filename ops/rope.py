@@ -91,12 +91,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     cdt = torch.promote_types(x.dtype, torch.float32)
     nope, rope = x[..., :-r], x[..., -r:]
     pairs = rope.to(cdt).unflatten(-1, (half, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    c, s = cos.to(cdt), sin.to(cdt)
+    rot = torch.stack(_rotated_pairs(pairs[..., 0], pairs[..., 1], cos, sin, inverse), dim=-1)
+    return torch.cat((nope, rot.flatten(-2).to(x.dtype)), dim=-1)
+
+
+def _rotated_pairs(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y_{2i}, y_{2i+1}) of the module doc for the pair (a, b) = (x_{2i}, x_{2i+1}), in a's dtype; sin negated
+    for the inverse rotation."""
+    c, s = cos.to(a.dtype), sin.to(a.dtype)
     if inverse:
         s = -s
-    rot = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2).to(x.dtype)
-    return torch.cat((nope, rot), dim=-1)
+    return a * c - b * s, b * c + a * s
 
 
 def _rotate_tail_(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -104,11 +110,8 @@ def _rotate_tail_(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse
     half = cos.shape[-1]
     cdt = torch.promote_types(y.dtype, torch.float32)
     pairs = y[..., -2 * half:].unflatten(-1, (half, 2))
-    a, b = pairs[..., 0].to(cdt), pairs[..., 1].to(cdt)
-    c, s = cos.to(cdt), sin.to(cdt)
-    if inverse:
-        s = -s
-    new_a, new_b = a * c - b * s, b * c + a * s      # both before writing: a, b may be views of y
+    # both computed before writing: a, b may be views of y
+    new_a, new_b = _rotated_pairs(pairs[..., 0].to(cdt), pairs[..., 1].to(cdt), cos, sin, inverse)
     pairs[..., 0].copy_(new_a)
     pairs[..., 1].copy_(new_b)
     return y
@@ -133,10 +136,8 @@ def apply_rope_inplace_copy(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
                             inverse: bool = False) -> torch.Tensor:
     """Drop-in for :func:`apply_rope` (same arguments and results; the ``blocked`` backend). cos/sin carry no
     gradient here (they are functions of integer positions); if they require one, the reference is used."""
-    if x.shape[-1] < 2 * cos.shape[-1]:
-        return apply_rope(x, cos, sin, inverse)            # raises the reference's error
-    if cos.requires_grad or sin.requires_grad:
-        return apply_rope(x, cos, sin, inverse)
+    if x.shape[-1] < 2 * cos.shape[-1] or cos.requires_grad or sin.requires_grad:
+        return apply_rope(x, cos, sin, inverse)            # (raises the reference's error on a short x)
     return _RopeCopy.apply(x, cos, sin, inverse)
 
 
