@@ -32,7 +32,7 @@ Distributed use (``Muon(params, ..., tp_group=, dp_group=, expert_tp_group=, exp
   and laid out like the local parameter (TP slice), so it is identical on all DP ranks and restores under
   any DP size (any owner layout). It materialises every rank's whole momentum: for tests and small runs.
 
-Checkpoint (``sharded_state_dict`` / ``load_sharded_momentum``, megatron dist_checkpointing; collective):
+Checkpoint (``sharded_state_dict`` / ``load_sharded_state``, megatron dist_checkpointing; collective):
 the momentum is saved from where it lives, nothing is gathered. Each unit is one ShardedTensor (format
 ``CKPT_FORMAT``) whose global shape is the unit's FULL matrix, after the parameter's prepended global axes
 (megatron's layer / expert index, from the model's ShardedTensor) and, for a 3-D stack, the global expert
@@ -78,7 +78,8 @@ def is_expert_param(p: torch.Tensor) -> bool:
     return bool(getattr(p, "v4_expert", False)) or getattr(p, "allreduce", True) is False
 
 
-def _grad_of(p: torch.Tensor) -> torch.Tensor | None:
+def grad_of(p: torch.Tensor) -> torch.Tensor | None:
+    """The gradient an optimizer step reads: ``p.grad``, else megatron DDP's ``p.main_grad``."""
     if p.grad is not None:
         return p.grad
     return getattr(p, "main_grad", None)
@@ -162,7 +163,7 @@ class _Engine:
         return A
 
     def _active(self) -> list[Unit]:
-        has = torch.tensor([_grad_of(p) is not None for _, p, _ in self.entries], dtype=torch.uint8,
+        has = torch.tensor([grad_of(p) is not None for _, p, _ in self.entries], dtype=torch.uint8,
                            device=self.device)
         for g in (self.ex.tp_group, self.ex.dp_group):
             if g is not None and has.numel():
@@ -172,7 +173,7 @@ class _Engine:
 
     def _grad_view(self, u: Unit) -> torch.Tensor:
         p = self.entries[u.pidx][1]
-        g = _grad_of(p)
+        g = grad_of(p)
         if g is None:    # another rank of the grid has a gradient for it: this one contributes zeros
             g = torch.zeros_like(p)
         return u.local_view(g, self.ex.t)
@@ -298,6 +299,10 @@ class _Engine:
                     out.append((u, "full"))
         return out
 
+    def _uneven_owned(self) -> list[Unit]:
+        """Gram units with uneven TP slices owned by this DP replica (saved whole by its TP rank 0)."""
+        return [u for u in self.plan.units if u.mode == "gram" and u.owner_dp == self.ex.d and not _even(u)]
+
     def _main_flags(self, idents: list[_Ident]) -> list[bool]:
         """Collective (TP, then DP): per parameter, does this engine's TP x DP grid hold the main replica of
         the parameter (False e.g. for a copy of a parameter held by another pipeline stage)."""
@@ -349,7 +354,7 @@ class _Engine:
         blocks = self._global_blocks()
         saved = self._saved_units()
         self._ckpt_units = saved
-        uneven = [u for u in self.plan.units if u.mode == "gram" and u.owner_dp == self.ex.d and not _even(u)]
+        uneven = self._uneven_owned()
         full_uneven = self._gather_uneven(uneven) if uneven and not for_load else {}
         out: dict[str, Any] = {}
         for u, piece in saved:
@@ -389,7 +394,7 @@ class _Engine:
                 continue
             shape = u.full_shape if piece == "full" else u.local_shapes[self.ex.t]
             mom[u.uid] = t.reshape(shape).to(self.device, self.dtype)
-        uneven = [u for u in self.plan.units if u.mode == "gram" and u.owner_dp == self.ex.d and not _even(u)]
+        uneven = self._uneven_owned()
         if uneven:                     # TP rank 0 of the owner replica loaded the full matrix: scatter
             T = self.plan.tp
             full = {u.uid: loaded[f"{self.label}.{u.uid}"].reshape(u.full_shape).to(self.device, self.dtype)
@@ -547,7 +552,7 @@ class Muon(torch.optim.Optimizer):
             out.update(eng.unit_sharded(model_sharded, prefix + "momentum_unit.", for_load=keys is not None))
         return out
 
-    def load_sharded_momentum(self, loaded: dict[str, torch.Tensor]) -> None:
+    def load_sharded_state(self, loaded: dict[str, torch.Tensor]) -> None:
         """Collective: restore from what ``dist_checkpointing.load`` returned for the last
         :meth:`sharded_state_dict` call."""
         for eng in self._engines:

@@ -65,6 +65,12 @@ def split_params(model_or_named: Any) -> tuple[list[tuple[str, torch.Tensor]], l
     return muon, adamw
 
 
+def adamw_is_sharded(optim_cfg: Any, dp_size: int, expert_dp_size: int) -> bool:
+    """Whether AdamW runs as ``ZeroAdamW``: ``optim.shard_adamw`` and a data-parallel group (dense or expert) of
+    more than one rank. Also what the dry run's accounting assumes (``parallel.optimizer_memory``)."""
+    return bool(getattr(optim_cfg, "shard_adamw", False)) and max(dp_size, expert_dp_size) > 1
+
+
 def build_optimizers(model_or_named: Any, optim_cfg: Any, lr: float, groups: str | dict | None = None,
                      **muon_overrides: Any) -> tuple[Muon | None, torch.optim.Optimizer | None]:
     """Build Muon and AdamW from ``optim_cfg`` (an OptimConfig). ``groups``: None (single process),
@@ -85,7 +91,7 @@ def build_optimizers(model_or_named: Any, optim_cfg: Any, lr: float, groups: str
         hyper = dict(lr=lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps,
                      weight_decay=optim_cfg.weight_decay)
         dp, edp = (groups or {}).get("dp_group"), (groups or {}).get("expert_dp_group")
-        if getattr(optim_cfg, "shard_adamw", False) and max(group_size(dp), group_size(edp)) > 1:
+        if adamw_is_sharded(optim_cfg, group_size(dp), group_size(edp)):
             adamw = ZeroAdamW(adam_params, **hyper, dp_group=dp, expert_dp_group=edp)
         else:
             adamw = torch.optim.AdamW(adam_params, **hyper)

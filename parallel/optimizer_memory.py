@@ -28,8 +28,8 @@ A global rank r of the stage sits at dense coordinates (dp-cp index, tp index) a
 dp index, expert tp index), taken from megatron's rank generator for the ``tp-cp-ep-dp-pp`` order (what
 ``initialize_model_parallel`` builds); its state is the sum over both engines. The dry run reports the most
 loaded rank of each stage (:attr:`StageOptimizerMemory.max_bytes`): it decides whether the stage fits.
-Transient buffers (Muon's gathered gradients and updates, the checkpoint's gathered momentum) are not state
-and not counted.
+Transient buffers (Muon's gathered gradients and updates, ZeroAdamW's all-gather rounds) are not state and not
+counted; checkpoint saves add none (both optimizers write their owned state as it lies).
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def stage_optimizer_memory(named: Sequence[tuple[str, torch.Tensor]], layout: La
                            optim_cfg: Any = None) -> StageOptimizerMemory:
     """Optimizer state per global rank of stage ``pp_rank`` for this stage's parameters (see the module doc)."""
     from parallel.muon import is_expert_param
-    from parallel.optimizer_groups import split_params
+    from parallel.optimizer_groups import adamw_is_sharded, split_params
     muon, adamw = split_params(named)
 
     def by_kind(named: list[tuple[str, torch.Tensor]], expert: bool) -> list[tuple[str, torch.Tensor]]:
@@ -142,7 +142,7 @@ def stage_optimizer_memory(named: Sequence[tuple[str, torch.Tensor]], layout: La
     dp, edp = layout.dp * layout.sp, layout.expert_dp
     mom_dense = muon_momentum_elements(by_kind(muon, False), layout.tp, dp, optim_cfg)
     mom_expert = muon_momentum_elements(by_kind(muon, True), layout.etp, edp, optim_cfg)
-    shard = bool(getattr(optim_cfg, "shard_adamw", False)) and max(dp, edp) > 1
+    shard = adamw_is_sharded(optim_cfg, dp, edp)
     st_dense = adamw_state_bytes(by_kind(adamw, False), dp if shard else 1)
     st_expert = adamw_state_bytes(by_kind(adamw, True), edp if shard else 1)
     out = StageOptimizerMemory(muon_replicated=sum(p.numel() for _, p in muon) * MUON_ELEM_BYTES,

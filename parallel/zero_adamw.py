@@ -62,7 +62,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from parallel.muon import is_expert_param
+from parallel.muon import grad_of, is_expert_param
 from parallel.muon_comm import Group, group_rank, group_size
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,6 @@ GATHER_ELEMS = 1 << 26        # received elements per all-gather round (256 MiB 
 STATE_FORMAT = "v4-zero-adamw/1"
 HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable", "differentiable",
          "fused")
-
-
-def _grad_of(p: torch.Tensor) -> torch.Tensor | None:
-    if p.grad is not None:
-        return p.grad
-    return getattr(p, "main_grad", None)
 
 
 def _divisors(n: int) -> list[int]:
@@ -332,7 +326,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         for b, c, view in self._owned():
             p = b.entries[c.pidx][1]
             view.data = b.param_rows(c)            # the parameter's storage, even if p.data was rebound
-            grad = _grad_of(p)
+            grad = grad_of(p)
             view.grad = None if grad is None else _rows(grad, c)
         self._inner.step()
         for _, _, view in self._owned():

@@ -10,7 +10,7 @@
   can build the tensors to load into.
 - optimizers that shard their own state over data parallel (``parallel.muon.Muon``: momentum on unit owners;
   ``parallel.zero_adamw.ZeroAdamW``: AdamW cells on their owners) provide ``sharded_state_dict`` and
-  ``load_sharded_state`` (Muon: ``load_sharded_momentum``). ZeroAdamW writes the same keys as the replicated
+  ``load_sharded_state``. ZeroAdamW writes the same keys as the replicated
   format above (its cells are row blocks of them), so AdamW checkpoints load either way. Muon writes one tensor
   per unit (its full matrix; only owners write, nothing is gathered) and records its format in the optimizer
   keys (``checkpoint_state_keys``); checkpoints without it (momentum in the parameters' layout) still load.
@@ -245,15 +245,7 @@ def per_rank_object(key: str, data: Any, rank: int, world: int) -> ShardedObject
 def _has_own_sharding(opt: torch.optim.Optimizer) -> bool:
     """Optimizers that shard their own state (parallel.muon.Muon: momentum lives on owner ranks;
     parallel.zero_adamw.ZeroAdamW: AdamW state on cell owners)."""
-    return hasattr(opt, "sharded_state_dict") and (hasattr(opt, "load_sharded_state")
-                                                   or hasattr(opt, "load_sharded_momentum"))
-
-
-def _load_own(opt: torch.optim.Optimizer, loaded: dict[str, Any]) -> None:
-    if hasattr(opt, "load_sharded_state"):
-        opt.load_sharded_state(loaded)
-    else:
-        opt.load_sharded_momentum(loaded)
+    return hasattr(opt, "sharded_state_dict") and hasattr(opt, "load_sharded_state")
 
 
 def _name_to_sharded(model: torch.nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
@@ -330,7 +322,7 @@ def load_state(path: Any, model: torch.nn.Module, optimizers: dict[str, torch.op
         m.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
     for n, o in optimizers.items():
         if n in own:
-            _load_own(o, loaded["optimizer"][n])
+            o.load_sharded_state(loaded["optimizer"][n])
             continue
         restore_optimizer_state(o, entries[n], loaded["optimizer"][n], common["optimizer_keys"][n])
     return common, {k: unpack(loaded[f"rank.{k}"]) for k in common["rank_keys"]}, same_world

@@ -1,4 +1,4 @@
-"""Muon's momentum checkpoint (``Muon.sharded_state_dict`` / ``load_sharded_momentum``, megatron
+"""Muon's momentum checkpoint (``Muon.sharded_state_dict`` / ``load_sharded_state``, megatron
 dist_checkpointing, gloo ranks): saved from where it lives (one ShardedTensor per unit, only owners write),
 loaded under another TP / DP / EP layout.
 
@@ -91,7 +91,7 @@ def _save(path, tp_mode, legacy=False):
 def _load(opt, params, path, legacy=False):
     from megatron.core import dist_checkpointing as dc
     keys = LEGACY_KEYS if legacy else opt.checkpoint_state_keys()
-    opt.load_sharded_momentum(dc.load(opt.sharded_state_dict(_model_sharded(params), keys=keys), path))
+    opt.load_sharded_state(dc.load(opt.sharded_state_dict(_model_sharded(params), keys=keys), path))
 
 
 def _resume(label, path, tp_mode="auto", legacy=False):

@@ -265,7 +265,7 @@ def _dist_ckpt_tp2_to_tp1(ckpt_dir):
         p.data.copy_(ref2[name])           # the weights after 2 steps (distributed == reference, < 1e-7)
     opt = Muon.from_parallel_state(params, **HYPER)
     loaded = dc.load(opt.sharded_state_dict(_model_sharded(params, T, t, ps.get_data_parallel_rank())), ckpt_dir)
-    opt.load_sharded_momentum(loaded)
+    opt.load_sharded_state(loaded)
     _set_grads(params, 2, T, t, ep, e)
     opt.step()
     ref, _ = _reference(names, 3)
