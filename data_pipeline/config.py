@@ -33,9 +33,10 @@ from typing import Any
 import yaml
 
 INPUT_KINDS = ("jsonl", "parquet", "hf_disk", "hf_files", "embedded")
-# Bumped whenever the pipeline writes different shards from the same config (2: packing independent of Ray's
-# block layout); part of the fingerprint, hence of the cache directory name.
-SHARD_LAYOUT_VERSION = 2
+# Bumped whenever the pipeline writes different outputs from the same config (2: packing independent of Ray's
+# block layout; 3: stage tasks per input file, integer document ids, parts.json layout, held-out split);
+# part of every stage key, hence of the cache directory names.
+SHARD_LAYOUT_VERSION = 3
 
 
 class DataConfigError(ValueError):
@@ -125,7 +126,18 @@ class PackConfig:
     add_bos: bool = False          # documents are separated by EOS; BOS optional
     shard_size_limit: int = 1 << 24
     compression: str = "zstd"
-    docs_per_block: int = 1024     # documents packed per Ray task (the packing tail of each is dropped)
+    part_tokens: int = 1 << 27     # tokens per pack task / MDS part (consecutive input files of one source;
+                                   # the packing tail of each part, < seq_len + 1 tokens, is dropped)
+
+
+@dataclass
+class SplitConfig:
+    """The held-out (validation) split: a document is held out when xxh3(text) / 2^64 < val_fraction (its
+    exact copies were removed by dedup, so no copy of it is trained on), plus, per input file, the
+    ``min_val_docs_per_file`` documents of smallest hash (so small sources get a few)."""
+
+    val_fraction: float = 0.005
+    min_val_docs_per_file: int = 0
 
 
 @dataclass
@@ -153,6 +165,7 @@ class MixtureConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pack: PackConfig = field(default_factory=PackConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -163,15 +176,23 @@ class MixtureConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
-        """Hash of everything that changes the written shards (not the loader, Ray or dedup block settings),
-        and of ``SHARD_LAYOUT_VERSION`` so that datasets cached by an older pipeline are rebuilt."""
+    def stage_settings(self) -> dict[str, Any]:
+        """What each stage's output depends on (its own settings plus the previous stage's key); mixture
+        weights, the loader and Ray settings change no stage (mixing happens at load time)."""
         d = self.to_dict()
-        d.pop("loader")
-        d.pop("ray")
-        d["dedup"].pop("min_blocks", None)   # parallelism only: the shards do not depend on it
-        d["shard_layout_version"] = SHARD_LAYOUT_VERSION
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        sources = [{k: v for k, v in src.items() if k != "weight"} for src in d["sources"]]
+        return {"docs": {"sources": sources, "clean": d["clean"], "layout": SHARD_LAYOUT_VERSION,
+                         **{k: d[k] for k in ("filters", "decontam") if k in d}},
+                "dedup": d["dedup"], "tokenizer": {"tokenizer": d["tokenizer"], "split": d["split"]},
+                "pack": d["pack"]}
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the written shards (not the weights, loader or Ray settings)."""
+        return settings_key(self.stage_settings())
+
+
+def settings_key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _build(cls: type, data: Any, where: str) -> Any:

@@ -13,11 +13,14 @@ sees half a file, which is what the pipeline's completion records rely on.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +197,52 @@ def list_files(url: str | Path) -> list[str]:
     else:
         found = [path] if fs.exists(path) else []
     return sorted(f"{protocol}://{f}" for f in found)
+
+
+@contextlib.contextmanager
+def staged_file(url: str | Path, suffix: str = "") -> Iterator[str]:
+    """A local path to write ``url``'s content into; on success it becomes ``url`` atomically (a rename
+    locally, one upload remotely); on an exception nothing is published."""
+    if not is_remote(url):
+        final = Path(_local(url))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}{suffix}"
+        try:
+            yield str(tmp)
+            os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return
+    with tempfile.TemporaryDirectory(prefix="dp-stage-") as d:
+        local = os.path.join(d, "file" + suffix)
+        yield local
+        fs, path = filesystem(url)
+        fs.put_file(local, path)
+
+
+@contextlib.contextmanager
+def staged_dir(url: str | Path) -> Iterator[str]:
+    """A local directory path (not yet created) to fill; on success it replaces ``url`` (a directory rename
+    locally, an upload of every file remotely, after removing what a killed earlier attempt left there)."""
+    if not is_remote(url):
+        final = Path(_local(url))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            yield str(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="dp-stage-") as parent:
+        d = os.path.join(parent, "out")
+        yield d
+        remove(url)
+        fs, path = filesystem(url)
+        for f in sorted(Path(d).rglob("*")):
+            if f.is_file():
+                fs.put_file(str(f), path + "/" + f.relative_to(d).as_posix())
