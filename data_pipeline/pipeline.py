@@ -199,7 +199,8 @@ class Build:
                 "token_urls": [token_urls[k] for k in keys], "split_name": split,
                 "out_url": storage.join(self.out, top, source, name), "cfg": pcfg, "eos": ids.eos, "bos": ids.bos}))
             meta.append((top, source, name))
-        rows = self.runner.run("pack", stage, pack_task, tasks)
+        rows = self.runner.run("pack", stage, pack_task, tasks,
+                               output_urls=(storage.join(self.out, "shards"), storage.join(self.out, "val")))
         per: dict[tuple[str, str], dict[str, Any]] = {}
         for (top, source, name), r in zip(meta, rows):
             entry = per.setdefault((top, source), {"parts": [], "documents": 0, "samples": 0, "tokens": 0,

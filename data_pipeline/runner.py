@@ -127,8 +127,10 @@ class Runner:
         return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
     def run(self, name: str, stage_url: str, fn: Callable[..., dict], tasks: list[Task],
-            num_cpus: float = 1.0, memory_mb: int = 0) -> list[dict]:
-        """Run ``tasks`` of stage ``name`` (records under ``stage_url/_done``); summaries in task order."""
+            num_cpus: float = 1.0, memory_mb: int = 0, output_urls: tuple[str, ...] = ()) -> list[dict]:
+        """Run ``tasks`` of stage ``name`` (records under ``stage_url/_done``); summaries in task order.
+        ``output_urls``: where the tasks write, if not under ``stage_url`` (swept of a killed run's partial
+        temporary files when the stage resumes)."""
         t0 = time.time()
         ids = [t.id for t in tasks]
         if len(set(ids)) != len(ids):
@@ -144,6 +146,9 @@ class Runner:
             else:
                 todo.append(i)
         run = StageRun(name, tasks=len(tasks), skipped=len(tasks) - len(todo))
+        if todo and recorded:          # resuming a stage a killed run left unfinished
+            for u in (stage_url, *output_urls):
+                storage.sweep_partial(u)
         if run.skipped:
             log.info("%s: %d of %d tasks already done (completion records in %s); running %d", name, run.skipped,
                      len(tasks), done_dir, len(todo))

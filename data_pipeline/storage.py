@@ -246,3 +246,19 @@ def staged_dir(url: str | Path) -> Iterator[str]:
         for f in sorted(Path(d).rglob("*")):
             if f.is_file():
                 fs.put_file(str(f), path + "/" + f.relative_to(d).as_posix())
+
+
+def sweep_partial(url: str | Path) -> int:
+    """Delete the ``.<name>.tmp-*`` files and directories that a killed writer left under a local ``url``
+    (remote writes are single uploads and leave none). Returns how many were removed."""
+    if is_remote(url) or not os.path.isdir(_local(url)):
+        return 0
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(_local(url)):
+        for name in list(dirnames) + filenames:
+            if name.startswith(".") and ".tmp-" in name:
+                remove(os.path.join(dirpath, name))
+                n += 1
+                if name in dirnames:
+                    dirnames.remove(name)
+    return n
