@@ -92,10 +92,13 @@ class CleanConfig:
 
 @dataclass
 class DedupConfig:
-    """Exact (content hash) and MinHash-LSH near-duplicate removal.
+    """Exact (content hash) and MinHash-LSH near-duplicate removal (see :mod:`data_pipeline.dedup`).
 
     With b bands of r rows, a pair of Jaccard similarity s becomes a candidate with probability
     P(s) = 1 - (1 - s^r)^b; the threshold (1/b)^(1/r) is 0.72 for 14 x 8.
+
+    The remaining keys set only the parallelism (how many tasks and files each sub-step uses), never which
+    documents are removed; ``0`` = automatic.
     """
 
     exact: bool = True
@@ -104,8 +107,13 @@ class DedupConfig:
     bands: int = 14
     rows: int = 8
     seed: int = 1
-    max_cc_rounds: int = 64
-    min_blocks: int = 0            # parallelism of the dedup shuffles; 0 = the cluster's CPUs
+    band_ranges: int = 1           # tasks per band: each merges the keys of one hash range of the band
+    exact_ranges: int = 0          # tasks of the exact reduce (content-hash ranges); 0 = bands * band_ranges
+    cc_partitions: int = 0         # node-hash partitions of the distributed components; 0 = bands * band_ranges
+    cc_single_task_edges: int = 20_000_000   # up to this many candidate edges: components in one task
+    max_cc_rounds: int = 64        # large-star / small-star rounds before giving up
+    partitions_per_collect: int = 64         # input partitions per task writing the removal lists
+    min_blocks: int = 0            # unused by the dedup (Ray Data block count of the old pipeline's tests)
 
 
 @dataclass
@@ -169,7 +177,9 @@ class MixtureConfig:
         d = self.to_dict()
         d.pop("loader")
         d.pop("ray")
-        d["dedup"].pop("min_blocks", None)   # parallelism only: the shards do not depend on it
+        for key in ("band_ranges", "exact_ranges", "cc_partitions", "cc_single_task_edges", "max_cc_rounds",
+                    "partitions_per_collect", "min_blocks"):
+            d["dedup"].pop(key, None)   # parallelism only: the shards do not depend on it
         d["shard_layout_version"] = SHARD_LAYOUT_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
