@@ -39,6 +39,11 @@ INPUT_KINDS = ("jsonl", "parquet", "hf_disk", "hf_files", "embedded")
 SHARD_LAYOUT_VERSION = 3
 
 
+# dedup settings that change how the work is split, not its result (the removal lists are the same)
+DEDUP_PARALLELISM = ("band_ranges", "exact_ranges", "cc_partitions", "cc_single_task_edges", "max_cc_rounds",
+                     "partitions_per_collect")
+
+
 class DataConfigError(ValueError):
     """A configuration problem; the message names the file/key and the fix."""
 
@@ -93,10 +98,13 @@ class CleanConfig:
 
 @dataclass
 class DedupConfig:
-    """Exact (content hash) and MinHash-LSH near-duplicate removal.
+    """Exact (content hash) and MinHash-LSH near-duplicate removal (see :mod:`data_pipeline.dedup`).
 
     With b bands of r rows, a pair of Jaccard similarity s becomes a candidate with probability
     P(s) = 1 - (1 - s^r)^b; the threshold (1/b)^(1/r) is 0.72 for 14 x 8.
+
+    The remaining keys set only the parallelism (how many tasks and files each sub-step uses), never which
+    documents are removed; ``0`` = automatic.
     """
 
     exact: bool = True
@@ -105,8 +113,12 @@ class DedupConfig:
     bands: int = 14
     rows: int = 8
     seed: int = 1
-    max_cc_rounds: int = 64
-    min_blocks: int = 0            # parallelism of the dedup shuffles; 0 = the cluster's CPUs
+    band_ranges: int = 1           # tasks per band: each merges the keys of one hash range of the band
+    exact_ranges: int = 0          # tasks of the exact reduce (content-hash ranges); 0 = bands * band_ranges
+    cc_partitions: int = 0         # node-hash partitions of the distributed components; 0 = bands * band_ranges
+    cc_single_task_edges: int = 20_000_000   # up to this many candidate edges: components in one task
+    max_cc_rounds: int = 64        # large-star / small-star rounds before giving up
+    partitions_per_collect: int = 64         # input partitions per task writing the removal lists
 
 
 @dataclass
@@ -183,7 +195,8 @@ class MixtureConfig:
         sources = [{k: v for k, v in src.items() if k != "weight"} for src in d["sources"]]
         return {"docs": {"sources": sources, "clean": d["clean"], "layout": SHARD_LAYOUT_VERSION,
                          **{k: d[k] for k in ("filters", "decontam") if k in d}},
-                "dedup": d["dedup"], "tokenizer": {"tokenizer": d["tokenizer"], "split": d["split"]},
+                "dedup": {k: v for k, v in d["dedup"].items() if k not in DEDUP_PARALLELISM},
+                "tokenizer": {"tokenizer": d["tokenizer"], "split": d["split"]},
                 "pack": d["pack"]}
 
     def fingerprint(self) -> str:

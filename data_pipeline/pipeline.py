@@ -132,7 +132,10 @@ class Build:
             return docs_key, {k: None for k in docs_urls}, {"removed": 0, "exact": 0, "near": 0}
         from data_pipeline.dedup import dedup_stage
 
-        key, url = self.stage_url("dedup", docs_key, self.settings["dedup"])
+        from data_pipeline.config import DEDUP_PARALLELISM
+
+        key = settings_key([docs_key, self.settings["dedup"]])          # what later stages depend on
+        _, url = self.stage_url("dedup", key, {k: getattr(d, k) for k in DEDUP_PARALLELISM if hasattr(d, k)})
         stats = dedup_stage(self.runner, sorted(docs_urls.items()), url, d)
         return key, {k: storage.join(url, "removed", part_name(k, "npy")) for k in docs_urls}, stats
 
