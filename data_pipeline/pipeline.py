@@ -130,9 +130,8 @@ class Build:
         d = self.cfg.dedup
         if not (d.exact or d.minhash):
             return docs_key, {k: None for k in docs_urls}, {"removed": 0, "exact": 0, "near": 0}
-        from data_pipeline.dedup import dedup_stage
-
         from data_pipeline.config import DEDUP_PARALLELISM
+        from data_pipeline.dedup import dedup_stage
 
         key = settings_key([docs_key, self.settings["dedup"]])          # what later stages depend on
         _, url = self.stage_url("dedup", key, {k: getattr(d, k) for k in DEDUP_PARALLELISM if hasattr(d, k)})
