@@ -5,18 +5,23 @@
 - ``version``, ``name``, ``fingerprint`` (hash of the mixture's data settings), ``created``
 - ``seq_len``, ``sample_len`` (= seq_len + 1), ``vocab_size``, ``tokenizer`` (path relative to the manifest),
   ``special_tokens`` ``{pad, bos, eos}`` (ids)
-- ``sources``: name -> ``{dir, weight, documents, tokens, samples, dropped_tokens, bytes}``
+- ``sources``: name -> ``{dir, weight, documents, tokens, samples, dropped_tokens, bytes}`` (``dir`` relative to
+  the manifest; the layout under it: :mod:`data_pipeline.dataset_layout`)
 - ``counts``: per-stage counts (ingest rows, quarantine reasons, clean filter removals, dedup removals)
 - ``stages``: ``[{name, seconds, documents, bytes, docs_per_s, mb_per_s}]``
 - ``shards``: ``[{source, file, bytes, sha256, samples}]`` (file relative to ``shards/``)
 - ``mixture``: the full mixture configuration used
+
+The dataset may live in a local directory or at an object-store URL: ``read_manifest`` and ``write_manifest``
+take both.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from data_pipeline import storage
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -26,27 +31,43 @@ class ManifestError(ValueError):
     pass
 
 
-def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> Path:
-    path = Path(out_dir) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path | str:
+    """Write ``<out_dir>/manifest.json`` atomically (a local directory or an object-store URL); returns its
+    path (a ``Path``) or URL (a ``str``)."""
+    path = storage.join(out_dir, MANIFEST)
+    storage.write_json(path, manifest, indent=1)
+    return path if storage.is_remote(path) else Path(path)
 
 
-def read_manifest(manifest_or_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    path = Path(manifest_or_dir)
-    if path.is_dir():
-        path = path / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found; build the dataset with `python -m data_pipeline run "
-                            "--mixture ... --output DIR` or data_pipeline.api.ensure_dataset")
+def dataset_root(manifest_path: str | Path) -> str:
+    """The dataset directory / URL holding ``manifest_path`` (the base of its relative ``dir`` entries)."""
+    return storage.dirname(manifest_path)
+
+
+def read_manifest(manifest_or_dir: str | Path) -> tuple[Path | str, dict[str, Any]]:
+    """(path, manifest) of a dataset, from its directory / URL or its ``manifest.json``. The path is a ``Path``
+    for a local dataset and the URL (``str``) for an object-store one (``s3://bucket/ds/manifest.json``)."""
+    where = str(manifest_or_dir)
+    if storage.is_remote(where):
+        path: Path | str = where if where.rstrip("/").endswith("/" + MANIFEST) else storage.join(where, MANIFEST)
+    else:
+        path = Path(where)
+        if path.is_dir():
+            path = path / MANIFEST
+    shown = storage.redact(path)
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: corrupt manifest ({e}); delete the directory and rebuild") from e
+        raw = storage.read_bytes(path)
+    except storage.ObjectNotFound as e:
+        raise ManifestError(f"{shown}: manifest not found; build the dataset with `python -m data_pipeline run "
+                            "--mixture ... --output DIR` or data_pipeline.api.ensure_dataset") from e
+    except storage.StorageError as e:
+        raise ManifestError(f"{e} (reading the dataset manifest)") from e
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{shown}: corrupt manifest ({e}); delete the directory and rebuild") from e
     if manifest.get("version") != MANIFEST_VERSION:
-        raise ManifestError(f"{path}: manifest version {manifest.get('version')} != {MANIFEST_VERSION}; rebuild")
+        raise ManifestError(f"{shown}: manifest version {manifest.get('version')} != {MANIFEST_VERSION}; rebuild")
     return path, manifest
 
 
