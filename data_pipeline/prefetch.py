@@ -9,20 +9,22 @@ consumed, never what was prefetched; after ``load_state_dict`` the worker is sto
 cursor. An error while building batch ``c`` (a missing or corrupt shard) is handed over in place of that
 batch, so it is raised at exactly the step that needs the sample, as without prefetch.
 
-Download-ahead (remote sources with a cache dir): when the worker starts batch ``c`` it asks the downloader
-thread for the shard files of batch ``c + depth``, so a shard is usually on local disk before the worker
-needs it.
+Download-ahead (remote sources with a cache dir): when the worker starts batch ``c`` it hands the shard files
+of batch ``c + 2 depth`` to a pool of ``FETCH_THREADS`` downloader threads (object stores serve parallel GETs
+much faster than one after the other), so a shard is usually on local disk before the worker needs it.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
 Cursor = tuple[int, int]
+FETCH_THREADS = 4
 
 
 class Prefetcher:
@@ -35,11 +37,8 @@ class Prefetcher:
         self.expected = start
         self.queue: queue.Queue = queue.Queue(maxsize=self.depth)
         self.stop = threading.Event()
-        self.fetch_queue: queue.Queue = queue.Queue()
-        self.fetcher = None
-        if fetch_ahead is not None:
-            self.fetcher = threading.Thread(target=self._fetch_loop, name="loader-fetch-ahead", daemon=True)
-            self.fetcher.start()
+        self.fetcher = (ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="loader-fetch-ahead")
+                        if fetch_ahead is not None else None)
         self.thread = threading.Thread(target=self._loop, args=(start,), name="loader-prefetch", daemon=True)
         self.thread.start()
 
@@ -48,15 +47,24 @@ class Prefetcher:
             cursor = self.advance(cursor)
         return cursor
 
+    def _fetch(self, cursor: Cursor) -> None:
+        if self.stop.is_set():
+            return
+        try:
+            self.fetch_ahead(cursor)
+        except Exception as e:      # the batch build reports the error where it matters
+            log.debug("fetch-ahead of %s failed: %s", cursor, e)
+
     def _loop(self, cursor: Cursor) -> None:
+        ahead = 2 * self.depth
         if self.fetcher is not None:
             c = cursor
-            for _ in range(self.depth):
-                self.fetch_queue.put(c)
+            for _ in range(ahead):
+                self.fetcher.submit(self._fetch, c)
                 c = self.advance(c)
         while not self.stop.is_set():
             if self.fetcher is not None:
-                self.fetch_queue.put(self._ahead(cursor, self.depth))
+                self.fetcher.submit(self._fetch, self._ahead(cursor, ahead))
             try:
                 item = (cursor, self.make(cursor), None)
             except BaseException as e:       # handed to the consumer at this batch
@@ -70,17 +78,6 @@ class Prefetcher:
             if item[2] is not None:
                 return
             cursor = self.advance(cursor)
-
-    def _fetch_loop(self) -> None:
-        while not self.stop.is_set():
-            try:
-                cursor = self.fetch_queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            try:
-                self.fetch_ahead(cursor)
-            except Exception as e:      # the batch build reports the error where it matters
-                log.debug("fetch-ahead of %s failed: %s", cursor, e)
 
     def get(self, cursor: Cursor) -> Any:
         """The batch at ``cursor`` (must be the next one in order)."""
@@ -104,6 +101,7 @@ class Prefetcher:
 
     def close(self) -> None:
         self.stop.set()
-        for t in (self.thread, self.fetcher):
-            if t is not None and t is not threading.current_thread():
-                t.join(timeout=10)
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
+        if self.fetcher is not None:
+            self.fetcher.shutdown(wait=False, cancel_futures=True)

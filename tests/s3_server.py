@@ -1,7 +1,8 @@
 """A real S3-compatible server for the tests: moto's standalone ``moto_server`` on 127.0.0.1, spoken to over
 HTTP by the code under test (nothing is patched in-process).
 
-``s3_server`` (session fixture): starts ``moto_server`` (installed by ``make setup`` from requirements.txt) on a
+``local_s3_server()`` (a context manager, also used by benchmarks/bench_loader.py) and the ``s3_server`` session
+fixture: start ``moto_server`` (installed by ``make setup`` from requirements.txt) on a
 free port as a subprocess, waits until it answers, sets ``AWS_ENDPOINT_URL`` and dummy credentials in
 ``os.environ`` (so the test process and every subprocess it starts use the server), creates a bucket, and at
 the end restores the environment and kills the server by its PID. ``s3_prefix``: a fresh ``s3://bucket/<id>``
@@ -9,6 +10,7 @@ prefix per test.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -41,15 +44,19 @@ class S3Server:
         return f"s3://{self.bucket}"
 
 
+class S3ServerError(RuntimeError):
+    pass
+
+
 def _moto_server() -> str:
     exe = Path(sys.executable).with_name("moto_server")
     if not exe.exists():
-        pytest.fail(f"{exe} not found: moto[server] is pinned in requirements.txt; run `make setup`")
+        raise S3ServerError(f"{exe} not found: moto[server] is pinned in requirements.txt; run `make setup`")
     return str(exe)
 
 
-@pytest.fixture(scope="session")
-def s3_server():
+@contextlib.contextmanager
+def local_s3_server() -> Iterator[S3Server]:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log_file = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
@@ -60,13 +67,13 @@ def s3_server():
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"moto_server exited with {proc.returncode}: {Path(log_file.name).read_text()[-2000:]}")
+                raise S3ServerError(f"moto_server exited with {proc.returncode}: {Path(log_file.name).read_text()[-2000:]}")
             try:
                 urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).read()
                 break
-            except OSError:
+            except OSError as e:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"moto_server did not answer on {endpoint} within {START_TIMEOUT_S} s")
+                    raise S3ServerError(f"moto_server did not answer on {endpoint} within {START_TIMEOUT_S} s") from e
                 time.sleep(0.2)
         for k in AWS_VARS:
             os.environ.pop(k, None)
@@ -89,6 +96,12 @@ def s3_server():
         proc.wait(timeout=30)
         log_file.close()
         os.unlink(log_file.name)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with local_s3_server() as server:
+        yield server
 
 
 @pytest.fixture
