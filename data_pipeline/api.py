@@ -100,7 +100,17 @@ def load_tokenizer(manifest: str | Path):
     from data_pipeline.tokenizer import load
 
     path, m = read_manifest(manifest)
-    return load(path.parent / m["tokenizer"])
+    from data_pipeline import storage
+    from data_pipeline.manifest import dataset_root
+
+    url = storage.join(dataset_root(path), m["tokenizer"])
+    if not storage.is_remote(url):
+        return load(url)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_file(url, Path(tmp) / "tokenizer.json")
+        return load(Path(tmp) / "tokenizer.json")
 
 
 def special_tokens(manifest: str | Path) -> dict[str, int]:

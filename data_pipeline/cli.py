@@ -80,6 +80,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from data_pipeline.manifest import read_manifest
 
     path, m = read_manifest(args.manifest)
+    if "shards" not in m:        # the packed layout (parts.json per source): every part index and shard checked
+        from data_pipeline import storage
+        from data_pipeline.manifest import dataset_root
+        from data_pipeline.mds_reader import ShardError, SourceShards
+
+        bad = 0
+        for name, src in m["sources"].items():
+            try:
+                SourceShards(storage.join(dataset_root(path), src["dir"])).verify()
+            except ShardError as e:
+                print(f"CORRUPT {name}: {e}")
+                bad += 1
+        print(f"{len(m['sources']) - bad}/{len(m['sources'])} sources OK")
+        return 1 if bad else 0
     bad = 0
     for s in m["shards"]:
         f = path.parent / "shards" / s["file"]
