@@ -102,6 +102,7 @@ class Loader:
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.fingerprint = m["fingerprint"]
+        self.vocab_size = int(m.get("vocab_size", 0))
         root = dataset_root(self.manifest_path)
         dirs = [storage.join(root, m["sources"][n]["dir"]) for n in self.names]
         self.sources = [SourceShards(d, self.cfg.cache_shards, cache_dir, cache_limit_bytes) for d in dirs]

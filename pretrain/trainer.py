@@ -185,6 +185,12 @@ class Trainer:
             if not d.dataset:
                 raise
             raise ConfigError(f"data.dataset={d.dataset}: {e}") from e
+        if d.dataset:
+            vocab = self.loader.vocab_size
+            if vocab > self.cfg.model.vocab_size:
+                raise ConfigError(f"data.dataset={d.dataset} has token ids up to vocabulary {vocab} > model.vocab_size "
+                                  f"{self.cfg.model.vocab_size}; set model.vocab_size={vocab} or use a dataset built for "
+                                  "this vocabulary")
         if state is not None:
             self.loader.load_state_dict(state)
         self._it = iter(self.loader)

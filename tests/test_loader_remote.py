@@ -177,3 +177,16 @@ def test_verify_cli_names_the_corrupt_object(local_ds, s3_server, tmp_path):
     storage.write_bytes(victim, storage.read_bytes(victim)[:-7])
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and f"{victim}: corrupt MDS shard" in bad.stdout
+
+
+def test_trainer_data_keys_are_typed_and_checked():
+    from pretrain.config import ConfigError, load_config
+
+    cfg = load_config("tiny", ["data.dataset=s3://bucket/ds", "data.cache_dir=/tmp/c", "data.prefetch=2",
+                               "data.cache_limit_gb=0.5"])
+    assert (cfg.data.dataset, cfg.data.cache_dir, cfg.data.prefetch, cfg.data.cache_limit_gb) == (
+        "s3://bucket/ds", "/tmp/c", 2, 0.5)
+    with pytest.raises(ConfigError, match="data.prefetch=-1 must be >= 0"):
+        load_config("tiny", ["data.prefetch=-1"])
+    with pytest.raises(ConfigError, match="did you mean 'cache_limit_gb'"):
+        load_config("tiny", ["data.cache_limt_gb=3"])
