@@ -56,12 +56,15 @@ def _moto_server() -> str:
 
 
 @contextlib.contextmanager
-def local_s3_server() -> Iterator[S3Server]:
+def local_s3_server(enforce_auth: bool = False) -> Iterator[S3Server]:
+    """The server; ``enforce_auth``: moto checks credentials (``INITIAL_NO_AUTH_ACTION_COUNT=0``), so the dummy
+    ones are refused with AccessDenied/InvalidAccessKeyId (no bucket is created then)."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log_file = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
+    env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if enforce_auth else {})}
     proc = subprocess.Popen([_moto_server(), "-H", "127.0.0.1", "-p", str(port)], stdout=log_file,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     saved = {k: os.environ.get(k) for k in AWS_VARS}
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -83,8 +86,9 @@ def local_s3_server() -> Iterator[S3Server]:
         bucket = "test-" + uuid.uuid4().hex[:12]
         from data_pipeline import storage
 
-        fs, _ = storage.filesystem(f"s3://{bucket}")
-        fs.mkdir(bucket)
+        if not enforce_auth:
+            fs, _ = storage.filesystem(f"s3://{bucket}")
+            fs.mkdir(bucket)
         yield S3Server(endpoint, bucket, proc.pid, secret)
     finally:
         for k, v in saved.items():

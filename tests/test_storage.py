@@ -121,6 +121,25 @@ def test_missing_bucket_names_it(s3_server):
         storage.read_json(url)
 
 
+def test_access_denied_names_url_and_fix(s3_server):
+    """A server that checks credentials (moto with auth on) refuses the dummy ones: AccessDenied names the URL and
+    what to change, for reads, writes and listings; the manifest reader passes it on."""
+    from s3_server import local_s3_server
+
+    from data_pipeline.manifest import ManifestError, read_manifest
+
+    with local_s3_server(enforce_auth=True) as strict:
+        url = f"{strict.url}/ds"
+        for op, fn in (("read", lambda: storage.read_bytes(url + "/x.bin")),
+                       ("write", lambda: storage.write_bytes(url + "/x.bin", b"1")),
+                       ("list", lambda: storage.list_files(url))):
+            with pytest.raises(storage.AccessDenied, match=rf"{url}.*: access denied \({op}\).*AWS_ACCESS_KEY_ID"):
+                fn()
+        with pytest.raises(ManifestError, match=f"{url}/manifest.json: access denied"):
+            read_manifest(url)
+    assert os.environ["AWS_ENDPOINT_URL"] == s3_server.endpoint      # the session server's settings are back
+
+
 def test_unreachable_endpoint_and_credentials_never_shown(s3_server, monkeypatch, caplog):
     """A dead endpoint fails fast (AWS_MAX_ATTEMPTS=1) naming the URL and the variable to fix; nothing this
     module logs or raises contains the secret key (or the access key id) in use."""
