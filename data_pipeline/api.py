@@ -22,6 +22,7 @@ from pathlib import Path
 from data_pipeline.config import LoaderConfig, load_mixture, settings_key
 from data_pipeline.loader import Loader
 from data_pipeline.manifest import MANIFEST, ManifestError, read_manifest
+from data_pipeline.mds_reader import DEFAULT_CACHE_LIMIT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +87,16 @@ def ensure_dataset(shards_dir: str, mixture: str, vocab_size: int, seq_len: int,
 
 def build_loader(manifest_or_dir: str | Path, mixture: str | dict | None, seq_len: int, global_batch: int,
                  micro_batch: int, dp_rank: int, dp_size: int, seed: int,
-                 loader_cfg: LoaderConfig | None = None) -> Loader:
+                 loader_cfg: LoaderConfig | None = None, prefetch: int = 0, cache_dir: str | Path | None = None,
+                 cache_limit_bytes: int | None = DEFAULT_CACHE_LIMIT_BYTES) -> Loader:
     """This rank's micro-batch iterator (see :mod:`data_pipeline.loader` for the order and resume rules).
 
-    ``mixture``: the mixture YAML (its weights and ``loader`` section), a ``{source: weight}`` dict, or None
-    for the weights the dataset was built with."""
-    return Loader(manifest_or_dir, mixture, seq_len, global_batch, micro_batch, dp_rank, dp_size, seed, loader_cfg)
+    ``manifest_or_dir``: a local dataset or an object-store URL (``s3://bucket/ds``). ``mixture``: the mixture
+    YAML (its weights and ``loader`` section), a ``{source: weight}`` dict, or None for the weights the dataset
+    was built with. ``prefetch``: micro-batches read ahead by a background thread (0 = off; same batches either
+    way). ``cache_dir`` / ``cache_limit_bytes``: the local cache of remote shards (None = read into memory)."""
+    return Loader(manifest_or_dir, mixture, seq_len, global_batch, micro_batch, dp_rank, dp_size, seed, loader_cfg,
+                  prefetch=prefetch, cache_dir=cache_dir, cache_limit_bytes=cache_limit_bytes)
 
 
 def load_tokenizer(manifest: str | Path):
@@ -99,7 +104,17 @@ def load_tokenizer(manifest: str | Path):
     from data_pipeline.tokenizer import load
 
     path, m = read_manifest(manifest)
-    return load(path.parent / m["tokenizer"])
+    from data_pipeline import storage
+    from data_pipeline.manifest import dataset_root
+
+    url = storage.join(dataset_root(path), m["tokenizer"])
+    if not storage.is_remote(url):
+        return load(url)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.download_file(url, Path(tmp) / "tokenizer.json")
+        return load(Path(tmp) / "tokenizer.json")
 
 
 def special_tokens(manifest: str | Path) -> dict[str, int]:

@@ -80,11 +80,11 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from data_pipeline.manifest import read_manifest
+    from data_pipeline.manifest import dataset_root, read_manifest
     from data_pipeline.mds_reader import ShardError, SourceShards
 
     path, m = read_manifest(args.manifest)
-    root = str(path).rsplit("/", 1)[0]
+    root = dataset_root(path)
     bad = checked = 0
     for split in ("sources", "validation"):
         for name, entry in m.get(split, {}).items():

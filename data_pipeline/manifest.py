@@ -17,12 +17,17 @@
 
 No per-shard or per-document list: a manifest stays small at any corpus size, and a trainer rank reads it,
 each source's ``parts.json`` and then only the part indexes and shards it samples from.
+
+The dataset may live in a local directory or at an object-store URL: ``read_manifest`` and ``write_manifest``
+take both.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+from data_pipeline import storage
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
@@ -32,28 +37,43 @@ class ManifestError(ValueError):
     pass
 
 
-def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> str:
-    """Write ``<out_dir>/manifest.json`` atomically (the last file of a build: its presence means done)."""
-    from data_pipeline import storage
+def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path | str:
+    """Write ``<out_dir>/manifest.json`` atomically (a local directory or an object-store URL); returns its
+    path (a ``Path``) or URL (a ``str``)."""
+    path = storage.join(out_dir, MANIFEST)
+    storage.write_json(path, manifest, indent=1)
+    return path if storage.is_remote(path) else Path(path)
 
-    url = storage.join(out_dir, MANIFEST)
-    storage.write_json(url, manifest, indent=1)
-    return url
+
+def dataset_root(manifest_path: str | Path) -> str:
+    """The dataset directory / URL holding ``manifest_path`` (the base of its relative ``dir`` entries)."""
+    return storage.dirname(manifest_path)
 
 
-def read_manifest(manifest_or_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    path = Path(manifest_or_dir)
-    if path.is_dir():
-        path = path / MANIFEST
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found; build the dataset with `python -m data_pipeline run "
-                            "--mixture ... --output DIR` or data_pipeline.api.ensure_dataset")
+def read_manifest(manifest_or_dir: str | Path) -> tuple[Path | str, dict[str, Any]]:
+    """(path, manifest) of a dataset, from its directory / URL or its ``manifest.json``. The path is a ``Path``
+    for a local dataset and the URL (``str``) for an object-store one (``s3://bucket/ds/manifest.json``)."""
+    where = str(manifest_or_dir)
+    if storage.is_remote(where):
+        path: Path | str = where if where.rstrip("/").endswith("/" + MANIFEST) else storage.join(where, MANIFEST)
+    else:
+        path = Path(where)
+        if path.is_dir():
+            path = path / MANIFEST
+    shown = storage.redact(path)
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: corrupt manifest ({e}); delete the directory and rebuild") from e
+        raw = storage.read_bytes(path)
+    except storage.ObjectNotFound as e:
+        raise ManifestError(f"{shown}: manifest not found; build the dataset with `python -m data_pipeline run "
+                            "--mixture ... --output DIR` or data_pipeline.api.ensure_dataset") from e
+    except storage.StorageError as e:
+        raise ManifestError(f"{e} (reading the dataset manifest)") from e
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{shown}: corrupt manifest ({e}); delete the directory and rebuild") from e
     if manifest.get("version") != MANIFEST_VERSION:
-        raise ManifestError(f"{path}: manifest version {manifest.get('version')} != {MANIFEST_VERSION}; rebuild")
+        raise ManifestError(f"{shown}: manifest version {manifest.get('version')} != {MANIFEST_VERSION}; rebuild")
     return path, manifest
 
 
