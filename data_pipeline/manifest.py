@@ -3,7 +3,8 @@
 ``manifest.json`` keys (an interface the trainer and ``ensure_dataset`` rely on):
 
 - ``version`` (2), ``name``, ``fingerprint`` (hash of every setting the shards depend on: the loader checks
-  it on resume), ``created``, ``seconds``, ``stage_keys`` (the cache key of each stage's work directory)
+  it on resume), ``created``, ``seconds``, ``stage_keys`` (each stage's cache key), ``stage_dirs``
+  (each stage's directory under the work dir)
 - ``seq_len``, ``sample_len`` (= seq_len + 1), ``vocab_size``, ``tokenizer`` (path relative to the manifest),
   ``special_tokens`` ``{pad, bos, eos}`` (ids)
 - ``sources``: name -> ``{dir, weight, documents, tokens, samples, parts, dropped_tokens, bytes}``; the

@@ -97,11 +97,13 @@ class Build:
         self.work = str(work) if work else storage.join(self.out, "work")
         self.runner = runner or Runner()
         self.settings = cfg.stage_settings()
+        self.dirs: dict[str, str] = {}           # stage -> its directory name under the work dir
         storage.makedirs(self.out)
 
     def stage_url(self, name: str, *keys: Any) -> tuple[str, str]:
         key = settings_key(list(keys))
-        return key, storage.join(self.work, f"{name}-{key}")
+        self.dirs[name] = f"{name}-{key}"
+        return key, storage.join(self.work, self.dirs[name])
 
     # -------------------------------------------------------------------- stages
     def docs(self, files: list[dict[str, Any]]):
@@ -136,6 +138,7 @@ class Build:
         key = settings_key([docs_key, self.settings["dedup"]])          # what later stages depend on
         _, url = self.stage_url("dedup", key, {k: getattr(d, k) for k in DEDUP_PARALLELISM if hasattr(d, k)})
         stats = dedup_stage(self.runner, sorted(docs_urls.items()), url, d)
+        self.dirs["dedup"] = storage.basename(url)
         return key, {k: storage.join(url, "removed", part_name(k, "npy")) for k in docs_urls}, stats
 
     def tokenizer(self, dedup_key: str, docs_urls, removed, docs_rows) -> tuple[str, str]:
@@ -275,6 +278,7 @@ def run_pipeline(cfg: MixtureConfig, out_dir: str | Path, work_dir: str | Path |
                    "validation": sum(s["documents"] for s in val.values())},
         "stages": [r.row() for r in b.runner.runs], "seconds": round(time.time() - t0, 3),
         "stage_keys": {"docs": docs_key, "dedup": dedup_key, "tokenizer": tok_key, "pack": pack_key},
+        "stage_dirs": dict(sorted(b.dirs.items())),
         "mixture": cfg.to_dict(),
     }
     write_report(b.out, manifest)

@@ -95,7 +95,7 @@ def test_manifest_counts_quarantine_and_dedup(built):
     assert m["counts"]["quarantine"] == {"malformed_json": 1, "missing_text_field": 1}
     q = [json.loads(x) for x in (root / "quarantine.jsonl").read_text().splitlines()]
     assert {r["location"] for r in q} == {"plays.jsonl.gz:6", "plays.jsonl.gz:10"}
-    removed = _removed_ids(root.parent / "work", m["stage_keys"])
+    removed = _removed_ids(root.parent / "work", m["stage_dirs"])
     for rid, d in (("copy-a", dups[0]), ("copy-b", dups[1]), ("near-c", dups[2])):
         # the copy comes later in the file than its original: the original survives (minimum doc id)
         assert removed.get(rid) == scenes[d]["id"], (rid, removed.get(rid))
@@ -109,16 +109,16 @@ def test_manifest_counts_quarantine_and_dedup(built):
     assert main(["verify", "--manifest", str(manifest_path)]) == 0
 
 
-def _removed_ids(work: Path, keys: dict[str, str]) -> dict[str, str]:
+def _removed_ids(work: Path, dirs: dict[str, str]) -> dict[str, str]:
     """{removed document's id: its survivor's id} from the dedup stage's removal lists and the docs partitions."""
     from data_pipeline.stages import read_docs
 
     names: dict[int, str] = {}
-    for f in sorted((work / f"docs-{keys['docs']}" / "docs").glob("*.parquet")):
+    for f in sorted((work / dirs["docs"] / "docs").glob("*.parquet")):
         d = read_docs(str(f), ["doc_id", "id"])
         names.update(zip(d["doc_id"].tolist(), d["id"].tolist()))
     out = {}
-    for f in sorted((work / f"dedup-{keys['dedup']}" / "removed").glob("*.npy")):
+    for f in sorted((work / dirs["dedup"] / "removed").glob("*.npy")):
         for doc, kept in np.load(f):
             out[names[int(doc)]] = names[int(kept)]
     return out
