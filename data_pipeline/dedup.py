@@ -35,13 +35,13 @@ DOC_COLUMNS = ("id", "text", "source", "nbytes", "loc")
 
 
 @functools.lru_cache(maxsize=4)
-def _hasher(ngram: int, bands: int, rows: int, seed: int) -> MinHasher:
-    return MinHasher(ngram, bands, rows, seed)
+def _hasher(ngram: int, bands: int, rows: int, seed: int, char_ngram: int) -> MinHasher:
+    return MinHasher(ngram, bands, rows, seed, char_ngram=char_ngram)
 
 
 def bucket_batch(batch: dict[str, np.ndarray], cfg: DedupConfig) -> dict[str, np.ndarray]:
     """Ray UDF: bucket rows {id, bucket, kind} of a batch of documents."""
-    hasher = _hasher(cfg.ngram, cfg.bands, cfg.rows, cfg.seed)
+    hasher = _hasher(cfg.ngram, cfg.bands, cfg.rows, cfg.seed, cfg.char_ngram)
     ids, buckets, kinds = [], [], []
     for doc_id, text in zip(batch["id"], batch["text"]):
         if cfg.exact:
