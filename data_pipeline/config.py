@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,7 +271,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:   # Optional[X] and X | None
         if value is None and type(None) in args:
             return None
         tp = next(a for a in args if a is not type(None))

@@ -6,7 +6,7 @@ deterministically (``seed``) into paragraph-like documents and returns every doc
 truth:
 
 - ``unique``: a document of 6-12 sentences in 1-3 paragraphs. Any two documents of one language are
-  *unrelated*: they share at most a third of their sentences (sentence-set Jaccard <= 1/3, enforced by
+  *unrelated*: they share at most a quarter of their sentences (sentence-set Jaccard <= 1/4, enforced by
   rejection), which keeps their shingle Jaccard near 0.2 at most, far below the LSH threshold.
 - ``base``: a unique document that has a planted partner (``exact`` or ``near``); ``base`` names it.
 - ``exact``: a byte-identical copy of its base (under another id and url).
@@ -569,9 +569,9 @@ def make_corpus(docs_per_language: int = 180, languages: tuple[str, ...] = LANGU
             raise ValueError(f"{docs_per_language} documents leave {n_bases} bases for {n_exact + n_near} copies")
         chosen: list[frozenset[int]] = []
         bases: list[list[str]] = []
-        limit = 1 / 3
+        limit = 0.25
         while len(bases) < n_bases:
-            for _ in range(5000):
+            for _ in range(2000):
                 idx = rng.permutation(len(lang.sentences))[:int(rng.integers(6, 13))].tolist()
                 s = frozenset(idx)
                 if all(len(s & o) <= limit * len(s | o) for o in chosen):
