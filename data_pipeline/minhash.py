@@ -21,12 +21,12 @@ P(sig_j equal) ~= J. LSH splits the signature into b bands of r rows; band t's k
 xxh64(t || sig_{tr..tr+r-1}). Two documents collide in at least one band with probability
 P(J) = 1 - (1 - J^r)^b (14 x 8: P(0.9) = 0.9999, P(0.8) = 0.924, P(0.5) = 0.053).
 
-Why 5 characters for spaceless scripts: a Chinese word is 1.5-2 characters and a Japanese one 2-3, so a
-character 5-gram spans 2-3 words, a little shorter than a word 5-gram. Shorter n-grams make an edit cost
-fewer shingles (one substituted character changes at most n of them), so lightly edited copies keep a
-high J, while unrelated documents still share almost no 5-character sequence: on the multilingual test
-corpus (data_pipeline.multilingual_corpus), unrelated zh/ja documents have J < 0.3 and planted
-near-duplicates land at J = 0.8-0.95 with a handful of character edits, as word 5-grams do in English.
+Why 5 characters for spaceless scripts (``DedupConfig.char_ngram``): it makes J mean the same edit density
+in every script. Substituting 2% of the tokens at random gives J = 0.83 on Chinese and Japanese documents
+with character 5-grams and J = 0.85 on English with word 5-grams (multilingual test corpus); character
+3-grams would give 0.89 (near-duplicates found at heavier edits than in English) and 8-grams 0.74 (lighter).
+A 5-character window spans 2-3 Chinese or Japanese words, specific enough that documents sharing no
+passage share almost no shingle.
 """
 from __future__ import annotations
 
