@@ -141,6 +141,16 @@ def write_report(out_dir: str | Path, manifest: dict[str, Any]) -> str:
         lines.append(f"| clean | {reason} | {n} |")
     lines.append(f"| dedup | exact | {counts['dedup'].get('exact', 0)} |")
     lines.append(f"| dedup | near (MinHash) | {counts['dedup'].get('near', 0)} |")
+    per = counts.get("per_source", {})
+    if any(e.get("decontam_removed") or e.get("decontam_tagged") for e in per.values()):
+        lines += ["", "## Decontamination", "", "| source | removed | tagged |", "|---|---:|---:|"]
+        lines += [f"| {n} | {e['decontam_removed']} | {e['decontam_tagged']} |" for n, e in per.items()]
+    meta = manifest.get("metadata", {})
+    if meta:
+        lines += ["", "## Metadata (kept documents)", "", "| field | present | top domains |", "|---|---:|---|"]
+        for name, e in meta.items():
+            top = ", ".join(f"{h} ({n})" for h, n in list(e.get("top_domains", {}).items())[:5])
+            lines.append(f"| {name} | {e['present']} | {top} |")
     parts = sum(s["parts"] for s in sources.values())
     mb = sum(s["bytes"] for s in sources.values()) / 1e6
     lines += ["", f"{parts} parts, {mb:.2f} MB of shards (xxh64 per shard in each part's index.json).", ""]

@@ -262,6 +262,14 @@ def run_pipeline(cfg: MixtureConfig, out_dir: str | Path, work_dir: str | Path |
             e["documents"] += n
             e["tokens"] += t
     ingested = sum(r["ingested"] for r in docs_rows)
+    per_source: dict[str, dict[str, Any]] = {}
+    for f, r in zip(files, docs_rows):
+        e = per_source.setdefault(f["source"], {"ingested": 0, "kept": 0, "decontam_removed": 0,
+                                                "decontam_tagged": 0})
+        e["ingested"] += r["ingested"]
+        e["kept"] += r["documents"]
+        e["decontam_removed"] += r["filtered"].get("decontam", 0)
+        e["decontam_tagged"] += r.get("decontam_tagged", 0)
     quarantine = _merge_counts(docs_rows, "quarantine")
     manifest = {
         "version": MANIFEST_VERSION, "name": cfg.name, "fingerprint": pack_key,
@@ -275,7 +283,8 @@ def run_pipeline(cfg: MixtureConfig, out_dir: str | Path, work_dir: str | Path |
                    "quarantine": quarantine, "clean": _merge_counts(docs_rows, "filtered"),
                    "dedup": {k: v for k, v in dstats.items() if isinstance(v, int)},
                    "kept": sum(s["documents"] for s in sources.values()),
-                   "validation": sum(s["documents"] for s in val.values())},
+                   "validation": sum(s["documents"] for s in val.values()), "per_source": per_source},
+        "metadata": _merge_metadata(docs_rows),
         "stages": [r.row() for r in b.runner.runs], "seconds": round(time.time() - t0, 3),
         "stage_keys": {"docs": docs_key, "dedup": dedup_key, "tokenizer": tok_key, "pack": pack_key},
         "stage_dirs": dict(sorted(b.dirs.items())),
@@ -283,6 +292,23 @@ def run_pipeline(cfg: MixtureConfig, out_dir: str | Path, work_dir: str | Path |
     }
     write_report(b.out, manifest)
     return write_manifest(b.out, manifest)
+
+
+def _merge_metadata(rows: list[dict]) -> dict[str, Any]:
+    from data_pipeline.stages import TOP_DOMAINS
+
+    out: dict[str, Any] = {}
+    for r in rows:
+        for name, e in r.get("metadata", {}).items():
+            acc = out.setdefault(name, {"present": 0})
+            acc["present"] += e["present"]
+            for host, n in e.get("top_domains", {}).items():
+                acc.setdefault("top_domains", {})[host] = acc.get("top_domains", {}).get(host, 0) + n
+    for acc in out.values():
+        if "top_domains" in acc:
+            top = sorted(acc["top_domains"].items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_DOMAINS]
+            acc["top_domains"] = dict(top)
+    return out
 
 
 def filter_task(docs_url: str, removed_url: str | None, kept_url: str, removed_out: str) -> dict[str, Any]:
@@ -317,7 +343,7 @@ def run_dedup(input_path: str, out_dir: str | Path, dcfg: DedupConfig, text_fiel
     t0 = time.time()
     cfg = MixtureConfig(name="dedup", sources=[SourceConfig(name="input", input=SourceInput(
         kind="jsonl", path=str(input_path), text_field=text_field, id_field=id_field))],
-        clean=CleanConfig(enabled=False), dedup=dcfg)
+        clean=CleanConfig(enabled=False, langid=False), dedup=dcfg)
     b = Build(cfg, str(out_dir), None, runner)
     files = list_inputs(cfg, b.work)
     docs_key, docs_urls, docs_rows = b.docs(files)

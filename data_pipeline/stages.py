@@ -8,7 +8,8 @@ applied by :func:`tokens_task` to each partition in its own order.
 Partition files (``<stage>/<name>/<key:010d>.<ext>``, key = :func:`~data_pipeline.doc_ids.partition_key`):
 
 - ``docs``: Parquet ``doc_id`` uint64 (ascending), ``id``, ``text`` (normalised), ``loc``, ``lang``,
-  ``nbytes`` (UTF-8 bytes as ingested), ``meta_<field>`` strings; ``quarantine/<key>.jsonl`` bad input.
+  ``nbytes`` (UTF-8 bytes as ingested), ``contaminated`` (decontamination in ``tag`` mode), ``meta_<field>``
+  strings; ``quarantine/<key>.jsonl`` bad input.
 - ``tokens``: ``.npz`` with ``train_tokens`` / ``val_tokens`` int32 (documents concatenated, no special
   tokens), ``train_lens`` / ``val_lens`` int32 (tokens per document) and ``train_langs`` / ``val_langs``.
 - ``sample``: ``.jsonl`` texts drawn for the tokenizer (about ``sample_bytes`` over the whole corpus).
@@ -41,37 +42,32 @@ def part_name(key: int, ext: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ ingest + clean
-def _cleaner(cfg: CleanConfig, languages: tuple[str, ...]):
-    """text -> (normalised text, removal reason or "", language) with the configured rules."""
-    document = getattr(clean, "clean_document", None)
-    if document is not None:
-        def run(text: str) -> tuple[str, str, str]:
-            r = document(text, cfg, languages)
-            return r.text, r.reason, r.lang
-        return run
+class _Checks:
+    """Metadata filters and decontamination of one docs task (built once per worker process)."""
 
-    def legacy(text: str) -> tuple[str, str, str]:
-        if not cfg.enabled:
-            return text, "", "und"
-        t = clean.normalize(text, cfg.unicode_form)
-        return t, clean.quality_reason(t, cfg), "und"
-    return legacy
+    def __init__(self, settings: dict[str, Any]):
+        self.filter = None
+        fcfg = settings.get("filters")
+        if fcfg is not None:
+            from data_pipeline.filters import MetadataFilter
 
+            flt = MetadataFilter(fcfg)
+            self.filter = flt if flt.active else None
+        dcfg = settings.get("decontam")
+        self.decontam = _decontaminator(json.dumps(dataclasses.asdict(dcfg), sort_keys=True)) if (
+            dcfg is not None and dcfg.files) else None
+        self.min_matches = dcfg.min_matches if dcfg is not None else 1
+        self.tag_only = dcfg is not None and dcfg.mode == "tag"
 
-def _doc_filters(settings: dict[str, Any]):
-    """Metadata filters and decontamination built once per task from the stage settings (optional modules)."""
-    checks = []
-    fcfg = settings.get("filters")
-    if fcfg:
-        from data_pipeline import filters
-
-        flt = filters.MetadataFilter(fcfg)
-        checks.append(lambda text, meta: flt.reason(meta))
-    dcfg = settings.get("decontam")
-    if dcfg and dcfg.files:
-        dec = _decontaminator(json.dumps(dataclasses.asdict(dcfg), sort_keys=True))
-        checks.append(lambda text, meta: "decontam" if dec.matches(text) >= dcfg.min_matches else "")
-    return checks
+    def reason(self, text: str, meta: dict[str, str]) -> tuple[str, bool]:
+        """(removal reason or "", contaminated) of one cleaned document."""
+        if self.filter is not None:
+            why = self.filter.reason(meta)
+            if why:
+                return why, False
+        if self.decontam is not None and self.decontam.matches(text) >= self.min_matches:
+            return ("", True) if self.tag_only else ("decontam", True)
+        return "", False
 
 
 @functools.lru_cache(maxsize=2)
@@ -90,15 +86,15 @@ def docs_task(file: dict[str, Any], out_url: str, quarantine_url: str, clean_cfg
     import pyarrow.parquet as pq
 
     key = file["partition"]
-    cleaner = _cleaner(clean_cfg, tuple(languages))
-    checks = _doc_filters(settings or {})
+    languages = tuple(languages)
+    checks = _Checks(settings or {})
     meta_cols = [f"meta_{m}" for m in file.get("metadata_fields", [])]
-    columns: dict[str, list] = {c: [] for c in (*DOC_COLUMNS, *meta_cols)}
+    columns: dict[str, list] = {c: [] for c in (*DOC_COLUMNS, "contaminated", *meta_cols)}
     quarantine: list[str] = []
     reasons: dict[str, int] = {}
     bad: dict[str, int] = {}
     langs: dict[str, int] = {}
-    row = ingested = in_bytes = kept_bytes = 0
+    row = ingested = in_bytes = kept_bytes = tagged = 0
     for batch in read_file(file["path"], file["source"], file["base"], file["kind"], file["text_field"],
                            file["id_field"], tuple(file.get("metadata_fields", []))):
         for i in range(len(batch["id"])):
@@ -114,16 +110,16 @@ def docs_task(file: dict[str, Any], out_url: str, quarantine_url: str, clean_cfg
             in_bytes += nbytes
             doc_row = row
             row += 1
-            text, why, lang = cleaner(raw)
-            meta = {c[5:]: batch[c][i] for c in meta_cols}
-            for check in checks:
-                if why:
-                    break
-                why = check(text, meta)
+            r = clean.clean_document(raw, clean_cfg, languages)
+            text, why, lang, contaminated = r.text, r.reason, r.lang or "und", False
+            if not why:
+                why, contaminated = checks.reason(text, {c[5:]: batch[c][i] for c in meta_cols})
             if why:
                 reasons[why] = reasons.get(why, 0) + 1
                 continue
             langs[lang] = langs.get(lang, 0) + 1
+            tagged += contaminated
+            columns["contaminated"].append(contaminated)
             kept_bytes += len(text.encode("utf-8", "surrogatepass"))
             for c, v in (("doc_id", doc_row), ("id", batch["id"][i]), ("text", text), ("loc", batch["loc"][i]),
                          ("lang", lang), ("nbytes", nbytes)):
@@ -131,9 +127,11 @@ def docs_task(file: dict[str, Any], out_url: str, quarantine_url: str, clean_cfg
             for c in meta_cols:
                 columns[c].append(batch[c][i])
     ids = make_doc_ids(key, np.asarray(columns["doc_id"], dtype=np.uint64))
+    metadata = _metadata_summary(columns, meta_cols)
     table = pa.table({"doc_id": pa.array(ids, pa.uint64()), "id": pa.array(columns["id"], pa.string()),
                       "text": pa.array(columns["text"], pa.string()), "loc": pa.array(columns["loc"], pa.string()),
                       "lang": pa.array(columns["lang"], pa.string()), "nbytes": pa.array(columns["nbytes"], pa.int64()),
+                      "contaminated": pa.array(columns["contaminated"], pa.bool_()),
                       **{c: pa.array(columns[c], pa.string()) for c in meta_cols}})
     with storage.staged_file(out_url, ".parquet") as local:
         pq.write_table(table, local, compression="zstd", row_group_size=4096)
@@ -141,7 +139,27 @@ def docs_task(file: dict[str, Any], out_url: str, quarantine_url: str, clean_cfg
         storage.write_bytes(quarantine_url, ("\n".join(quarantine) + "\n").encode("utf-8"))
     return {"documents": len(ids), "bytes": in_bytes, "ingested": ingested, "kept_bytes": kept_bytes,
             "quarantine": dict(sorted(bad.items())), "filtered": dict(sorted(reasons.items())),
-            "languages": dict(sorted(langs.items()))}
+            "languages": dict(sorted(langs.items())), "decontam_tagged": tagged, "metadata": metadata}
+
+
+TOP_DOMAINS = 20
+
+
+def _metadata_summary(columns: dict[str, list], meta_cols: list[str]) -> dict[str, Any]:
+    """Per metadata field of the kept documents: how many have it, and for URL fields the top domains."""
+    from collections import Counter
+
+    from data_pipeline.filters import split_url
+
+    out: dict[str, Any] = {}
+    for c in meta_cols:
+        values = [v for v in columns[c] if v]
+        entry: dict[str, Any] = {"present": len(values)}
+        if values and all(v.startswith(("http://", "https://")) for v in values[:100]):
+            hosts = Counter(split_url(v)[0] for v in values)
+            entry["top_domains"] = dict(sorted(hosts.most_common(TOP_DOMAINS)))
+        out[c[5:]] = entry
+    return out
 
 
 def read_docs(url: str, columns: list[str]) -> dict[str, np.ndarray]:

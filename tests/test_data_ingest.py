@@ -112,3 +112,36 @@ def test_parquet_and_datasets_inputs(tmp_path):
     assert by_source["disk"] == sorted(texts[10:20]) and by_source["files"] == sorted(texts[20:])
     assert {r["id"] for r in rows if r["source"] == "pq"} >= {f"p{i}" for i in range(10)}
     assert quarantine == {"missing_text_field": 1}       # the null text in nulls.parquet
+
+
+def test_docs_stage_carries_metadata_and_applies_filters_and_decontamination(tmp_path):
+    """Planted cases through the docs stage: a blocklisted domain and a subdomain of it are removed
+    (blocked_domain), a document quoting an evaluation text is removed (decontam), the rest keep their url
+    and date as metadata columns; counts per reason and per source land in the summaries."""
+    from data_pipeline.config import DecontamConfig, MetadataFilterConfig
+    from data_pipeline.embedded_corpus import shakespeare_documents
+
+    rng = np.random.default_rng()
+    scenes = [d["text"] for d in shakespeare_documents()]
+    picked = [scenes[i] for i in rng.choice(len(scenes), size=12, replace=False)]
+    eval_text = " ".join(picked[0].split()[200:260])              # 60 words of one scene
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"text": eval_text}) + "\n")
+    hosts = ["example.org", "spam.test", "www.spam.test", "example.org", "news.example.com"] + ["example.org"] * 7
+    lines = [json.dumps({"id": f"d{i}", "text": t, "url": f"https://{h}/p/{i}", "date": f"2024-0{1 + i % 9}-01"})
+             for i, (t, h) in enumerate(zip(picked, hosts))]
+    (tmp_path / "web").mkdir()
+    (tmp_path / "web" / "a.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = MixtureConfig(
+        sources=[SourceConfig(name="web", input=SourceInput(kind="jsonl", path=str(tmp_path / "web"),
+                                                            metadata_fields=["url", "date"]))],
+        clean=CleanConfig(enabled=False, langid=False),
+        filters=MetadataFilterConfig(blocklist=["spam.test"]),
+        decontam=DecontamConfig(files=[str(tmp_path / "eval.jsonl")]))
+    b = Build(cfg, str(tmp_path / "out"), None, Runner(use_ray=False))
+    _, urls, rows = b.docs(list_inputs(cfg, b.work))
+    assert rows[0]["filtered"] == {"blocked_domain": 2, "decontam": 1}
+    d = read_docs(next(iter(urls.values())), ["id", "meta_url", "meta_date"])
+    kept = set(d["id"])
+    assert kept == {f"d{i}" for i in range(12)} - {"d0", "d1", "d2"}
+    assert all(u.startswith("https://") for u in d["meta_url"]) and all(x.startswith("2024-") for x in d["meta_date"])
+    assert rows[0]["metadata"]["url"]["top_domains"]["example.org"] == 8
