@@ -111,7 +111,9 @@ class Build:
         # the file list, relative to each source's input (a moved corpus or work dir keeps its cache)
         listing = [(f["source"], f["path"][len(f["base"]):] if f["path"].startswith(f["base"]) else f["path"])
                    for f in files]
-        key, url = self.stage_url("docs", self.settings["docs"], listing)
+        # decontamination depends on the evaluation files' contents, not only on their names
+        evals = [settings_key(storage.read_bytes(f).hex()) for f in self.cfg.decontam.files]
+        key, url = self.stage_url("docs", self.settings["docs"], listing, evals)
         by_name = {s.name: s for s in self.cfg.sources}
         tasks = [Task(f"{f['partition']:010d}", {
             "file": f, "out_url": storage.join(url, "docs", part_name(f["partition"], "parquet")),
