@@ -6,8 +6,10 @@ the whole state (config, munge key and socket, spool, logs) in one temp dir. Req
 ``cred_expire=10`` and ``sched_interval=2``. Stopped by PID (reverse order, SIGTERM then SIGKILL).
 
 ``RayCluster``: a head and N worker "nodes" on this host, each a ``ray start --block`` child process with its
-own temp dir, explicit free ports, ``RAY_AUTH_MODE=disabled`` and a bounded object store. Never ``ray stop``
-(it is machine-wide and would kill other Ray sessions on the host); we kill our own processes instead.
+own temp dir, explicit free ports, a bounded object store and Ray's token authentication as the launch files set
+it up (``RAY_AUTH_MODE=token``, a fresh random token in a 0600 file named by ``RAY_AUTH_TOKEN_PATH``; never
+``~/.ray/auth_token``). Never ``ray stop`` (it is machine-wide and would kill other Ray sessions on the host); we
+kill our own processes instead.
 
 Every process we start carries ``V4_CLUSTER_TAG=<unique id>`` in its environment. Daemons and job processes
 inherit it (Slurm jobs get the submitter's environment, Ray's daemons and workers get the starter's), also
@@ -376,6 +378,40 @@ class SlurmCluster:
 
 
 # ---------------------------------------------------------------------------------------------- Ray
+RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "V4_RAY_AUTH")
+
+
+def without_ray_auth(env: dict[str, str] | os._Environ) -> dict[str, str]:
+    """``env`` without any Ray auth setting (a client that brings no token)."""
+    return {k: v for k, v in env.items() if k not in RAY_AUTH_VARS}
+
+
+def write_token_file(path: Path) -> Path:
+    """A fresh random token (as Ray's generator makes: 32 random bytes, hex) in ``path`` (0600, directory 0700)."""
+    import secrets
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
+def files_containing(needle: str, roots: Iterable[Path], skip: Iterable[Path] = ()) -> list[Path]:
+    """Every regular file under ``roots`` whose bytes contain ``needle`` (except the ``skip`` files)."""
+    skipped = {Path(p).resolve() for p in skip}
+    data = needle.encode()
+    hits = []
+    for root in roots:
+        for f in ([root] if root.is_file() else sorted(root.rglob("*"))):
+            try:
+                if f.is_file() and not f.is_symlink() and f.resolve() not in skipped and data in f.read_bytes():
+                    hits.append(f)
+            except OSError:
+                continue
+    return hits
+
+
 class RayCluster:
     """A head plus ``workers`` worker nodes on this host, each a ``ray start --block`` child process."""
 
@@ -387,10 +423,16 @@ class RayCluster:
         self.store = object_store_bytes
         self.tag = f"ray-{uuid.uuid4().hex[:12]}"
         self.nodes: list[tuple[str, subprocess.Popen, Path]] = []
-        self.env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-                        PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}", **{TAG_VAR: self.tag})
+        self.token_file = write_token_file(base / "auth" / "token")
+        self.env = dict(without_ray_auth(os.environ), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_file),
+                        RAY_USAGE_STATS_ENABLED="0", PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+                        **{TAG_VAR: self.tag})
         self.env.pop("RAY_ADDRESS", None)
         self._pick_ports()
+
+    @property
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
 
     def _pick_ports(self) -> None:
         # the GCS must not be reused by anything else on the host: every port explicit and free
@@ -540,7 +582,10 @@ __all__ = [
     "SlurmCluster",
     "client",
     "free_ports",
+    "files_containing",
     "kill_tagged",
     "poll",
     "tagged_pids",
+    "without_ray_auth",
+    "write_token_file",
 ]
