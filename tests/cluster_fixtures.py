@@ -412,6 +412,26 @@ def files_containing(needle: str, roots: Iterable[Path], skip: Iterable[Path] = 
     return hits
 
 
+UNAUTHENTICATED_JOB = "touch /tmp/v4-unauthenticated-job-ran"    # what a refused submission would have run
+
+
+def submit_job_http(dashboard: str, headers: dict[str, str]) -> tuple[int | None, str]:
+    """POST a job to a Ray job server's REST API (``/api/jobs/``, what `ray job submit` does) with ``headers``;
+    (HTTP status, body), or (None, reason) when nothing answers on that port."""
+    import urllib.error
+    import urllib.request
+    body = json.dumps({"entrypoint": UNAUTHENTICATED_JOB}).encode()
+    req = urllib.request.Request(f"{dashboard}/api/jobs/", data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        return None, str(e)
+
+
 class RayCluster:
     """A head plus ``workers`` worker nodes on this host, each a ``ray start --block`` child process."""
 
@@ -585,6 +605,7 @@ __all__ = [
     "files_containing",
     "kill_tagged",
     "poll",
+    "submit_job_http",
     "tagged_pids",
     "without_ray_auth",
     "write_token_file",

@@ -24,8 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,12 +32,14 @@ import psutil
 import pytest
 from cluster_fixtures import (
     REPO,
+    UNAUTHENTICATED_JOB,
     VENV_BIN,
     RayCluster,
     client,
     describe,
     files_containing,
     poll,
+    submit_job_http,
     tagged_pids,
     without_ray_auth,
     write_small_mixture,
@@ -112,18 +112,6 @@ def running_task_on(cluster: RayCluster, node: str) -> str:
     return ""
 
 
-def http_submit(cluster: RayCluster, headers: dict[str, str]) -> tuple[int, str]:
-    """POST a job to the job server's REST API (what `ray job submit` does), with ``headers``."""
-    body = json.dumps({"entrypoint": "touch /tmp/v4-unauthenticated-job-ran"}).encode()
-    req = urllib.request.Request(f"{cluster.dashboard}/api/jobs/", data=body, method="POST",
-                                 headers={"Content-Type": "application/json", **headers})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-
-
 CONNECT = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); print('CONNECTED', len(ray.nodes()))"
 RAY_SESSION = ("import ray; from data_pipeline.ray_session import ray_session\n"
                "with ray_session():\n    print('CONNECTED', len(ray.nodes()))")
@@ -131,12 +119,12 @@ RAY_SESSION = ("import ray; from data_pipeline.ray_session import ray_session\n"
 
 def test_ray_cluster_refuses_clients_without_the_token(ray_cluster: RayCluster) -> None:
     # 1. the job server: no token -> 401, a wrong token -> 403, and no job was created either way
-    status, text = http_submit(ray_cluster, {})
+    status, text = submit_job_http(ray_cluster.dashboard, {})
     assert status == 401 and "Missing authentication token" in text, (status, text)
-    status, text = http_submit(ray_cluster, {"Authorization": f"Bearer {uuid.uuid4().hex}"})
+    status, text = submit_job_http(ray_cluster.dashboard, {"Authorization": f"Bearer {uuid.uuid4().hex}"})
     assert status == 403 and "Invalid authentication token" in text, (status, text)
     jobs = client([str(VENV_BIN / "ray"), "job", "list", "--address", ray_cluster.dashboard], ray_cluster.env, 60)
-    assert "v4-unauthenticated-job-ran" not in jobs.stdout, jobs.stdout
+    assert UNAUTHENTICATED_JOB not in jobs.stdout, jobs.stdout
 
     # 2. GCS clients, in parallel (each refusal takes Ray's ~20 s of connection retries): a plain ray.init without
     # any token, and the pipeline's ray_session with a wrong token file (RAY_AUTH_MODE implied by the file)
@@ -218,6 +206,7 @@ def test_the_token_appears_in_no_collected_log(ray_cluster: RayCluster) -> None:
     n_files = sum(1 for r in roots for f in r.rglob("*") if f.is_file())
     assert n_files > 50, n_files                         # the logs are there to be searched
     assert (ray_cluster.base / "client.log").read_text().count("CONNECTED") >= 1
+    assert files_containing(ray_cluster.token, [ray_cluster.token_file]) == [ray_cluster.token_file]   # it finds
     hits = files_containing(ray_cluster.token, roots, skip=[ray_cluster.token_file])
     assert not hits, f"the cluster's token was written to {hits}"
     assert oct(ray_cluster.token_file.stat().st_mode & 0o777) == "0o600"

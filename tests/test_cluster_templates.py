@@ -326,3 +326,20 @@ def lib_script(repo: Path, argv: list[str], env: dict[str, str]) -> subprocess.C
     base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "V4_", "MAKE"))}
     return subprocess.run([str(repo / argv[0]), *argv[1:]], cwd=repo, env={**base, **env}, capture_output=True,
                           text=True, timeout=120, check=False)
+
+
+def test_launch_commands_never_show_object_store_credentials() -> None:
+    """The printed (and, without DRY, submitted) commands carry no AWS_* value; no launch file handles them."""
+    secret = {"AWS_ACCESS_KEY_ID": f"AKIA{os.urandom(8).hex().upper()}", "AWS_SECRET_ACCESS_KEY": os.urandom(20).hex(),
+              "AWS_SESSION_TOKEN": os.urandom(20).hex()}
+    outs = [make("slurm-data", "NODES=2", "OUTPUT=/lustre/v4/shards", "DRY=1", env=secret),
+            make("ray-data", "RAY_ADDRESS=http://head:8265", "OUTPUT=/shared/v4/shards", "DRY=1", env=secret),
+            make("slurm-pretrain", "CONFIG=tiny", "NODES=2", "DRY=1", env=secret),
+            make("ray-up", "DRY=1", env=secret)]
+    for r in outs:
+        assert r.returncode == 0, r.stderr
+        for v in secret.values():
+            assert v not in r.stdout + r.stderr
+    for path in LAUNCH_FILES:
+        code = [ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#")]
+        assert not [ln for ln in code if re.search(r"\$\{?AWS_", ln)], f"{path} handles AWS_* values"
