@@ -132,11 +132,18 @@ def test_ray_cluster_refuses_clients_without_the_token(ray_cluster: RayCluster) 
     no_token_env = dict(without_ray_auth(ray_cluster.env), HOME=str(ray_cluster.base))   # no ~/.ray/auth_token
     wrong_env = dict(no_token_env, RAY_ADDRESS=ray_cluster.address, RAY_AUTH_TOKEN_PATH=str(wrong))
     right_env = dict(wrong_env, RAY_AUTH_TOKEN_PATH=str(ray_cluster.token_file))
+    wait_nodes = [sys.executable, str(REPO / "clusters/ray/wait_nodes.py"), "--address", ray_cluster.address,
+                  "--nodes", "2", "--timeout", "120"]
+    submit_env = dict(wrong_env, RAY_ADDRESS=ray_cluster.dashboard, RAY_BIN=str(VENV_BIN / "ray"),
+                      MIXTURE=str(REPO / "data_pipeline/configs/default_mixture.yaml"), OUTPUT=str(ray_cluster.base))
+    submit_data = [str(REPO / "clusters/ray/submit_data.sh"), "--seq-len", "32", "--vocab-size", "64"]
     runs = {name: subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True)
             for name, argv, env in [("no token", [sys.executable, "-c", CONNECT, ray_cluster.address], no_token_env),
                                     ("wrong token", [sys.executable, "-c", RAY_SESSION], wrong_env),
-                                    ("right token", [sys.executable, "-c", RAY_SESSION], right_env)]}
+                                    ("right token", [sys.executable, "-c", RAY_SESSION], right_env),
+                                    ("wait_nodes, wrong token", wait_nodes, wrong_env),
+                                    ("ray job submit, wrong token", submit_data, submit_env)]}
     out = {}
     for name, p in runs.items():
         try:
@@ -155,6 +162,14 @@ def test_ray_cluster_refuses_clients_without_the_token(ray_cluster: RayCluster) 
     assert "Set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the cluster's token file" in text, text[-3000:]
     rc, text = out["right token"]                       # the control: the same client with the cluster's token
     assert rc == 0 and "CONNECTED 2" in text, text[-3000:]
+    rc, text = out["wait_nodes, wrong token"]           # data.sbatch's wait: stops at once, naming the variable
+    assert rc == 2 and "refused this process's authentication token" in text and "RAY_AUTH_TOKEN_PATH" in text, text
+    rc, text = out["ray job submit, wrong token"]       # `make ray-data`: the job server says 403, nothing runs
+    assert rc != 0 and "Invalid authentication token" in text, text[-3000:]
+    assert f"this client used RAY_AUTH_TOKEN_PATH={wrong}; set RAY_AUTH_TOKEN_PATH to the cluster's token file" \
+        in text, text[-3000:]
+    jobs = client([str(VENV_BIN / "ray"), "job", "list", "--address", ray_cluster.dashboard], ray_cluster.env, 60)
+    assert "-m data_pipeline run" not in jobs.stdout, jobs.stdout
 
 
 def test_ray_data_job_survives_killing_the_worker_raylet(ray_cluster: RayCluster) -> None:

@@ -51,4 +51,12 @@ cmd=("$ray_bin" job submit --address "$address" --runtime-env-json "$runtime_env
 shape_args=$(data_shape_args "$@")
 read -r -a shape <<<"$shape_args"
 cmd+=(-- "${PYTHON:-python}" -m data_pipeline run --mixture "$mixture" --output "$output" "$@" "${shape[@]}")
-run_or_show ray-data "${cmd[@]}"
+rc=0
+run_or_show ray-data "${cmd[@]}" || rc=$?
+if (( rc != 0 )) && [[ ${RAY_AUTH_MODE:-} == token ]]; then
+    used=${RAY_AUTH_TOKEN:+RAY_AUTH_TOKEN (from the environment)}
+    used=${used:-RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-}}
+    echo "[ray-data] failed (status $rc). If the job server refused the token (Unauthorized / Forbidden above):" \
+         "this client used $used; set RAY_AUTH_TOKEN_PATH to the cluster's token file (docs/CLUSTER_SECURITY.md)" >&2
+fi
+exit "$rc"
