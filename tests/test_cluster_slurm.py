@@ -1,4 +1,4 @@
-"""The Slurm launch files on a real one-node Slurm cluster (tests/cluster_fixtures.py; recipe: local-clusters.md).
+"""The Slurm launch files on a real one-node Slurm cluster (tests/cluster_fixtures.py).
 
 In order, sharing one cluster (module scope):
 1. the data job (clusters/slurm/data.sbatch via submit_data.sh) starts Ray inside the allocation with token
