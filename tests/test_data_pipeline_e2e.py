@@ -35,7 +35,7 @@ def _ensure(args: tuple[str, str]) -> tuple[str, float]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", DATA_PIPELINE_PROGRESS="0",
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", DATA_PIPELINE_PROGRESS="0",
                       TOKENIZERS_PARALLELISM="false")
     root = tmp_path_factory.mktemp("e2e")
     rng = np.random.default_rng(41)

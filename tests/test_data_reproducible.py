@@ -63,7 +63,7 @@ def _write_mixture(root: Path) -> Path:
 def _build(mixture: Path, out: Path, hash_seed: int) -> None:
     r = run_command([sys.executable, "-m", "data_pipeline", "run", "--mixture", str(mixture), "--output", str(out)],
                     timeout=300, env={"PYTHONHASHSEED": str(hash_seed), "DATA_PIPELINE_PROGRESS": "0",
-                                      "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"})
+                                      "RAY_USAGE_STATS_ENABLED": "0"})
     assert r.returncode == 0, f"build into {out} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
 
 
