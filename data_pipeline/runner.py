@@ -72,10 +72,11 @@ def _peak_rss_mb() -> float:
 
 
 def _execute(fn: Callable[..., dict], kwargs: dict[str, Any], record_url: str, task_id: str) -> dict:
+    """Run one task and write its completion record (the summary only: records are deterministic too)."""
     summary = dict(fn(**kwargs) or {})
-    summary["peak_rss_mb"] = round(_peak_rss_mb(), 1)     # of the worker process so far (workers are reused)
     storage.write_json(record_url, {"task": task_id, "summary": summary})
-    return summary
+    # the worker process's peak memory so far (workers are reused), for the stage's row; not recorded
+    return {"summary": summary, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
 class _Progress:
@@ -83,6 +84,7 @@ class _Progress:
         self.name, self.total, self.done = name, total, initial
         self.t0 = self.last = time.time()
         self.docs = self.bytes = 0
+        self.rss: list[float] = []
         self.every = float(os.environ.get("DATA_PIPELINE_LOG_EVERY", "30"))
         self.bar = None
         if sys.stderr.isatty() and os.environ.get("DATA_PIPELINE_PROGRESS", "1") != "0":
@@ -165,7 +167,7 @@ class Runner:
         for r in results:
             run.documents += int(r.get("documents", 0))
             run.bytes += int(r.get("bytes", 0))
-            run.worker_peak_rss_mb = max(run.worker_peak_rss_mb, float(r.get("peak_rss_mb", 0.0)))
+        run.worker_peak_rss_mb = max([run.worker_peak_rss_mb, *progress.rss])
         run.seconds = time.time() - t0
         self.runs.append(run)
         row = run.row()
@@ -176,7 +178,7 @@ class Runner:
 
     def _call(self, name: str, fn: Callable[..., dict], task: Task, done_dir: str) -> dict:
         try:
-            return _execute(fn, task.kwargs, storage.join(done_dir, f"{task.id}.json"), task.id)
+            return _execute(fn, task.kwargs, storage.join(done_dir, f"{task.id}.json"), task.id)["summary"]
         except Exception as e:
             raise StageError(f"stage {name}, task {task.id}: {type(e).__name__}: {e}") from e
 
@@ -202,7 +204,9 @@ class Runner:
             ready, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ready[0])
             try:
-                results[i] = ray.get(ready[0])
+                out = ray.get(ready[0])
+                results[i] = out["summary"]
+                progress.rss.append(out["peak_rss_mb"])
                 progress.update(results[i])
             except Exception as e:  # noqa: BLE001 - re-raised below with the task named
                 cause = getattr(e, "cause", None) or e

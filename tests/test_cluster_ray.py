@@ -88,9 +88,9 @@ def output_digest(d: Path) -> dict[str, str]:
             continue
         out[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
     manifest = json.loads((d / "manifest.json").read_text())
-    for k in ("created", "stages"):
+    for k in ("created", "stages", "seconds"):
         manifest.pop(k, None)
-    out["manifest.json (without created/stages)"] = json.dumps(manifest, sort_keys=True)
+    out["manifest.json (without created/stages/seconds)"] = json.dumps(manifest, sort_keys=True)
     return out
 
 

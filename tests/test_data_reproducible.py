@@ -5,7 +5,7 @@ with its own local Ray and a different ``PYTHONHASHSEED``; every output file (to
 each source's parts.json and MDS parts, the stage caches under work/, manifest.json, report) must be
 byte-identical. The run record is the one exception: ``created``, ``seconds`` and the stage wall times and
 worker memory in manifest.json and the timing columns of report.md's stage table, which are compared with
-those values blanked; completion records (``_done/``, which hold worker memory) are compared by name.
+those values blanked; completion records (``_done/``) are compared like every other file.
 
 The corpus is sized so that order matters: the plays come in several input files (tasks that finish in
 any order), each source packs into several parts (``part_tokens``), and the tokenizer sample is smaller
@@ -79,8 +79,6 @@ def _comparable(path: Path, rel: str) -> bytes:
         text = re.sub(r"^\| ([\w-]+) \| [\d.]+ \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \| \d+ \| [\d.]+ \|$",
                       r"| \1 | - | \2 | \3 | \4 | \5 | - | - |", data.decode(), flags=re.MULTILINE)
         return text.encode()
-    if "/_done/" in f"/{rel}":
-        return b""
     return data
 
 

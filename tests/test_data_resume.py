@@ -6,8 +6,7 @@ killed as soon as the tokens stage has recorded two finished tasks (so docs, ded
 done and tokens is half done), then rerun. Every output file of B (shards, parts.json, tokenizer,
 quarantine, the stage caches under work/) must equal A's byte for byte; the manifests must agree except for
 the run record (times, and the per-stage count of tasks skipped); the rerun's manifest must show skipped
-tasks in every stage that finished before the kill. Completion records (``_done/``) hold each task's
-worker memory and are compared by name only.
+tasks in every stage that finished before the kill. Completion records (``_done/``) are outputs too.
 """
 from __future__ import annotations
 
@@ -82,7 +81,7 @@ def _files(d: Path) -> dict[str, bytes]:
         rel = str(p.relative_to(d))
         if not p.is_file() or rel in ("manifest.json", "report.md", "report.png"):
             continue
-        out[rel] = b"" if "/_done/" in f"/{rel}" else p.read_bytes()
+        out[rel] = p.read_bytes()
     return out
 
 
