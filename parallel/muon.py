@@ -66,16 +66,13 @@ from ops.newton_schulz import (
 )
 from parallel.muon_comm import Exchange, Group, group_size
 from parallel.muon_sharding import CostModel, ParamInfo, Plan, Unit, fingerprint, plan
+from parallel.param_meta import is_expert_param
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "v4-muon/1"
 CKPT_FORMAT = "v4-muon-units/1"      # sharded_state_dict: momentum per unit, saved by its owner
 LEGACY_CKPT_FORMAT = "v4-muon-param-layout/0"   # before: momentum laid out like the parameters
-
-
-def is_expert_param(p: torch.Tensor) -> bool:
-    return bool(getattr(p, "v4_expert", False)) or getattr(p, "allreduce", True) is False
 
 
 def grad_of(p: torch.Tensor) -> torch.Tensor | None:
