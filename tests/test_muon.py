@@ -279,3 +279,14 @@ def test_plan_modes_cost_model_and_owner_balance():
     assert pl.imbalance() == 0.0
     with pytest.raises(ValueError):
         plan(infos, dp=1, tp_mode="blockwise")
+
+
+def test_checkpoint_keys_without_the_unit_format_are_refused():
+    """A load whose recorded state keys carry no ``format`` (momentum in the parameters' layout, never released)
+    fails with an error naming the format this code reads."""
+    from parallel.muon import CKPT_FORMAT
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = Muon([("w", p)], lr=1e-3)
+    assert opt.checkpoint_state_keys()["__own__"]["format"] == CKPT_FORMAT
+    with pytest.raises(ValueError, match=CKPT_FORMAT):
+        opt.sharded_state_dict({}, keys={"__own__": {"kind": "own", "dtype": ""}})
