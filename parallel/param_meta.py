@@ -4,6 +4,7 @@ The model tags each ``nn.Parameter`` with structural attributes only (what it is
 that is ``parallel.optimizer_groups.OPTIMIZER_ROUTES``). This module answers the questions every consumer
 (optimizers, initialisation, checkpointing, gradient norms, memory accounting) asks of them, in one place.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@
 * ``one_rank_per_test``: the same for one test only, for modules where other tests need a process without
   ``torch.distributed``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import pytest
 def _one_rank() -> Iterator[None]:
     from parallel.process_groups import init_distributed, teardown
     from pretrain.config import ParallelConfig
+
     init_distributed(ParallelConfig())
     try:
         yield

@@ -11,6 +11,7 @@ Layer and expert indices are written ``*`` (every layer of a kind was routed ali
 depended on the module, never on its index). A parameter kind the frozen map does not know fails the test,
 so a new parameter gets its route written down here and in the table.
 """
+
 from __future__ import annotations
 
 import re
@@ -59,6 +60,7 @@ def _models(name: str):
     """(stage, model) on the meta device: the whole model and a last pipeline stage (no embedding of its own)."""
     from pretrain.config import load_config
     from pretrain.model.transformer import DeepSeekV4Model
+
     cfg = load_config(name).model
     for stage, kw in (("whole", {}), ("last", dict(pre_process=False))):
         with torch.device("meta"):
@@ -72,8 +74,11 @@ def test_table_routes_like_the_old_attributes(config, one_rank):
         assert len(named) > 100, f"{config}/{stage}: only {len(named)} parameters"
         unknown = sorted({routing_key(n) for n, _ in named} - set(OLD_ROUTING))
         assert not unknown, f"{config}/{stage}: parameter kinds the frozen routing does not know: {unknown}"
-        diff = {n: (optimizer_of(n, p), OLD_ROUTING[routing_key(n)]) for n, p in named
-                if optimizer_of(n, p) != OLD_ROUTING[routing_key(n)]}
+        diff = {
+            n: (optimizer_of(n, p), OLD_ROUTING[routing_key(n)])
+            for n, p in named
+            if optimizer_of(n, p) != OLD_ROUTING[routing_key(n)]
+        }
         assert not diff, f"{config}/{stage}: (table, old attribute) differ: {diff}"
         unrouted = [n for n, _ in named if route_of(n) is None]
         assert not unrouted, f"{config}/{stage}: parameters no table row names (generic fallback): {unrouted}"
@@ -83,7 +88,7 @@ def test_table_routes_like_the_old_attributes(config, one_rank):
 
 def test_every_frozen_kind_is_built_and_both_optimizers_are_used(one_rank):
     seen = {routing_key(n) for config in ("tiny", "small") for _, m in _models(config) for n, _ in m.named_parameters()}
-    assert seen == set(OLD_ROUTING)      # the frozen map holds no kind that these models no longer build
+    assert seen == set(OLD_ROUTING)  # the frozen map holds no kind that these models no longer build
     assert set(OLD_ROUTING.values()) == {"muon", "adamw"}
 
 

@@ -1,5 +1,6 @@
 """tools/rewrite_citations.py on a throw-away git tree: citations are rewritten with their sections kept,
 unknown sections and notes without a replacement fail the run (exit 1) and nothing is written then."""
+
 from __future__ import annotations
 
 import subprocess
@@ -20,15 +21,19 @@ def _tree(tmp: Path, files: dict[str, str]) -> Path:
 
 
 def test_rewrites_names_and_keeps_sections(tmp_path, capsys):
-    src = ('"""Spec (deepseek-v4.md §1.2, §12.3-12.4; paper §2.2)."""\n'
-           "# see stack-notes §9 and `deepseek-v4.md` and /x/y/stack-notes.md\n")
+    src = (
+        '"""Spec (deepseek-v4.md §1.2, §12.3-12.4; paper §2.2)."""\n'
+        "# see stack-notes §9 and `deepseek-v4.md` and /x/y/stack-notes.md\n"
+    )
     root = _tree(tmp_path, {"a.py": src})
     assert main(["--root", str(root), "--dry-run"]) == 0
-    assert (root / "a.py").read_text() == src                     # dry run: nothing written
+    assert (root / "a.py").read_text() == src  # dry run: nothing written
     assert main(["--root", str(root)]) == 0
-    assert (root / "a.py").read_text() == ('"""Spec (docs/MODEL.md §1.2, §12.3-12.4; paper §2.2)."""\n'
-                                           "# see docs/STACK.md §9 and `docs/MODEL.md` and docs/STACK.md\n")
-    assert main(["--root", str(root)]) == 0                        # idempotent: nothing left to rewrite
+    assert (root / "a.py").read_text() == (
+        '"""Spec (docs/MODEL.md §1.2, §12.3-12.4; paper §2.2)."""\n'
+        "# see docs/STACK.md §9 and `docs/MODEL.md` and docs/STACK.md\n"
+    )
+    assert main(["--root", str(root)]) == 0  # idempotent: nothing left to rewrite
     assert "rewrote 0 citation(s)" in capsys.readouterr().out
 
 

@@ -16,6 +16,7 @@ unless ``--force``). ``--dry-run`` lists the rewrites and writes nothing.
 
 Usage: ``python tools/rewrite_citations.py [--dry-run] [--force] [--root DIR]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,14 +30,16 @@ from pathlib import Path
 MAPPING = {"deepseek-v4.md": "docs/MODEL.md", "stack-notes.md": "docs/STACK.md", "stack-notes": "docs/STACK.md"}
 # other notes that lived outside the repository: citing them is an error this tool cannot fix
 UNMAPPED = ("local-clusters.md", "data-at-scale.md", "code-anchors.md", "anchors.md", "v4-frameworks.md")
-SKIP = {"tools/rewrite_citations.py", "tests/test_rewrite_citations.py"}   # they name the old documents
+SKIP = {"tools/rewrite_citations.py", "tests/test_rewrite_citations.py"}  # they name the old documents
 
 _NUM = r"\d+(?:\.\d+)*"
 _ITEM = rf"§{_NUM}(?:\s*[–-]\s*§?{_NUM})?"
 _NAMES = "|".join(re.escape(n) for n in sorted(MAPPING, key=len, reverse=True))
 # optional path before the name; the name; optionally the section list that follows it
-CITATION = re.compile(rf"(?<![\w-])(?:[\w.~-]*/)*(?P<doc>{_NAMES})(?![\w-])(?P<refs>[ \t]+{_ITEM}"
-                      rf"(?:[ \t]*[,/][ \t]*{_ITEM})*)?")
+CITATION = re.compile(
+    rf"(?<![\w-])(?:[\w.~-]*/)*(?P<doc>{_NAMES})(?![\w-])(?P<refs>[ \t]+{_ITEM}"
+    rf"(?:[ \t]*[,/][ \t]*{_ITEM})*)?"
+)
 OTHER = re.compile(rf"(?<![\w-])(?:[\w.~-]*/)*(?P<doc>{'|'.join(re.escape(n) for n in UNMAPPED)})(?![\w-])")
 HEADING = re.compile(rf"^#{{2,4}}\s+(?P<num>{_NUM})\.?\s")
 
@@ -46,7 +49,7 @@ class Finding:
     path: str
     line: int
     old: str
-    new: str | None          # None: cannot be mapped
+    new: str | None  # None: cannot be mapped
     why: str = ""
 
 
@@ -59,8 +62,16 @@ def sections(doc: Path) -> set[str]:
 
 def text_files(root: Path) -> list[Path]:
     """Files git tracks or would track (not ignored), text only."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
-                         check=True, capture_output=True).stdout.decode().split("\0")
+    out = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     files = []
     for rel in filter(None, out):
         p = root / rel
@@ -90,8 +101,11 @@ def rewrite_text(text: str, rel: str, known: dict[str, set[str]]) -> tuple[str, 
         missing = [n for n in re.findall(_NUM, refs) if n not in known[target]]
         new = target + refs
         if missing:
-            why = (f"{target} has no section {', '.join('§' + n for n in missing)}" if known[target]
-                   else f"{target} does not exist")
+            why = (
+                f"{target} has no section {', '.join('§' + n for n in missing)}"
+                if known[target]
+                else f"{target} does not exist"
+            )
             findings.append(Finding(rel, line_of(m.start()), m[0], None, why))
             return m[0]
         findings.append(Finding(rel, line_of(m.start()), m[0], new))
@@ -99,8 +113,16 @@ def rewrite_text(text: str, rel: str, known: dict[str, set[str]]) -> tuple[str, 
 
     new_text = CITATION.sub(sub, text)
     for m in OTHER.finditer(new_text):
-        findings.append(Finding(rel, line_of(m.start()), m[0], None, "a note outside the repository with no "
-                                "replacement: write what the reader needs into docs/ and cite that"))
+        findings.append(
+            Finding(
+                rel,
+                line_of(m.start()),
+                m[0],
+                None,
+                "a note outside the repository with no "
+                "replacement: write what the reader needs into docs/ and cite that",
+            )
+        )
     return new_text, findings
 
 
