@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import pipeline
+from parallel.process_groups import global_rank as _rank
 from pretrain import step_utils as su
 from pretrain.checkpoint import CheckpointError, CheckpointManager
 from pretrain.ckpt_state import build_state, load_state, rng_state, set_rng_state
@@ -57,10 +58,6 @@ class RunResult:
     last_loss: float | None
     preempted: bool = False
     checkpoint: str | None = None
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _world() -> int:
