@@ -232,7 +232,7 @@ def sign_task(url: str, key: int, skip_url: str, out_dir: str, ngram: int, bands
         rec = np.stack([keys[order, t], docs[order]], axis=1)
         _save_ranges(rec, ranges, lambda q, t=t: storage.join(out_dir, f"{t:03d}-{q:03d}", f"{key:010d}.npy"))
     return {"documents": int(len(doc)), "bytes": int(nbytes), "signed": int(len(docs)),
-            "shingle_s": round(t_sh, 3), "signature_s": round(t_sig, 3)}
+            "_shingle_s": round(t_sh, 3), "_signature_s": round(t_sig, 3)}
 
 
 def band_task(in_dir: str, band: int, rng: int, keys: list[int], out_dir: str, buckets: int) -> dict:
@@ -305,8 +305,8 @@ def dedup_stage(runner: Runner, partitions: list[tuple[int, str]], stage_url: st
                                        "skip_url": storage.join(skip_dir, f"{k:010d}.npy") if skip_dir else ""})
                     for k, u in parts])
         documents = documents or sum(s["documents"] for s in sums)
-        steps["sign"].update(shingle_s=round(sum(s["shingle_s"] for s in sums), 3),
-                             signature_s=round(sum(s["signature_s"] for s in sums), 3),
+        steps["sign"].update(shingle_s=round(sum(s.get("_shingle_s", 0.0) for s in sums), 3),
+                             signature_s=round(sum(s.get("_signature_s", 0.0) for s in sums), 3),
                              signed=sum(s["signed"] for s in sums))
         d_b = storage.join(stage_url, "bands")
         sums = run("bands", band_task,

@@ -2,8 +2,9 @@
 
 A *stage* is a list of independent tasks, each ``fn(**kwargs) -> summary`` where ``fn`` writes its outputs
 itself, under names that depend only on the task (never on timing or worker), atomically (see
-:mod:`data_pipeline.storage`), and returns a small JSON summary (counts, bytes, a few ids). After the outputs,
-the task writes its *completion record* ``<stage dir>/_done/<task id>.json`` = ``{"task", "summary"}``. So:
+:mod:`data_pipeline.storage`), and returns a small JSON summary (counts, bytes, a few ids; keys starting with
+``_`` for measurements such as seconds, which are not recorded). After the outputs, the task writes its
+*completion record* ``<stage dir>/_done/<task id>.json`` = ``{"task", "summary"}``. So:
 
 - a task whose record exists is finished: rerunning the same command skips it and reuses its summary
   (``StageRun.skipped`` counts them), wherever the previous run stopped (SIGKILL of the whole job included);
@@ -72,9 +73,11 @@ def _peak_rss_mb() -> float:
 
 
 def _execute(fn: Callable[..., dict], kwargs: dict[str, Any], record_url: str, task_id: str) -> dict:
-    """Run one task and write its completion record (the summary only: records are deterministic too)."""
+    """Run one task and write its completion record. Summary keys starting with ``_`` are measurements of this
+    run (seconds, memory): returned to the driver, not recorded, so that records are deterministic too."""
     summary = dict(fn(**kwargs) or {})
-    storage.write_json(record_url, {"task": task_id, "summary": summary})
+    storage.write_json(record_url, {"task": task_id, "summary": {k: v for k, v in summary.items()
+                                                                  if not k.startswith("_")}})
     # the worker process's peak memory so far (workers are reused), for the stage's row; not recorded
     return {"summary": summary, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
