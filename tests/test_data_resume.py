@@ -122,3 +122,23 @@ def test_killed_build_resumes_byte_identical(tmp_path: Path) -> None:
     assert stages["tokens"]["skipped"] >= killed_at["tokens"]
     assert stages["tokens"]["skipped"] < stages["tokens"]["tasks"]           # the rest ran after the kill
     assert any(k.startswith("shards/plays/part-000001/") for k in fb)       # several parts were packed
+
+
+def test_new_seq_len_or_weights_rebuild_nothing_but_the_packing(tmp_path: Path) -> None:
+    """The next sequence-length stage of a run re-packs the cached tokens: every task of docs, dedup,
+    tokenizer and tokens is skipped (nothing is re-read from raw text); new mixture weights skip everything."""
+    from data_pipeline.config import load_mixture
+    from data_pipeline.pipeline import run_pipeline
+    from data_pipeline.runner import Runner
+
+    cfg = load_mixture(_corpus(tmp_path))
+    work = tmp_path / "work"
+    run_pipeline(cfg, tmp_path / "s64", work_dir=work, runner=Runner(use_ray=False))
+    cfg.pack.seq_len = 128
+    m = json.loads(Path(run_pipeline(cfg, tmp_path / "s128", work_dir=work, runner=Runner(use_ray=False))).read_text())
+    for st in m["stages"]:
+        assert (st["skipped"] == st["tasks"]) == (st["name"] != "pack"), st
+    assert m["seq_len"] == 128 and m["sources"]["plays"]["samples"] > 0
+    cfg.sources[0].weight = 3.0
+    m = json.loads(Path(run_pipeline(cfg, tmp_path / "s128", work_dir=work, runner=Runner(use_ray=False))).read_text())
+    assert all(st["skipped"] == st["tasks"] for st in m["stages"])
