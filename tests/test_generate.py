@@ -2,7 +2,7 @@
 
 Trains 4 steps of the tiny config in one process (``python -m pretrain``, real loader, checkpoint at the end),
 exports the checkpoint with ``python -m pretrain.model.export``, and for a few prompts compares the tokens
-``python -m pretrain.generate --json`` prints with ``DeepseekV4ForCausalLM.generate(do_sample=False)`` on the
+``python -m pretrain.generate --json`` prints (and ``pretrain.generate.generate`` returns) with ``DeepseekV4ForCausalLM.generate(do_sample=False)`` on the
 export (with its KV cache; eos = the dataset's EOS, which the export's config does not carry): the same token
 ids, exactly (greedy decoding is discrete: a mismatch is a bug, not rounding).
 
@@ -72,9 +72,17 @@ def test_generate_equals_transformers_greedy_generate(run, hf_dir):
     manifest = run_manifest(run, cfg, 32)
     tok, sp = load_tokenizer(manifest), special_tokens(manifest)
     hf = DeepseekV4ForCausalLM.from_pretrained(str(hf_dir), attn_implementation="eager", dtype=torch.float32).eval()
+    from parallel.process_groups import teardown
+    from pretrain.generate import generate
     lengths = []
-    for prompt in PROMPTS:
-        got = _generate(run, prompt)
+    for i, prompt in enumerate(PROMPTS):
+        if i == 0:
+            got = _generate(run, prompt)           # the command line once, the function for the others
+        else:
+            try:
+                got = generate(run, prompt, NEW_TOKENS)
+            finally:
+                teardown()
         assert set(got) == {"prompt_ids", "output_ids", "text"}
         assert got["prompt_ids"] == tok.encode(prompt, add_special_tokens=False).ids
         assert got["text"] == tok.decode(got["output_ids"], skip_special_tokens=True)
