@@ -308,15 +308,15 @@ class Trainer:
         samples (fails fast on a dataset without a validation split) and evaluates nothing."""
         from data_pipeline.manifest import ManifestError
         manifest = self.manifest[sched.seq_len]
+        t0 = time.monotonic()
         try:
-            if prepare_only:
-                self.validator.batches(manifest, sched.seq_len)
-                return {}
-            t0 = time.monotonic()
-            rec = self.validator.losses(manifest, sched.seq_len)
+            self.validator.batches(manifest, sched.seq_len)          # read once, then cached
         except (ManifestError, ValueError) as e:
             raise ConfigError(f"train.eval_interval={self.cfg.train.eval_interval}: {e}; or set "
                               f"train.eval_interval=0 to train without validation") from e
+        if prepare_only:
+            return {}
+        rec = self.validator.losses(manifest, sched.seq_len)
         rec["val_time_s"] = time.monotonic() - t0
         return rec
 
