@@ -43,7 +43,7 @@ EVAL_STEPS = (2, 3)
 SAMPLES = 5
 TOL = 1e-5
 BASE = ["train.seq_len=32", "train.global_batch=4", "train.micro_batch=2", "train.warmup_steps=2",
-        f"train.steps={STEPS}", "checkpoint.interval=0", "run.tensorboard=false", "run.progress=false",
+        f"train.steps={STEPS}", "train.eval_interval=0", "checkpoint.interval=0", "run.tensorboard=false", "run.progress=false",
         "run.plot=false"]
 EVAL = ["train.eval_interval=2", f"train.eval_samples={SAMPLES}"]
 TWO_RANK = {"tp2": ["parallel.tp=2", *EVAL], "pp2": ["parallel.pp=2", *EVAL],
