@@ -142,6 +142,11 @@ class TrainConfig:
     the loss and gradients at those steps: a test hook for the guard, empty in real runs;
     ``fault_inject_pause_step`` makes every rank stop right after that step's metrics line and wait to be
     killed (the resume tests ``kill -9`` the process group there, deterministically mid-run), 0 in real runs.
+
+    Validation (``pretrain.evaluate``): every ``eval_interval`` steps and at the last step (0 = off), the LM
+    loss over the first ``eval_samples`` samples of each source's held-out split (the same samples every
+    time; the dataset's ``validation`` split), as ``val_loss`` and ``val_loss/<source>`` in the metrics.
+    Forward only: training is unchanged by it (bit-identical losses with it on or off).
     """
 
     steps: int = 1000
@@ -172,6 +177,8 @@ class TrainConfig:
     fault_inject_pause_step: int = 0        # testing: every rank stops after this step, to be killed (0 = off)
     log_interval: int = 1
     deterministic: bool = True
+    eval_interval: int = 0                  # validation every N steps and at the last step (0 = off)
+    eval_samples: int = 16                  # held-out samples per source per evaluation
 
 
 @dataclass
@@ -464,6 +471,11 @@ def validate(cfg: Config, where: str = "config") -> None:
     for k in ("steps", "global_batch", "micro_batch", "seq_len"):
         if getattr(t, k) <= 0:
             raise ConfigError(f"{where}: train.{k} must be positive, got {getattr(t, k)}")
+    if t.eval_interval < 0:
+        raise ConfigError(f"{where}: train.eval_interval={t.eval_interval} must be >= 0 (0 turns validation off)")
+    if t.eval_interval > 0 and t.eval_samples <= 0:
+        raise ConfigError(f"{where}: train.eval_samples={t.eval_samples} must be positive when "
+                          f"train.eval_interval > 0 (held-out samples per source per evaluation)")
     p = cfg.parallel
     for k in ("tp", "pp", "vpp", "ep", "etp", "sp"):
         if getattr(p, k) < 1:

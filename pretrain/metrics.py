@@ -11,10 +11,14 @@
     global_batch, seq_len, attention_mode, mtp_lambda, bias_update_rate
     expert_load_max_over_mean, expert_load_cv   routed-token loads of all learned routers, global batch
     skipped (bool), skipped_total, rollback (bool), time (unix)
+    val_loss, val_loss/<source>, val_time_s   only on the steps with a validation (``train.eval_interval``, and
+                    the last step): the LM loss over the fixed held-out samples, all sources (token mean) and
+                    per source (pretrain.evaluate)
 
 On resume, lines with a step beyond the checkpoint are dropped first, so each step appears once.
 Also: TensorBoard scalars under ``<run.dir>/tensorboard``, a progress bar (tqdm on a terminal, a log line
-every ``train.log_interval`` steps otherwise), and ``<run.dir>/loss.png`` at the end.
+every ``train.log_interval`` steps otherwise; a validation is always logged), and ``<run.dir>/loss.png`` at the
+end (training and validation curves). TensorBoard tags: ``train/<key>``, ``val/loss``, ``val/<source>``.
 """
 from __future__ import annotations
 
@@ -103,12 +107,22 @@ class MetricsLogger:
                 v = rec.get(k)
                 if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
                     self._tb.add_scalar(f"train/{k}", v, step)
+            for k, v in rec.items():
+                if k.startswith("val_loss") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar("val/loss" if k == "val_loss" else f"val/{k.split('/', 1)[1]}", v, step)
         line = self.format(rec)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix_str(line, refresh=False)
-        elif step % self.log_interval == 0 or step == self.total_steps:
+        elif step % self.log_interval == 0 or step == self.total_steps or "val_loss" in rec:
             log.info("step %d/%d %s", step, self.total_steps, line)
+        if "val_loss" in rec:
+            from pretrain.evaluate import format_losses
+            msg = f"step {step} validation: val_loss {format_losses(rec)} ({rec.get('val_time_s', 0):.1f} s)"
+            if self._bar is not None:
+                self._bar.write(msg)
+            else:
+                log.info("%s", msg)
 
     @staticmethod
     def format(rec: dict[str, Any]) -> str:
@@ -117,6 +131,8 @@ class MetricsLogger:
         mfu = rec.get("mfu")
         parts = [f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}", f"{rec.get('tokens_per_s', 0):.0f} tok/s",
                  f"mfu {100 * mfu:.1f}%" if isinstance(mfu, float) else "mfu ?", f"eta {eta_s}"]
+        if isinstance(rec.get("val_loss"), (int, float)):
+            parts.insert(1, f"val {rec['val_loss']:.4f}")
         if rec.get("skipped"):
             parts.append("SKIPPED (non-finite)")
         return " | ".join(parts)
@@ -134,7 +150,8 @@ class MetricsLogger:
 
 
 def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
-    """Loss curve (objective and LM loss vs step) from metrics.jsonl; returns the PNG path."""
+    """Loss curves vs step from metrics.jsonl: the objective and the LM loss of the training batches, and the
+    validation loss (all sources, and each source dashed) where the run evaluated; returns the PNG path."""
     recs = [r for r in read_metrics(metrics_path) if isinstance(r.get("loss"), (int, float))]
     if not recs:
         return None
@@ -146,6 +163,14 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     ax.plot(steps, [r["loss"] for r in recs], label="loss (objective)", lw=1.2)
     if all(isinstance(r.get("lm_loss"), (int, float)) for r in recs):
         ax.plot(steps, [r["lm_loss"] for r in recs], label="LM loss", lw=1.0, alpha=0.8)
+    val = [r for r in recs if isinstance(r.get("val_loss"), (int, float))]
+    if val:
+        vs = [r["step"] for r in val]
+        ax.plot(vs, [r["val_loss"] for r in val], "o-", label="validation LM loss", lw=1.6, ms=3.5, color="black")
+        sources = sorted({k.split("/", 1)[1] for r in val for k in r if k.startswith("val_loss/")})
+        for src in sources:
+            pts = [(r["step"], r[f"val_loss/{src}"]) for r in val if isinstance(r.get(f"val_loss/{src}"), (int, float))]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", lw=0.9, alpha=0.8, label=f"validation: {src}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

@@ -16,6 +16,12 @@ One optimizer step (``Trainer.train_step``):
    ``b += gamma sign(mean - load)`` once per optimizer step (rate 0 for a skipped step).
 6. metrics line; checkpoint every ``checkpoint.interval``; spike rollback; preemption check.
 
+Validation (``train.eval_interval`` > 0; ``pretrain.evaluate.Validator``): after every multiple of the interval
+and after the last step, the LM loss over the fixed held-out samples, forward only through the same schedule
+(no gradients; RNGs and every training state restored), into that step's metrics line as ``val_loss`` and
+``val_loss/<source>``. The dataset manifests the run trained on are recorded in ``<run.dir>/dataset.json``
+(for ``pretrain.evaluate`` and ``pretrain.generate``).
+
 Resume: the same command with the same ``run.dir`` loads ``<run.dir>/checkpoints/latest`` (falling back to
 older valid ones), or ``checkpoint.load`` for a fresh run.dir. Model, Muon and AdamW state, step, guard
 state, every RNG (per rank) and the data-loader position are restored, so the losses continue bit-identically.
@@ -58,6 +64,8 @@ class RunResult:
     last_loss: float | None
     preempted: bool = False
     checkpoint: str | None = None
+    first_val: dict[str, Any] | None = None     # the first / last validation of this run ({"step", "val_loss", ...})
+    last_val: dict[str, Any] | None = None
 
 
 def _world() -> int:
@@ -109,6 +117,11 @@ class Trainer:
         self.peak = su.peak_flops(cfg.run.peak_tflops)
         self.flops_per_token = 6.0 * su.activated_params([p for m in self.modules for p in m.parameters()],
                                                          cfg.model.n_routed_experts, cfg.model.num_experts_per_tok)
+        self.validator = None
+        if t.eval_interval > 0:
+            from pretrain.evaluate import Validator
+            self.validator = Validator(self.chunks, t.micro_batch, t.eval_samples, self.device, self._autocast)
+        self._recorded_manifests = 0
 
     # ------------------------------------------------------------------------------------------ build
     def _validate_batches(self) -> None:
@@ -296,6 +309,31 @@ class Trainer:
         rec.update(su.load_stats(loads))
         return rec
 
+    # ------------------------------------------------------------------------------------------ validation
+    def _record_dataset(self) -> None:
+        """``<run.dir>/dataset.json``: the manifest of each sequence length trained so far (rank 0)."""
+        self._recorded_manifests = len(self.manifest)
+        if self.rank == 0:
+            rec = {"manifests": {str(k): str(Path(v).resolve()) for k, v in sorted(self.manifest.items())}}
+            (self.run_dir / "dataset.json").write_text(json.dumps(rec, indent=1) + "\n")
+
+    def _validation(self, sched: StepSchedule, prepare_only: bool = False) -> dict[str, float]:
+        """The validation losses at the current weights (collective); ``prepare_only`` reads the held-out
+        samples (fails fast on a dataset without a validation split) and evaluates nothing."""
+        from data_pipeline.manifest import ManifestError
+        manifest = self.manifest[sched.seq_len]
+        t0 = time.monotonic()
+        try:
+            self.validator.batches(manifest, sched.seq_len)          # read once, then cached
+        except (ManifestError, ValueError) as e:
+            raise ConfigError(f"train.eval_interval={self.cfg.train.eval_interval}: {e}; or set "
+                              f"train.eval_interval=0 to train without validation") from e
+        if prepare_only:
+            return {}
+        rec = self.validator.losses(manifest, sched.seq_len)
+        rec["val_time_s"] = time.monotonic() - t0
+        return rec
+
     # ------------------------------------------------------------------------------------------ loop
     def fit(self) -> RunResult:
         cfg, t = self.cfg, self.cfg.train
@@ -309,8 +347,12 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             (self.run_dir / "preempted.json").unlink(missing_ok=True)
+        self._record_dataset()
+        if self.validator is not None:
+            self._validation(self.sched.at(self.step), prepare_only=True)
         self.metrics.open(self.step)
         first = last = None
+        first_val = last_val = None
         start_step = self.step
         t_run = time.monotonic()
         exit_code, preempted = 0, False
@@ -321,6 +363,8 @@ class Trainer:
                 t0 = time.monotonic()
                 rec = self.train_step(sched)
                 dt = time.monotonic() - t0
+                if len(self.manifest) != self._recorded_manifests:
+                    self._record_dataset()
                 self.step += 1
                 ntok = sched.global_batch * sched.seq_len
                 self.tokens_total += ntok
@@ -334,6 +378,11 @@ class Trainer:
                        "eta_s": eta, "global_batch": sched.global_batch, "seq_len": sched.seq_len,
                        "attention_mode": sched.attention_mode, "mtp_lambda": sched.mtp_lambda,
                        "bias_update_rate": sched.bias_update_rate, "rollback": False, "time": time.time()}
+                if self.validator is not None and self.validator.due(self.step, t.eval_interval, t.steps):
+                    val = self._validation(sched)
+                    rec.update(val)
+                    first_val = first_val or {"step": self.step, **val}
+                    last_val = {"step": self.step, **val}
                 self.metrics.log(rec)
                 first = rec["loss"] if first is None else first
                 last = rec["loss"]
@@ -367,7 +416,7 @@ class Trainer:
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         ck = self.ckpt.read_latest()
         return RunResult(exit_code, self.step, first, last, preempted,
-                         str(self.ckpt.root / ck) if ck else None)
+                         str(self.ckpt.root / ck) if ck else None, first_val, last_val)
 
     def _rollback(self, loss: float) -> bool:
         path = self.ckpt.find_latest_valid()
@@ -392,8 +441,18 @@ def summary(cfg: Config, res: RunResult) -> str:
              f"steps        {res.steps_done}/{cfg.train.steps}" + ("  (PREEMPTED: rerun to resume)" if res.preempted else ""),
              f"loss         {res.first_loss:.4f} (first step of this run) -> {res.last_loss:.4f} (last)"
              if res.first_loss is not None else "loss         (no step run)",
+             _val_line(res),
              f"metrics      {rd / 'metrics.jsonl'}",
              f"tensorboard  {rd / 'tensorboard'}" if cfg.run.tensorboard else "",
              f"loss plot    {rd / 'loss.png'}" if (rd / "loss.png").exists() else "",
              f"checkpoint   {Path(res.checkpoint).resolve()}" if res.checkpoint else "checkpoint   (none)"]
     return "\n".join(x for x in lines if x)
+
+
+def _val_line(res: RunResult) -> str:
+    if not res.last_val:
+        return ""
+    from pretrain.evaluate import format_losses
+    first = res.first_val
+    head = f"{first['val_loss']:.4f} (step {first['step']}) -> " if first and first["step"] != res.last_val["step"] else ""
+    return f"val loss     {head}{format_losses(res.last_val)} (step {res.last_val['step']})"
