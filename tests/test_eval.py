@@ -18,7 +18,7 @@ samples per source so that the rows split unevenly over two data-parallel ranks 
   the same micro-batches in the same order; 1e-6 relative for a different kernel path, measured equal);
 - kill -9 mid-run with evaluation on, 2 ranks (ep2): the rerun continues bit-exactly (losses and val_loss).
 
-The dataset with a held-out split comes from tests/validation_split.py (a stand-in for the pipeline's split).
+The dataset with its held-out split comes from tests/validation_split.py (the pipeline's own split).
 """
 from __future__ import annotations
 

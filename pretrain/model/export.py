@@ -166,9 +166,31 @@ def export(run_dir: str | Path, out_dir: str | Path, step: Optional[int] = None,
     if dtype != torch.float32:
         cast_model(model, dtype)
     out = save_hf(model, out_dir)
+    _record_special_tokens(run_dir, out)
     (out / "source_checkpoint.txt").write_text(f"{path.resolve()}\n")
     log.info("exported %s -> %s", path, out)
     return out
+
+
+def _record_special_tokens(run_dir: str | Path, out: Path) -> None:
+    """Write the run's tokenizer ids (BOS/EOS/PAD of the dataset it trained on) into ``config.json``, so that
+    ``generate`` stops where the model was trained to; left as they are when the run recorded no dataset."""
+    import json
+
+    from pretrain.evaluate import DATASET_RECORD, run_root
+    record = run_root(run_dir) / DATASET_RECORD
+    if not record.is_file():
+        return
+    manifests = json.loads(record.read_text()).get("manifests", {})
+    if not manifests:
+        return
+    from data_pipeline.manifest import read_manifest
+    _, m = read_manifest(next(iter(manifests.values())))
+    ids = m["special_tokens"]
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
+    cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
