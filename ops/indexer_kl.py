@@ -75,6 +75,8 @@ class _Tiles:
             mask = self.idx >= 0
             safe = self.idx.clamp(min=0)
             C, K = safe.shape[1], safe.shape[2]
+            if K == 0:
+                return
             flat = safe.reshape(B, C * K, 1)
             kt = torch.gather(c.keys_i, 1, flat.expand(-1, -1, c.keys_i.shape[-1])).view(B, C, K, -1)
             ct = torch.gather(c.comp_kv, 1, flat.expand(-1, -1, c.comp_kv.shape[-1])).view(B, C, K, -1)
