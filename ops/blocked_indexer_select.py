@@ -15,9 +15,10 @@ largest temporary is the [B, C, H, n] product of one (chunk, block) tile, O(S) m
 1. the tile's exact top-kb (kb = min(kk, n)) under the tie rule: ``torch.topk`` gives the kb-th value v; the
    selected SET is exact unless more than kb visible entries score >= v (a tie straddles the boundary), and
    only those rows are re-selected by a stable sort (which keeps the lower index first);
-2. merge with the running top-kk of the chunk: the candidates (running ones, all from earlier, lower-index
-   blocks, then the tile's) are ordered by index, then stably by descending score, and the first kk kept — a
-   total order (score desc, index asc), so the result does not depend on the tiling.
+2. merge with the running top-kk of the chunk: of the 2·kk candidates (running and the tile's) the first kk
+   in the total order (score desc, index asc) are kept — for float32 scores one ``torch.topk`` over distinct
+   int64 keys (orderable score bits, then the complemented index), else two stable sorts — so the result does
+   not depend on the tiling.
 
 Invisible entries are -inf and come out as -1. No gradient (selection is not differentiable).
 Registered in ``ops.dispatch`` as the ``blocked`` backend of ``indexer_select``; correctness:
@@ -73,7 +74,17 @@ def visible(lo: torch.Tensor, hi: torch.Tensor, s0: int, s1: int) -> torch.Tenso
 
 
 def _ordered(vals: torch.Tensor, idx: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first kk of (vals, idx) in the order (score desc, index asc); -inf entries last."""
+    """The first kk of (vals, idx) in the order (score desc, index asc); -inf entries last.
+
+    float32 scores: one int64 key per candidate, ``key = (orderable_int32(score) << 32) | (2³² − 1 − index)``
+    (distinct keys, so ``torch.topk`` on them is exact and deterministic — the Triton kernel's key); other
+    dtypes: a sort by index, then a stable sort by descending score."""
+    if vals.dtype == torch.float32:
+        bits = (vals + 0.0).view(torch.int32)                   # + 0.0: -0.0 -> +0.0 (equal scores, equal keys)
+        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
+        key = ordered * (1 << 32) + ((1 << 32) - 1 - idx.clamp(min=0))
+        pos = torch.topk(key, min(kk, key.shape[-1]), dim=-1, sorted=True).indices
+        return vals.gather(-1, pos), idx.gather(-1, pos)
     by_idx = torch.sort(torch.where(torch.isneginf(vals), torch.iinfo(torch.int64).max, idx), dim=-1,
                         stable=True).indices
     vals, idx = vals.gather(-1, by_idx), idx.gather(-1, by_idx)
