@@ -4,9 +4,9 @@
         [--threads 1] [--steps 2] [--reference-upto 8192] [--tag NAME]
 
 For every sequence length S a fresh process (``--sp 2``: two gloo ranks, Ulysses sequence parallel) builds the
-model (seed 0, ``model.ops_backend=auto``: the blocked CPU ops), draws one batch of S random tokens (seed 1:
-the same batch for every layout) and runs ``--steps`` training steps (forward with labels and MTP labels,
-backward, zero_grad); the last step is timed (wall and process CPU seconds). Memory growth = peak RSS of the
+model (seed 0, ``model.ops_backend=auto``: the blocked CPU ops), draws one sequence of S random tokens (seed 1;
+labels and MTP labels are the next and second-next tokens: the same batch, sharded, for every layout) and runs
+``--steps`` training steps (forward with labels and MTP labels, backward, zero_grad); the last step is timed (wall and process CPU seconds). Memory growth = peak RSS of the
 process minus its RSS after building the model and the batch (under sp: the sum over the ranks — the machine's
 memory). FLOP-model time = ``pretrain.flop_model.step_flops`` / the single-thread fp32 matmul rate measured at
 the start ([1024, 1024] products), so ``time / FLOP-model time`` is 1.0 for a step that runs at matmul speed;
@@ -74,11 +74,9 @@ def _step(rank: int, world: int, spec: dict) -> dict:
     torch.manual_seed(0)
     model = DeepSeekV4Model(cfg).train()
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, cfg.vocab_size, (1, S), generator=g)
-    labels = torch.randint(0, cfg.vocab_size, (1, S), generator=g)
+    tokens = torch.randint(0, cfg.vocab_size, (1, S + 2), generator=g)      # one LM sequence: labels = next ids
     local = slice(rank * S // sp, (rank + 1) * S // sp)
-    ids, labels = ids[:, local].contiguous(), labels[:, local].contiguous()
-    mtp_labels = torch.cat([labels[:, 1:], labels[:, :1]], dim=1)
+    ids, labels, mtp_labels = (tokens[:, o:o + S][:, local].contiguous() for o in (0, 1, 2))
     base = _rss_gib()
     res = {}
     for _ in range(spec["steps"]):
