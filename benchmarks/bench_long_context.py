@@ -118,7 +118,10 @@ def run_one(spec: dict) -> dict:
     return dict(step_s=max(r["step_s"] for r in results.values()), cpu_s=max(r["cpu_s"] for r in results.values()),
                 growth_gib=sum(r["growth_gib"] for r in results.values()),
                 peak_gib=sum(r["peak_gib"] for r in results.values()),
-                loss=r0["loss"], lm_loss=r0["lm_loss"], indexer_loss=r0["indexer_loss"])
+                # each rank's loss is its tokens' sum over (global count / sp): the global mean is the ranks' mean
+                loss=sum(r["loss"] for r in results.values()) / world,
+                rank_losses=[results[r]["loss"] for r in range(world)],
+                lm_loss=sum(r["lm_loss"] for r in results.values()) / world, indexer_loss=r0["indexer_loss"])
 
 
 def matmul_gflops(threads: int) -> float:

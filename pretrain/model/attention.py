@@ -37,7 +37,11 @@ local groups (``o_groups / tp`` blocks; weight tagged tensor_model_parallel, par
 RowParallelLinear, ``sinks`` are split with the heads. q_a_proj, kv_proj, the compressor and the indexer are
 replicated; the replicated kv / compressed entries enter the head-parallel region through
 ``copy_to_tensor_model_parallel_region`` (gradient all-reduced), and the indexer's target mass is summed
-over all heads with an all-reduce. At tp = 1 all of this is the identity.
+over all heads from the all-gathered (detached) q and lse of every head. At tp = 1 all of this is the identity.
+
+Long context: the indexer's top-k (op ``indexer_select``) and its KL loss with the target fused in (op
+``indexer_attention_kl``) are streamed in query chunks and key blocks on the ``blocked`` backend, so no tensor
+of size [S, S/m] exists (docs/LONG_CONTEXT.md); the reference ops materialise them and define the results.
 
 Selective activation recomputation (``recompute_core``, set by the block for ``model.recompute=selective``;
 :mod:`pretrain.model.recompute`): the region from c^Q to the de-rotated o (q_b_proj, the per-head norm, RoPE,
