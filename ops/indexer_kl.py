@@ -55,10 +55,9 @@ def indexer_attention_kl(q_i: torch.Tensor, keys_i: torch.Tensor, w_i: torch.Ten
 class _Tiles:
     """The tiles of one query chunk [t0, t1): (scores I, mass m, entry mask, gathered keys or key block)."""
 
-    def __init__(self, ctx_like, t0: int, t1: int):
-        self.c = ctx_like
+    def __init__(self, inputs: "_Inputs", t0: int, t1: int):
+        self.c = c = inputs
         self.t0, self.t1 = t0, t1
-        c = ctx_like
         self.q_i = c.q_i[:, t0:t1].to(c.cdt)
         self.w = c.w[:, t0:t1]
         self.q = c.q[:, t0:t1].to(c.cdt)
