@@ -10,8 +10,10 @@ except ImportError:
 from ops import (  # noqa: E402
     blocked_attention,  # noqa: F401
     blocked_indexer,  # noqa: F401
+    blocked_indexer_select,  # noqa: F401
     compressor,  # noqa: F401
     indexer,  # noqa: F401
+    indexer_kl,  # noqa: F401
     linear_cross_entropy,  # noqa: F401
     rms_norm,  # noqa: F401
     rope,  # noqa: F401

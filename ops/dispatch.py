@@ -5,8 +5,9 @@ Backends:
 - ``blocked``: plain PyTorch evaluated chunk by chunk (the CPU path): same results as the reference up to
   summation order, without the reference's large temporaries — ``hybrid_attention`` (``ops.blocked_attention``,
   recomputing backward: cost and memory of the sparse attention), ``compressed_attention_mass``,
-  ``indexer_scores`` (``ops.blocked_indexer``), ``apply_rope``, ``linear_cross_entropy``, ``rms_norm``. Ops
-  without one fall back to their reference.
+  ``indexer_scores`` (``ops.blocked_indexer``), ``indexer_select`` (``ops.blocked_indexer_select``: streamed
+  top-k) and ``indexer_attention_kl`` (``ops.indexer_kl``: the streamed KL loss), ``apply_rope``,
+  ``linear_cross_entropy``, ``rms_norm``. Ops without one fall back to their reference.
 - ``triton``: fused kernels (GPU, or CPU through ``TRITON_INTERPRET=1`` for tests).
 - ``auto``: Triton when the inputs live on a CUDA device and a kernel is registered, else ``blocked`` when
   registered, else the reference.

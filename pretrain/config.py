@@ -161,6 +161,7 @@ class TrainConfig:
     batch_ramp_steps: int = 0               # linear ramp of the global batch from batch_ramp_start
     batch_ramp_start: int = 0
     seq_len_stages: list[list[int]] = field(default_factory=list)   # [[start_step, seq_len], ...]
+    yarn_stages: list[list[float]] = field(default_factory=list)    # [[start_step, YaRN factor], ...] (<= 1: off)
     dense_attention_steps: int = 0          # attention_mode=dense before this step
     indexer_warmup_steps: int = 0           # then indexer warm-up (frozen LM, KL loss) for this many
     mtp_lambda: float = 0.3

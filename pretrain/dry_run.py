@@ -4,6 +4,7 @@
         'parallel.pp_layer_split=[10,11,11,11]'
     python -m pretrain.dry_run --config flash model.recompute=selective     # another recompute setting
     python -m pretrain.dry_run --readme          # the Flash / Pro tables on 256 and 1024 GPUs
+    python -m pretrain.dry_run --long-context    # what fits at 128K / 256K / 1M tokens (pretrain.long_context_plan)
 
 For every pipeline rank (one representative rank each, :mod:`parallel.layout_plan`) the rank's model chunks
 are built with the training code (``pretrain.model.build`` → ``DeepSeekV4Model`` stages) under
@@ -252,9 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--global-batch", type=int, default=None, help="default: train.global_batch of the config")
     ap.add_argument("--gpu-gb", type=float, default=141.0, help="memory per GPU in GB (10^9 B); H200: 141")
     ap.add_argument("--readme", action="store_true", help="the Flash/Pro tables on 256 and 1024 GPUs")
+    ap.add_argument("--long-context", action="store_true",
+                    help="Flash/Pro at 128K, 256K, 1M tokens on 256 and 1024 GPUs: proposed sp/recompute, memory, time")
+    ap.add_argument("--mfu", type=float, default=0.4, help="--long-context: assumed model FLOP utilisation")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.pp=4 model.recompute=full")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if a.long_context:
+        from pretrain.long_context_plan import LENGTHS, propose, render_proposals
+        props = [propose(name, world, par, S, a.gpu_gb, a.mfu) for name, world, par in README_LAYOUTS for S in LENGTHS]
+        print(render_proposals(props, a.gpu_gb, a.mfu), flush=True)
+        return 0
     runs = []
     if a.readme:
         for name, world, par in README_LAYOUTS:

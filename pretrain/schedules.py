@@ -10,6 +10,11 @@ detect a changed schedule on resume.
   rounded down to a multiple of ``micro_batch * dp`` (at least one micro-batch per data-parallel rank).
 - Sequence-length stages: ``seq_len_stages = [[start_step, seq_len], ...]``; before the first stage,
   ``train.seq_len``.
+- YaRN stages (context extension): ``yarn_stages = [[start_step, factor], ...]``: the YaRN factor of the CSA/HCA
+  RoPE from that step (``factor <= 1``: YaRN off, plain RoPE at ``compress_rope_theta``); before the first stage
+  (or without stages) the model config's ``model.yarn``. ``yarn_factor`` is None where the model's own applies.
+  As everything here a function of the step only: a resume at any step, a stage boundary included, gets the
+  stage's factor again (``pretrain.model.rope.set_yarn_factor`` applies it to the model).
 - Attention: ``dense`` for ``dense_attention_steps``, then ``indexer_warmup`` (main model frozen, indexer
   trained with its KL loss) for ``indexer_warmup_steps``, then ``sparse``. With both at 0 the model config's
   ``attention_mode`` is used for the whole run.
@@ -33,6 +38,7 @@ class StepSchedule:
     micro_batches: int          # micro-batches per data-parallel rank for this step
     seq_len: int
     seq_stage: int              # index into the stage list (0 = train.seq_len before any stage)
+    yarn_factor: float | None   # YaRN factor of this step's stage (None: the model config's yarn)
     attention_mode: str         # "dense" | "indexer_warmup" | "sparse"
     mtp_lambda: float
     bias_update_rate: float
@@ -53,6 +59,10 @@ class Schedules:
             if len(st) != 2 or st[0] < 0 or st[1] <= 0:
                 raise ValueError(f"train.seq_len_stages[{i}]={st}: expected [start_step >= 0, seq_len > 0]")
         self.stages = sorted((int(a), int(b)) for a, b in (train.seq_len_stages or []))
+        for i, st in enumerate(getattr(train, "yarn_stages", None) or []):
+            if len(st) != 2 or st[0] < 0 or st[0] != int(st[0]) or st[1] <= 0:
+                raise ValueError(f"train.yarn_stages[{i}]={st}: expected [start_step >= 0 (an integer), factor > 0]")
+        self.yarn_stages = sorted((int(a), float(b)) for a, b in (getattr(train, "yarn_stages", None) or []))
         unit = train.micro_batch * dp
         if train.global_batch % unit:
             raise ValueError(f"train.global_batch={train.global_batch} is not divisible by micro_batch*dp = "
@@ -88,6 +98,13 @@ class Schedules:
                 length, idx = sl, i + 1
         return length, idx
 
+    def yarn_factor(self, s: int) -> float | None:
+        factor = None
+        for start, f in self.yarn_stages:
+            if s >= start:
+                factor = f
+        return factor
+
     def attention_mode(self, s: int) -> str:
         t = self.t
         if t.dense_attention_steps <= 0 and t.indexer_warmup_steps <= 0:
@@ -108,6 +125,7 @@ class Schedules:
         gamma = 0.0 if mode == "indexer_warmup" else t.bias_update_rate
         return StepSchedule(step=s, lr=lr, phase=phase, global_batch=gb,
                             micro_batches=gb // (t.micro_batch * self.dp), seq_len=seq_len, seq_stage=stage,
+                            yarn_factor=self.yarn_factor(s),
                             attention_mode=mode, mtp_lambda=lam, bias_update_rate=gamma,
                             seq_aux_loss_coeff=t.seq_aux_loss_coeff)
 
@@ -120,12 +138,12 @@ class Schedules:
 
     # ---------------------------------------------------------------------------------------------
     _KEYS = ("steps", "lr", "min_lr_ratio", "warmup_steps", "decay_start", "global_batch", "micro_batch",
-             "batch_ramp_steps", "batch_ramp_start", "seq_len", "seq_len_stages", "dense_attention_steps",
+             "batch_ramp_steps", "batch_ramp_start", "seq_len", "seq_len_stages", "yarn_stages", "dense_attention_steps",
              "indexer_warmup_steps", "mtp_lambda", "mtp_lambda_decay", "bias_update_rate",
              "seq_aux_loss_coeff")
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self.t, k) for k in self._KEYS}
+        return {k: getattr(self.t, k, []) for k in self._KEYS}
 
     def changed_keys(self, saved: dict[str, Any]) -> list[str]:
         """Keys whose value differs from a checkpoint's schedule (logged as a warning on resume)."""

@@ -50,6 +50,7 @@ from pretrain.ckpt_state import build_state, load_state, rng_state, set_rng_stat
 from pretrain.config import Config, ConfigError, dump_config
 from pretrain.guards import Guards
 from pretrain.metrics import MetricsLogger, plot_losses
+from pretrain.model.rope import set_yarn_factor
 from pretrain.schedules import Schedules, StepSchedule
 from pretrain.signals import PreemptionHandler
 
@@ -278,6 +279,7 @@ class Trainer:
                 g["lr"] = sched.lr
         for m in self.modules:
             su.set_attention_mode(m, sched.attention_mode)
+            set_yarn_factor(m, sched.yarn_factor)          # YaRN stage (train.yarn_stages)
         pipeline.zero_grads(self.chunks)
         micro = [su.split_batch(self._next_batch(), self.device) for _ in range(sched.micro_batches)]
         with self._autocast():

@@ -37,7 +37,11 @@ local groups (``o_groups / tp`` blocks; weight tagged tensor_model_parallel, par
 RowParallelLinear, ``sinks`` are split with the heads. q_a_proj, kv_proj, the compressor and the indexer are
 replicated; the replicated kv / compressed entries enter the head-parallel region through
 ``copy_to_tensor_model_parallel_region`` (gradient all-reduced), and the indexer's target mass is summed
-over all heads with an all-reduce. At tp = 1 all of this is the identity.
+over all heads from the all-gathered (detached) q and lse of every head. At tp = 1 all of this is the identity.
+
+Long context: the indexer's top-k (op ``indexer_select``) and its KL loss with the target fused in (op
+``indexer_attention_kl``) are streamed in query chunks and key blocks on the ``blocked`` backend, so no tensor
+of size [S, S/m] exists (docs/LONG_CONTEXT.md); the reference ops materialise them and define the results.
 
 Selective activation recomputation (``recompute_core``, set by the block for ``model.recompute=selective``;
 :mod:`pretrain.model.recompute`): the region from c^Q to the de-rotated o (q_b_proj, the per-head norm, RoPE,
@@ -59,7 +63,6 @@ from torch import nn
 
 from ops import dispatch
 from ops.compressor import compressed_layout, document_positions, segment_starts
-from ops.sparse_attention import compressed_entry_mask
 from pretrain.model.compressor import KVCompressor
 from pretrain.model.indexer import LightningIndexer
 from pretrain.model.rmsnorm import RMSNorm, unweighted_rms_norm
@@ -302,7 +305,7 @@ class V4Attention(nn.Module):
         kv = self._to_head_parallel(kv)
 
         self.indexer_loss = None
-        comp_kv = lo = hi = idx = scores = None
+        comp_kv = lo = hi = idx = index_in = None
         mode = self._checked_mode()
         if self.compressor is not None:
             starts = seg_start if seg_start is not None else torch.zeros(B, S, dtype=torch.long, device=x.device)
@@ -310,14 +313,14 @@ class V4Attention(nn.Module):
             comp_kv = self._to_head_parallel(self.compressor(x, layout, self.rotary))   # [B, N, c]
             lo, hi = layout.visible_lo, layout.visible_hi
             if self.layer_type == "csa" and mode != "dense":
-                scores = self.compressor.indexer(x.detach(), q_latent.detach(), position_ids, layout,
-                                                 self.rotary)
+                index_in = self.compressor.indexer.score_inputs(x.detach(), q_latent.detach(), position_ids,
+                                                                layout, self.rotary)
                 if mode == "sparse":
-                    idx = dispatch.get("indexer_topk", scores)(scores, lo, hi, self.index_topk)
+                    idx = self._select(index_in, lo, hi)
 
         o, q, lse = self._attend(q_latent, kv, cos, sin, self.sinks, seg_start, comp_kv, lo, hi, idx, False)
-        if scores is not None:
-            self.indexer_loss = self._indexer_kl(q, comp_kv, lse, scores, lo, hi, idx)
+        if index_in is not None:
+            self.indexer_loss = self._indexer_kl(index_in, q, comp_kv, lse, lo, hi, idx)[0]
         o = self.o_a_proj(o.reshape(B, S, self.o_a_proj.local_groups, -1))
         return self._parallel_linear(self.o_b_proj, o)
 
@@ -353,7 +356,7 @@ class V4Attention(nn.Module):
         kv = self._to_head_parallel(usp.gather_seq(kv))                 # [B, S, c]
 
         self.indexer_loss = None
-        comp_kv = lo = hi = idx = scores = None
+        comp_kv = lo = hi = idx = index_in = None
         mode = self._checked_mode()
         if self.compressor is not None:
             starts = seg_start if seg_start is not None else torch.zeros(B, S, dtype=torch.long, device=x.device)
@@ -362,49 +365,61 @@ class V4Attention(nn.Module):
             comp_kv = self._to_head_parallel(self.compressor(x_full, layout, self.rotary))
             lo, hi = layout.visible_lo, layout.visible_hi
             if self.layer_type == "csa" and mode != "dense":
-                scores = self.compressor.indexer(x.detach(), q_latent.detach(), position_ids[:, local], layout,
-                                                 self.rotary, keys_x=x_full.detach())          # local queries
-                if mode == "sparse":
-                    idx = usp.gather_seq(dispatch.get("indexer_topk", scores)(
-                        scores, lo[:, local], hi[:, local], self.index_topk))
+                index_in = self.compressor.indexer.score_inputs(x.detach(), q_latent.detach(), position_ids[:, local],
+                                                                layout, self.rotary, keys_x=x_full.detach())
+                if mode == "sparse":                                                   # local queries
+                    idx = usp.gather_seq(self._select(index_in, lo[:, local], hi[:, local]))
 
         h_sp = self.local_heads // sp
         o, qh, lse = self._attend(q_latent, kv, cos, sin, self.sinks[r * h_sp:(r + 1) * h_sp], seg_start, comp_kv,
                                   lo, hi, idx, True)                               # qh [B, S, h/sp, c]
-        if scores is not None:
-            self.indexer_loss = self._indexer_kl_sp(qh, comp_kv, lse, scores, lo, hi, idx, local, sp)
+        if index_in is not None:
+            self.indexer_loss = self._indexer_kl_sp(index_in, qh, comp_kv, lse, lo, hi, idx, local, sp)
         o = self.o_a_proj(o.reshape(B, S_l, self.o_a_proj.local_groups, -1))
         return self._parallel_linear(self.o_b_proj, o)
 
-    def _indexer_kl_sp(self, qh: torch.Tensor, comp_kv: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor,
-                       lo: torch.Tensor, hi: torch.Tensor, idx: Optional[torch.Tensor], local: slice,
-                       sp: int) -> torch.Tensor:
+    def _select(self, index_in: tuple[torch.Tensor, ...], lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Top-``index_topk`` entries per query (op ``indexer_select``: streamed, never the [S, N] scores)."""
+        q_i, keys_i, w_i = (t.detach() for t in index_in)
+        return dispatch.get("indexer_select", q_i)(q_i, keys_i, w_i, lo, hi, self.index_topk)
+
+    def _all_heads(self, q: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [B, S, h_local, c] and lse [B, S, h_local] of ALL heads (tp > 1: all-gathered, detached), so that the
+        KL target Σ_h is summed over every head without an all-reduce of an [S, N] mass."""
+        q, lse = q.detach(), lse.detach()
+        if self.tp_size == 1:
+            return q, lse
+        parts_q = [torch.empty_like(q) for _ in range(self.tp_size)]
+        parts_l = [torch.empty_like(lse) for _ in range(self.tp_size)]
+        dist.all_gather(parts_q, q.contiguous(), group=self.tp_group)
+        dist.all_gather(parts_l, lse.contiguous(), group=self.tp_group)
+        return torch.cat(parts_q, dim=2), torch.cat(parts_l, dim=2)
+
+    def _indexer_kl_sp(self, index_in: tuple[torch.Tensor, ...], qh: torch.Tensor, comp_kv: torch.Tensor,
+                       lse: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, idx: Optional[torch.Tensor],
+                       local: slice, sp: int) -> torch.Tensor:
         """The KL of :meth:`_indexer_kl` for the local queries, scaled so that its mean over the sp ranks is the
-        one-process mean over ALL qualifying queries: kl_r = mean_local · n_local · sp / n_global."""
+        one-process mean over ALL qualifying queries: kl_r = mean_local · n_local · sp / n_global. The target
+        needs every head of the local queries: q and lse go back through the inverse Ulysses all-to-all
+        (O(S·h·c), no [S, N] mass is exchanged)."""
         from parallel import sequence_parallel as usp
-        mask = compressed_entry_mask(comp_kv.shape[1], lo, hi, idx)
         with torch.no_grad():
-            mass = dispatch.get("compressed_attention_mass", qh)(qh.detach(), comp_kv.detach(), lse.detach(),
-                                                                 self.scale, mask)
-            mass = usp.reduce_scatter_seq(mass)                  # Σ over the sp ranks' heads, local queries
-            if self.tp_size > 1:
-                dist.all_reduce(mass, group=self.tp_group)
-        mask = mask[:, local]
-        kl = dispatch.get("indexer_kl_loss", scores)(scores, mass, mask)
-        rows = ((torch.where(mask, mass, torch.zeros_like(mass)).sum(-1) > 0) & mask.any(-1)).sum()
+            q_loc = usp.seq_to_heads(qh.detach())                                     # [B, S/sp, h, c]
+            lse_loc = usp.seq_to_heads(lse.detach()[..., None]).squeeze(-1)           # [B, S/sp, h]
+        kl, rows = self._indexer_kl(index_in, q_loc, comp_kv, lse_loc, lo[:, local], hi[:, local],
+                                    None if idx is None else idx[:, local])
         n_global = usp.global_count(rows)
         return kl * (rows.to(kl.dtype) * sp / n_global.clamp(min=1).to(kl.dtype))
 
-    def _indexer_kl(self, q: torch.Tensor, comp_kv: torch.Tensor, lse: torch.Tensor, scores: torch.Tensor,
-                    lo: torch.Tensor, hi: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
-        """KL(main-attention mass ‖ softmax(index scores)) over the attended entries (§12.4)."""
-        mask = compressed_entry_mask(comp_kv.shape[1], lo, hi, idx)
-        with torch.no_grad():
-            mass = dispatch.get("compressed_attention_mass", q)(q.detach(), comp_kv.detach(), lse.detach(),
-                                                                self.scale, mask)
-            if self.tp_size > 1:   # sum over ALL heads
-                dist.all_reduce(mass, group=self.tp_group)
-        return dispatch.get("indexer_kl_loss", scores)(scores, mass, mask)
+    def _indexer_kl(self, index_in: tuple[torch.Tensor, ...], q: torch.Tensor, comp_kv: torch.Tensor,
+                    lse: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                    idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KL(main-attention mass ‖ softmax(index scores)) over the attended entries (§12.4), qualifying rows):
+        op ``indexer_attention_kl``, streamed in query chunks and key blocks on the blocked backend."""
+        q_all, lse_all = self._all_heads(q, lse)
+        q_i, keys_i, w_i = index_in
+        return dispatch.get("indexer_attention_kl", q_i)(q_i, keys_i, w_i, q_all, comp_kv.detach(), lse_all,
+                                                         self.scale, lo, hi, idx)
 
     def extra_repr(self) -> str:
         return (f"layer_type={self.layer_type}, layer_idx={self.layer_idx}, heads={self.local_heads}/"

@@ -5,8 +5,10 @@
     w^I_t   = h_t W^w                          [n_I] head weights
     I_{t,s} = Σ_h w^I_{t,h} n_I^{-1/2} · ReLU(q^I_{t,h} · K^IComp_s) · c_I^{-1/2}
 
-Selection (top-k with the lower index winning ties) is ``ops.indexer.indexer_topk``; the indexer's KL
-training loss is assembled by the attention module (it needs the main attention's probabilities).
+Selection (top-k with the lower index winning ties) is the op ``indexer_select`` (reference:
+``ops.indexer.indexer_topk`` of the scores); the indexer's KL training loss is the op ``indexer_attention_kl``,
+called by the attention module (it needs the main attention's q and lse). Both are streamed (``blocked`` backend;
+Triton for ``indexer_select``): no [S, N] tensor at long context.
 
 The indexer never receives gradient from the LM loss (top-k is not differentiable) and must not send any
 into the LM: the attention module passes it DETACHED hidden states and c^Q (§12.4), so its KL loss trains
@@ -58,10 +60,10 @@ class LightningIndexer(KVCompressor):
         self.q_b_proj.weight.v4_optimizer = "muon"
         self.scorer = IndexerScorer(cfg.hidden_size, cfg.index_n_heads, cfg.init_std)
 
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
-                layout: CompressedLayout, rope: RotaryEmbedding,
-                keys_x: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Index scores.
+    def score_inputs(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
+                     layout: CompressedLayout, rope: RotaryEmbedding,
+                     keys_x: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three inputs of the score ops: (q^I [B, S, n_I, c_I] with RoPE, K^IComp [B, N, c_I], w^I [B, S, n_I]).
 
         Args:
             x: [B, S, d] attention input h (pass it detached). q_latent: [B, S, d_c] c^Q (detached).
@@ -69,13 +71,20 @@ class LightningIndexer(KVCompressor):
             rope: the layer's RoPE (compress base + YaRN).
             keys_x: the hidden states the keys are compressed from, when they cover more tokens than the
                 queries (Ulysses sequence parallelism: the whole sequence, ``x`` this rank's shard); default x.
-        Returns:
-            float32 [B, S, N] scores I_{t,s} (unmasked; invisible entries must be masked by the caller).
+        The attention feeds them to the streamed ops ``indexer_select`` (top-k) and ``indexer_attention_kl``
+        (the KL loss), which never form the [S, N] score matrix.
         """
         B, S, _ = x.shape
         keys = self.compress(x if keys_x is None else keys_x, layout, rope)     # [B, N, c_I]
         q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim)
         cos, sin = rope(positions)
         q = dispatch.get("apply_rope", q)(q, cos[:, :, None], sin[:, :, None])
-        weights = self.scorer(x)
+        return q, keys, self.scorer(x)
+
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
+                layout: CompressedLayout, rope: RotaryEmbedding,
+                keys_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Index scores float32 [B, S, N] I_{t,s} (unmasked; invisible entries must be masked by the caller),
+        materialised: for tests and short sequences; arguments as :meth:`score_inputs`."""
+        q, keys, weights = self.score_inputs(x, q_latent, positions, layout, rope, keys_x)
         return dispatch.get("indexer_scores", q)(q, keys, weights)

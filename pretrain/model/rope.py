@@ -17,7 +17,7 @@ from torch import nn
 
 from ops.rope import rope_cos_sin, rope_inv_freq
 
-__all__ = ["RotaryEmbedding"]
+__all__ = ["RotaryEmbedding", "set_yarn_factor"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -27,13 +27,24 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.rope_dim = rope_dim
         self.base = base
+        self.yarn = yarn if (yarn is not None and getattr(yarn, "enabled", True)) else None
         self.yarn_factor = None
-        if yarn is not None and getattr(yarn, "enabled", True):
-            self.yarn_factor = float(yarn.factor)
-            self.inv_freq = rope_inv_freq(rope_dim, base, yarn.factor, yarn.original_max_position,
-                                          yarn.beta_fast, yarn.beta_slow)
-        else:
-            self.inv_freq = rope_inv_freq(rope_dim, base)
+        self.inv_freq = rope_inv_freq(rope_dim, base)
+        if self.yarn is not None:
+            self.set_yarn_factor(float(yarn.factor))
+        self.has_yarn = self.yarn is not None    # a CSA/HCA RoPE (the ones a YaRN stage changes)
+
+    def set_yarn_factor(self, factor: float) -> None:
+        """Re-derive the frequencies for YaRN ``factor`` (a context-extension stage, ``train.yarn_stages``;
+        ``factor <= 1``: plain RoPE); original_max_position and the betas stay the config's."""
+        if self.yarn is None:
+            raise ValueError("set_yarn_factor on a RoPE without YaRN (sliding layers never use it)")
+        if factor == self.yarn_factor:
+            return
+        y = self.yarn
+        self.yarn_factor = float(factor)
+        self.inv_freq = (rope_inv_freq(self.rope_dim, self.base, factor, y.original_max_position, y.beta_fast,
+                                       y.beta_slow) if factor > 1 else rope_inv_freq(self.rope_dim, self.base))
 
     @classmethod
     def for_layer(cls, cfg: Any, layer_type: str) -> "RotaryEmbedding":
@@ -50,3 +61,12 @@ class RotaryEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rope_dim={self.rope_dim}, base={self.base}, yarn_factor={self.yarn_factor}"
+
+
+def set_yarn_factor(model: nn.Module, factor: float | None) -> None:
+    """Set the YaRN factor of every CSA/HCA RoPE in ``model`` (None: leave the config's)."""
+    if factor is None:
+        return
+    for m in model.modules():
+        if isinstance(m, RotaryEmbedding) and m.has_yarn:
+            m.set_yarn_factor(factor)
