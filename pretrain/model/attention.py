@@ -126,7 +126,6 @@ class GroupedOutputProjection(nn.Module):
         self.weight.tensor_model_parallel = tp_size > 1
         self.weight.partition_dim = 0
         self.weight.partition_stride = 1
-        self.weight.v4_optimizer = "muon"
         self.weight.v4_blocks = [out_per_group] * self.local_groups
         self.weight.v4_tp_whole_blocks = True    # TP shards hold whole groups, not slices of every group
 
@@ -211,7 +210,6 @@ class V4Attention(nn.Module):
                                            init_std=std)
         for lin in (self.q_a_proj, self.kv_proj):
             init_method(lin.weight)
-        self._tag_parameters()
 
     def _project_latent_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                            rope) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,13 +248,6 @@ class V4Attention(nn.Module):
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode='{mode}' unknown; use one of {ATTENTION_MODES}")
         return mode
-
-    def _tag_parameters(self) -> None:
-        """``v4_optimizer`` per CONTRACTS.md: sinks, position biases, norm weights -> adamw; matrices -> muon."""
-        for _name, p in self.named_parameters():
-            if hasattr(p, "v4_optimizer"):
-                continue
-            p.v4_optimizer = "muon" if p.dim() >= 2 else "adamw"
 
     # -------------------------------------------------------------------------------------------------
     def _parallel_linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

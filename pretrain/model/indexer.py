@@ -39,7 +39,6 @@ class IndexerScorer(nn.Module):
         super().__init__()
         self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
         nn.init.normal_(self.weights_proj.weight, mean=0.0, std=init_std)
-        self.weights_proj.weight.v4_optimizer = "muon"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weights_proj(x)
@@ -57,7 +56,6 @@ class LightningIndexer(KVCompressor):
         self.n_heads = cfg.index_n_heads
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
         nn.init.normal_(self.q_b_proj.weight, mean=0.0, std=cfg.init_std)
-        self.q_b_proj.weight.v4_optimizer = "muon"
         self.scorer = IndexerScorer(cfg.hidden_size, cfg.index_n_heads, cfg.init_std)
 
     def score_inputs(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
