@@ -20,7 +20,7 @@ NODES ?= 1
 GPUS ?= 8
 PYTEST_ARGS ?=
 # what the formatter and the linter cover (settings: pyproject.toml)
-LINT_PATHS ?= pretrain parallel data_pipeline ops tests benchmarks tools
+LINT_PATHS ?= pretrain parallel data_pipeline ops tests benchmarks
 RUFF := $(VENV)/bin/ruff
 export OMP_NUM_THREADS ?= 1
 export RAY_USAGE_STATS_ENABLED := 0

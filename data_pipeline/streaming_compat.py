@@ -4,7 +4,7 @@
 imported beside the CPU torch build (``operator torchvision::nms does not exist``) and installing it
 pulls a CUDA torch. Everything we use lives in ``streaming.base``, so we register ``streaming`` as a bare
 namespace package pointing at the installed directory and import ``streaming.base`` from it.
-(stack-notes §9; the same holds for the ``streaming-community`` fork.)
+(docs/STACK.md §9; the same holds for the ``streaming-community`` fork.)
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""KV compression of CSA/HCA (deepseek-v4.md §5) and the bookkeeping of packed documents.
+"""KV compression of CSA/HCA (docs/MODEL.md §5) and the bookkeeping of packed documents.
 
 Pooling (paper eqs. 9–12, 20–23). Per compressed entry i and per channel, a softmax over the entry's slots:
 

@@ -1,4 +1,4 @@
-"""Lightning indexer of CSA: scores, top-k selection and its KL training loss (deepseek-v4.md §6, §12.4).
+"""Lightning indexer of CSA: scores, top-k selection and its KL training loss (docs/MODEL.md §6, §12.4).
 
 Score (paper eq. 16 with the two constants of the code):
 ``I_{t,s} = Σ_h (w_{t,h} · n_I^{-1/2}) · ReLU(q^I_{t,h} · K^IComp_s) · c_I^{-1/2}``.

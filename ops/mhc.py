@@ -1,4 +1,4 @@
-"""Manifold-Constrained Hyper-Connections (mHC): PyTorch reference ops (deepseek-v4.md §3.2, §3.3).
+"""Manifold-Constrained Hyper-Connections (mHC): PyTorch reference ops (docs/MODEL.md §3.2, §3.3).
 
 The residual state of one token is X ∈ R^{n×d} (n = ``hc_mult`` streams). Every sub-layer (attention, MoE)
 is wrapped as

@@ -7,7 +7,7 @@ U V^T of G = U S V^T with odd matrix polynomials:
     X_{k+1} = a_k X_k + b_k (X_k X_k^T) X_k + c_k (X_k X_k^T)^2 X_k
 
 run in the *wide* orientation (transpose when n > m, so the Gram X X^T is the smaller s x s matrix,
-s = min(n, m), l = max(n, m)). The V4 schedule (deepseek-v4.md §12.2) is 8 steps of
+s = min(n, m), l = max(n, m)). The V4 schedule (docs/MODEL.md §12.2) is 8 steps of
 (3.4445, -4.7750, 2.0315) (fast growth of small singular values) then 2 steps of (2, -1.5, 0.5)
 (p(1) = 1, p'(1) = 0: polishes singular values towards exactly 1). ``steps`` is a list of
 ``(count, a, b, c)``.

@@ -1,4 +1,4 @@
-"""RMSNorm over the last dim, weighted or not (deepseek-v4.md §11), as one op with a hand-written backward.
+"""RMSNorm over the last dim, weighted or not (docs/MODEL.md §11), as one op with a hand-written backward.
 
     r = 1/sqrt(mean(x²) + eps),   x̂ = x·r,   y = w ⊙ x̂   (w = 1: the per-head query norm)
     ∂x = r·(ĝ − x̂·mean(ĝ ⊙ x̂)),  ĝ = w ⊙ ∂y,     ∂w = Σ_rows ∂y ⊙ x̂

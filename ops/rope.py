@@ -1,4 +1,4 @@
-"""Interleaved partial RoPE of DeepSeek-V4 (deepseek-v4.md §4.1, §4.4, §4.6, §11).
+"""Interleaved partial RoPE of DeepSeek-V4 (docs/MODEL.md §4.1, §4.4, §4.6, §11).
 
 Every head of width ``D`` is laid out as ``[nope (D - r) | rope (r)]``; only the LAST ``r`` dims rotate.
 The rotated dims are taken in interleaved (GPT-J style) pairs ``(2i, 2i+1)``, i = 0..r/2-1, with angle

@@ -1,6 +1,6 @@
 """Let megatron-core run on a CUDA-less torch (CPU + gloo). Applied only when CUDA is absent.
 
-megatron-core assumes CUDA in many places. ``apply()`` patches exactly these sites (stack-notes §1-§6),
+megatron-core assumes CUDA in many places. ``apply()`` patches exactly these sites (docs/STACK.md §1-§6),
 and does nothing when ``torch.cuda.is_available()``:
 
 1. ``torch.cuda.current_device`` -> ``torch.device("cpu")``: ~200 sites do
@@ -24,7 +24,7 @@ and does nothing when ``torch.cuda.is_available()``:
 
 Config flags that must accompany it on CPU (set by ``parallel.process_groups.megatron_cpu_flags``):
 ``use_cpu_initialization``, no fusions, ``moe_grouped_gemm=False``, ``pipeline_dtype=float32``,
-``batch_p2p_comm=False`` (batched p2p on gloo gives wrong pipeline results, stack-notes §4).
+``batch_p2p_comm=False`` (batched p2p on gloo gives wrong pipeline results, docs/STACK.md §4).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Muon, DeepSeek-V4 variant (deepseek-v4.md §12.2), single-process and distributed (TP x DP x EP).
+"""Muon, DeepSeek-V4 variant (docs/MODEL.md §12.2), single-process and distributed (TP x DP x EP).
 
 Per logically independent matrix W in R^{n x m} (a *unit*, see ``parallel.muon_sharding``), lr eta,
 momentum mu, weight decay lambda, RMS factor gamma:

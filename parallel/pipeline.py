@@ -164,7 +164,7 @@ def schedule_config(model_config: Any, hc_mult: int, vpp: int) -> Any:
     cfg.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
     cfg.variable_seq_lengths = False
     if not torch.cuda.is_available():
-        cfg.batch_p2p_comm = False              # wrong results on gloo at pp = 2 (stack-notes §4)
+        cfg.batch_p2p_comm = False              # wrong results on gloo at pp = 2 (docs/STACK.md §4)
         cfg.overlap_p2p_comm = False
     cfg.no_sync_func = cfg.grad_sync_func = cfg.param_sync_func = None
     cfg.finalize_model_grads_func = None

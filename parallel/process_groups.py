@@ -76,7 +76,7 @@ def compute_layout(world: int, tp: int = 1, pp: int = 1, vpp: int = 1, ep: int =
         raise LayoutError(f"parallel.vpp={vpp} needs pipeline parallelism (pp > 1)")
     if etp > 1 and backend == "gloo":
         raise LayoutError(f"parallel.etp={etp} needs NCCL: gloo has no uneven all_gather for the expert-tensor-"
-                          f"parallel token dispatch (stack-notes §3); use parallel.etp=1 on CPU")
+                          f"parallel token dispatch (docs/STACK.md §3); use parallel.etp=1 on CPU")
     if model is not None:
         if model.num_heads % tp:
             raise LayoutError(f"model.num_heads={model.num_heads} is not divisible by parallel.tp={tp}")
@@ -176,7 +176,7 @@ def init_torch_distributed(backend: str = "auto", timeout_minutes: int = 30) -> 
 
 
 def megatron_cpu_flags() -> dict[str, Any]:
-    """TransformerConfig flags needed without CUDA/apex/TE (stack-notes §1)."""
+    """TransformerConfig flags needed without CUDA/apex/TE (docs/STACK.md §1)."""
     return dict(use_cpu_initialization=True, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
                 masked_softmax_fusion=False, bias_activation_fusion=False, apply_rope_fusion=False,
                 persist_layer_norm=False, moe_grouped_gemm=False, moe_permute_fusion=False,

@@ -39,7 +39,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class YarnConfig:
-    """YaRN frequency interpolation for the CSA/HCA layers (deepseek-v4.md §11)."""
+    """YaRN frequency interpolation for the CSA/HCA layers (docs/MODEL.md §11)."""
 
     enabled: bool = True
     factor: float = 16.0

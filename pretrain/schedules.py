@@ -1,4 +1,4 @@
-"""DeepSeek-V4 training schedules (deepseek-v4.md §12.3-12.4), scaled by the config to any run length.
+"""DeepSeek-V4 training schedules (docs/MODEL.md §12.3-12.4), scaled by the config to any run length.
 
 Everything here is a pure function of the optimizer step ``s`` (0-based: the step being taken) and the
 ``train`` config, so resuming needs only the step; the checkpoint still stores ``Schedules.state_dict()`` to

@@ -1,7 +1,7 @@
 """V4Attention against HF transformers' DeepseekV4Attention / DeepseekV4Indexer (fp32, CPU), and the
 document-packing guarantees (no leakage between documents).
 
-Tiny shapes as in deepseek-v4.md §15.3. HF zero-initialises ``sinks`` and ``position_bias`` and builds
+Tiny shapes as in docs/MODEL.md §15.3. HF zero-initialises ``sinks`` and ``position_bias`` and builds
 norms with weight 1, which would leave those code paths untested, so every HF tensor is overwritten with
 seeded random values before the weights are copied (by name, no renaming) into our module.
 """

@@ -3,7 +3,7 @@
 Each case builds a random small HF model, overwrites every tensor HF initialises to a constant (sinks, position
 biases, mHC base/scale, expert bias, hash table tid2eid, norm weights) with random values, and compares logits:
 (a) HF save_pretrained -> model_from_hf -> our logits, (b) our save_hf -> HF from_pretrained -> HF logits.
-index_topk >= S/m so the CSA top-k selects every visible entry (deepseek-v4.md §15.5 pitfall 3: ties).
+index_topk >= S/m so the CSA top-k selects every visible entry (docs/MODEL.md §15.5 pitfall 3: ties).
 """
 from __future__ import annotations
 

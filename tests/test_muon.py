@@ -1,5 +1,5 @@
 """Single-process Muon and Newton-Schulz: against a from-scratch float64 reimplementation of
-deepseek-v4.md §12.2 written here (not imported from the library).
+docs/MODEL.md §12.2 written here (not imported from the library).
 
 Tolerances: float64 paths are compared at rtol 1e-10 -- the library and the reference evaluate the same
 polynomials in a different association order (baddbmm vs explicit products), which in float64 differs

@@ -1,7 +1,7 @@
 """KV-compressor pooling (CSA overlapping / HCA) as Triton kernels; reference ``ops.compressor.compressor_pool``.
 
 Per entry n (block of m tokens starting at bs = block_start[n]; bs < 0 = unused slot → 0) and channel ch,
-a softmax over the entry's slots j (deepseek-v4.md §5.1/§5.2):
+a softmax over the entry's slots j (docs/MODEL.md §5.1/§5.2):
 
     HCA (C = c):   slots j < m:   token bs + j,      value kv[·, ch],      logit gate[·, ch] + B[j, ch]
     CSA (C = 2c):  slots j < m:   token bs − m + j,  value kv[·, ch],      logit gate[·, ch] + B[j, ch]

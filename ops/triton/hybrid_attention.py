@@ -1,6 +1,6 @@
 """Hybrid sparse attention of DeepSeek-V4 in Triton: one online softmax over window ∪ compressed entries + sink.
 
-Reference and contract: ``ops/sparse_attention.hybrid_attention`` (deepseek-v4.md §4.3). For head h of query
+Reference and contract: ``ops/sparse_attention.hybrid_attention`` (docs/MODEL.md §4.3). For head h of query
 t, J_t = W_t ∪ C_t, single shared K=V head (v_j = k_j):
 
     z_j = scale · q_{t,h}·k_j,   lse = log(Σ_{j∈J_t} e^{z_j} + e^{z'_h}),   o = Σ_j e^{z_j − lse} k_j

@@ -1,6 +1,6 @@
 """Lightning-indexer top-k in Triton, with a fused score variant that never materialises [S, N] scores.
 
-Reference: ``ops.indexer`` (deepseek-v4.md §6). Score of query t and entry s:
+Reference: ``ops.indexer`` (docs/MODEL.md §6). Score of query t and entry s:
 
     I_{t,s} = Σ_h (w_{t,h} · H^{-1/2}) · ReLU(q_{t,h} · k_s) · c^{-1/2}
 

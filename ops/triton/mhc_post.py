@@ -1,4 +1,4 @@
-"""mHC post side as Triton kernels (reference: ``ops.mhc.mhc_post``; spec deepseek-v4.md §3.2 step 7).
+"""mHC post side as Triton kernels (reference: ``ops.mhc.mhc_post``; spec docs/MODEL.md §3.2 step 7).
 
     X_new[t, k, :] = post[t, k] · o[t, :] + Σ_j comb[t, j, k] · X[t, j, :]      (comb applied transposed)
 

@@ -1,4 +1,4 @@
-"""mHC pre side as fused Triton kernels (reference: ``ops/mhc.py``; spec deepseek-v4.md §3.2/§3.3).
+"""mHC pre side as fused Triton kernels (reference: ``ops/mhc.py``; spec docs/MODEL.md §3.2/§3.3).
 
 Per token, with x = vec(X) ∈ R^{K}, K = n·d, R = (2+n)·n rows of ``fn`` (R = n for ``hc_head``):
 

@@ -1,6 +1,6 @@
 """Batched Newton-Schulz (Muon, V4 hybrid schedule) with symmetric Gram kernels in Triton.
 
-Reference and math: ``ops/newton_schulz.py`` (deepseek-v4.md §12.2). For a batch X [E, s, l] (wide
+Reference and math: ``ops/newton_schulz.py`` (docs/MODEL.md §12.2). For a batch X [E, s, l] (wide
 orientation s ≤ l; taller inputs are transposed as in the reference), X₀ = X / ‖X‖_F and per iteration
 
     A = X Xᵀ                 (symmetric: only tiles (i, j), i ≤ j, are computed, each stored twice)

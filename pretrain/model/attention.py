@@ -1,5 +1,5 @@
 """DeepSeek-V4 hybrid attention: sliding-window, CSA (compressed sparse) and HCA (heavily compressed) layers
-(deepseek-v4.md §4–§7, §11, §12.4; paper §2.3).
+(docs/MODEL.md §4–§7, §11, §12.4; paper §2.3).
 
 For token t with attention input h_t (all layer types):
 

@@ -1,4 +1,4 @@
-"""KV compressor of the CSA and HCA layers (deepseek-v4.md §5; paper eqs. 9–12, 20–23).
+"""KV compressor of the CSA and HCA layers (docs/MODEL.md §5; paper eqs. 9–12, 20–23).
 
     C = H W^KV,  Z = H W^Z                                   (per token; 2c channels for CSA, c for HCA)
     C^Comp_i = Σ_{slots j of entry i} softmax_j(Z_j + B_j) ⊙ C_j   (per channel; ops ``compressor_pool``)

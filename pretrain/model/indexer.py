@@ -1,4 +1,4 @@
-"""Lightning indexer of CSA (deepseek-v4.md §6; paper eqs. 13–17).
+"""Lightning indexer of CSA (docs/MODEL.md §6; paper eqs. 13–17).
 
     K^IComp = compressor_I(H)                  own overlapping compressor, head dim c^I, rate m (keys)
     q^I_t   = RoPE_t(c^Q_t W^{IUQ})            [n_I, c^I] from the shared query latent c^Q (no q norm)

@@ -1,4 +1,4 @@
-"""Manifold-Constrained Hyper-Connections as modules (deepseek-v4.md §2, §3; paper §2.2).
+"""Manifold-Constrained Hyper-Connections as modules (docs/MODEL.md §2, §3; paper §2.2).
 
 The residual stream of every token is widened to n = ``hc_mult`` parallel streams X ∈ R^{n×d}:
 

@@ -1,4 +1,4 @@
-"""DeepSeekMoE as in V4 (deepseek-v4.md §9; paper §2.1), built on megatron-core's ``MoELayer``.
+"""DeepSeekMoE as in V4 (docs/MODEL.md §9; paper §2.1), built on megatron-core's ``MoELayer``.
 
     y = Σ_{e ∈ sel(x)} g_e · E_e(x) + E_shared(x)
     E(x) = W2( silu(min(W1 x, c)) ⊙ clamp(W3 x, −c, c) )          (clamped SwiGLU, c = swiglu_limit = 10)

@@ -1,4 +1,4 @@
-"""Multi-Token Prediction, depth 1 (deepseek-v4.md §10; paper §2.1, DeepSeek-V3 §2.2).
+"""Multi-Token Prediction, depth 1 (docs/MODEL.md §10; paper §2.1, DeepSeek-V3 §2.2).
 
 For position i the MTP module predicts token t_{i+2} from the main model's last-block streams X^L_i (before
 ``hc_head``) and the embedding of the next token t_{i+1}:

@@ -2,7 +2,7 @@
 
     python -m pretrain.model.param_count [--config flash pro ...]
 
-Counting (deepseek-v4.md §13, §14): one block of every distinct kind (attention type × hash/learned routing)
+Counting (docs/MODEL.md §13, §14): one block of every distinct kind (attention type × hash/learned routing)
 is built with ``torch.device("meta")`` (no memory), its parameters are counted and multiplied by how often the
 kind occurs; embedding and head are counted once each (untied). MTP is counted separately.
 * total  = embedding + head + hc_head + final norm + Σ blocks

@@ -1,4 +1,4 @@
-"""RMSNorm as DeepSeek-V4 uses it (deepseek-v4.md §11): statistics in float32, weight kept in float32 and
+"""RMSNorm as DeepSeek-V4 uses it (docs/MODEL.md §11): statistics in float32, weight kept in float32 and
 multiplied before the single cast back to the activation dtype.
 
 ``RMSNorm``: ``y = w ⊙ x / sqrt(mean(x²) + eps)`` (weighted; q_a_norm, kv_norm, compressor norms, ...).

@@ -1,4 +1,4 @@
-"""Per-layer-type rotary embedding of DeepSeek-V4 (deepseek-v4.md §4.6, §11).
+"""Per-layer-type rotary embedding of DeepSeek-V4 (docs/MODEL.md §4.6, §11).
 
 * sliding-only layers: base ``rope_theta`` (10000), no YaRN;
 * CSA / HCA layers (queries, window KV, compressed entries, indexer q/k, output de-rotation):

@@ -1,4 +1,4 @@
-"""The DeepSeek-V4 model: blocks of [mHC(attention), mHC(MoE)] on n residual streams (deepseek-v4.md §2).
+"""The DeepSeek-V4 model: blocks of [mHC(attention), mHC(MoE)] on n residual streams (docs/MODEL.md §2).
 
     e      = Emb(input_ids)                                  [B, S, d]   (megatron VocabParallelEmbedding)
     X⁰[j]  = e  for j = 1..n                                 [B, S, n, d]
