@@ -171,9 +171,10 @@ class Loader:
                 # the threads hold the loader weakly, so dropping the loader stops them (__del__ -> close)
                 me = weakref.ref(self)
                 remote = any(s.cache is not None for s in self.sources)
-                self._prefetcher = Prefetcher(cursor, self.prefetch, lambda c: me().samples(me().positions(c)),
-                                              lambda c: me().advance(c),
-                                              (lambda c: me().fetch_ahead(c)) if remote else None)
+                self._prefetcher = Prefetcher(cursor, self.prefetch,
+                                              lambda c: _alive(me).samples(_alive(me).positions(c)),
+                                              lambda c: _alive(me).advance(c),
+                                              (lambda c: _alive(me).fetch_ahead(c)) if remote else None)
             batch = self._prefetcher.get(cursor)
         else:
             batch = self.samples(self.positions(cursor))
@@ -213,6 +214,15 @@ class Loader:
         self.close()             # batches read ahead from the old position are dropped
         self.consumed = int(state["consumed_samples"])
         self.micro = int(state["micro_step"])
+
+
+def _alive(ref: weakref.ref) -> Loader:
+    """The loader behind a prefetch thread's weak reference; ReferenceError (which ends the thread quietly)
+    once the loader is gone."""
+    loader = ref()
+    if loader is None:
+        raise ReferenceError("the loader was dropped")
+    return loader
 
 
 def streaming_dataset(manifest_or_dir: str | Path, mixture: str | dict | None, seed: int, epoch_size: int,

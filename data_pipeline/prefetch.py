@@ -67,6 +67,8 @@ class Prefetcher:
                 self.fetcher.submit(self._fetch, self._ahead(cursor, ahead))
             try:
                 item = (cursor, self.make(cursor), None)
+            except ReferenceError:           # the loader is gone: nobody will ask for this batch
+                return
             except BaseException as e:       # handed to the consumer at this batch
                 item = (cursor, None, e)
             while not self.stop.is_set():
@@ -77,7 +79,10 @@ class Prefetcher:
                     continue
             if item[2] is not None:
                 return
-            cursor = self.advance(cursor)
+            try:
+                cursor = self.advance(cursor)
+            except ReferenceError:
+                return
 
     def get(self, cursor: Cursor) -> Any:
         """The batch at ``cursor`` (must be the next one in order)."""

@@ -219,7 +219,7 @@ def runs(tmp_path_factory, shards) -> dict:
 
 def _sources(shards: str) -> list[str]:
     from data_pipeline.manifest import read_manifest
-    (manifest,) = Path(shards).glob("*-s32-*/manifest.json")
+    (manifest,) = Path(shards).glob("*/s32-*/manifest.json")
     return list(read_manifest(manifest)[1]["validation"])
 
 
