@@ -281,14 +281,17 @@ def boilerplate_corpus(rng, members: int, others: int) -> list[dict]:
     """``members`` near-identical documents (one 120-word template, one word replaced by a unique token in
     each: about 5 of ~116 shingles differ from the template, J ~ 0.92 between two members; every 50th an exact
     copy of the template) mixed with ``others`` unrelated documents."""
-    vocab = [f"w{i}" for i in range(20_000)]
+    def word(i: int) -> str:                                  # letters only: simplify() maps digits to 0
+        return "".join(chr(97 + int(c, 26)) for c in np.base_repr(i, 26).lower())
+
+    vocab = [word(i) + "q" for i in rng.choice(200_000, size=20_000, replace=False)]
     template = [vocab[i] for i in rng.integers(0, len(vocab), size=120)]
     pos = rng.integers(0, 120, size=members)
     docs = []
     for i in range(members):
         words = list(template)
         if i % 50:
-            words[pos[i]] = f"unique{i}"
+            words[pos[i]] = "uniq" + word(i)
         docs.append({"id": f"m{i}", "text": " ".join(words)})
     for i in range(others):
         docs.append({"id": f"o{i}", "text": " ".join(vocab[j] for j in rng.integers(0, len(vocab), size=120))})
