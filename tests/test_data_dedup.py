@@ -298,6 +298,7 @@ def boilerplate_corpus(rng, members: int, others: int) -> list[dict]:
     return [docs[j] for j in rng.permutation(len(docs))]
 
 
+@pytest.mark.slow
 def test_one_cluster_of_100k_boilerplate_documents(tmp_path):
     rng = fresh_rng()
     docs = boilerplate_corpus(rng, 100_000, 2_000)
@@ -330,6 +331,7 @@ def test_bad_partition_is_named(tmp_path):
     assert issubclass(DedupInputError, ValueError)
 
 
+@pytest.mark.slow
 def test_on_ray_equals_in_process(tmp_path, planted):
     docs = planted[0][:600]
     partitions, _ = write_partitions(docs, tmp_path, parts=3)
