@@ -19,6 +19,9 @@ CONFIG ?= tiny
 NODES ?= 1
 GPUS ?= 8
 PYTEST_ARGS ?=
+# what the formatter and the linter cover (settings: pyproject.toml)
+LINT_PATHS ?= pretrain parallel data_pipeline ops tests benchmarks tools
+RUFF := $(VENV)/bin/ruff
 export OMP_NUM_THREADS ?= 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
@@ -26,14 +29,15 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_DATASETS_OFFLINE := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: help setup test test-fast pretrain data lint clean
+.PHONY: help setup test test-fast pretrain data lint format clean
 
 help:
 	@echo "make setup      create $(VENV) and install the pinned stack (idempotent)"
 	@echo "make pretrain   data pipeline on the bundled corpus, then train the tiny V4 model on CPU"
 	@echo "make test       run the whole test suite (CI runs exactly this)"
 	@echo "make data       run only the data pipeline (CONFIG=$(CONFIG))"
-	@echo "make lint       ruff"
+	@echo "make lint       ruff format --check and ruff check (also the first step of make test)"
+	@echo "make format     rewrite the code with ruff format and apply ruff check's safe fixes"
 	@echo "make clean      remove runs, caches and $(VENV)"
 	@echo "cluster launch: make slurm-pretrain|slurm-data|ray-up|ray-data|ray-down|dry-run (clusters/README.md)"
 
@@ -52,10 +56,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt Makefile
 	$(PY) -c "import torch, megatron.core, deepspeed, ray, datasets, transformers, tokenizers; from data_pipeline.streaming_compat import import_streaming; import_streaming()" ; \
 	touch $(STAMP); echo "[setup] done in $$(( $$(date +%s) - t0 )) s; venv $$(du -sh $(VENV) | cut -f1)"
 
-test: setup
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The main job: the tiny V4 model on CPU with 2 ranks (expert parallel). On first use the trainer runs the data
@@ -72,7 +76,12 @@ data: setup
 	$(PY) -m data_pipeline run --mixture data_pipeline/configs/default_mixture.yaml --output runs/data/default
 
 lint: setup
-	$(VENV)/bin/ruff check pretrain parallel data_pipeline ops tests
+	$(RUFF) format --check $(LINT_PATHS)
+	$(RUFF) check $(LINT_PATHS)
+
+format: setup
+	$(RUFF) format $(LINT_PATHS)
+	$(RUFF) check --fix $(LINT_PATHS)
 
 clean:
 	rm -rf runs .cache $(VENV) .pytest_cache

@@ -16,7 +16,7 @@ _cl_config = $(if $(filter command environment override,$(firstword $(origin CON
 # Settings handed to the scripts (those left empty fall back to the scripts' defaults).
 _cl_env = NODES='$(NODES)' GPUS='$(GPUS)' DEVICE='$(DEVICE)' TIME='$(TIME)' SIGNAL_LEAD='$(SIGNAL_LEAD)' \
           PARTITION='$(PARTITION)' ACCOUNT='$(ACCOUNT)' QOS='$(QOS)' RUN_DIR='$(RUN_DIR)' CHAIN='$(CHAIN)' \
-          REQUEUE='$(REQUEUE)' SBATCH_EXTRA='$(SBATCH_EXTRA)' DRY='$(DRY)'
+          REQUEUE='$(REQUEUE)' SBATCH_EXTRA='$(SBATCH_EXTRA)' DRY='$(DRY)' V4_RAY_AUTH='$(V4_RAY_AUTH)'
 
 .PHONY: slurm-pretrain slurm-data ray-up ray-down ray-data dry-run
 
@@ -30,16 +30,19 @@ slurm-data:
 	    $(CLUSTERS_DIR)/slurm/submit_data.sh $(ARGS)
 
 ## ray-up / ray-down [RAY_CLUSTER=clusters/ray/cluster.yaml DRY=1]: start / stop a Ray cluster with `ray up`
+## (token auth: a fresh token per cluster in runs/ray-auth/<cluster_name>/; V4_RAY_AUTH=disabled opts out)
 ray-up:
-	@DRY='$(DRY)' RAY_BIN='$(RAY_BIN)' $(CLUSTERS_DIR)/ray/cluster.sh up '$(RAY_CLUSTER)'
+	@DRY='$(DRY)' RAY_BIN='$(RAY_BIN)' V4_RAY_AUTH='$(V4_RAY_AUTH)' $(CLUSTERS_DIR)/ray/cluster.sh up '$(RAY_CLUSTER)'
 
 ray-down:
-	@DRY='$(DRY)' RAY_BIN='$(RAY_BIN)' $(CLUSTERS_DIR)/ray/cluster.sh down '$(RAY_CLUSTER)'
+	@DRY='$(DRY)' RAY_BIN='$(RAY_BIN)' V4_RAY_AUTH='$(V4_RAY_AUTH)' $(CLUSTERS_DIR)/ray/cluster.sh down '$(RAY_CLUSTER)'
 
 ## ray-data [RAY_ADDRESS=http://head:8265 OUTPUT= MIXTURE= NO_WAIT=1 DRY=1]: `ray job submit` the data pipeline
+## (the token: RAY_AUTH_TOKEN_PATH, else the one `make ray-up` wrote for RAY_CLUSTER)
 ray-data:
-	@DRY='$(DRY)' RAY_BIN='$(RAY_BIN)' OUTPUT='$(OUTPUT)' MIXTURE='$(MIXTURE)' \
-	    RAY_ADDRESS='$(RAY_ADDRESS)' NO_WAIT='$(NO_WAIT)' SUBMISSION_ID='$(SUBMISSION_ID)' $(CLUSTERS_DIR)/ray/submit_data.sh $(ARGS)
+	@DRY='$(DRY)' RAY_BIN='$(RAY_BIN)' OUTPUT='$(OUTPUT)' MIXTURE='$(MIXTURE)' RAY_CLUSTER='$(RAY_CLUSTER)' \
+	    V4_RAY_AUTH='$(V4_RAY_AUTH)' RAY_ADDRESS='$(RAY_ADDRESS)' NO_WAIT='$(NO_WAIT)' \
+	    SUBMISSION_ID='$(SUBMISSION_ID)' $(CLUSTERS_DIR)/ray/submit_data.sh $(ARGS)
 
 ## dry-run CONFIG= NODES= [GPUS=]: the parallel layout and memory plan, without GPUs
 dry-run:

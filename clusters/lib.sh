@@ -1,4 +1,5 @@
-# Helpers for the submit scripts in clusters/ (sourced; they run on the login node, not inside jobs).
+# Helpers for the launch scripts in clusters/ (sourced by the submit scripts on the login node, and by
+# clusters/slurm/data.sbatch inside the job).
 # shellcheck shell=bash
 
 # command substitutions $(...) stop at the first failure too (bash does not pass `set -e` into them by default)
@@ -83,4 +84,71 @@ run_or_show() {
     fi
     shift
     "$@"
+}
+
+# ---------------------------------------------------------------------------------------------- Ray auth
+# Every Ray cluster we start uses Ray's token authentication (RAY_AUTH_MODE=token, the token in a 0600 file named
+# by RAY_AUTH_TOKEN_PATH). The one opt-out is V4_RAY_AUTH=disabled (see docs/CLUSTER_SECURITY.md).
+
+# ray_auth_mode -> prints "token" (default) or "disabled" from V4_RAY_AUTH; dies on anything else.
+ray_auth_mode() {
+    case ${V4_RAY_AUTH:-token} in
+        token | disabled) echo "${V4_RAY_AUTH:-token}" ;;
+        *) die "V4_RAY_AUTH must be token or disabled, got '${V4_RAY_AUTH}'" ;;
+    esac
+}
+
+# new_ray_token FILE: write a fresh random token (256 bits, hex, as Ray's own generator) to FILE, readable by the
+# owner only (0600), in a directory only the owner can enter (0700). Prints nothing: the token is never shown.
+new_ray_token() {
+    local file=$1 dir
+    dir=$(dirname "$file")
+    (
+        umask 077
+        mkdir -p "$dir"
+        chmod 700 "$dir"
+        od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$file.tmp"
+        mv -f "$file.tmp" "$file"
+    ) || die "cannot write the Ray token file $file"
+}
+
+# warn_ray_auth_disabled WHERE: the explicit opt-out, said loudly.
+warn_ray_auth_disabled() {
+    echo "warning: Ray token authentication is DISABLED for $1 (V4_RAY_AUTH=disabled): anyone who can reach" \
+         "the head's ports can run code as $(id -un) and read what the job reads" >&2
+}
+
+# ray_cluster_name YAML -> the `cluster_name:` of a `ray up` config (names its token directory runs/ray-auth/NAME).
+ray_cluster_name() {
+    local name
+    name=$(awk '/^cluster_name:/ {print $2; exit}' "$1")
+    [[ $name =~ ^[A-Za-z0-9_.-]+$ ]] || die "$1: cluster_name must be set (letters, digits, . _ -), got '${name}'"
+    echo "$name"
+}
+
+# ray_client_auth TAG: settings of a Ray client here (`ray job submit`): RAY_AUTH_MODE=token with the cluster's
+# token from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, else from the `make ray-up` cluster RAY_CLUSTER names
+# (runs/ray-auth/<cluster_name>/auth_token); dies naming the variables when none is found. V4_RAY_AUTH=disabled:
+# no token (a cluster started with the opt-out).
+ray_client_auth() {
+    local tag=$1 auth yaml file
+    auth=$(ray_auth_mode)
+    if [[ $auth == disabled ]]; then
+        export RAY_AUTH_MODE=disabled
+        warn_ray_auth_disabled "$tag"
+        return 0
+    fi
+    export RAY_AUTH_MODE=token
+    [[ -n ${RAY_AUTH_TOKEN:-} ]] && return 0
+    if [[ -n ${RAY_AUTH_TOKEN_PATH:-} ]]; then
+        [[ -r $RAY_AUTH_TOKEN_PATH && -s $RAY_AUTH_TOKEN_PATH ]] \
+            || die "RAY_AUTH_TOKEN_PATH='$RAY_AUTH_TOKEN_PATH' is not a readable, non-empty token file"
+        return 0
+    fi
+    yaml=$(abspath "${RAY_CLUSTER:-clusters/ray/cluster.yaml}")
+    file=$V4_REPO/runs/ray-auth/$( [[ -f $yaml ]] && ray_cluster_name "$yaml" || echo "?")/auth_token
+    [[ -s $file ]] || die "no Ray token for $tag: set RAY_AUTH_TOKEN_PATH to the cluster's token file (a Slurm" \
+        "data job's is LOG_DIR/slurm-<jobid>/ray-auth/token; \`make ray-up\` writes $file) or RAY_AUTH_TOKEN;" \
+        "V4_RAY_AUTH=disabled only for a cluster started without authentication"
+    export RAY_AUTH_TOKEN_PATH=$file
 }

@@ -1,9 +1,13 @@
 """Command line: ``python -m data_pipeline <command> ...``.
 
-- ``run --mixture YAML --output DIR``: the whole pipeline (ingest, clean, dedup, tokenizer, pack) into DIR.
+- ``run --mixture YAML --output DIR [--work WORK]``: the whole pipeline (ingest, clean, dedup, tokenizer,
+  tokens, pack) into DIR (a local path or ``s3://bucket/prefix``); stage caches in WORK (default DIR/work).
+  Rerunning the same command after a crash or a kill resumes: finished tasks are skipped.
 - ``dedup --input PATH --output DIR``: ingest + dedup alone on JSONL ``{"id", "text"}``; writes ``DIR/kept/``
-  (JSONL parts), ``DIR/removed.jsonl`` (``{"id", "kept_id"}`` per removed document), ``DIR/summary.json``.
-- ``verify --manifest PATH``: re-check every shard against the manifest's sizes and sha256 checksums.
+  (JSONL per input file), ``DIR/removed.jsonl`` (``{"id", "loc", "kept_doc"}`` per removed document),
+  ``DIR/summary.json``. Resumable the same way.
+- ``verify --manifest PATH``: re-check every shard of every source (training and held-out) against its part
+  index (size, xxh64, decompression).
 
 Ray: joins ``RAY_ADDRESS`` when set (``ray://host:10001`` or ``host:6379``), otherwise starts a local Ray
 with the machine's CPUs and stops it at the end.
@@ -11,12 +15,10 @@ with the machine's CPUs and stops it at the end.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import sys
-from pathlib import Path
 
+from data_pipeline import storage
 from data_pipeline.config import DedupConfig, load_mixture
 
 
@@ -39,22 +41,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.tokenizer:
         cfg.tokenizer.path = args.tokenizer
     with ray_session(cfg.ray.num_cpus, cfg.ray.object_store_mb):
-        path = run_pipeline(cfg, args.output, keep_work=args.keep_work)
-    m = json.loads(path.read_text())
+        path = run_pipeline(cfg, args.output, work_dir=args.work or None)
+    m = storage.read_json(path)
+    out = storage.join(args.output)
     c = m["counts"]
-    rows = [("manifest", path), ("report", path.parent / "report.md"),
+    rows = [("manifest", path), ("report", storage.join(out, "report.md")),
             ("documents ingested", c["ingest"]["documents"]),
             ("quarantined", f"{c['ingest']['quarantined']} {c['quarantine'] or ''}"),
             ("filtered", f"{sum(c['clean'].values())} {c['clean'] or ''}"),
             ("duplicates", f"{c['dedup']['removed']} (exact {c['dedup']['exact']}, near {c['dedup']['near']})"),
-            ("documents kept", c["kept"])]
+            ("documents kept", c["kept"]), ("held out", c.get("validation", 0))]
     rows += [(f"tokens {n}", f"{s['tokens']} ({s['samples']} samples of {m['sample_len']})")
              for n, s in m["sources"].items()]
-    rows += [(f"stage {s['name']}", f"{s['seconds']:.1f} s, {s['docs_per_s']:.0f} docs/s, {s['mb_per_s']:.2f} MB/s")
-             for s in m["stages"]]
+    rows += [(f"stage {s['name']}", f"{s['seconds']:.1f} s, {s['tasks']} tasks ({s['skipped']} already done), "
+                                    f"{s['docs_per_s']:.0f} docs/s, {s['mb_per_s']:.2f} MB/s") for s in m["stages"]]
     _print_summary("data pipeline summary", rows)
     if c["ingest"]["quarantined"]:
-        print(f"WARNING: {c['ingest']['quarantined']} bad input records, see {path.parent / 'quarantine.jsonl'}")
+        print(f"WARNING: {c['ingest']['quarantined']} bad input records, see {storage.join(out, 'quarantine.jsonl')}")
     return 0
 
 
@@ -66,32 +69,32 @@ def cmd_dedup(args: argparse.Namespace) -> int:
                        rows=args.rows, seed=args.seed)
     with ray_session(args.num_cpus, args.object_store_mb):
         summary = run_dedup(args.input, args.output, dcfg, args.text_field, args.id_field)
-    out = Path(args.output)
-    rows = [(k, summary[k]) for k in ("documents", "kept", "removed", "exact", "near")]
+    out = args.output
+    rows = [(k, summary[k]) for k in ("documents", "kept", "removed", "exact", "near", "seconds")]
     rows += [("quarantined", f"{sum(summary['quarantine'].values())} {summary['quarantine'] or ''}"),
-             ("removed.jsonl", out / "removed.jsonl"), ("kept", out / "kept")]
+             ("removed.jsonl", storage.join(out, "removed.jsonl")), ("kept", storage.join(out, "kept"))]
     _print_summary("dedup summary", rows)
     if summary["quarantine"]:
-        print(f"WARNING: bad input records quarantined, see {out / 'quarantine.jsonl'}")
+        print(f"WARNING: bad input records quarantined, see {storage.join(out, 'quarantine.jsonl')}")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from data_pipeline.manifest import read_manifest
+    from data_pipeline.manifest import dataset_root, read_manifest
+    from data_pipeline.mds_reader import ShardError, SourceShards
 
     path, m = read_manifest(args.manifest)
-    bad = 0
-    for s in m["shards"]:
-        f = path.parent / "shards" / s["file"]
-        if not f.is_file():
-            print(f"MISSING {f}")
-            bad += 1
-            continue
-        digest = hashlib.sha256(f.read_bytes()).hexdigest()
-        if f.stat().st_size != s["bytes"] or digest != s["sha256"]:
-            print(f"CORRUPT {f}")
-            bad += 1
-    print(f"{len(m['shards']) - bad}/{len(m['shards'])} shards OK")
+    root = dataset_root(path)
+    bad = checked = 0
+    for split in ("sources", "validation"):
+        for name, entry in m.get(split, {}).items():
+            checked += 1
+            try:
+                SourceShards(storage.join(root, entry["dir"])).verify()
+            except ShardError as e:
+                print(f"CORRUPT {split}/{name}: {e}")
+                bad += 1
+    print(f"{checked - bad}/{checked} sources OK")
     return 1 if bad else 0
 
 
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--vocab-size", type=int, default=0)
     r.add_argument("--seq-len", type=int, default=0)
     r.add_argument("--tokenizer", default="", help="an existing tokenizer.json (skip training)")
-    r.add_argument("--keep-work", action="store_true", help="keep the intermediate Parquet stages")
+    r.add_argument("--work", default="", help="stage caches (default OUTPUT/work); keep it to resume or re-pack")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("dedup", help="ingest + exact/MinHash dedup of JSONL {id, text}")
     d.add_argument("--input", required=True)

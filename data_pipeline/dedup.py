@@ -200,19 +200,19 @@ def collect_task(inputs: list[str], keys: list[int], out_dir: str) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def _hasher(ngram: int, bands: int, rows: int, seed: int) -> MinHasher:
-    return MinHasher(ngram, bands, rows, seed)
+def _hasher(ngram: int, bands: int, rows: int, seed: int, char_ngram: int) -> MinHasher:
+    return MinHasher(ngram, bands, rows, seed, char_ngram=char_ngram)
 
 
 def sign_task(url: str, key: int, skip_url: str, out_dir: str, ngram: int, bands: int, rows: int, seed: int,
-              ranges: int) -> dict:
+              ranges: int, char_ngram: int = 5) -> dict:
     doc, text = _read_partition(url, key)
     todo = np.arange(len(doc))
     if skip_url:
         todo = todo[~removal_mask(doc, storage.load_array(skip_url))]
     texts = text.take(todo).to_pylist() if len(todo) < len(doc) else text.to_pylist()
     nbytes = _text_bytes(text)
-    hasher = _hasher(ngram, bands, rows, seed)
+    hasher = _hasher(ngram, bands, rows, seed, char_ngram)
     keys_parts, docs_parts = [], []
     t_sh = t_sig = 0.0
     for s in range(0, len(texts), _SIGN_BATCH):
@@ -232,7 +232,7 @@ def sign_task(url: str, key: int, skip_url: str, out_dir: str, ngram: int, bands
         rec = np.stack([keys[order, t], docs[order]], axis=1)
         _save_ranges(rec, ranges, lambda q, t=t: storage.join(out_dir, f"{t:03d}-{q:03d}", f"{key:010d}.npy"))
     return {"documents": int(len(doc)), "bytes": int(nbytes), "signed": int(len(docs)),
-            "shingle_s": round(t_sh, 3), "signature_s": round(t_sig, 3)}
+            "_shingle_s": round(t_sh, 3), "_signature_s": round(t_sig, 3)}
 
 
 def band_task(in_dir: str, band: int, rng: int, keys: list[int], out_dir: str, buckets: int) -> dict:
@@ -301,11 +301,12 @@ def dedup_stage(runner: Runner, partitions: list[tuple[int, str]], stage_url: st
         sums = run("sign", sign_task,
                    [Task(f"{k:010d}", {"url": u, "key": k, "out_dir": d, "ranges": q_band, "ngram": cfg.ngram,
                                        "bands": cfg.bands, "rows": cfg.rows, "seed": cfg.seed,
+                                       "char_ngram": cfg.char_ngram,
                                        "skip_url": storage.join(skip_dir, f"{k:010d}.npy") if skip_dir else ""})
                     for k, u in parts])
         documents = documents or sum(s["documents"] for s in sums)
-        steps["sign"].update(shingle_s=round(sum(s["shingle_s"] for s in sums), 3),
-                             signature_s=round(sum(s["signature_s"] for s in sums), 3),
+        steps["sign"].update(shingle_s=round(sum(s.get("_shingle_s", 0.0) for s in sums), 3),
+                             signature_s=round(sum(s.get("_signature_s", 0.0) for s in sums), 3),
                              signed=sum(s["signed"] for s in sums))
         d_b = storage.join(stage_url, "bands")
         sums = run("bands", band_task,

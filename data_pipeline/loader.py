@@ -19,22 +19,35 @@ uninterrupted run with that batch would, only sliced differently across ranks. R
 the middle of a step (micro_step > 0) requires the same D, G and micro_batch, and raises otherwise. The
 seed, mixture weights, period, shuffle block and manifest fingerprint must match (checked; a mismatch
 raises rather than silently changing the data order).
+
+Prefetch. With ``prefetch`` = k > 0 a background thread (:mod:`data_pipeline.prefetch`) builds the next k
+micro-batches while the model computes, and for remote datasets with a ``cache_dir`` a second thread
+downloads the shards of the k micro-batches after those into the cache. Batches are a pure function of the
+cursor, so prefetch on or off yields identical batches, and the state counts only what was taken from the
+loader (resume stays exact). A missing or corrupt shard raises at the micro-batch that needs it either way.
+
+Remote datasets. ``manifest_or_dir`` may be an object-store URL (``s3://bucket/ds``); each rank then reads only
+the parts and shards its samples live in (:class:`~data_pipeline.mds_reader.SourceShards`), through a local
+``cache_dir`` (size-limited, shared by the ranks of a node) or straight into memory without one.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from data_pipeline import storage
 from data_pipeline.config import LoaderConfig, load_mixture
-from data_pipeline.manifest import read_manifest
-from data_pipeline.mds_reader import SourceShards
+from data_pipeline.manifest import dataset_root, read_manifest
+from data_pipeline.mds_reader import DEFAULT_CACHE_LIMIT_BYTES, SourceShards
 from data_pipeline.mixture import Interleave, source_order
 from data_pipeline.pack import doc_ids_from_starts
+from data_pipeline.prefetch import Prefetcher
 
 STATE_VERSION = 1
 
@@ -53,7 +66,8 @@ def mixture_weights(mixture: str | dict | None, manifest: dict[str, Any]) -> tup
     else:
         weights = {n: s["weight"] for n, s in manifest["sources"].items()}
         known = {f.name for f in dataclasses.fields(LoaderConfig)}
-        lcfg = LoaderConfig(**{k: v for k, v in manifest["mixture"].get("loader", {}).items() if k in known})
+        loader_section = (manifest.get("mixture") or {}).get("loader") or {}
+        lcfg = LoaderConfig(**{k: v for k, v in loader_section.items() if k in known})
     missing = [n for n in weights if n not in manifest["sources"]]
     if missing:
         raise ValueError(f"mixture sources {missing} are not in the dataset (it has {list(manifest['sources'])}); "
@@ -67,7 +81,8 @@ class Loader:
 
     def __init__(self, manifest_or_dir: str | Path, mixture: str | dict | None, seq_len: int, global_batch: int,
                  micro_batch: int, dp_rank: int, dp_size: int, seed: int,
-                 loader_cfg: LoaderConfig | None = None):
+                 loader_cfg: LoaderConfig | None = None, prefetch: int = 0, cache_dir: str | Path | None = None,
+                 cache_limit_bytes: int | None = DEFAULT_CACHE_LIMIT_BYTES):
         self.manifest_path, m = read_manifest(manifest_or_dir)
         if seq_len != m["seq_len"]:
             raise ValueError(f"{self.manifest_path}: packed for seq_len {m['seq_len']}, asked for {seq_len}; "
@@ -87,14 +102,18 @@ class Loader:
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.fingerprint = m["fingerprint"]
-        root = self.manifest_path.parent
-        self.sources = [SourceShards(root / m["sources"][n]["dir"], self.cfg.cache_shards) for n in self.names]
-        for n, s in zip(self.names, self.sources):
+        self.vocab_size = int(m.get("vocab_size", 0))
+        root = dataset_root(self.manifest_path)
+        dirs = [storage.join(root, m["sources"][n]["dir"]) for n in self.names]
+        self.sources = [SourceShards(d, self.cfg.cache_shards, cache_dir, cache_limit_bytes) for d in dirs]
+        for n, d, s in zip(self.names, dirs, self.sources):
             if len(s) == 0:
-                raise ValueError(f"{root / m['sources'][n]['dir']}: source '{n}' has no samples")
+                raise ValueError(f"{storage.redact(d)}: source '{n}' has no samples")
         self.interleave = Interleave(self.weights, self.cfg.period)
         self.consumed = 0        # global samples consumed by completed optimizer steps
         self.micro = 0           # micro-batches of the current step already yielded by this rank
+        self.prefetch = max(0, int(prefetch))
+        self._prefetcher: Prefetcher | None = None
 
     @property
     def micro_steps(self) -> int:
@@ -128,15 +147,50 @@ class Loader:
     def __iter__(self) -> Loader:
         return self
 
+    def positions(self, cursor: tuple[int, int]) -> np.ndarray:
+        """Global positions of this rank's micro-batch at cursor (consumed, micro)."""
+        consumed, micro = cursor
+        start = consumed + self.dp_rank * (self.global_batch // self.dp_size) + micro * self.micro_batch
+        return np.arange(start, start + self.micro_batch, dtype=np.int64)
+
+    def advance(self, cursor: tuple[int, int]) -> tuple[int, int]:
+        """The cursor after taking the micro-batch at ``cursor``."""
+        consumed, micro = cursor[0], cursor[1] + 1
+        return (consumed + self.global_batch, 0) if micro == self.micro_steps else (consumed, micro)
+
+    def fetch_ahead(self, cursor: tuple[int, int]) -> None:
+        """Download (into the shard cache) the shards of the micro-batch at ``cursor``."""
+        src, idx = self.locate(self.positions(cursor))
+        for s in np.unique(src):
+            self.sources[int(s)].fetch_ahead(idx[src == s])
+
     def __next__(self) -> dict[str, np.ndarray]:
-        per_rank = self.global_batch // self.dp_size
-        start = self.consumed + self.dp_rank * per_rank + self.micro * self.micro_batch
-        batch = self.samples(np.arange(start, start + self.micro_batch))
-        self.micro += 1
-        if self.micro == self.micro_steps:
-            self.consumed += self.global_batch
-            self.micro = 0
+        cursor = (self.consumed, self.micro)
+        if self.prefetch:
+            if self._prefetcher is None or self._prefetcher.stop.is_set():
+                # the threads hold the loader weakly, so dropping the loader stops them (__del__ -> close)
+                me = weakref.ref(self)
+                remote = any(s.cache is not None for s in self.sources)
+                self._prefetcher = Prefetcher(cursor, self.prefetch, lambda c: me().samples(me().positions(c)),
+                                              lambda c: me().advance(c),
+                                              (lambda c: me().fetch_ahead(c)) if remote else None)
+            batch = self._prefetcher.get(cursor)
+        else:
+            batch = self.samples(self.positions(cursor))
+        self.consumed, self.micro = self.advance(cursor)
         return batch
+
+    def close(self) -> None:
+        """Stop the prefetch threads (a later ``next`` starts them again)."""
+        if self._prefetcher is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "consumed_samples": int(self.consumed), "micro_step": int(self.micro),
@@ -156,18 +210,21 @@ class Loader:
                 "loader state was saved in the middle of an optimizer step (micro_step "
                 f"{state['micro_step']}); resume it with the same dp_size/global_batch/micro_batch "
                 f"({state['dp_size']}/{state['global_batch']}/{state['micro_batch']}) or from a step boundary")
+        self.close()             # batches read ahead from the old position are dropped
         self.consumed = int(state["consumed_samples"])
         self.micro = int(state["micro_step"])
 
 
 def streaming_dataset(manifest_or_dir: str | Path, mixture: str | dict | None, seed: int, epoch_size: int,
                       batch_size: int, shuffle: bool = True, cache_dir: str | None = None):
-    """The mixture as mosaicml-streaming's ``StreamingDataset`` of ``Stream(local=<source>, proportion=w)``.
+    """The mixture as mosaicml-streaming's ``StreamingDataset``: one ``Stream`` per part of every source, with
+    ``proportion = w_source * samples_part / samples_source`` (so each source gets its weight).
 
-    For runs that want streaming's remote/cache features instead of the exact loader. Samples come back as
-    ``{"tokens", "doc_starts"}``; use :func:`~data_pipeline.pack.doc_ids_from_starts`. Stale shared memory
-    from killed runs is cleaned first (call this on every rank, before ``init_process_group``: the cleanup
-    has a barrier when torch.distributed is initialised, stack-notes §9).
+    For runs that want streaming's own shuffling instead of the exact loader; local datasets only (streaming's
+    remote download is configured by its own variables). Samples come back as ``{"tokens", "doc_starts"}``; use
+    :func:`~data_pipeline.pack.doc_ids_from_starts`. Stale shared memory from killed runs is cleaned first (call
+    this on every rank, before ``init_process_group``: the cleanup has a barrier when torch.distributed is
+    initialised).
     """
     from data_pipeline.streaming_compat import import_streaming
 
@@ -175,9 +232,16 @@ def streaming_dataset(manifest_or_dir: str | Path, mixture: str | dict | None, s
     from streaming.base.util import clean_stale_shared_memory
 
     path, m = read_manifest(manifest_or_dir)
+    if storage.is_remote(path):
+        raise ValueError(f"{storage.redact(path)}: streaming_dataset reads local datasets; use the exact loader "
+                         "(build_loader) for object storage, or copy the dataset to local disk")
     weights, _ = mixture_weights(mixture, m)
     clean_stale_shared_memory()
-    streams = [streaming.Stream(local=str(path.parent / m["sources"][n]["dir"]), proportion=w)
-               for n, w in weights.items()]
+    streams = []
+    for n, w in weights.items():
+        src = SourceShards(storage.join(dataset_root(path), m["sources"][n]["dir"]))
+        for p in range(src.num_parts):
+            share = float(src.cum[p + 1] - src.cum[p]) / len(src)
+            streams.append(streaming.Stream(local=src.part_url(p), proportion=w * share))
     return streaming.StreamingDataset(streams=streams, epoch_size=epoch_size, shuffle=shuffle, shuffle_seed=seed,
                                       batch_size=batch_size, num_canonical_nodes=1, allow_unsafe_types=False)

@@ -2,8 +2,9 @@
 
 A *stage* is a list of independent tasks, each ``fn(**kwargs) -> summary`` where ``fn`` writes its outputs
 itself, under names that depend only on the task (never on timing or worker), atomically (see
-:mod:`data_pipeline.storage`), and returns a small JSON summary (counts, bytes, a few ids). After the outputs,
-the task writes its *completion record* ``<stage dir>/_done/<task id>.json`` = ``{"task", "summary"}``. So:
+:mod:`data_pipeline.storage`), and returns a small JSON summary (counts, bytes, a few ids; keys starting with
+``_`` for measurements such as seconds, which are not recorded). After the outputs, the task writes its
+*completion record* ``<stage dir>/_done/<task id>.json`` = ``{"task", "summary"}``. So:
 
 - a task whose record exists is finished: rerunning the same command skips it and reuses its summary
   (``StageRun.skipped`` counts them), wherever the previous run stopped (SIGKILL of the whole job included);
@@ -72,10 +73,13 @@ def _peak_rss_mb() -> float:
 
 
 def _execute(fn: Callable[..., dict], kwargs: dict[str, Any], record_url: str, task_id: str) -> dict:
+    """Run one task and write its completion record. Summary keys starting with ``_`` are measurements of this
+    run (seconds, memory): returned to the driver, not recorded, so that records are deterministic too."""
     summary = dict(fn(**kwargs) or {})
-    summary["peak_rss_mb"] = round(_peak_rss_mb(), 1)     # of the worker process so far (workers are reused)
-    storage.write_json(record_url, {"task": task_id, "summary": summary})
-    return summary
+    storage.write_json(record_url, {"task": task_id, "summary": {k: v for k, v in summary.items()
+                                                                  if not k.startswith("_")}})
+    # the worker process's peak memory so far (workers are reused), for the stage's row; not recorded
+    return {"summary": summary, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
 class _Progress:
@@ -83,6 +87,7 @@ class _Progress:
         self.name, self.total, self.done = name, total, initial
         self.t0 = self.last = time.time()
         self.docs = self.bytes = 0
+        self.rss: list[float] = []
         self.every = float(os.environ.get("DATA_PIPELINE_LOG_EVERY", "30"))
         self.bar = None
         if sys.stderr.isatty() and os.environ.get("DATA_PIPELINE_PROGRESS", "1") != "0":
@@ -127,8 +132,10 @@ class Runner:
         return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
     def run(self, name: str, stage_url: str, fn: Callable[..., dict], tasks: list[Task],
-            num_cpus: float = 1.0, memory_mb: int = 0) -> list[dict]:
-        """Run ``tasks`` of stage ``name`` (records under ``stage_url/_done``); summaries in task order."""
+            num_cpus: float = 1.0, memory_mb: int = 0, output_urls: tuple[str, ...] = ()) -> list[dict]:
+        """Run ``tasks`` of stage ``name`` (records under ``stage_url/_done``); summaries in task order.
+        ``output_urls``: where the tasks write, if not under ``stage_url`` (swept of a killed run's partial
+        temporary files when the stage resumes)."""
         t0 = time.time()
         ids = [t.id for t in tasks]
         if len(set(ids)) != len(ids):
@@ -144,6 +151,9 @@ class Runner:
             else:
                 todo.append(i)
         run = StageRun(name, tasks=len(tasks), skipped=len(tasks) - len(todo))
+        if todo and recorded:          # resuming a stage a killed run left unfinished
+            for u in (stage_url, *output_urls):
+                storage.sweep_partial(u)
         if run.skipped:
             log.info("%s: %d of %d tasks already done (completion records in %s); running %d", name, run.skipped,
                      len(tasks), done_dir, len(todo))
@@ -160,7 +170,7 @@ class Runner:
         for r in results:
             run.documents += int(r.get("documents", 0))
             run.bytes += int(r.get("bytes", 0))
-            run.worker_peak_rss_mb = max(run.worker_peak_rss_mb, float(r.get("peak_rss_mb", 0.0)))
+        run.worker_peak_rss_mb = max([run.worker_peak_rss_mb, *progress.rss])
         run.seconds = time.time() - t0
         self.runs.append(run)
         row = run.row()
@@ -171,7 +181,7 @@ class Runner:
 
     def _call(self, name: str, fn: Callable[..., dict], task: Task, done_dir: str) -> dict:
         try:
-            return _execute(fn, task.kwargs, storage.join(done_dir, f"{task.id}.json"), task.id)
+            return _execute(fn, task.kwargs, storage.join(done_dir, f"{task.id}.json"), task.id)["summary"]
         except Exception as e:
             raise StageError(f"stage {name}, task {task.id}: {type(e).__name__}: {e}") from e
 
@@ -197,7 +207,9 @@ class Runner:
             ready, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(ready[0])
             try:
-                results[i] = ray.get(ready[0])
+                out = ray.get(ready[0])
+                results[i] = out["summary"]
+                progress.rss.append(out["peak_rss_mb"])
                 progress.update(results[i])
             except Exception as e:  # noqa: BLE001 - re-raised below with the task named
                 cause = getattr(e, "cause", None) or e

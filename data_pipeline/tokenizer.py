@@ -1,14 +1,14 @@
 """Tokenizer: train a byte-level BPE with ``tokenizers`` on a sample, or load an existing ``tokenizer.json``.
 
-Special tokens (ids 0, 1, 2 when trained here): PAD, BOS, EOS. The sample is drawn by the driver from the
-deduplicated documents, streaming batches until ``sample_bytes`` is reached, with each source contributing
-in proportion to its size (so a small source is not drowned out and a big one does not dominate the
-vocabulary); training itself runs in the driver process, which is what ``tokenizers`` supports.
+Special tokens (ids 0, 1, 2 when trained here): PAD, BOS, EOS. The sample is drawn by the workers, each from
+its own partition of deduplicated training documents, by a hash of the text (fraction sample_bytes / corpus
+bytes): uniform over the corpus and its sources, not a prefix of the first files. Training runs in one
+Ray task (``tokenizers`` trains in one process).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,12 @@ def load(path: str | Path):
         raise TokenizerError(f"{path}: not a tokenizers JSON file ({e})") from e
 
 
+def from_str(tokenizer_json: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json)
+
+
 def special_ids(tok, cfg: TokenizerConfig) -> SpecialIds:
     ids = {}
     for name in ("pad", "bos", "eos"):
@@ -67,20 +73,3 @@ def special_ids(tok, cfg: TokenizerConfig) -> SpecialIds:
                                  f"of its special tokens")
         ids[name] = tid
     return SpecialIds(**ids)
-
-
-def sample_texts(datasets_by_source: dict[str, object], source_bytes: dict[str, int],
-                 sample_bytes: int) -> Iterator[str]:
-    """Stream documents from each source's Ray Dataset until its share of ``sample_bytes`` is reached."""
-    total = sum(source_bytes.values()) or 1
-    for name, ds in datasets_by_source.items():
-        budget = max(1, int(sample_bytes * source_bytes.get(name, 0) / total))
-        taken = 0
-        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-            for text in batch["text"]:
-                yield text
-                taken += len(text)
-                if taken >= budget:
-                    break
-            if taken >= budget:
-                break

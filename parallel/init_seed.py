@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from parallel.param_meta import is_expert_param
+
 log = logging.getLogger(__name__)
 
 Rule = Callable[[str, nn.Parameter, tuple, torch.Generator], torch.Tensor | None]
@@ -61,10 +63,6 @@ def strip_wrappers(name: str) -> str:
             if name.startswith(w):
                 name, changed = name[len(w):], True
     return name
-
-
-def is_expert_param(p: torch.Tensor) -> bool:
-    return bool(getattr(p, "v4_expert", False)) or getattr(p, "allreduce", True) is False
 
 
 def is_gated_fc1(name: str) -> bool:

@@ -16,7 +16,7 @@ pp_rank · world/pp) stands for all of them.
 * optimizer state: what the optimizers hold on the most loaded rank of the stage
   (:mod:`parallel.optimizer_memory`: Muon momentum on its units' owner ranks, from Muon's own plan; AdamW's two
   moments), attached by the caller as ``ShardMemory.optimizer``. Without it: the replicated upper bound, Muon
-  4 B and AdamW 8 B per parameter by the ``v4_optimizer`` attribute (docs/CONTRACTS.md).
+  4 B and AdamW 8 B per parameter, routed by ``parallel.optimizer_groups.OPTIMIZER_ROUTES``.
 Activation memory is model-specific and estimated by the caller (``pretrain.dry_run``).
 """
 from __future__ import annotations
@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 from torch import nn
 
+from parallel.optimizer_groups import optimizer_of
 from parallel.optimizer_memory import StageOptimizerMemory
+from parallel.param_meta import is_expert_param
 from parallel.process_groups import Layout
 
 log = logging.getLogger(__name__)
@@ -98,15 +100,15 @@ def shard_memory(modules: Iterable[nn.Module]) -> ShardMemory:
     out = ShardMemory()
     seen: set[int] = set()
     for m in modules:
-        for p in m.parameters():
+        for name, p in m.named_parameters():
             if id(p) in seen:
                 continue
             seen.add(id(p))
             n = p.numel()
             out.params += n
-            if getattr(p, "v4_expert", False) or getattr(p, "allreduce", True) is False:
+            if is_expert_param(p):
                 out.expert_params += n
-            owner = getattr(p, "v4_optimizer", "adamw")
+            owner = optimizer_of(name, p)
             out.by_optimizer[owner] = out.by_optimizer.get(owner, 0) + n
     return out
 

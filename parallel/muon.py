@@ -42,8 +42,8 @@ local / gather unit its full matrix, every TP rank of a gram unit's owner replic
 along the sharded dim; uneven slices are first gathered to TP rank 0 of that replica). The replica id is
 main unless the parameter's main replica lives outside this engine's TP x DP grid. A load requests exactly
 the units (slices) this rank owns under the new plan and torch_dist reads the overlapping parts, so TP, DP,
-EP and owner changes between save and load work. Checkpoints written before this format (momentum laid out
-like the parameters, no ``format`` in the recorded state keys) still load, through the old path.
+EP and owner changes between save and load work. Recorded state keys without this ``format`` (the
+pre-release parameter-layout momentum) are refused with an error.
 """
 from __future__ import annotations
 
@@ -66,16 +66,12 @@ from ops.newton_schulz import (
 )
 from parallel.muon_comm import Exchange, Group, group_size
 from parallel.muon_sharding import CostModel, ParamInfo, Plan, Unit, fingerprint, plan
+from parallel.param_meta import is_expert_param
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "v4-muon/1"
 CKPT_FORMAT = "v4-muon-units/1"      # sharded_state_dict: momentum per unit, saved by its owner
-LEGACY_CKPT_FORMAT = "v4-muon-param-layout/0"   # before: momentum laid out like the parameters
-
-
-def is_expert_param(p: torch.Tensor) -> bool:
-    return bool(getattr(p, "v4_expert", False)) or getattr(p, "allreduce", True) is False
 
 
 def grad_of(p: torch.Tensor) -> torch.Tensor | None:
@@ -529,25 +525,14 @@ class Muon(torch.optim.Optimizer):
         """megatron dist_checkpointing form of the momentum, saved from where it lives (module doc,
         "Checkpoint"). ``model_sharded`` maps parameter name -> the parameter's ShardedTensor (or
         ShardedTensorFactory) from the model's ``sharded_state_dict``; ``keys``: for a load, what the
-        checkpoint recorded (:meth:`checkpoint_state_keys`; without a ``format`` -- a checkpoint written
-        before the unit format -- the momentum is requested in the old parameter layout). The same call
-        builds the save state and the load targets. Collective."""
-        fmt = CKPT_FORMAT if keys is None else (keys.get("__own__") or {}).get("format", LEGACY_CKPT_FORMAT)
-        if fmt not in (CKPT_FORMAT, LEGACY_CKPT_FORMAT):
-            raise ValueError(f"Muon checkpoint format {fmt!r} unknown (this code reads {CKPT_FORMAT!r} and "
-                             f"{LEGACY_CKPT_FORMAT!r})")
-        self._ckpt_format = fmt
+        checkpoint recorded (:meth:`checkpoint_state_keys`). The same call builds the save state and the
+        load targets. Collective."""
+        fmt = CKPT_FORMAT if keys is None else (keys.get("__own__") or {}).get("format")
+        if fmt != CKPT_FORMAT:
+            raise ValueError(f"Muon checkpoint format {fmt!r}: this code reads only {CKPT_FORMAT!r} (momentum per "
+                             f"unit). A checkpoint without a recorded format predates it and cannot be resumed; "
+                             f"start from its weights with a fresh optimizer instead")
         out: dict[str, Any] = {}
-        if fmt == LEGACY_CKPT_FORMAT:
-            from megatron.core.dist_checkpointing.optimizer import (
-                make_sharded_optimizer_tensor,
-            )
-            for eng in self._engines:   # transient: the momentum of all of this rank's parameters
-                for name, buf in eng.local_momentum().items():
-                    if name not in model_sharded:
-                        raise KeyError(f"no ShardedTensor for Muon parameter '{name}' in the model's sharded state")
-                    out[name] = make_sharded_optimizer_tensor(model_sharded[name], buf, prefix + "momentum")
-            return out
         for eng in self._engines:
             out.update(eng.unit_sharded(model_sharded, prefix + "momentum_unit.", for_load=keys is not None))
         return out
@@ -556,10 +541,7 @@ class Muon(torch.optim.Optimizer):
         """Collective: restore from what ``dist_checkpointing.load`` returned for the last
         :meth:`sharded_state_dict` call."""
         for eng in self._engines:
-            if getattr(self, "_ckpt_format", CKPT_FORMAT) == LEGACY_CKPT_FORMAT:
-                eng.load_local_momentum(loaded)
-            else:
-                eng.load_unit_sharded(loaded)
+            eng.load_unit_sharded(loaded)
 
 
 def parallel_state_groups() -> dict[str, Group]:

@@ -1,15 +1,19 @@
-"""Split a model's parameters between Muon and AdamW (deepseek-v4.md §12.1) and build both optimizers.
+"""Split a model's parameters between Muon and AdamW (docs/MODEL.md §12.1) and build both optimizers.
 
-Rule, per parameter:
-1. The ``v4_optimizer`` attribute set by the model (``"muon"`` / ``"adamw"``) decides when present.
-2. Otherwise: megatron's ``is_embedding_or_output_parameter``, names that look like an embedding or the
-   output head, and tensors with fewer than 2 or more than 3 dims -> AdamW; other 2-D/3-D -> Muon.
+The route is one table, :data:`OPTIMIZER_ROUTES`: (regular expression over the parameter's name, optimizer),
+searched in order, first match wins (torchtitan-style name-pattern parameter groups). The model sets no
+optimizer attribute: parameters carry only structural metadata (``v4_blocks``, ``v4_expert``, ...;
+docs/CONTRACTS.md). A parameter that no row names (a model other than DeepSeek-V4, e.g. in tests) takes the
+generic rule :func:`default_optimizer`: embedding / output-head names, megatron's
+``is_embedding_or_output_parameter`` and tensors with fewer than 2 or more than 3 dims -> AdamW; other
+2-D/3-D tensors -> Muon. Every parameter of the V4 model is named by a row (tests/test_optimizer_routes.py).
 
-V4's table: AdamW for the embedding, the prediction head, all RMSNorm weights and the mHC static
-biases and gates (``base``, ``scale``); Muon for every other matrix (attention, compressor and indexer
-projections, router, experts, mHC dynamic projections). The 1-D leftovers the paper does not name --
-attention sinks and compressor position biases (``ape``) -- are recommended AdamW: they are not matrices
-(``ape`` is [m, 2c] but a table of biases, not a linear map); the model's ``v4_optimizer`` decides.
+V4's split (paper §2.4 and §4.2.2): AdamW for the embedding, the prediction head, all RMSNorm weights and the
+mHC static biases and gates (``base``, ``scale``); Muon for every other matrix (attention, compressor and
+indexer projections, router, experts, mHC dynamic projections, MTP projections). The paper does not name the
+attention sinks and the compressor position biases (``position_bias``, HF's name for ``ape``): our choice is
+AdamW -- a sink is a vector and ``position_bias`` [m, 2c] is a table of additive biases, not a linear map. To
+route differently, pass another table (``routes=``) to :func:`split_params` / :func:`build_optimizers`.
 
 ``build_optimizers(model_or_named_params, optim_cfg, lr, groups=...)`` returns ``(muon, adamw)`` (either
 None when it gets no parameters) with the OptimConfig values (duck-typed: ``muon_momentum``,
@@ -23,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,19 +39,62 @@ from parallel.zero_adamw import ZeroAdamW
 
 log = logging.getLogger(__name__)
 
+OPTIMIZERS = ("muon", "adamw")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One row of the table: parameters whose name matches ``pattern`` (``re.search``) go to ``optimizer``."""
+    pattern: str
+    optimizer: str
+    why: str
+    regex: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer route {self.pattern!r}: optimizer {self.optimizer!r}, expected one of "
+                             f"{OPTIMIZERS}")
+        object.__setattr__(self, "regex", re.compile(self.pattern))
+
+
+# Names are those of pretrain.model (HF's names); "(^|\.)" lets a wrapper prefix ("module.") through.
+OPTIMIZER_ROUTES: tuple[Route, ...] = (
+    Route(r"(^|\.)(mtp_)?embed_tokens\.weight$", "adamw", "token embedding (and its copy on the last PP stage)"),
+    Route(r"(^|\.)lm_head\.weight$", "adamw", "prediction head"),
+    Route(r"(^|\.)\w*norm\.weight$", "adamw", "RMSNorm weights (layer, q_a, kv, compressor, final, MTP norms)"),
+    Route(r"(^|\.)(attn_hc|ffn_hc)\.(base|scale)$", "adamw", "mHC static biases S and gates alpha"),
+    Route(r"(^|\.)hc_head\.(hc_base|hc_scale)$", "adamw", "mHC head static bias and gate"),
+    Route(r"(^|\.)self_attn\.sinks$", "adamw", "attention sink logits (a vector; paper silent: our choice)"),
+    Route(r"(^|\.)position_bias$", "adamw", "compressor position biases (bias table; paper silent: our choice)"),
+    Route(r"(^|\.)(attn_hc|ffn_hc)\.fn$", "muon", "mHC dynamic projections [W_pre; W_post; W_res]"),
+    Route(r"(^|\.)hc_head\.hc_fn$", "muon", "mHC head dynamic projection"),
+    Route(r"(^|\.)self_attn\.(q_a_proj|q_b_proj|kv_proj|o_a_proj|o_b_proj)\.weight$", "muon",
+          "attention projections (o_a_proj: each group its own matrix, v4_blocks)"),
+    Route(r"(^|\.)compressor\.(indexer\.)?(kv_proj|gate_proj)\.weight$", "muon", "compressor projections"),
+    Route(r"(^|\.)indexer\.(q_b_proj|scorer\.weights_proj)\.weight$", "muon", "lightning-indexer projections"),
+    Route(r"(^|\.)mlp\.layer\.", "muon", "MoE: router W_g, routed and shared experts (each expert its own)"),
+    Route(r"(^|\.)mtp\.(e_proj|h_proj)\.weight$", "muon", "MTP input projections"),
+)
+
 _EMBED_OR_HEAD = re.compile(r"(^|\.)(embed\w*|word_embeddings|embedding|lm_head|head|output_layer)(\.|$)")
 
 
-def optimizer_of(name: str, p: torch.Tensor) -> str:
-    """``"muon"`` or ``"adamw"`` for one parameter (rule in the module doc)."""
-    tag = getattr(p, "v4_optimizer", None)
-    if tag is not None:
-        if tag not in ("muon", "adamw"):
-            raise ValueError(f"parameter '{name}': v4_optimizer={tag!r}, expected 'muon' or 'adamw'")
-        return tag
+def route_of(name: str, routes: Sequence[Route] = OPTIMIZER_ROUTES) -> Route | None:
+    """The first row of ``routes`` whose pattern matches ``name``, or None."""
+    return next((r for r in routes if r.regex.search(name)), None)
+
+
+def default_optimizer(name: str, p: torch.Tensor) -> str:
+    """The rule for a parameter no route names (module doc)."""
     if getattr(p, "is_embedding_or_output_parameter", False) or _EMBED_OR_HEAD.search(name):
         return "adamw"
     return "muon" if p.dim() in (2, 3) else "adamw"
+
+
+def optimizer_of(name: str, p: torch.Tensor, routes: Sequence[Route] = OPTIMIZER_ROUTES) -> str:
+    """``"muon"`` or ``"adamw"`` for one parameter: the table, else :func:`default_optimizer`."""
+    route = route_of(name, routes)
+    return route.optimizer if route is not None else default_optimizer(name, p)
 
 
 def _named(model_or_named: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]
@@ -56,12 +104,13 @@ def _named(model_or_named: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]
     return list(model_or_named)
 
 
-def split_params(model_or_named: Any) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
-    """(muon, adamw) lists of ``(name, parameter)``; frozen parameters are left out."""
+def split_params(model_or_named: Any, routes: Sequence[Route] = OPTIMIZER_ROUTES
+                 ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+    """(muon, adamw) lists of ``(name, parameter)`` by ``routes``; frozen parameters are left out."""
     muon, adamw = [], []
     for name, p in _named(model_or_named):
         if p.requires_grad:
-            (muon if optimizer_of(name, p) == "muon" else adamw).append((name, p))
+            (muon if optimizer_of(name, p, routes) == "muon" else adamw).append((name, p))
     return muon, adamw
 
 
@@ -72,10 +121,12 @@ def adamw_is_sharded(optim_cfg: Any, dp_size: int, expert_dp_size: int) -> bool:
 
 
 def build_optimizers(model_or_named: Any, optim_cfg: Any, lr: float, groups: str | dict | None = None,
+                     routes: Sequence[Route] = OPTIMIZER_ROUTES,
                      **muon_overrides: Any) -> tuple[Muon | None, torch.optim.Optimizer | None]:
     """Build Muon and AdamW from ``optim_cfg`` (an OptimConfig). ``groups``: None (single process),
-    ``"parallel_state"`` (megatron-core groups of this stage), or a dict of Muon's group keywords."""
-    muon_params, adam_params = split_params(model_or_named)
+    ``"parallel_state"`` (megatron-core groups of this stage), or a dict of Muon's group keywords;
+    ``routes``: the parameter -> optimizer table (module doc)."""
+    muon_params, adam_params = split_params(model_or_named, routes)
     if groups == "parallel_state":
         groups = parallel_state_groups()
     muon = None

@@ -132,8 +132,8 @@ def adamw_state_bytes(named: Sequence[tuple[str, torch.Tensor]], dp: int) -> lis
 def stage_optimizer_memory(named: Sequence[tuple[str, torch.Tensor]], layout: Layout, pp_rank: int,
                            optim_cfg: Any = None) -> StageOptimizerMemory:
     """Optimizer state per global rank of stage ``pp_rank`` for this stage's parameters (see the module doc)."""
-    from parallel.muon import is_expert_param
     from parallel.optimizer_groups import adamw_is_sharded, split_params
+    from parallel.param_meta import is_expert_param
     muon, adamw = split_params(named)
 
     def by_kind(named: list[tuple[str, torch.Tensor]], expert: bool) -> list[tuple[str, torch.Tensor]]:

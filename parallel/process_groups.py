@@ -135,6 +135,11 @@ def validate_batch(layout: Layout, global_batch: int, micro_batch: int, seq_len:
     return m
 
 
+def global_rank() -> int:
+    """This process's rank in the default process group; 0 when torch.distributed is not initialised."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def launcher_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun or Slurm variables; (0, 1, 0) when absent."""
     env = os.environ

@@ -62,8 +62,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from parallel.muon import grad_of, is_expert_param
+from parallel.muon import grad_of
 from parallel.muon_comm import Group, group_rank, group_size
+from parallel.param_meta import is_expert_param
 
 log = logging.getLogger(__name__)
 

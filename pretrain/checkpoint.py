@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from parallel.process_groups import global_rank
+
 log = logging.getLogger(__name__)
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -43,10 +45,6 @@ INTEGRITY = "integrity.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the path and what to do."""
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -145,7 +143,7 @@ class CheckpointManager:
         self.async_save = bool(async_save and torch.cuda.is_available())
         self._queue = None
         self.last_saved_step: int | None = None
-        if _rank() == 0:
+        if global_rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
         _barrier()
 
@@ -156,7 +154,7 @@ class CheckpointManager:
         self.wait()                                   # at most one save in flight
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + ".tmp")
-        if _rank() == 0:
+        if global_rank() == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
@@ -200,7 +198,7 @@ class CheckpointManager:
             self._queue = None
 
     def _finalize(self, tmp: Path, final: Path, meta: dict[str, Any], t0: float) -> None:
-        rank = _rank()
+        rank = global_rank()
         for f in tmp.iterdir():                       # each rank syncs the shard files it wrote
             if f.is_file() and (f.name.startswith(f"__{rank}_") or (rank == 0 and not f.name.startswith("__"))):
                 fsync_path(f)
@@ -260,7 +258,7 @@ class CheckpointManager:
     def find_latest_valid(self) -> Path | None:
         """Newest checkpoint that passes verification (rank 0 decides, all ranks get the answer)."""
         choice: str | None = None
-        if _rank() == 0:
+        if global_rank() == 0:
             choice = self._pick()
         choice = _broadcast(choice)
         return self.root / choice if choice else None

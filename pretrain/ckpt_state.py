@@ -13,7 +13,7 @@
   ``load_sharded_state``. ZeroAdamW writes the same keys as the replicated
   format above (its cells are row blocks of them), so AdamW checkpoints load either way. Muon writes one tensor
   per unit (its full matrix; only owners write, nothing is gathered) and records its format in the optimizer
-  keys (``checkpoint_state_keys``); checkpoints without it (momentum in the parameters' layout) still load.
+  keys (``checkpoint_state_keys``); a checkpoint without it is refused with an error naming the format.
 - per-rank state (RNG streams, data-loader position): a ShardedObject per global rank. These only load
   back into the same world size; with another layout the trainer reseeds the RNGs and takes the data-loader
   state of old rank 0 (the loader state is global: samples consumed so far).
@@ -36,6 +36,8 @@ from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     make_sharded_optimizer_tensor,
 )
+
+from parallel.param_meta import is_expert_param
 
 RNG_KEY = "rank_rng"
 LOADER_KEY = "rank_loader"
@@ -118,7 +120,7 @@ def _is_main_first_shard(sh: ShardedTensor) -> bool:
 def _factory_is_main(p: torch.Tensor) -> bool:
     """Main replica of a parameter wrapped in a ShardedTensorFactory (megatron's fused GLU fc1)."""
     from megatron.core import parallel_state as ps
-    if bool(getattr(p, "v4_expert", False)) or getattr(p, "allreduce", True) is False:
+    if is_expert_param(p):
         return ps.get_expert_tensor_parallel_rank() == 0 and ps.get_expert_data_parallel_rank() == 0
     return (ps.get_tensor_model_parallel_rank() == 0
             and ps.get_data_parallel_rank(with_context_parallel=True) == 0)

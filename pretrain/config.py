@@ -198,12 +198,33 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
+    """Where the training data comes from and how it is read.
+
+    Either ``dataset``: an already built dataset, a local directory or an object-store URL (``s3://bucket/ds``,
+    configured by the AWS_* variables incl. AWS_ENDPOINT_URL), manifest at ``<dataset>/manifest.json``; the run
+    trains from it as it is (its seq_len must be ``train.seq_len``; mixture weights from its manifest) and never
+    builds. Or (``dataset`` empty) the pipeline builds ``mixture`` once under ``shards_dir``
+    (``data_pipeline.api.ensure_dataset``). ``cache_dir``: node-local cache of remote shards, at most
+    ``cache_limit_gb`` (LRU eviction of whole shards; shared safely by the ranks of a node); empty = remote
+    shards are read into memory. ``prefetch``: micro-batches a background thread reads ahead (0 = off; the
+    batches and the resume position are the same either way). ``num_workers`` is unused (kept for old configs)."""
+
     mixture: str = "data_pipeline/configs/default_mixture.yaml"
     shards_dir: str = "runs/data"           # where the pipeline writes MDS shards + manifest
     tokenizer: str = ""                     # path to tokenizer.json; empty = trained by the pipeline
     vocab_size: int = 4096                  # for a trained tokenizer
-    num_workers: int = 0
+    num_workers: int = 0                    # unused; see prefetch
     build_if_missing: bool = True
+    dataset: str = ""                       # built dataset (dir or s3://...) to train from; "" = build the mixture
+    cache_dir: str = ""                     # local cache of remote shards ("" = read into memory)
+    cache_limit_gb: float = 50.0            # size limit of cache_dir (GiB)
+    prefetch: int = 4                       # micro-batches read ahead in a background thread (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.prefetch < 0:
+            raise ValueError(f"data.prefetch={self.prefetch} must be >= 0 (0 = no read-ahead)")
+        if self.cache_limit_gb <= 0:
+            raise ValueError(f"data.cache_limit_gb={self.cache_limit_gb} must be > 0")
 
 
 @dataclass

@@ -20,9 +20,10 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+from ops.linear_cross_entropy import IGNORE_INDEX
+from parallel.param_meta import is_expert_param
 
-IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -34,10 +35,6 @@ def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[st
     mtp = torch.full_like(tokens[:, 1:], IGNORE_INDEX)
     mtp[:, :-1] = tokens[:, 2:]
     return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "mtp_labels": mtp, "doc_ids": doc[:, :-1]}
-
-
-def is_expert(p: torch.Tensor) -> bool:
-    return bool(getattr(p, "v4_expert", False)) or getattr(p, "allreduce", True) is False
 
 
 def _collective_device() -> torch.device:
@@ -67,7 +64,7 @@ def _model_sum(params: Iterable[torch.nn.Parameter], value) -> float:
             continue
         v = v.to(dev)
         sharded = bool(getattr(p, "tensor_model_parallel", False))
-        if is_expert(p):
+        if is_expert_param(p):
             if sharded or etp_rank == 0:
                 expert += v
         elif sharded or tp_rank == 0:
@@ -127,7 +124,7 @@ def activated_params(params: Iterable[torch.nn.Parameter], n_routed: int, top_k:
     """Parameters of the whole model one token touches (routed experts count K_r / N_r of their size),
     summed over the model-parallel ranks (collective)."""
     factor = top_k / n_routed
-    return _model_sum(params, lambda p: torch.tensor(p.numel() * (factor if is_expert(p) else 1.0),
+    return _model_sum(params, lambda p: torch.tensor(p.numel() * (factor if is_expert_param(p) else 1.0),
                                                      dtype=torch.float64))
 
 

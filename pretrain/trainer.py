@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from parallel import pipeline
+from parallel.process_groups import global_rank as _rank
 from pretrain import step_utils as su
 from pretrain.checkpoint import CheckpointError, CheckpointManager
 from pretrain.ckpt_state import build_state, load_state, rng_state, set_rng_state
@@ -57,10 +58,6 @@ class RunResult:
     last_loss: float | None
     preempted: bool = False
     checkpoint: str | None = None
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _world() -> int:
@@ -160,6 +157,8 @@ class Trainer:
             return
         from data_pipeline.api import build_loader, ensure_dataset
         d = self.cfg.data
+        if d.dataset:               # an already built dataset (local or s3://...): read as it is, never built
+            self.manifest.setdefault(sched.seq_len, d.dataset)
         if sched.seq_len not in self.manifest:
             if not d.build_if_missing:
                 raise ConfigError(f"data.build_if_missing=false and no dataset check was requested for "
@@ -172,8 +171,23 @@ class Trainer:
                 dist.barrier()
             self.manifest[sched.seq_len] = manifest
         t = self.cfg.train
-        self.loader = build_loader(self.manifest[sched.seq_len], d.mixture, sched.seq_len, t.global_batch,
-                                   t.micro_batch, self.dp_rank, self.dp, t.seed + sched.seq_stage)
+        if self.loader is not None:
+            self.loader.close()     # its read-ahead thread
+        try:
+            self.loader = build_loader(self.manifest[sched.seq_len], None if d.dataset else d.mixture, sched.seq_len,
+                                       t.global_batch, t.micro_batch, self.dp_rank, self.dp, t.seed + sched.seq_stage,
+                                       prefetch=d.prefetch, cache_dir=d.cache_dir or None,
+                                       cache_limit_bytes=int(d.cache_limit_gb * 2**30))
+        except ValueError as e:
+            if not d.dataset:
+                raise
+            raise ConfigError(f"data.dataset={d.dataset}: {e}") from e
+        if d.dataset:
+            vocab = self.loader.vocab_size
+            if vocab > self.cfg.model.vocab_size:
+                raise ConfigError(f"data.dataset={d.dataset} has token ids up to vocabulary {vocab} > model.vocab_size "
+                                  f"{self.cfg.model.vocab_size}; set model.vocab_size={vocab} or use a dataset built for "
+                                  "this vocabulary")
         if state is not None:
             self.loader.load_state_dict(state)
         self._it = iter(self.loader)

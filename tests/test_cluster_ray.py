@@ -1,10 +1,17 @@
-"""The Ray launch files on a real two-node Ray cluster on this host (tests/cluster_fixtures.py; local-clusters.md).
+"""The Ray launch files on a real two-node Ray cluster on this host (tests/cluster_fixtures.py).
 
-A head and one worker (`ray start --block`, explicit RAY_AUTH_MODE, bounded object stores, every port explicit).
-The data pipeline is submitted with the real clusters/ray/submit_data.sh (`ray job submit`) twice: once
-undisturbed, once with the worker node's raylet killed (kill -9) while one of the job's tasks runs on it. The job
-still succeeds on the head alone and its output equals the undisturbed run's. Nothing is left running afterwards
-(the cluster is stopped by PID, never with the machine-wide `ray stop`).
+A head and one worker (`ray start --block`, Ray token authentication with a fresh token file as the launch files
+set it up, bounded object stores, every port explicit, the dashboard / job server on loopback).
+1. Clients without the token are refused: an HTTP job submission to /api/jobs/ (401 without a token, 403 with a
+   wrong one, and no job is created), a plain `ray.init(address=...)` without a token, and the pipeline's
+   `ray_session` with a wrong token file, which fails with a message naming RAY_AUTH_TOKEN_PATH.
+2. The data pipeline is submitted with the real clusters/ray/submit_data.sh (`ray job submit`, the token from
+   RAY_AUTH_TOKEN_PATH) twice: once undisturbed, once with the worker node's raylet killed (kill -9) while one of
+   the job's tasks runs on it. The job still succeeds on the head alone and its output equals the undisturbed
+   run's.
+3. The token appears in none of the files the tests collect: node logs, Ray's session logs, job logs, the
+   submitter's output, the pipeline's output (manifest included).
+Nothing is left running afterwards (the cluster is stopped by PID, never with the machine-wide `ray stop`).
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -24,12 +32,18 @@ import psutil
 import pytest
 from cluster_fixtures import (
     REPO,
+    UNAUTHENTICATED_JOB,
     VENV_BIN,
     RayCluster,
+    client,
     describe,
+    files_containing,
     poll,
+    submit_job_http,
     tagged_pids,
+    without_ray_auth,
     write_small_mixture,
+    write_token_file,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
@@ -59,6 +73,8 @@ def submit(cluster: RayCluster, mixture: Path, output: Path, **settings: str) ->
     r = subprocess.run(["timeout", "1200", str(REPO / "clusters/ray/submit_data.sh"), "--seq-len", "32",
                         "--vocab-size", "4096"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1260,
                        check=False)
+    with open(cluster.base / "client.log", "a") as f:        # collected for the token check
+        f.write(r.stdout + r.stderr)
     assert "[ray-data] " in r.stdout and " job submit " in r.stdout, r.stdout   # it prints what it submits
     return r
 
@@ -72,9 +88,9 @@ def output_digest(d: Path) -> dict[str, str]:
             continue
         out[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
     manifest = json.loads((d / "manifest.json").read_text())
-    for k in ("created", "stages"):
+    for k in ("created", "stages", "seconds"):
         manifest.pop(k, None)
-    out["manifest.json (without created/stages)"] = json.dumps(manifest, sort_keys=True)
+    out["manifest.json (without created/stages/seconds)"] = json.dumps(manifest, sort_keys=True)
     return out
 
 
@@ -94,6 +110,66 @@ def running_task_on(cluster: RayCluster, node: str) -> str:
         if name.startswith("ray::") and name not in NOT_JOB_TASKS:
             return name
     return ""
+
+
+CONNECT = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); print('CONNECTED', len(ray.nodes()))"
+RAY_SESSION = ("import ray; from data_pipeline.ray_session import ray_session\n"
+               "with ray_session():\n    print('CONNECTED', len(ray.nodes()))")
+
+
+def test_ray_cluster_refuses_clients_without_the_token(ray_cluster: RayCluster) -> None:
+    # 1. the job server: no token -> 401, a wrong token -> 403, and no job was created either way
+    status, text = submit_job_http(ray_cluster.dashboard, {})
+    assert status == 401 and "Missing authentication token" in text, (status, text)
+    status, text = submit_job_http(ray_cluster.dashboard, {"Authorization": f"Bearer {uuid.uuid4().hex}"})
+    assert status == 403 and "Invalid authentication token" in text, (status, text)
+    jobs = client([str(VENV_BIN / "ray"), "job", "list", "--address", ray_cluster.dashboard], ray_cluster.env, 60)
+    assert UNAUTHENTICATED_JOB not in jobs.stdout, jobs.stdout
+
+    # 2. GCS clients, in parallel (each refusal takes Ray's ~20 s of connection retries): a plain ray.init without
+    # any token, and the pipeline's ray_session with a wrong token file (RAY_AUTH_MODE implied by the file)
+    wrong = write_token_file(ray_cluster.base / "wrong-auth" / "token")
+    no_token_env = dict(without_ray_auth(ray_cluster.env), HOME=str(ray_cluster.base))   # no ~/.ray/auth_token
+    wrong_env = dict(no_token_env, RAY_ADDRESS=ray_cluster.address, RAY_AUTH_TOKEN_PATH=str(wrong))
+    right_env = dict(wrong_env, RAY_AUTH_TOKEN_PATH=str(ray_cluster.token_file))
+    wait_nodes = [sys.executable, str(REPO / "clusters/ray/wait_nodes.py"), "--address", ray_cluster.address,
+                  "--nodes", "2", "--timeout", "120"]
+    submit_env = dict(wrong_env, RAY_ADDRESS=ray_cluster.dashboard, RAY_BIN=str(VENV_BIN / "ray"),
+                      MIXTURE=str(REPO / "data_pipeline/configs/default_mixture.yaml"), OUTPUT=str(ray_cluster.base))
+    submit_data = [str(REPO / "clusters/ray/submit_data.sh"), "--seq-len", "32", "--vocab-size", "64"]
+    runs = {name: subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)
+            for name, argv, env in [("no token", [sys.executable, "-c", CONNECT, ray_cluster.address], no_token_env),
+                                    ("wrong token", [sys.executable, "-c", RAY_SESSION], wrong_env),
+                                    ("right token", [sys.executable, "-c", RAY_SESSION], right_env),
+                                    ("wait_nodes, wrong token", wait_nodes, wrong_env),
+                                    ("ray job submit, wrong token", submit_data, submit_env)]}
+    out = {}
+    for name, p in runs.items():
+        try:
+            out[name] = (p.wait(180), p.stdout.read())
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    with open(ray_cluster.base / "client.log", "a") as f:
+        f.write("".join(o for _, o in out.values()))
+    rc, text = out["no token"]
+    assert rc != 0 and "CONNECTED" not in text and "InvalidAuthToken" in text, text[-3000:]
+    rc, text = out["wrong token"]
+    assert rc != 0 and "CONNECTED" not in text, text[-3000:]
+    assert "RayAuthError" in text and f"RAY_AUTH_TOKEN_PATH={wrong}" in text, text[-3000:]
+    assert "Set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the cluster's token file" in text, text[-3000:]
+    rc, text = out["right token"]                       # the control: the same client with the cluster's token
+    assert rc == 0 and "CONNECTED 2" in text, text[-3000:]
+    rc, text = out["wait_nodes, wrong token"]           # data.sbatch's wait: stops at once, naming the variable
+    assert rc == 2 and "refused this process's authentication token" in text and "RAY_AUTH_TOKEN_PATH" in text, text
+    rc, text = out["ray job submit, wrong token"]       # `make ray-data`: the job server says 403, nothing runs
+    assert rc != 0 and "Invalid authentication token" in text, text[-3000:]
+    assert f"this client used RAY_AUTH_TOKEN_PATH={wrong}; set RAY_AUTH_TOKEN_PATH to the cluster's token file" \
+        in text, text[-3000:]
+    jobs = client([str(VENV_BIN / "ray"), "job", "list", "--address", ray_cluster.dashboard], ray_cluster.env, 60)
+    assert "-m data_pipeline run" not in jobs.stdout, jobs.stdout
 
 
 def test_ray_data_job_survives_killing_the_worker_raylet(ray_cluster: RayCluster) -> None:
@@ -136,3 +212,16 @@ def test_ray_data_job_survives_killing_the_worker_raylet(ray_cluster: RayCluster
     assert output_digest(tmp_path / "fault") == ref        # same output as without the fault
     print(f"undisturbed run {t_ref:.0f} s; with the fault: killed at a task of {task}, "
           f"job finished {time.monotonic() - t_kill:.0f} s later")
+
+
+def test_the_token_appears_in_no_collected_log(ray_cluster: RayCluster) -> None:
+    """Last in this module: every file the runs above left in the cluster's directory (node logs, Ray's session
+    logs with the job drivers' output, the submitters' output, the pipeline's output and manifest)."""
+    roots = [ray_cluster.base]
+    n_files = sum(1 for r in roots for f in r.rglob("*") if f.is_file())
+    assert n_files > 50, n_files                         # the logs are there to be searched
+    assert (ray_cluster.base / "client.log").read_text().count("CONNECTED") >= 1
+    assert files_containing(ray_cluster.token, [ray_cluster.token_file]) == [ray_cluster.token_file]   # it finds
+    hits = files_containing(ray_cluster.token, roots, skip=[ray_cluster.token_file])
+    assert not hits, f"the cluster's token was written to {hits}"
+    assert oct(ray_cluster.token_file.stat().st_mode & 0o777) == "0o600"

@@ -1,8 +1,11 @@
-"""The Slurm launch files on a real one-node Slurm cluster (tests/cluster_fixtures.py; recipe: local-clusters.md).
+"""The Slurm launch files on a real one-node Slurm cluster (tests/cluster_fixtures.py).
 
 In order, sharing one cluster (module scope):
-1. the data job (clusters/slurm/data.sbatch via submit_data.sh) starts Ray inside the allocation, runs the real
-   data pipeline on a small mixture, writes the shards the trainer then reads, and leaves no Ray process behind;
+1. the data job (clusters/slurm/data.sbatch via submit_data.sh) starts Ray inside the allocation with token
+   authentication (a fresh token in the job's log directory, 0600, removed at the end, although the submitting
+   shell carries a stale RAY_AUTH_TOKEN and RAY_AUTH_MODE=disabled), its job server refuses a submission without
+   the token (401) or with a wrong one (403), it runs the real data pipeline on a small mixture, writes the shards
+   the trainer then reads, leaves no Ray process behind, and the token appears in none of its logs or outputs;
 2. the pretraining job (clusters/slurm/pretrain.sbatch via submit_pretrain.sh, CPU mode: torchrun with 2 ranks on
    gloo, the tiny config with tiny overrides) finishes with checkpoints, metrics and the per-job log layout;
 3. `scontrol requeue` of a running job: it resumes from its checkpoint and its losses equal the uninterrupted run's;
@@ -19,18 +22,22 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cluster_fixtures import (
     REPO,
+    TERMINAL_STATES,
     ClusterUnavailable,
     SlurmCluster,
     describe,
+    files_containing,
     free_port_range,
     free_ports,
     poll,
+    submit_job_http,
     tagged_pids,
     write_small_mixture,
 )
@@ -155,11 +162,31 @@ def data_job(slurm: SlurmCluster) -> Iterator[dict]:
                   f"--min-worker-port={lo} --max-worker-port={hi}")
     ray_tmp = Path(f"/tmp/v4ray-{slurm.tag[-8:]}")      # short: Ray's socket paths must stay under 108 bytes
     t0 = time.monotonic()
+    stale_token = uuid.uuid4().hex                      # a submitting shell's leftovers, which the job must not use
     jid = submit("submit_data.sh", slurm, {
         "NODES": "1", "CPUS": str(os.cpu_count() or 1), "MIXTURE": str(mixture), "OUTPUT": str(out),
         "LOG_DIR": str(logs), "V4_RAY_PORT": str(gcs), "V4_RAY_DASHBOARD_PORT": str(dash),
         "V4_RAY_TMP": str(ray_tmp), "V4_RAY_OBJECT_STORE_BYTES": str(300_000_000),
-        "V4_RAY_START_ARGS": start_args}, ["--seq-len", "32", "--vocab-size", "4096"])
+        "V4_RAY_START_ARGS": start_args, "RAY_AUTH_TOKEN": stale_token, "RAY_AUTH_MODE": "disabled"},
+        ["--seq-len", "32", "--vocab-size", "4096"])
+    # While the job runs: its token file, and what its job server answers to clients without the token. The job's
+    # driver takes far longer to start than these probes (a few HTTP requests every 0.3 s).
+    token_file = logs / f"slurm-{jid}" / "ray-auth" / "token"
+    dashboard = f"http://127.0.0.1:{dash}"
+    seen: dict = {}
+
+    def probed() -> bool:
+        if "token" not in seen and token_file.exists():
+            seen["token"] = token_file.read_text().strip()
+            seen["modes"] = (oct(token_file.stat().st_mode & 0o777), oct(token_file.parent.stat().st_mode & 0o777))
+        if "token" in seen:
+            status, text = submit_job_http(dashboard, {})
+            if status is not None:
+                seen["no token"] = (status, text)
+                seen["wrong token"] = submit_job_http(dashboard, {"Authorization": f"Bearer {uuid.uuid4().hex}"})
+                return True
+        return slurm.job(jid).get("JobState") in TERMINAL_STATES      # ended before the probes: seen says so
+    poll(probed, 900, 0.3, "the data job's token file and job server")
     job = slurm.wait_done(jid, timeout=900)
     seconds = time.monotonic() - t0
     # job processes (Ray daemons included) must be gone once the job has ended
@@ -169,7 +196,8 @@ def data_job(slurm: SlurmCluster) -> Iterator[dict]:
     except TimeoutError:
         left = job_processes(slurm)
     yield {"jid": jid, "job": job, "shards": out, "mixture": mixture, "logs": logs, "seconds": seconds,
-           "left": describe(left), "ray_tmp": ray_tmp}
+           "left": describe(left), "ray_tmp": ray_tmp, "auth": seen, "token_file": token_file,
+           "stale_token": stale_token}
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -185,6 +213,29 @@ def test_slurm_data_job_runs_the_pipeline_on_ray_inside_the_allocation(data_job:
     head_log = (logs / f"slurm-{jid}" / "ray-head.out").read_text(errors="replace")
     assert "Ray runtime started" in head_log, head_log[-2000:]
     assert not data_job["left"], f"processes (Ray's) left after the data job:\n{data_job['left']}"
+
+
+def test_slurm_data_job_ray_refuses_clients_without_its_token(slurm: SlurmCluster, data_job: dict) -> None:
+    jid, logs, auth = data_job["jid"], data_job["logs"], data_job["auth"]
+    text = log_of(jid, logs)
+    assert data_job["job"]["JobState"] == "COMPLETED", text     # the pipeline ran with the token
+    assert "token" in auth, f"the job's token file {data_job['token_file']} never appeared:\n{text}"
+    token = auth["token"]
+    assert len(token) == 64 and token != data_job["stale_token"]
+    assert auth["modes"] == ("0o600", "0o700")
+    assert "no token" in auth, f"the job ended before its job server answered:\n{text}"
+    assert auth["no token"][0] == 401 and "Missing authentication token" in auth["no token"][1], auth["no token"]
+    assert auth["wrong token"][0] == 403, auth["wrong token"]
+    assert "Ray token authentication on" in text and f"RAY_AUTH_TOKEN_PATH={data_job['token_file']}" in text
+    assert not Path("/tmp/v4-unauthenticated-job-ran").exists()
+    assert not data_job["token_file"].parent.exists()          # the token died with the cluster
+    # the token is in none of the logs and outputs: the batch log, the Ray node logs, Ray's session logs (the
+    # driver's included), the Slurm daemons' logs, the shards and their manifest
+    roots = [logs, data_job["ray_tmp"], data_job["shards"], slurm.base / "log"]
+    n_files = sum(1 for r in roots if r.exists() for f in r.rglob("*") if f.is_file())
+    assert n_files > 20, n_files
+    hits = files_containing(token, [r for r in roots if r.exists()])
+    assert not hits, f"the job's Ray token was written to {hits}"
 
 
 # ------------------------------------------------------------------------------------------------- 2. pretrain

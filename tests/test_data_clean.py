@@ -6,8 +6,9 @@ import zlib
 import numpy as np
 import pytest
 
-from data_pipeline.clean import clean_batch, normalize, quality_reason
+from data_pipeline.clean import CleanResult, clean_document, normalize, quality_reason
 from data_pipeline.config import CleanConfig, DataConfigError, mixture_from_dict
+from data_pipeline.multilingual_corpus import SENTENCES
 
 WORDS = ["the", "river", "runs", "past", "old", "stone", "walls", "and", "green", "fields", "where", "farmers", "work", "with", "patient", "hands", "to", "bring", "in", "the", "harvest", "that", "will", "feed", "the", "town", "through", "winter"]
 
@@ -62,17 +63,6 @@ def test_repeated_ngrams_filters():
     assert quality_reason(text, cfg2).startswith("top_")
 
 
-def test_clean_batch_counts_and_passes_quarantine_rows():
-    rng = np.random.default_rng(2)
-    texts = [prose(rng, 100), "too short", "bad line", prose(rng, 90)]
-    batch = {"id": np.array(["a", "b", "", "d"], dtype=object), "text": np.array(texts, dtype=object),
-             "source": np.array(["s"] * 4, dtype=object), "loc": np.array(["f:1", "f:2", "f:3", "f:4"], dtype=object),
-             "reason": np.array(["", "", "malformed_json", ""], dtype=object)}
-    out = clean_batch(batch, CleanConfig())
-    assert list(out["reason"]) == ["", "filter:too_short", "malformed_json", ""]
-    assert out["text"][1] == "" and out["nbytes"][0] == len(texts[0].encode())
-
-
 def test_mixture_config_errors_name_the_key():
     with pytest.raises(DataConfigError, match="did you mean 'weight'"):
         mixture_from_dict({"sources": [{"name": "a", "wieght": 1, "input": {"path": "x"}}]})
@@ -83,3 +73,67 @@ def test_mixture_config_errors_name_the_key():
     cfg = mixture_from_dict({"sources": [{"name": "a", "weight": 3, "input": {"path": "x"}},
                                          {"name": "b", "input": {"path": "y"}}]})
     assert cfg.weights() == {"a": 0.75, "b": 0.25}
+
+
+def sentences(rng: np.random.Generator, lang: str, n: int) -> list[str]:
+    return list(rng.choice(SENTENCES[lang], size=n, replace=False))
+
+
+def test_clean_document_normalises_detects_and_names_the_reason():
+    rng = np.random.default_rng(3)
+    text = "  " + prose(rng, 120).replace("\n", "\r\n") + "\u200b "
+    r = clean_document(text, CleanConfig())
+    assert isinstance(r, CleanResult) and r.reason == "" and r.lang == "en" and r.lang_score > 0.5
+    assert r.text == normalize(text)
+    assert clean_document("the and of " * 5, CleanConfig()).reason == "too_short"
+    off = clean_document(text, CleanConfig(enabled=False))
+    assert off.text == text and off.reason == "" and off.lang == "en"
+    assert clean_document(text, CleanConfig(langid=False)).lang == ""
+
+
+@pytest.mark.parametrize("lang", ["zh", "ja"])
+def test_character_rules_for_scripts_without_spaces(lang):
+    rng = np.random.default_rng(zlib.crc32(lang.encode()))
+    good = "".join(sentences(rng, lang, 8))
+    cfg = CleanConfig()
+    assert quality_reason(good, cfg, lang) == ""
+    # the word rules would call any Chinese/Japanese paragraph too short (a few whitespace "words")
+    assert len(good.split()) < cfg.min_words
+    assert quality_reason("".join(sentences(rng, lang, 2)), cfg, lang) == "too_short"
+    one = sentences(rng, lang, 1)[0]
+    assert quality_reason(one * 6 + good, cfg, lang).startswith(("top_char_", "dup_char_"))
+    assert quality_reason("\n".join([one] * 8 + [good]), cfg, lang) == "dup_lines"
+    stops = "".join(sorted({ch for ch in good if ch in "的了是在和有我不这也就都人他のにはをたがでてとしな"}))
+    assert stops and quality_reason(good.translate({ord(c): "口" for c in stops}), cfg, lang) == "stop_words"
+    digits = good + "".join(f" {int(x)} " for x in rng.integers(10**6, 10**7, size=len(good) // 2))
+    assert quality_reason(digits, cfg, lang) == "alpha_words"
+
+
+@pytest.mark.parametrize("lang", ["de", "fr", "es", "ru", "ar", "ko"])
+def test_word_languages_pass_and_fail_with_their_own_stop_words(lang):
+    rng = np.random.default_rng(zlib.crc32(lang.encode()))
+    text = " ".join(sentences(rng, lang, 8))
+    assert clean_document(text, CleanConfig()).reason == ""
+    assert quality_reason(text, CleanConfig(), "en") == "stop_words" or lang == "ko"
+    from data_pipeline.clean import STOP_WORDS
+    if lang in STOP_WORDS:
+        stripped = " ".join(w for w in text.split() if w.lower().strip(".,،") not in STOP_WORDS[lang])
+        assert quality_reason(stripped, CleanConfig(), lang) == "stop_words"
+
+
+def test_by_language_overrides_merge_over_defaults():
+    rng = np.random.default_rng(8)
+    ko = " ".join(sentences(rng, "ko", 8))
+    assert clean_document(ko, CleanConfig()).reason == ""
+    # without the Korean default the Gopher minimum mean word length (3) drops Korean wholesale
+    assert clean_document(ko, CleanConfig(by_language={"ko": {"min_mean_word_len": 3.0}})).reason == "mean_word_length"
+    cfg = mixture_from_dict({"sources": [{"name": "a", "input": {"path": "x"}}],
+                             "clean": {"by_language": {"de": {"min_words": 500}}, "stop_words": {"ko": ["은", "는"]}}}).clean
+    assert cfg.by_language["ko"] == {"min_mean_word_len": 1.5} and cfg.by_language["de"] == {"min_words": 500}
+    assert clean_document(" ".join(sentences(rng, "de", 8)), cfg).reason == "too_short"
+    with pytest.raises(DataConfigError, match="did you mean 'min_words'"):
+        mixture_from_dict({"sources": [{"name": "a", "input": {"path": "x"}}],
+                           "clean": {"by_language": {"de": {"min_word": 5}}}})
+    with pytest.raises(DataConfigError, match="by_language.de.min_words"):
+        mixture_from_dict({"sources": [{"name": "a", "input": {"path": "x"}}],
+                           "clean": {"by_language": {"de": {"min_words": "many"}}}})

@@ -35,17 +35,23 @@ def test_default_mixture_mixes_three_embedded_sources():
     assert abs(sum(cfg.weights().values()) - 1) < 1e-12 and len(cfg.weights()) == 3
 
 
-def test_fingerprint_follows_what_changes_the_shards(monkeypatch):
-    """The cache key: settings of parallelism (dedup blocks, Ray, loader) leave it alone; packing settings and
-    the shard layout version change it (so datasets from an older pipeline are rebuilt, not reused)."""
+def test_stage_keys_follow_what_each_stage_depends_on(monkeypatch):
+    """The cache keys: weights, Ray and loader settings change no stage (mixing happens at load time); a new
+    seq_len changes only the pack settings (the next sequence-length stage re-packs cached tokens); clean
+    settings change the docs stage and hence every later key; the layout version changes everything."""
     import data_pipeline.config as dcfg
     cfg = load_mixture("data_pipeline/configs/default_mixture.yaml")
-    base = cfg.fingerprint()
-    cfg.dedup.min_blocks = 7
+    base, fp = cfg.stage_settings(), cfg.fingerprint()
+    cfg.sources[0].weight *= 3
     cfg.ray.num_cpus = 3
-    assert cfg.fingerprint() == base
-    cfg.pack.docs_per_block += 1
-    assert cfg.fingerprint() != base
-    cfg.pack.docs_per_block -= 1
+    cfg.loader.period += 1
+    assert cfg.stage_settings() == base and cfg.fingerprint() == fp
+    cfg.pack.seq_len *= 2
+    now = cfg.stage_settings()
+    assert [k for k in base if now[k] != base[k]] == ["pack"] and cfg.fingerprint() != fp
+    cfg.pack.seq_len //= 2
+    cfg.clean.min_words = 21
+    assert [k for k in base if cfg.stage_settings()[k] != base[k]] == ["docs"]
+    cfg.clean.min_words = 20
     monkeypatch.setattr(dcfg, "SHARD_LAYOUT_VERSION", dcfg.SHARD_LAYOUT_VERSION + 1)
-    assert cfg.fingerprint() != base
+    assert cfg.fingerprint() != fp

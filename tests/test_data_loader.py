@@ -4,42 +4,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dataset_writer
 import numpy as np
 import pytest
 
 from data_pipeline import pack
 from data_pipeline.api import build_loader
 from data_pipeline.loader import LoaderStateError, streaming_dataset
-from data_pipeline.manifest import MANIFEST_VERSION, write_manifest
 from data_pipeline.mds_reader import ShardError
 from data_pipeline.mixture import Interleave, feistel_permute, source_order
-from data_pipeline.streaming_compat import import_streaming
 
 SEQ = 16
 
 
-def write_source(root: Path, name: str, n_docs: int, token_range: tuple[int, int], rng) -> dict:
-    """Pack random documents (token ids in ``token_range``, EOS = 2) into MDS shards under root/name."""
-    streaming = import_streaming()
-    docs = [rng.integers(*token_range, size=int(rng.integers(3, 40))) for _ in range(n_docs)]
-    samples, starts, dropped = pack.pack_tokens(docs, SEQ + 1, eos=2)
-    with streaming.MDSWriter(out=str(root / name), columns=pack.MDS_COLUMNS, compression="zstd",
-                             hashes=["xxh64"], size_limit=1 << 12) as w:
-        for row, st in zip(samples, starts):
-            w.write({"tokens": row, "doc_starts": st})
-    return {"dir": name, "weight": 1.0, "documents": n_docs, "tokens": int(sum(len(d) + 1 for d in docs)),
-            "samples": len(samples), "dropped_tokens": dropped, "bytes": 0}
-
-
 def make_dataset(root: Path, sizes: dict[str, int], seed: int) -> Path:
-    """A manifest over one MDS source per entry; source i uses token ids [100 i + 3, 100 i + 100)."""
-    rng = np.random.default_rng(seed)
-    sources = {n: write_source(root, n, k, (100 * i + 3, 100 * i + 100), rng) for i, (n, k) in enumerate(sizes.items())}
-    manifest = {"version": MANIFEST_VERSION, "name": "t", "fingerprint": f"fp{seed}", "seq_len": SEQ,
-                "sample_len": SEQ + 1, "vocab_size": 1000, "tokenizer": "tokenizer.json",
-                "special_tokens": {"pad": 0, "bos": 1, "eos": 2}, "sources": sources, "counts": {}, "stages": [],
-                "shards": [], "mixture": {"loader": {}}}
-    return write_manifest(root, manifest)
+    """A dataset in the packed layout (parts of 37 samples, 4 KB shards); source i uses ids [100 i + 3, 100 i + 100)."""
+    return dataset_writer.make_dataset(root, sizes, seed, seq_len=SEQ)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +163,7 @@ def test_batch_contract_shapes_and_doc_ids(dataset):
 
 def test_corrupt_or_missing_shard_fails_with_its_name(tmp_path):
     manifest = make_dataset(tmp_path, {"a": 120, "b": 80}, seed=4)
-    shards = sorted((tmp_path / "a").glob("shard.*.mds.zstd"))
+    shards = sorted((tmp_path / "shards" / "a").glob("part-*/shard.*.mds.zstd"))
     assert len(shards) > 1
     victim = shards[1]
     data = bytearray(victim.read_bytes())
@@ -193,7 +173,7 @@ def test_corrupt_or_missing_shard_fails_with_its_name(tmp_path):
     with pytest.raises(ShardError, match=victim.name):
         for _ in range(5):
             next(ld)
-    missing = min((tmp_path / "b").glob("shard.*.mds.zstd"))
+    missing = min((tmp_path / "shards" / "b").glob("part-*/shard.*.mds.zstd"))
     missing.unlink()
     ld = build_loader(manifest, {"b": 1.0}, SEQ, 64, 64, 0, 1, 0)
     with pytest.raises(ShardError, match=f"{missing.name}: MDS shard missing"):

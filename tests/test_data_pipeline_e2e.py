@@ -35,7 +35,7 @@ def _ensure(args: tuple[str, str]) -> tuple[str, float]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", DATA_PIPELINE_PROGRESS="0",
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", DATA_PIPELINE_PROGRESS="0",
                       TOKENIZERS_PARALLELISM="false")
     root = tmp_path_factory.mktemp("e2e")
     rng = np.random.default_rng(41)
@@ -60,7 +60,7 @@ def built(tmp_path_factory):
         "clean": {"min_words": 20, "max_symbol_word_ratio": 0.3, "min_alpha_word_frac": 0.5,
                   "max_dup_line_frac": 0.5, "max_dup_line_char_frac": 0.5,
                   "max_top_ngram_char_frac": {2: 0.3}, "max_dup_ngram_char_frac": {5: 0.5}},
-        "tokenizer": {"sample_bytes": 2_000_000}, "pack": {"docs_per_block": 32},
+        "tokenizer": {"sample_bytes": 2_000_000}, "split": {"val_fraction": 0.05, "min_val_docs_per_file": 1},
         "ray": {"num_cpus": 2, "object_store_mb": 300}}))
     shards = root / "shards"
     with mp.get_context("spawn").Pool(2) as pool:
@@ -72,9 +72,12 @@ def test_concurrent_ensure_dataset_builds_once(built):
     shards, mixture, results, _, _ = built
     (p1, _), (p2, _) = results
     assert p1 == p2 and Path(p1).is_file()
-    assert Path(p1).parent == dataset_dir(shards, str(mixture), VOCAB, SEQ)
-    # exactly one dataset directory and no temporary leftovers
-    assert [p.name for p in shards.iterdir() if not p.name.endswith(".lock")] == [Path(p1).parent.name]
+    final = Path(p1).parent
+    assert final == dataset_dir(shards, str(mixture), VOCAB, SEQ)
+    # one build root holding the stage caches and this sequence length's dataset, no temporary leftovers
+    assert [p.name for p in shards.iterdir()] == [final.parent.name]
+    assert sorted(p.name for p in final.parent.iterdir() if not p.name.endswith(".lock")) == sorted(
+        ["work", final.name])
     t0 = time.time()
     assert str(ensure_dataset(str(shards), str(mixture), VOCAB, SEQ)) == p1      # cached: no rebuild
     assert time.time() - t0 < 10
@@ -92,17 +95,33 @@ def test_manifest_counts_quarantine_and_dedup(built):
     assert m["counts"]["quarantine"] == {"malformed_json": 1, "missing_text_field": 1}
     q = [json.loads(x) for x in (root / "quarantine.jsonl").read_text().splitlines()]
     assert {r["location"] for r in q} == {"plays.jsonl.gz:6", "plays.jsonl.gz:10"}
-    removed = {json.loads(x)["id"]: json.loads(x)["kept_id"] for x in (root / "removed.jsonl").read_text().splitlines()}
+    removed = _removed_ids(root.parent / "work", m["stage_dirs"])
     for rid, d in (("copy-a", dups[0]), ("copy-b", dups[1]), ("near-c", dups[2])):
-        # a copy is removed, or (its id sorts first) kept while the original is removed in its favour
-        assert removed.get(rid) == scenes[d]["id"] or removed.get(scenes[d]["id"]) == rid
+        # the copy comes later in the file than its original: the original survives (minimum doc id)
+        assert removed.get(rid) == scenes[d]["id"], (rid, removed.get(rid))
     assert m["counts"]["dedup"]["exact"] >= 2 and m["counts"]["dedup"]["near"] >= 1
     assert set(m["sources"]) == {"plays", "pydocs"} and all(s["tokens"] > 0 for s in m["sources"].values())
-    assert {s["name"] for s in m["stages"]} == {"ingest", "clean", "dedup", "tokenizer", "pack"}
+    assert {"docs", "tokens", "pack"} <= {s["name"] for s in m["stages"]}
+    assert set(m["validation"]) == {"plays", "pydocs"} and all(v["samples"] > 0 for v in m["validation"].values())
     assert (root / "report.md").read_text().startswith("# Dataset report") and (root / "report.png").stat().st_size
     from data_pipeline.cli import main
 
     assert main(["verify", "--manifest", str(manifest_path)]) == 0
+
+
+def _removed_ids(work: Path, dirs: dict[str, str]) -> dict[str, str]:
+    """{removed document's id: its survivor's id} from the dedup stage's removal lists and the docs partitions."""
+    from data_pipeline.stages import read_docs
+
+    names: dict[int, str] = {}
+    for f in sorted((work / dirs["docs"] / "docs").glob("*.parquet")):
+        d = read_docs(str(f), ["doc_id", "id"])
+        names.update(zip(d["doc_id"].tolist(), d["id"].tolist()))
+    out = {}
+    for f in sorted((work / dirs["dedup"] / "removed").glob("*.npy")):
+        for doc, kept in np.load(f):
+            out[names[int(doc)]] = names[int(kept)]
+    return out
 
 
 def test_loader_and_tokenizer_on_built_dataset(built):

@@ -9,15 +9,6 @@ import torch.nn.functional as F
 from pretrain.config import ModelConfig, YarnConfig
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    from parallel.process_groups import init_distributed, teardown
-    from pretrain.config import ParallelConfig
-    init_distributed(ParallelConfig())
-    yield
-    teardown()
-
-
 def _cfg(**over) -> ModelConfig:
     base = dict(vocab_size=61, hidden_size=32, num_layers=4, layer_types=["sliding", "csa", "hca", "csa"],
                 num_heads=4, head_dim=16, rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=12,
@@ -106,9 +97,10 @@ def test_pipeline_split_equals_full_model(one_rank):
 
 
 def test_every_parameter_has_optimizer_metadata(one_rank):
+    from parallel.optimizer_groups import optimizer_of
     from pretrain.model.transformer import DeepSeekV4Model
     model = DeepSeekV4Model(_cfg())
-    owners = {n: p.v4_optimizer for n, p in model.named_parameters()}
+    owners = {n: optimizer_of(n, p) for n, p in model.named_parameters()}
     assert set(owners.values()) == {"muon", "adamw"}
     for name in ("embed_tokens.weight", "lm_head.weight", "norm.weight", "layers.0.attn_hc.base",
                  "layers.0.attn_hc.scale", "hc_head.hc_base", "layers.1.self_attn.sinks"):

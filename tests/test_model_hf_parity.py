@@ -26,16 +26,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    """A one-rank gloo group + megatron parallel state for the module's tests."""
-    from parallel.process_groups import init_distributed, teardown
-    from pretrain.config import ParallelConfig
-    init_distributed(ParallelConfig())
-    yield
-    teardown()
-
-
 def small_config(**over) -> ModelConfig:
     base = dict(vocab_size=97, hidden_size=32, num_layers=len(over["layer_types"]), num_heads=4, head_dim=16,
                 rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=12, sliding_window=8,

@@ -6,15 +6,6 @@ import pytest
 from pretrain.config import load_config
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    from parallel.process_groups import init_distributed, teardown
-    from pretrain.config import ParallelConfig
-    init_distributed(ParallelConfig())
-    yield
-    teardown()
-
-
 # expected values: deepseek-v4.md §14 (paper 284B/13B and 1.6T/49B) and §13; ±0.5% as the task specifies
 @pytest.mark.parametrize("name,total,active,mtp,kv_pct", [("flash", 284.3e9, 13.3e9, 6.6e9, 7.2),
                                                            ("pro", 1573e9, 48.9e9, 25.8e9, 10.3)])

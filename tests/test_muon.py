@@ -15,7 +15,7 @@ import torch
 from ops import dispatch
 from ops.newton_schulz import V4_NS_STEPS, newton_schulz, newton_schulz_gram
 from parallel.muon import Muon
-from parallel.optimizer_groups import build_optimizers, optimizer_of, split_params
+from parallel.optimizer_groups import OPTIMIZER_ROUTES, Route, build_optimizers, split_params
 
 SCHEDULE = [(3.4445, -4.7750, 2.0315)] * 8 + [(2.0, -1.5, 0.5)] * 2
 
@@ -228,15 +228,16 @@ def test_split_and_build_optimizers():
             self.norm = torch.nn.RMSNorm(8)
             self.head = torch.nn.Linear(8, 10, bias=False)
             self.sink = torch.nn.Parameter(torch.randn(4))
-            self.fn = torch.nn.Parameter(torch.randn(6, 8))
-            self.fn.v4_optimizer = "adamw"        # the attribute wins over the shape rule
+            self.fn = torch.nn.Parameter(torch.randn(6, 8))     # routed by the custom table below
             self.experts = torch.nn.Parameter(torch.randn(3, 8, 8))
 
     m = M()
-    mu, ad = split_params(m)
+    routes = (Route(r"^fn$", "adamw", "a table row wins over the shape rule"), *OPTIMIZER_ROUTES)
+    mu, ad = split_params(m, routes)
     assert {n for n, _ in mu} == {"proj.weight", "experts"}
     assert {n for n, _ in ad} == {"embed.weight", "proj.bias", "norm.weight", "head.weight", "sink", "fn"}
-    muon, adamw = build_optimizers(m, Cfg(), lr=1e-3)
+    assert {n for n, _ in split_params(m)[0]} == {"proj.weight", "experts", "fn"}     # default table: shape rule
+    muon, adamw = build_optimizers(m, Cfg(), lr=1e-3, routes=routes)
     assert muon.param_groups[0]["momentum"] == 0.95 and muon.param_groups[0]["update_rms"] == 0.18
     assert adamw.param_groups[0]["eps"] == 1e-20 and adamw.param_groups[0]["betas"] == (0.9, 0.95)
     x = torch.randint(0, 10, (4,))
@@ -245,10 +246,8 @@ def test_split_and_build_optimizers():
     muon.step()
     adamw.step()
     assert all(not torch.equal(w0[n], p.detach()) for n, p in m.named_parameters())
-    with pytest.raises(ValueError):
-        bad = torch.nn.Parameter(torch.randn(3, 3))
-        bad.v4_optimizer = "sgd"
-        optimizer_of("bad", bad)
+    with pytest.raises(ValueError, match="sgd"):
+        Route(r"^bad$", "sgd", "not an optimizer")
 
 
 def _info(name, shape, pdim=None, blocks=None):
@@ -280,3 +279,14 @@ def test_plan_modes_cost_model_and_owner_balance():
     assert pl.imbalance() == 0.0
     with pytest.raises(ValueError):
         plan(infos, dp=1, tp_mode="blockwise")
+
+
+def test_checkpoint_keys_without_the_unit_format_are_refused():
+    """A load whose recorded state keys carry no ``format`` (momentum in the parameters' layout, never released)
+    fails with an error naming the format this code reads."""
+    from parallel.muon import CKPT_FORMAT
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = Muon([("w", p)], lr=1e-3)
+    assert opt.checkpoint_state_keys()["__own__"]["format"] == CKPT_FORMAT
+    with pytest.raises(ValueError, match=CKPT_FORMAT):
+        opt.sharded_state_dict({}, keys={"__own__": {"kind": "own", "dtype": ""}})

@@ -14,11 +14,10 @@ fresh Muon at layout B, weights of the uninterrupted (single-process) run after 
   matrix, per-shard Grams, single process); measured ~1e-7.
 * Same layout (tp2 x dp2, gram): save, load into a fresh optimizer, step 3 -- bit-identical to the run
   that was not interrupted.
-* Checkpoints in the old parameter-layout format (no ``format`` in the recorded state keys) still load.
 
 Memory: per rank, the bytes of the tensors in Muon's sharded state dict are the rank's owned momentum
-(16 equal matrices: exactly total / dp at dp2 and dp4, the saved tensors ARE the live momentum buffers),
-against the whole total on every rank with the old format.
+(16 equal matrices: exactly total / dp at dp2 and dp4, the saved tensors ARE the live momentum buffers).
+(Recorded state keys without the unit format are refused: tests/test_muon.py.)
 """
 from __future__ import annotations
 
@@ -42,7 +41,6 @@ from tests.test_muon_dist import (
 pytestmark = pytest.mark.slow
 
 NAMES = list(SPECS)
-LEGACY_KEYS = {"__own__": {"kind": "own", "dtype": ""}}      # what checkpoints before the unit format recorded
 
 
 def _model_sharded(params):
@@ -81,20 +79,20 @@ def _train(tp_mode, steps=2):
     return params, opt
 
 
-def _save(path, tp_mode, legacy=False):
+def _save(path, tp_mode):
     from megatron.core import dist_checkpointing as dc
     params, opt = _train(tp_mode)
-    dc.save(opt.sharded_state_dict(_model_sharded(params), keys=LEGACY_KEYS if legacy else None), path)
+    dc.save(opt.sharded_state_dict(_model_sharded(params)), path)
     return params, opt
 
 
-def _load(opt, params, path, legacy=False):
+def _load(opt, params, path):
     from megatron.core import dist_checkpointing as dc
-    keys = LEGACY_KEYS if legacy else opt.checkpoint_state_keys()
+    keys = opt.checkpoint_state_keys()
     opt.load_sharded_state(dc.load(opt.sharded_state_dict(_model_sharded(params), keys=keys), path))
 
 
-def _resume(label, path, tp_mode="auto", legacy=False):
+def _resume(label, path, tp_mode="auto"):
     """Fresh Muon at the current layout, the 2-step reference weights, momentum from ``path``; step 3.
     Returns (label, loaded momentum bit-identical, {name: rel err of step 3 vs the 3-step reference})."""
     from parallel.muon import Muon
@@ -104,7 +102,7 @@ def _resume(label, path, tp_mode="auto", legacy=False):
     for name, p in params:
         p.data.copy_(_slice(name, ref2[name], T, t, ep, e))
     opt = Muon.from_parallel_state(params, **HYPER, tp_mode=tp_mode)
-    _load(opt, params, path, legacy)
+    _load(opt, params, path)
     got, want = opt.state_dict()["state"], ref2_opt.state_dict()["state"]
     exact = {n: torch.equal(got[n]["momentum_buffer"], _slice(n, want[n]["momentum_buffer"], T, t, ep, e))
              for n in NAMES}
@@ -135,8 +133,8 @@ def _same_layout_bitwise(path):
 
 
 def _memory():
-    """16 equal matrices, tp1, dp = world: bytes in Muon's sharded state dict on this rank (unit format,
-    old format), the whole momentum's bytes, and whether the saved tensors are the live buffers."""
+    """16 equal matrices, tp1, dp = world: bytes in Muon's sharded state dict on this rank, the whole
+    momentum's bytes, whether the saved tensors are the live buffers, and how many tensors it saves."""
     import torch.distributed as dist
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -153,8 +151,7 @@ def _memory():
     new = opt.sharded_state_dict(ms)
     live = {b.data_ptr() for b in opt._engines[0].momentum.values()}
     is_live = all(v.data.data_ptr() in live for v in nested_values(new))
-    old = opt.sharded_state_dict(ms, keys=LEGACY_KEYS)
-    return _nbytes(new), _nbytes(old), sum(p.numel() * 4 for _, p in params), is_live, len(new)
+    return _nbytes(new), sum(p.numel() * 4 for _, p in params), is_live, len(new)
 
 
 def _four(rank, world, root):
@@ -177,14 +174,12 @@ def _one(rank, world, root):
     out = [_resume("tp2xdp2xep2(gram) -> 1 process", f"{root}/s1"),
            _resume("dp4xep4 -> 1 process", f"{root}/s2")]
     _save(f"{root}/s3", "auto")
-    _save(f"{root}/l3", "auto", legacy=True)
     return out
 
 
 def _two(rank, world, root):
     _init(tp=1)                            # dp2
-    out = [_resume("1 process -> dp2", f"{root}/s3"),
-           _resume("1 process, old format -> dp2", f"{root}/l3", legacy=True)]
+    out = [_resume("1 process -> dp2", f"{root}/s3")]
     mem = {"dp2": _memory()}
     _init(tp=2)
     out.append(_resume("1 process -> tp2(gram)", f"{root}/s3", tp_mode="gram"))
@@ -203,7 +198,7 @@ def _check(results):
 
 def test_muon_checkpoint_reshards_and_saves_owned_momentum_only(tmp_path):
     root = tmp_path / "ck"
-    for d in ("same", "s1", "s2", "s3", "l3"):
+    for d in ("same", "s1", "s2", "s3"):
         (root / d).mkdir(parents=True)
     four = run_ranks(_four, 4, str(root), timeout=300)
     assert all(same for _, _, same in four), "same-layout resume is not bit-identical"
@@ -213,9 +208,8 @@ def test_muon_checkpoint_reshards_and_saves_owned_momentum_only(tmp_path):
     _check([cases for cases, _ in two])
     for dp, results in ((4, [m for _, m, _ in four]), (2, [m for _, m in two])):
         per_rank = [m[f"dp{dp}"] for m in results]
-        total = per_rank[0][2]
-        assert sum(new for new, _, _, _, _ in per_rank) == total         # every unit saved exactly once
-        for new, old, _, is_live, count in per_rank:
+        total = per_rank[0][1]
+        assert sum(new for new, _, _, _ in per_rank) == total            # every unit saved exactly once
+        for new, _, is_live, count in per_rank:
             assert new == total // dp and count == 16 // dp            # balanced: 16 / dp units per rank
-            assert old == total                                        # the old format: everything, everywhere
             assert is_live                                             # no copy: the live momentum buffers

@@ -40,15 +40,6 @@ B, S = 2, 64
 BALANCE_COEFF = 1e-2
 
 
-@pytest.fixture()
-def one_rank():      # per test: the dry-run test below needs a process without torch.distributed
-    from parallel.process_groups import init_distributed, teardown
-    from pretrain.config import ParallelConfig
-    init_distributed(ParallelConfig())
-    yield
-    teardown()
-
-
 def _tiny(overrides: list[str]) -> ModelConfig:
     return load_config("tiny", overrides).model
 
@@ -123,7 +114,7 @@ def _assert_same(got: dict, ref: dict, what: str) -> None:
         assert torch.equal(got[k], v), f"{what} {k}: max |diff| {float((got[k].double() - v.double()).abs().max()):.3e}"
 
 
-def test_same_loss_grads_and_loads(one_rank):
+def test_same_loss_grads_and_loads(one_rank_per_test):
     from pretrain.model.transformer import DeepSeekV4Model
     seed = int.from_bytes(os.urandom(4), "little")
     log.info("test_same_loss_grads_and_loads: seed %d (set it here to replay a failure)", seed)
@@ -179,7 +170,7 @@ def _saved_bytes(mode: str, state: dict, batch: dict) -> int:
     return sum(storages.values())
 
 
-def test_saved_bytes_full_lt_selective_lt_none(one_rank):
+def test_saved_bytes_full_lt_selective_lt_none(one_rank_per_test):
     from pretrain.model.transformer import DeepSeekV4Model
     cfg = _tiny(MODES["none"])
     torch.manual_seed(11)

@@ -18,6 +18,10 @@
 #   NO_WAIT        1: return after submitting (`--no-wait`); default: follow the logs, exit with the job's status
 #   PYTHON         interpreter on the cluster                                            [python]
 #   RAY_BIN        the ray CLI here                                                      [.venv/bin/ray]
+#   RAY_AUTH_TOKEN_PATH / RAY_AUTH_TOKEN   the cluster's Ray token (file / value)
+#                  [the token `make ray-up` wrote for RAY_CLUSTER: runs/ray-auth/<cluster_name>/auth_token]
+#   RAY_CLUSTER    the `ray up` config whose token to use                     [clusters/ray/cluster.yaml]
+#   V4_RAY_AUTH    disabled: submit without a token (a cluster started with that opt-out)          [token]
 #   DRY            1: print the command only
 # Positional arguments are appended to `python -m data_pipeline run --mixture M --output O`.
 set -euo pipefail
@@ -35,7 +39,8 @@ fi
 output=${OUTPUT:-}
 [[ -n $output ]] || die "OUTPUT is required: a directory every Ray node can write (shared filesystem), e.g. OUTPUT=/shared/v4/shards"
 ray_bin=${RAY_BIN:-$V4_REPO/.venv/bin/ray}
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# the job server refuses requests without the cluster's token (401); the CLI sends it from Ray's own variables
+[[ ${DRY:-0} == 1 ]] || ray_client_auth "\`ray job submit\` to $address"
 
 # working_dir upload: Ray already skips git-ignored files; these are excluded explicitly as well.
 runtime_env=$(printf '{"working_dir": "%s", "excludes": [".git", ".venv", "runs", ".cache", "**/__pycache__"]}' "$V4_REPO")
@@ -46,4 +51,12 @@ cmd=("$ray_bin" job submit --address "$address" --runtime-env-json "$runtime_env
 shape_args=$(data_shape_args "$@")
 read -r -a shape <<<"$shape_args"
 cmd+=(-- "${PYTHON:-python}" -m data_pipeline run --mixture "$mixture" --output "$output" "$@" "${shape[@]}")
-run_or_show ray-data "${cmd[@]}"
+rc=0
+run_or_show ray-data "${cmd[@]}" || rc=$?
+if (( rc != 0 )) && [[ ${RAY_AUTH_MODE:-} == token ]]; then
+    used=${RAY_AUTH_TOKEN:+RAY_AUTH_TOKEN (from the environment)}
+    used=${used:-RAY_AUTH_TOKEN_PATH=${RAY_AUTH_TOKEN_PATH:-}}
+    echo "[ray-data] failed (status $rc). If the job server refused the token (Unauthorized / Forbidden above):" \
+         "this client used $used; set RAY_AUTH_TOKEN_PATH to the cluster's token file (docs/CLUSTER_SECURITY.md)" >&2
+fi
+exit "$rc"

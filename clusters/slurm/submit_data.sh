@@ -13,6 +13,8 @@
 #   TIME, PARTITION, ACCOUNT, QOS, SBATCH_EXTRA   as for submit_pretrain.sh
 #   CPUS        CPUs per node to request and give Ray (--cpus-per-task); empty: --exclusive, whole nodes
 #   LOG_DIR     batch log and Ray node logs                                                [runs/slurm-data]
+#   V4_RAY_AUTH token: Ray token authentication, a fresh token per job (data.sbatch); disabled: the
+#               explicit opt-out (docs/CLUSTER_SECURITY.md)                                [token]
 #   DRY         1: print the command only
 # Positional arguments are appended to `python -m data_pipeline run --mixture M --output O`.
 set -euo pipefail
@@ -25,6 +27,8 @@ mixture=$(abspath "${MIXTURE:-data_pipeline/configs/default_mixture.yaml}")
 [[ ${DRY:-0} == 1 || -f $mixture ]] || die "MIXTURE '$mixture' does not exist"
 output=$(abspath "${OUTPUT:-runs/data/${CONFIG:-tiny}}")
 log_dir=$(abspath "${LOG_DIR:-runs/slurm-data}")
+auth=$(ray_auth_mode)
+[[ $auth == token ]] || warn_ray_auth_disabled "the Slurm data job"
 
 sbatch_args=(--job-name=v4-data --nodes="$nodes" --ntasks-per-node=1 --output="$log_dir/slurm-%j.out")
 if [[ -n ${CPUS:-} ]]; then
@@ -46,8 +50,9 @@ fi
 shape_args=$(data_shape_args "$@")
 read -r -a shape <<<"$shape_args"
 job_env=(V4_REPO="$V4_REPO" V4_LOG_DIR="$log_dir")
-for v in V4_PYTHON V4_RAY_PORT V4_RAY_DASHBOARD_PORT V4_RAY_HEAD_IP V4_RAY_TMP V4_RAY_OBJECT_STORE_BYTES \
-         V4_RAY_START_ARGS RAY_AUTH_MODE; do
+job_env+=(V4_RAY_AUTH="$auth")
+for v in V4_PYTHON V4_RAY_PORT V4_RAY_DASHBOARD_PORT V4_RAY_DASHBOARD_HOST V4_RAY_HEAD_IP V4_RAY_TMP \
+         V4_RAY_OBJECT_STORE_BYTES V4_RAY_START_ARGS; do
     [[ -n ${!v:-} ]] && job_env+=("$v=${!v}")
 done
 

@@ -48,8 +48,6 @@ class KVCompressor(nn.Module):
         self.kv_norm = RMSNorm(head_dim, eps)
         for lin in (self.kv_proj, self.gate_proj):
             nn.init.normal_(lin.weight, mean=0.0, std=init_std)
-            lin.weight.v4_optimizer = "muon"
-        self.position_bias.v4_optimizer = "adamw"
 
     def compress(self, x: torch.Tensor, layout: CompressedLayout, rope: RotaryEmbedding) -> torch.Tensor:
         """x [B, S, d] -> entries [B, N, head_dim] (unused slots of ``layout`` are 0)."""

@@ -17,8 +17,8 @@ Initialisation (paper: "α initialised to small values", rest UNKNOWN, §3.4) �
 post ≈ 1 and comb ≈ uniform 1/n (the softmax of near-zero logits is already doubly stochastic), i.e. each
 stream starts as mean(X) + F(·): a plain pre-norm residual replicated over the streams.
 
-Optimizers (docs/CONTRACTS.md): ``fn`` → Muon (a dynamic projection matrix), ``base``/``scale`` → AdamW
-(the paper's "static biases and gating factors").
+Optimizers (``parallel.optimizer_groups.OPTIMIZER_ROUTES``): ``fn`` → Muon (a dynamic projection matrix),
+``base``/``scale`` → AdamW (the paper's "static biases and gating factors").
 """
 from __future__ import annotations
 
@@ -35,11 +35,6 @@ def expand_streams(embedding: torch.Tensor, n: int) -> torch.Tensor:
     return embedding.unsqueeze(2).expand(-1, -1, n, -1).contiguous()
 
 
-def _tag(p: nn.Parameter, optimizer: str) -> nn.Parameter:
-    p.v4_optimizer = optimizer
-    return p
-
-
 class HyperConnection(nn.Module):
     """One mHC site: :meth:`pre` collapses the streams for the sub-layer, :meth:`post` writes its output back."""
 
@@ -50,9 +45,9 @@ class HyperConnection(nn.Module):
         self.sinkhorn_iters, self.hc_eps, self.rms_eps = sinkhorn_iters, hc_eps, rms_eps
         self.init_gating = init_gating
         rows = (2 + hc_mult) * hc_mult
-        self.fn = _tag(nn.Parameter(torch.empty(rows, hc_mult * hidden_size, dtype=torch.float32)), "muon")
-        self.base = _tag(nn.Parameter(torch.empty(rows, dtype=torch.float32)), "adamw")
-        self.scale = _tag(nn.Parameter(torch.empty(3, dtype=torch.float32)), "adamw")
+        self.fn = nn.Parameter(torch.empty(rows, hc_mult * hidden_size, dtype=torch.float32))
+        self.base = nn.Parameter(torch.empty(rows, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.empty(3, dtype=torch.float32))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -90,9 +85,9 @@ class HyperHead(nn.Module):
         super().__init__()
         self.hidden_size, self.hc_mult, self.hc_eps, self.rms_eps = hidden_size, hc_mult, hc_eps, rms_eps
         self.init_gating = init_gating
-        self.hc_fn = _tag(nn.Parameter(torch.empty(hc_mult, hc_mult * hidden_size, dtype=torch.float32)), "muon")
-        self.hc_base = _tag(nn.Parameter(torch.empty(hc_mult, dtype=torch.float32)), "adamw")
-        self.hc_scale = _tag(nn.Parameter(torch.empty(1, dtype=torch.float32)), "adamw")
+        self.hc_fn = nn.Parameter(torch.empty(hc_mult, hc_mult * hidden_size, dtype=torch.float32))
+        self.hc_base = nn.Parameter(torch.empty(hc_mult, dtype=torch.float32))
+        self.hc_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

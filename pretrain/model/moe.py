@@ -211,9 +211,8 @@ class BalancedTopKRouter(_LoadTracking, TopKRouter):
 
 
 def _tag_expert_params(layer: nn.Module, moe_inter: int, shared_inter: Optional[int], etp: int, tp: int) -> None:
-    """docs/CONTRACTS.md attributes: fused fc1 [gate; up] blocks, expert flags, optimizer owner."""
+    """docs/CONTRACTS.md attributes: fused fc1 [gate; up] blocks, expert flags."""
     for name, p in layer.named_parameters():
-        p.v4_optimizer = "muon"
         if ".local_experts." in f".{name}":
             p.v4_expert = True
             if "linear_fc1" in name:

@@ -34,7 +34,6 @@ class MTPModule(nn.Module):
         for lin in (self.e_proj, self.h_proj):
             if lin.weight.device.type != "meta":
                 nn.init.normal_(lin.weight, mean=0.0, std=cfg.init_std)
-            lin.weight.v4_optimizer = "muon"
         self.block = block
         self.hc_head = HyperHead(d, cfg.hc_mult, cfg.hc_eps, cfg.rms_norm_eps, cfg.hc_init_gating)
         self.norm = RMSNorm(d, cfg.rms_norm_eps)

@@ -28,9 +28,9 @@ Activation recomputation (``cfg.recompute`` = none | selective | full, ``cfg.rec
 to the first N blocks of this stage (the MTP block then keeps everything). Same results and gradients; the
 router load counters and the per-forward losses are restored after each recompute, so nothing counts twice.
 
-Parameter metadata for the optimizers (docs/CONTRACTS.md) is set here: every parameter gets ``v4_optimizer``
-(embedding, head, norms, mHC base/scale, 1-D tensors → AdamW; matrices → Muon), experts ``v4_expert`` and
-fused fc1 ``v4_blocks`` (pretrain.model.moe).
+Parameters carry only structural metadata (docs/CONTRACTS.md): experts ``v4_expert``, fused fc1 ``v4_blocks``
+(pretrain.model.moe), the grouped ``o_a_proj`` ``v4_blocks``/``v4_tp_whole_blocks``. Which optimizer owns a
+parameter is decided by its name in ``parallel.optimizer_groups.OPTIMIZER_ROUTES``.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from megatron.core import tensor_parallel
 from torch import nn
 
 from ops import dispatch
+from ops.linear_cross_entropy import IGNORE_INDEX
 from pretrain.model import recompute
 from pretrain.model.attention import V4Attention
 from pretrain.model.mhc import HyperConnection, HyperHead, expand_streams
@@ -53,8 +54,6 @@ from pretrain.model.mtp import MTPModule
 from pretrain.model.rmsnorm import RMSNorm
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 class V4Block(nn.Module):
@@ -108,13 +107,6 @@ def _layer_slice(cfg: Any, layer_range: Optional[tuple[int, int]]) -> range:
     return range(lo, hi)
 
 
-def _tag_default_optimizers(model: nn.Module) -> None:
-    """Matrices → Muon, everything else (1-D: sinks, biases, norms) → AdamW, unless a module chose already."""
-    for p in model.parameters():
-        if not hasattr(p, "v4_optimizer"):
-            p.v4_optimizer = "muon" if p.dim() >= 2 else "adamw"
-
-
 class DeepSeekV4Model(nn.Module):
     """DeepSeek-V4 (or one pipeline stage of it). See the module docstring for the forward contract."""
 
@@ -135,7 +127,6 @@ class DeepSeekV4Model(nn.Module):
         if pre_process:
             self.embed_tokens = tensor_parallel.VocabParallelEmbedding(
                 cfg.vocab_size, cfg.hidden_size, init_method=init, config=self.moe_config)
-            self.embed_tokens.weight.v4_optimizer = "adamw"
         mode, n_rc = getattr(cfg, "recompute", "none"), getattr(cfg, "recompute_num_layers", 0)
         self.layers = nn.ModuleDict({      # recompute_num_layers > 0: only the first N blocks of this chunk
             str(i): V4Block(cfg, i, cfg.layer_types[i], self.moe_config, balance_loss_coeff,
@@ -149,7 +140,6 @@ class DeepSeekV4Model(nn.Module):
             self.lm_head = tensor_parallel.ColumnParallelLinear(
                 cfg.hidden_size, cfg.vocab_size, config=head_cfg, init_method=init, bias=False,
                 gather_output=False)
-            self.lm_head.weight.v4_optimizer = "adamw"
             self.mtp = None
             if cfg.num_mtp_layers > 0:
                 if cfg.num_mtp_layers != 1:
@@ -161,8 +151,6 @@ class DeepSeekV4Model(nn.Module):
                     self.mtp_embed_tokens = tensor_parallel.VocabParallelEmbedding(
                         cfg.vocab_size, cfg.hidden_size, init_method=init, config=self.moe_config)
                     self.mtp_embed_tokens.weight.shared_embedding = True
-                    self.mtp_embed_tokens.weight.v4_optimizer = "adamw"
-        _tag_default_optimizers(self)
         modes = {name: blk.recompute for name, blk in self.named_modules() if isinstance(blk, V4Block)}
         if any(m != "none" for m in modes.values()):
             log.info("activation recomputation: %s", ", ".join(f"{n}={m}" for n, m in modes.items()))
