@@ -12,16 +12,16 @@ JSONL files ``{"id", "text"}``.
 
 Both tools: word 5-grams, 14 bands x 8 rows, ``--workers`` processes (datatrove: LocalPipelineExecutor with
 that many tasks and workers, its 4 stages signature -> buckets -> cluster -> filter, configured as in
-benchmarks/bench_data_pipeline.py: a whitespace word tokenizer, so both see the same words; ours: a local Ray
+``run_datatrove``: a whitespace word tokenizer, so both see the same words; ours: a local Ray
 of that many CPUs). Each tool runs in its own subprocess so that its peak memory is its own: "driver" is
 the subprocess (RUSAGE_SELF), "worker" the largest worker process (datatrove: RUSAGE_CHILDREN of its pool;
 ours: the largest peak RSS the Ray tasks recorded in their summaries).
 
-Ours = ingest (JSONL -> one Parquet partition per file with compact doc ids) + ``dedup_stage`` + a streamed
-filter (each partition read, ``removal_mask``, kept rows written as Parquet, removed ids listed), all as
-:class:`~data_pipeline.runner.Runner` stages on Ray; the time includes starting Ray. Until
-``data_pipeline.pipeline.run_dedup`` runs on ``dedup_stage``, the ingest and filter are the simple ones in this
-file (``--ours pipeline`` times ``run_dedup`` instead).
+Ours, two ways (both by default, ``--ours pipeline,stage``), each on a local Ray, the time including Ray's start:
+``ours-pipeline`` = ``data_pipeline.pipeline.run_dedup`` end to end (its ingest, ``dedup_stage``, its streamed
+filter; JSONL out, as ``python -m data_pipeline dedup``); ``ours-stage`` = a minimal ingest here (JSONL -> one
+Parquet partition per file with compact doc ids) + ``dedup_stage`` + a streamed filter here (``removal_mask``
+per partition, kept rows written as Parquet), all as :class:`~data_pipeline.runner.Runner` stages.
 
 Agreement = |A ∩ B| / |A ∪ B| of the two removed-id sets (the survivor rules differ only in which member of a
 cluster is kept when a cluster spans datatrove's tasks).
@@ -29,6 +29,7 @@ cluster is kept when a cluster spans datatrove's tasks).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
@@ -220,23 +221,86 @@ def survivor_clusters(pairs: list[list[str]], kept_files: list[Path]) -> list[li
 
 
 def run_ours_pipeline(input_dir: str, work: str, workers: int) -> dict:
+    """``data_pipeline.pipeline.run_dedup`` (ingest + dedup_stage + filter, JSONL out) on a local Ray."""
     from data_pipeline.config import DedupConfig
+    from data_pipeline.doc_ids import describe
     from data_pipeline.pipeline import run_dedup
     from data_pipeline.ray_session import ray_session
 
     t0 = time.time()
     with ray_session(workers, 300):
-        run_dedup(input_dir, work, DedupConfig())
+        t_ray = time.time() - t0
+        summary = run_dedup(input_dir, work, DedupConfig())
     seconds = time.time() - t0
-    removed = [json.loads(x)["id"] for x in Path(work, "removed.jsonl").read_text().splitlines()]
-    return {"seconds": seconds, "removed": removed, "worker_peak_rss_mb": float("nan")}
+    rows = [json.loads(x) for x in Path(work, "removed.jsonl").read_text().splitlines()]
+    # the survivor's id from its integer id (source 0, file = index in the sorted input files, row = line)
+    files = sorted(Path(input_dir).glob("*.jsonl"))
+    ids = [[json.loads(line)["id"] for line in f.read_text().splitlines()] for f in files]
+    by_kept: dict[str, list[str]] = {}
+    for r in rows:
+        _, f, row = describe(r["kept_doc"])
+        by_kept.setdefault(ids[f][row], []).append(r["id"])
+    stages = {s["name"]: round(s["seconds"], 2) for s in summary["stages"]}
+    return {"seconds": seconds, "removed": [r["id"] for r in rows], "clusters": [[k] + v for k, v in by_kept.items()],
+            "times": {"ray_start": t_ray, **stages},
+            "worker_peak_rss_mb": max(s.get("worker_peak_rss_mb", 0.0) for s in summary["stages"])}
 
 
 # --------------------------------------------------------------------------------------------- datatrove
 
-def run_datatrove_tool(input_dir: str, work: str, workers: int) -> dict:
-    from bench_data_pipeline import run_datatrove
+def run_datatrove(input_dir: str, work: str, tasks: int) -> dict:
+    """datatrove's 4-stage MinHash dedup; returns wall time and the removed document ids."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.hashing import HashConfig
+    from datatrove.utils.word_tokenizers import WordTokenizer
 
+    class Whitespace(WordTokenizer):
+        def word_tokenize(self, text: str) -> list[str]:
+            return text.split()
+
+        def sent_tokenize(self, text: str) -> list[str]:
+            return [text]
+
+        def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+            return [(0, len(text))]
+
+    cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, seed=1,
+                        hash_config=HashConfig(precision=64, hash_fc="sha1"))
+    tok = Whitespace()
+    t0 = time.time()
+    logs = f"{work}/logs"
+
+    def reader():
+        return JsonlReader(input_dir, text_key="text", id_key="id", glob_pattern="*.jsonl")
+
+    LocalPipelineExecutor(pipeline=[reader(), MinhashDedupSignature(f"{work}/sigs", config=cfg, language=tok)],
+                          tasks=tasks, workers=tasks, logging_dir=f"{logs}/1").run()
+    LocalPipelineExecutor(pipeline=[MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=cfg)],
+                          tasks=cfg.num_buckets, workers=tasks, logging_dir=f"{logs}/2").run()
+    LocalPipelineExecutor(pipeline=[MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=cfg)],
+                          tasks=1, logging_dir=f"{logs}/3").run()
+    LocalPipelineExecutor(pipeline=[reader(), MinhashDedupFilter(f"{work}/remove",
+                                                                 exclusion_writer=JsonlWriter(f"{work}/removed")),
+                                    JsonlWriter(f"{work}/kept")],
+                          tasks=tasks, workers=tasks, logging_dir=f"{logs}/4").run()
+    seconds = time.time() - t0
+    removed = set()
+    for f in Path(work, "removed").glob("*.jsonl.gz"):
+        with gzip.open(f, "rt") as fh:
+            removed |= {json.loads(line)["id"] for line in fh}
+    return {"seconds": seconds, "removed": sorted(removed)}
+
+
+def run_datatrove_tool(input_dir: str, work: str, workers: int) -> dict:
     out = run_datatrove(input_dir, work, workers)
     out["worker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return out
@@ -248,7 +312,7 @@ def child(args) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    fn = {"ours": run_ours, "pipeline": run_ours_pipeline, "datatrove": run_datatrove_tool}[args.child]
+    fn = {"ours-stage": run_ours, "ours-pipeline": run_ours_pipeline, "datatrove": run_datatrove_tool}[args.child]
     res = fn(args.input, args.work, args.workers)
     res["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.result).write_text(json.dumps(res))
@@ -269,7 +333,8 @@ def main() -> int:
     ap.add_argument("--sizes", default="50,200", help="corpus sizes in MB")
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--ours", default="ours", choices=("ours", "pipeline"))
+    ap.add_argument("--ours", default="pipeline,stage",
+                    help="pipeline = run_dedup end to end; stage = this file's ingest + dedup_stage + filter")
     ap.add_argument("--skip-datatrove", action="store_true")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_dedup.json"))
@@ -292,22 +357,22 @@ def main() -> int:
             print(f"corpus {mb:g} MB: {nbytes / 1e6:.1f} MB of text in {args.files} files ({time.time() - t:.0f} s)",
                   flush=True)
             row = {"mb": nbytes / 1e6, "files": args.files, "workers": args.workers}
-            tools = [args.ours] + ([] if args.skip_datatrove else ["datatrove"])
+            ours = [f"ours-{m}" for m in args.ours.split(",")]
+            tools = ours + ([] if args.skip_datatrove else ["datatrove"])
             for tool in tools:
                 r = run_child(tool, d, tmp / f"{tool}-{mb:g}", args.workers)
                 r["mb_per_s"] = nbytes / 1e6 / r["seconds"]
                 row[tool] = r
                 print(f"  {tool}: {r['seconds']:.1f} s, {len(r['removed'])} removed", flush=True)
-            if "datatrove" in row:
-                a, b = set(row[args.ours]["removed"]), set(row["datatrove"]["removed"])
-                row["agreement"] = len(a & b) / max(1, len(a | b))
-                if "clusters" in row[args.ours]:
-                    cl = row[args.ours].pop("clusters")
-                    # a cluster agrees when datatrove removed all of its members but one (whichever it kept)
-                    row["cluster_agreement"] = sum(sum(m in b for m in c) == len(c) - 1 for c in cl) / max(1, len(cl))
-                    members = {m for c in cl for m in c}
-                    row["datatrove_removed_outside_our_clusters"] = len(b - members)
-                row["speedup"] = row["datatrove"]["seconds"] / row[args.ours]["seconds"]
+            for tool in ours if "datatrove" in row else ():
+                a, b = set(row[tool]["removed"]), set(row["datatrove"]["removed"])
+                r = row[tool]
+                r["agreement"] = len(a & b) / max(1, len(a | b))
+                cl = r.pop("clusters")
+                # a cluster agrees when datatrove removed all of its members but one (whichever it kept)
+                r["cluster_agreement"] = sum(sum(m in b for m in c) == len(c) - 1 for c in cl) / max(1, len(cl))
+                r["datatrove_removed_outside_our_clusters"] = len(b - {m for c in cl for m in c})
+                r["speedup"] = row["datatrove"]["seconds"] / r["seconds"]
             for tool in tools:
                 row[tool]["removed_count"] = len(row[tool].pop("removed"))
                 row[tool].pop("clusters", None)
@@ -319,21 +384,19 @@ def main() -> int:
     print(f"\nMinHash dedup end to end, 5-grams, 14 x 8, {args.workers} workers, {os.cpu_count()} CPUs")
     print("agree = |A & B| / |A | B| of the removed ids; clusters = share of our clusters of which datatrove removed all\n"
           "members but one (the tools keep different members: ours the first, datatrove its union-find root)")
-    print(f"{'MB':>6} {'tool':<10} {'seconds':>8} {'MB/s':>6} {'removed':>8} {'agree':>6} {'clusters':>8} {'speedup':>7} "
+    print(f"{'MB':>6} {'tool':<14} {'seconds':>8} {'MB/s':>6} {'removed':>8} {'agree':>6} {'clusters':>8} {'speedup':>7} "
           f"{'driver MB':>9} {'worker MB':>9}")
     for row in rows:
-        for tool in (args.ours, "datatrove"):
-            if tool not in row:
-                continue
+        for tool in [t for t in row if t.startswith("ours-") or t == "datatrove"]:
             r = row[tool]
-            agree = f"{row['agreement']:.4f}" if "agreement" in row and tool == args.ours else ""
-            speed = f"{row['speedup']:.2f}x" if "speedup" in row and tool == args.ours else ""
-            clus = f"{row['cluster_agreement']:.4f}" if "cluster_agreement" in row and tool == args.ours else ""
-            print(f"{row['mb']:>6.1f} {tool:<10} {r['seconds']:>8.1f} {r['mb_per_s']:>6.2f} {r['removed_count']:>8} "
+            agree = f"{r['agreement']:.4f}" if "agreement" in r else ""
+            speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+            clus = f"{r['cluster_agreement']:.4f}" if "cluster_agreement" in r else ""
+            print(f"{row['mb']:>6.1f} {tool:<14} {r['seconds']:>8.1f} {r['mb_per_s']:>6.2f} {r['removed_count']:>8} "
                   f"{agree:>6} {clus:>8} {speed:>7} {r['driver_peak_rss_mb']:>9.0f} {r['worker_peak_rss_mb']:>9.0f}")
-        if "times" in row.get("ours", {}):
-            print(f"       ours: {json.dumps({k: round(v, 1) for k, v in row['ours']['times'].items()})}; dedup "
-                  f"steps {json.dumps(row['ours']['dedup_steps'])}")
+        for tool in [t for t in row if t.startswith("ours-")]:
+            print(f"       {tool}: {json.dumps({k: round(v, 1) for k, v in row[tool]['times'].items()})}"
+                  + (f"; dedup steps {json.dumps(row[tool]['dedup_steps'])}" if "dedup_steps" in row[tool] else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "rows": rows}, indent=1))
