@@ -337,7 +337,6 @@ def test_on_ray_equals_in_process(tmp_path, planted):
     partitions, _ = write_partitions(docs, tmp_path, parts=3)
     local = dedup_stage(Runner(use_ray=False), partitions, str(tmp_path / "local"), DedupConfig())
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
     from data_pipeline.ray_session import start_local_ray
