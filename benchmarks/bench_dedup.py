@@ -190,6 +190,7 @@ def run_ours(input_dir: str, work: str, workers: int) -> dict:
                     for k, u in parts])
         times["filter"] = time.time() - t
     seconds = time.time() - t0
+    driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # before this file's own scoring
     pairs = [x.split("\t") for f in sorted(Path(work, "removed_ids").glob("*.txt"))
              for x in f.read_text().splitlines()]
     removed = [i for i, _ in pairs]
@@ -197,7 +198,7 @@ def run_ours(input_dir: str, work: str, workers: int) -> dict:
     worker = max(r.worker_peak_rss_mb for r in runner.runs)
     steps = {k: v["seconds"] for k, v in summary["tasks"].items()}
     return {"seconds": seconds, "removed": removed, "clusters": clusters, "times": times, "dedup_steps": steps,
-            "worker_peak_rss_mb": worker, "summary": {k: summary[k] for k in
+            "worker_peak_rss_mb": worker, "driver_peak_rss_mb": driver, "summary": {k: summary[k] for k in
                                                       ("documents", "removed", "exact", "near", "edges",
                                                        "largest_cluster", "cc_mode")},
             "sign": summary["tasks"]["sign"]}
@@ -232,6 +233,7 @@ def run_ours_pipeline(input_dir: str, work: str, workers: int) -> dict:
         t_ray = time.time() - t0
         summary = run_dedup(input_dir, work, DedupConfig())
     seconds = time.time() - t0
+    driver = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # before this file's own scoring
     rows = [json.loads(x) for x in Path(work, "removed.jsonl").read_text().splitlines()]
     # the survivor's id from its integer id (source 0, file = index in the sorted input files, row = line)
     files = sorted(Path(input_dir).glob("*.jsonl"))
@@ -242,7 +244,7 @@ def run_ours_pipeline(input_dir: str, work: str, workers: int) -> dict:
         by_kept.setdefault(ids[f][row], []).append(r["id"])
     stages = {s["name"]: round(s["seconds"], 2) for s in summary["stages"]}
     return {"seconds": seconds, "removed": [r["id"] for r in rows], "clusters": [[k] + v for k, v in by_kept.items()],
-            "times": {"ray_start": t_ray, **stages},
+            "times": {"ray_start": t_ray, **stages}, "driver_peak_rss_mb": driver,
             "worker_peak_rss_mb": max(s.get("worker_peak_rss_mb", 0.0) for s in summary["stages"])}
 
 
@@ -303,6 +305,7 @@ def run_datatrove(input_dir: str, work: str, tasks: int) -> dict:
 def run_datatrove_tool(input_dir: str, work: str, workers: int) -> dict:
     out = run_datatrove(input_dir, work, workers)
     out["worker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    out["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
@@ -314,7 +317,6 @@ def child(args) -> int:
     logging.basicConfig(level=logging.WARNING)
     fn = {"ours-stage": run_ours, "ours-pipeline": run_ours_pipeline, "datatrove": run_datatrove_tool}[args.child]
     res = fn(args.input, args.work, args.workers)
-    res["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.result).write_text(json.dumps(res))
     return 0
 
