@@ -14,7 +14,7 @@ Both tools: word 5-grams, 14 bands x 8 rows, ``--workers`` processes (datatrove:
 that many tasks and workers, its 4 stages signature -> buckets -> cluster -> filter, configured as in
 ``run_datatrove``: a whitespace word tokenizer, so both see the same words; ours: a local Ray
 of that many CPUs). Each tool runs in its own subprocess so that its peak memory is its own: "driver" is
-the subprocess (RUSAGE_SELF), "worker" the largest worker process (datatrove: RUSAGE_CHILDREN of its pool;
+the subprocess (its VmHWM), "worker" the largest worker process (datatrove: RUSAGE_CHILDREN of its pool;
 ours: the largest peak RSS the Ray tasks recorded in their summaries).
 
 Ours, two ways (both by default, ``--ours pipeline,stage``), each on a local Ray, the time including Ray's start:
@@ -47,6 +47,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 NEAR_TARGETS = (0.95, 0.9, 0.85, 0.8)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: reset by exec, unlike ru_maxrss, which a forked child inherits)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------------------------------ corpus
@@ -172,6 +180,7 @@ def run_ours(input_dir: str, work: str, workers: int) -> dict:
     times = {}
     with ray_session(workers, 300):
         times["ray_start"] = time.time() - t0
+        times["rss_after_ray_start_mb"] = peak_rss_mb()
         runner = Runner(use_ray=True)
         parts = [(partition_key(0, i), str(Path(work, "parts", f"{i:06d}.parquet"))) for i in range(len(files))]
         t = time.time()
@@ -179,6 +188,7 @@ def run_ours(input_dir: str, work: str, workers: int) -> dict:
                    [Task(f"{i:06d}", {"src": str(f), "key": k, "out": u}) for i, (f, (k, u)) in enumerate(zip(files,
                                                                                                          parts))])
         times["ingest"] = time.time() - t
+        times["rss_after_ingest_mb"] = peak_rss_mb()
         t = time.time()
         summary = dedup_stage(runner, parts, str(Path(work, "dedup")), DedupConfig())
         times["dedup"] = time.time() - t
@@ -190,6 +200,7 @@ def run_ours(input_dir: str, work: str, workers: int) -> dict:
                     for k, u in parts])
         times["filter"] = time.time() - t
     seconds = time.time() - t0
+    driver = peak_rss_mb()     # before this file's own scoring
     pairs = [x.split("\t") for f in sorted(Path(work, "removed_ids").glob("*.txt"))
              for x in f.read_text().splitlines()]
     removed = [i for i, _ in pairs]
@@ -197,7 +208,7 @@ def run_ours(input_dir: str, work: str, workers: int) -> dict:
     worker = max(r.worker_peak_rss_mb for r in runner.runs)
     steps = {k: v["seconds"] for k, v in summary["tasks"].items()}
     return {"seconds": seconds, "removed": removed, "clusters": clusters, "times": times, "dedup_steps": steps,
-            "worker_peak_rss_mb": worker, "summary": {k: summary[k] for k in
+            "worker_peak_rss_mb": worker, "driver_peak_rss_mb": driver, "summary": {k: summary[k] for k in
                                                       ("documents", "removed", "exact", "near", "edges",
                                                        "largest_cluster", "cc_mode")},
             "sign": summary["tasks"]["sign"]}
@@ -232,6 +243,7 @@ def run_ours_pipeline(input_dir: str, work: str, workers: int) -> dict:
         t_ray = time.time() - t0
         summary = run_dedup(input_dir, work, DedupConfig())
     seconds = time.time() - t0
+    driver = peak_rss_mb()     # before this file's own scoring
     rows = [json.loads(x) for x in Path(work, "removed.jsonl").read_text().splitlines()]
     # the survivor's id from its integer id (source 0, file = index in the sorted input files, row = line)
     files = sorted(Path(input_dir).glob("*.jsonl"))
@@ -242,7 +254,7 @@ def run_ours_pipeline(input_dir: str, work: str, workers: int) -> dict:
         by_kept.setdefault(ids[f][row], []).append(r["id"])
     stages = {s["name"]: round(s["seconds"], 2) for s in summary["stages"]}
     return {"seconds": seconds, "removed": [r["id"] for r in rows], "clusters": [[k] + v for k, v in by_kept.items()],
-            "times": {"ray_start": t_ray, **stages},
+            "times": {"ray_start": t_ray, **stages}, "driver_peak_rss_mb": driver,
             "worker_peak_rss_mb": max(s.get("worker_peak_rss_mb", 0.0) for s in summary["stages"])}
 
 
@@ -303,6 +315,7 @@ def run_datatrove(input_dir: str, work: str, tasks: int) -> dict:
 def run_datatrove_tool(input_dir: str, work: str, workers: int) -> dict:
     out = run_datatrove(input_dir, work, workers)
     out["worker_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    out["driver_peak_rss_mb"] = peak_rss_mb()
     return out
 
 
@@ -314,7 +327,6 @@ def child(args) -> int:
     logging.basicConfig(level=logging.WARNING)
     fn = {"ours-stage": run_ours, "ours-pipeline": run_ours_pipeline, "datatrove": run_datatrove_tool}[args.child]
     res = fn(args.input, args.work, args.workers)
-    res["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.result).write_text(json.dumps(res))
     return 0
 

@@ -210,14 +210,14 @@ def sign_task(url: str, key: int, skip_url: str, out_dir: str, ngram: int, bands
     todo = np.arange(len(doc))
     if skip_url:
         todo = todo[~removal_mask(doc, storage.load_array(skip_url))]
-    texts = text.take(todo).to_pylist() if len(todo) < len(doc) else text.to_pylist()
+    texts = text.take(todo) if len(todo) < len(doc) else text      # Arrow; Python strings one batch at a time
     nbytes = _text_bytes(text)
     hasher = _hasher(ngram, bands, rows, seed, char_ngram)
     keys_parts, docs_parts = [], []
     t_sh = t_sig = 0.0
     for s in range(0, len(texts), _SIGN_BATCH):
         t0 = time.perf_counter()
-        sh = [hasher.shingles(t or "") for t in texts[s:s + _SIGN_BATCH]]
+        sh = [hasher.shingles(t or "") for t in texts.slice(s, _SIGN_BATCH).to_pylist()]
         t1 = time.perf_counter()
         has = np.fromiter((len(x) > 0 for x in sh), dtype=bool, count=len(sh))
         sigs = hasher.signatures([x for x, h in zip(sh, has) if h])
