@@ -7,6 +7,7 @@ forward+backward of a V4Attention layer built from the named config (median of a
 warm-up) on the current device, prints a table and writes ``DIR/bench_attention_reference.json``.
 This measures the reference path only; the Triton kernels have their own benchmark (bench_kernels.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def timed(fn, reps: int) -> float:
-    fn()                                               # warm-up
+    fn()  # warm-up
     times = []
     for _ in range(reps):
         if torch.cuda.is_available():
@@ -70,10 +71,19 @@ def main() -> None:
                     loss = loss + cfg.indexer_loss_coeff * attn.indexer_loss
                 loss.backward()
 
-            rows.append(dict(config=args.config, device=str(dev), batch=args.batch, seq=S, layer_type=layer_type,
-                             mode=mode, fwd_ms=round(timed(fwd, args.reps), 2),
-                             fwd_bwd_ms=round(timed(fwd_bwd, args.reps), 2),
-                             threads=torch.get_num_threads()))
+            rows.append(
+                dict(
+                    config=args.config,
+                    device=str(dev),
+                    batch=args.batch,
+                    seq=S,
+                    layer_type=layer_type,
+                    mode=mode,
+                    fwd_ms=round(timed(fwd, args.reps), 2),
+                    fwd_bwd_ms=round(timed(fwd_bwd, args.reps), 2),
+                    threads=torch.get_num_threads(),
+                )
+            )
     print(f"{'seq':>5} {'layer':>8} {'mode':>15} {'fwd ms':>9} {'fwd+bwd ms':>11}")
     for r in rows:
         print(f"{r['seq']:>5} {r['layer_type']:>8} {r['mode']:>15} {r['fwd_ms']:>9.2f} {r['fwd_bwd_ms']:>11.2f}")

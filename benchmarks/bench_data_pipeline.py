@@ -9,6 +9,7 @@ length (only the pack stage runs; the tokens are cached). MinHash dedup against 
 ``benchmarks/bench_dedup.py``. Prints a table and writes the JSON; timings are wall clock on whatever
 machine runs it (say which).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,11 @@ def main() -> int:
     from data_pipeline.pipeline import run_pipeline
     from data_pipeline.ray_session import ray_session
 
-    results: dict = {"machine": f"{os.cpu_count()} CPUs", "python": sys.version.split()[0],
-                     "date": time.strftime("%Y-%m-%d")}
+    results: dict = {
+        "machine": f"{os.cpu_count()} CPUs",
+        "python": sys.version.split()[0],
+        "date": time.strftime("%Y-%m-%d"),
+    }
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
     try:
         with ray_session(os.cpu_count() or 1, 300):
@@ -56,10 +60,14 @@ def main() -> int:
     print(f"\nmachine: {results['machine']}, {results['date']}")
     for run in ("cold", "rerun", "new_seq_len"):
         print(f"\n{run}: {results[run]['seconds']:.1f} s")
-        print(f"{'stage':<18} {'seconds':>8} {'tasks':>6} {'skipped':>8} {'docs':>7} {'MB':>7} {'docs/s':>8} {'MB/s':>7}")
+        print(
+            f"{'stage':<18} {'seconds':>8} {'tasks':>6} {'skipped':>8} {'docs':>7} {'MB':>7} {'docs/s':>8} {'MB/s':>7}"
+        )
         for s in results[run]["stages"]:
-            print(f"{s['name']:<18} {s['seconds']:>8.1f} {s['tasks']:>6} {s['skipped']:>8} {s['documents']:>7} "
-                  f"{s['bytes'] / 1e6:>7.2f} {s['docs_per_s']:>8.0f} {s['mb_per_s']:>7.2f}")
+            print(
+                f"{s['name']:<18} {s['seconds']:>8.1f} {s['tasks']:>6} {s['skipped']:>8} {s['documents']:>7} "
+                f"{s['bytes'] / 1e6:>7.2f} {s['docs_per_s']:>8.0f} {s['mb_per_s']:>7.2f}"
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

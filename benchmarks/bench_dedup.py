@@ -26,6 +26,7 @@ per partition, kept rows written as Parquet), all as :class:`~data_pipeline.runn
 Agreement = |A ∩ B| / |A ∪ B| of the two removed-id sets (the survivor rules differ only in which member of a
 cluster is kept when a cluster spans datatrove's tasks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,7 @@ def peak_rss_mb() -> float:
 
 # ------------------------------------------------------------------------------------------------ corpus
 
+
 def sentences() -> list[str]:
     from data_pipeline.embedded_corpus import _READERS
 
@@ -91,7 +93,7 @@ def make_corpus(megabytes: float, seed: int) -> list[dict]:
         parts = []
         for _ in range(3):
             i = int(rng.integers(0, len(sents) - 12))
-            parts.append(" ".join(sents[i:i + int(rng.integers(4, 12))]))
+            parts.append(" ".join(sents[i : i + int(rng.integers(4, 12))]))
         text = " ".join(parts)
         docs.append({"id": f"d{len(docs):08d}", "text": text})
         nbytes += len(text.encode())
@@ -114,13 +116,14 @@ def write_jsonl(docs: list[dict], d: Path, files: int) -> int:
     bounds = np.linspace(0, len(docs), files + 1).astype(int)
     for f in range(files):
         with open(d / f"part-{f:04d}.jsonl", "w", encoding="utf-8") as fh:
-            for doc in docs[bounds[f]:bounds[f + 1]]:
+            for doc in docs[bounds[f] : bounds[f + 1]]:
                 fh.write(json.dumps(doc, ensure_ascii=False) + "\n")
                 nbytes += len(doc["text"].encode())
     return nbytes
 
 
 # -------------------------------------------------------------------------------------------------- ours
+
 
 def ingest_task(src: str, key: int, out: str) -> dict:
     """JSONL file -> Parquet partition (doc_id, id, text), doc ids in line order."""
@@ -184,34 +187,56 @@ def run_ours(input_dir: str, work: str, workers: int) -> dict:
         runner = Runner(use_ray=True)
         parts = [(partition_key(0, i), str(Path(work, "parts", f"{i:06d}.parquet"))) for i in range(len(files))]
         t = time.time()
-        runner.run("ingest", str(Path(work, "ingest")), ingest_task,
-                   [Task(f"{i:06d}", {"src": str(f), "key": k, "out": u}) for i, (f, (k, u)) in enumerate(zip(files,
-                                                                                                         parts))])
+        runner.run(
+            "ingest",
+            str(Path(work, "ingest")),
+            ingest_task,
+            [Task(f"{i:06d}", {"src": str(f), "key": k, "out": u}) for i, (f, (k, u)) in enumerate(zip(files, parts))],
+        )
         times["ingest"] = time.time() - t
         times["rss_after_ingest_mb"] = peak_rss_mb()
         t = time.time()
         summary = dedup_stage(runner, parts, str(Path(work, "dedup")), DedupConfig())
         times["dedup"] = time.time() - t
         t = time.time()
-        runner.run("filter", str(Path(work, "filter")), filter_task,
-                   [Task(f"{k:010d}", {"src": u, "removed": removed_url(str(Path(work, "dedup")), k),
-                                       "kept_out": str(Path(work, "kept", f"{k:010d}.parquet")),
-                                       "removed_out": str(Path(work, "removed_ids", f"{k:010d}.txt"))})
-                    for k, u in parts])
+        runner.run(
+            "filter",
+            str(Path(work, "filter")),
+            filter_task,
+            [
+                Task(
+                    f"{k:010d}",
+                    {
+                        "src": u,
+                        "removed": removed_url(str(Path(work, "dedup")), k),
+                        "kept_out": str(Path(work, "kept", f"{k:010d}.parquet")),
+                        "removed_out": str(Path(work, "removed_ids", f"{k:010d}.txt")),
+                    },
+                )
+                for k, u in parts
+            ],
+        )
         times["filter"] = time.time() - t
     seconds = time.time() - t0
-    driver = peak_rss_mb()     # before this file's own scoring
-    pairs = [x.split("\t") for f in sorted(Path(work, "removed_ids").glob("*.txt"))
-             for x in f.read_text().splitlines()]
+    driver = peak_rss_mb()  # before this file's own scoring
+    pairs = [x.split("\t") for f in sorted(Path(work, "removed_ids").glob("*.txt")) for x in f.read_text().splitlines()]
     removed = [i for i, _ in pairs]
     clusters = survivor_clusters(pairs, sorted(Path(work, "kept").glob("*.parquet")))
     worker = max(r.worker_peak_rss_mb for r in runner.runs)
     steps = {k: v["seconds"] for k, v in summary["tasks"].items()}
-    return {"seconds": seconds, "removed": removed, "clusters": clusters, "times": times, "dedup_steps": steps,
-            "worker_peak_rss_mb": worker, "driver_peak_rss_mb": driver, "summary": {k: summary[k] for k in
-                                                      ("documents", "removed", "exact", "near", "edges",
-                                                       "largest_cluster", "cc_mode")},
-            "sign": summary["tasks"]["sign"]}
+    return {
+        "seconds": seconds,
+        "removed": removed,
+        "clusters": clusters,
+        "times": times,
+        "dedup_steps": steps,
+        "worker_peak_rss_mb": worker,
+        "driver_peak_rss_mb": driver,
+        "summary": {
+            k: summary[k] for k in ("documents", "removed", "exact", "near", "edges", "largest_cluster", "cc_mode")
+        },
+        "sign": summary["tasks"]["sign"],
+    }
 
 
 def survivor_clusters(pairs: list[list[str]], kept_files: list[Path]) -> list[list[str]]:
@@ -243,7 +268,7 @@ def run_ours_pipeline(input_dir: str, work: str, workers: int) -> dict:
         t_ray = time.time() - t0
         summary = run_dedup(input_dir, work, DedupConfig())
     seconds = time.time() - t0
-    driver = peak_rss_mb()     # before this file's own scoring
+    driver = peak_rss_mb()  # before this file's own scoring
     rows = [json.loads(x) for x in Path(work, "removed.jsonl").read_text().splitlines()]
     # the survivor's id from its integer id (source 0, file = index in the sorted input files, row = line)
     files = sorted(Path(input_dir).glob("*.jsonl"))
@@ -253,12 +278,18 @@ def run_ours_pipeline(input_dir: str, work: str, workers: int) -> dict:
         _, f, row = describe(r["kept_doc"])
         by_kept.setdefault(ids[f][row], []).append(r["id"])
     stages = {s["name"]: round(s["seconds"], 2) for s in summary["stages"]}
-    return {"seconds": seconds, "removed": [r["id"] for r in rows], "clusters": [[k] + v for k, v in by_kept.items()],
-            "times": {"ray_start": t_ray, **stages}, "driver_peak_rss_mb": driver,
-            "worker_peak_rss_mb": max(s.get("worker_peak_rss_mb", 0.0) for s in summary["stages"])}
+    return {
+        "seconds": seconds,
+        "removed": [r["id"] for r in rows],
+        "clusters": [[k] + v for k, v in by_kept.items()],
+        "times": {"ray_start": t_ray, **stages},
+        "driver_peak_rss_mb": driver,
+        "worker_peak_rss_mb": max(s.get("worker_peak_rss_mb", 0.0) for s in summary["stages"]),
+    }
 
 
 # --------------------------------------------------------------------------------------------- datatrove
+
 
 def run_datatrove(input_dir: str, work: str, tasks: int) -> dict:
     """datatrove's 4-stage MinHash dedup; returns wall time and the removed document ids."""
@@ -285,8 +316,9 @@ def run_datatrove(input_dir: str, work: str, tasks: int) -> dict:
         def span_tokenize(self, text: str) -> list[tuple[int, int]]:
             return [(0, len(text))]
 
-    cfg = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, seed=1,
-                        hash_config=HashConfig(precision=64, hash_fc="sha1"))
+    cfg = MinhashConfig(
+        n_grams=5, num_buckets=14, hashes_per_bucket=8, seed=1, hash_config=HashConfig(precision=64, hash_fc="sha1")
+    )
     tok = Whitespace()
     t0 = time.time()
     logs = f"{work}/logs"
@@ -294,16 +326,33 @@ def run_datatrove(input_dir: str, work: str, tasks: int) -> dict:
     def reader():
         return JsonlReader(input_dir, text_key="text", id_key="id", glob_pattern="*.jsonl")
 
-    LocalPipelineExecutor(pipeline=[reader(), MinhashDedupSignature(f"{work}/sigs", config=cfg, language=tok)],
-                          tasks=tasks, workers=tasks, logging_dir=f"{logs}/1").run()
-    LocalPipelineExecutor(pipeline=[MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=cfg)],
-                          tasks=cfg.num_buckets, workers=tasks, logging_dir=f"{logs}/2").run()
-    LocalPipelineExecutor(pipeline=[MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=cfg)],
-                          tasks=1, logging_dir=f"{logs}/3").run()
-    LocalPipelineExecutor(pipeline=[reader(), MinhashDedupFilter(f"{work}/remove",
-                                                                 exclusion_writer=JsonlWriter(f"{work}/removed")),
-                                    JsonlWriter(f"{work}/kept")],
-                          tasks=tasks, workers=tasks, logging_dir=f"{logs}/4").run()
+    LocalPipelineExecutor(
+        pipeline=[reader(), MinhashDedupSignature(f"{work}/sigs", config=cfg, language=tok)],
+        tasks=tasks,
+        workers=tasks,
+        logging_dir=f"{logs}/1",
+    ).run()
+    LocalPipelineExecutor(
+        pipeline=[MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=cfg)],
+        tasks=cfg.num_buckets,
+        workers=tasks,
+        logging_dir=f"{logs}/2",
+    ).run()
+    LocalPipelineExecutor(
+        pipeline=[MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=cfg)],
+        tasks=1,
+        logging_dir=f"{logs}/3",
+    ).run()
+    LocalPipelineExecutor(
+        pipeline=[
+            reader(),
+            MinhashDedupFilter(f"{work}/remove", exclusion_writer=JsonlWriter(f"{work}/removed")),
+            JsonlWriter(f"{work}/kept"),
+        ],
+        tasks=tasks,
+        workers=tasks,
+        logging_dir=f"{logs}/4",
+    ).run()
     seconds = time.time() - t0
     removed = set()
     for f in Path(work, "removed").glob("*.jsonl.gz"):
@@ -321,6 +370,7 @@ def run_datatrove_tool(input_dir: str, work: str, workers: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ driver
 
+
 def child(args) -> int:
     import logging
 
@@ -333,10 +383,30 @@ def child(args) -> int:
 
 def run_child(tool: str, input_dir: Path, work: Path, workers: int) -> dict:
     result = work.parent / f"{work.name}.json"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}", "DATA_PIPELINE_PROGRESS": "0",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run([sys.executable, __file__, "--child", tool, "--input", str(input_dir), "--work", str(work),
-                    "--workers", str(workers), "--result", str(result)], check=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}",
+        "DATA_PIPELINE_PROGRESS": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            tool,
+            "--input",
+            str(input_dir),
+            "--work",
+            str(work),
+            "--workers",
+            str(workers),
+            "--result",
+            str(result),
+        ],
+        check=True,
+        env=env,
+    )
     return json.loads(result.read_text())
 
 
@@ -345,8 +415,11 @@ def main() -> int:
     ap.add_argument("--sizes", default="50,200", help="corpus sizes in MB")
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--ours", default="pipeline,stage",
-                    help="pipeline = run_dedup end to end; stage = this file's ingest + dedup_stage + filter")
+    ap.add_argument(
+        "--ours",
+        default="pipeline,stage",
+        help="pipeline = run_dedup end to end; stage = this file's ingest + dedup_stage + filter",
+    )
     ap.add_argument("--skip-datatrove", action="store_true")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/bench_dedup.json"))
@@ -366,8 +439,10 @@ def main() -> int:
             d = tmp / f"in-{mb:g}"
             nbytes = write_jsonl(docs, d, args.files)
             del docs
-            print(f"corpus {mb:g} MB: {nbytes / 1e6:.1f} MB of text in {args.files} files ({time.time() - t:.0f} s)",
-                  flush=True)
+            print(
+                f"corpus {mb:g} MB: {nbytes / 1e6:.1f} MB of text in {args.files} files ({time.time() - t:.0f} s)",
+                flush=True,
+            )
             row = {"mb": nbytes / 1e6, "files": args.files, "workers": args.workers}
             ours = [f"ours-{m}" for m in args.ours.split(",")]
             tools = ours + ([] if args.skip_datatrove else ["datatrove"])
@@ -394,21 +469,29 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\nMinHash dedup end to end, 5-grams, 14 x 8, {args.workers} workers, {os.cpu_count()} CPUs")
-    print("agree = |A & B| / |A | B| of the removed ids; clusters = share of our clusters of which datatrove removed all\n"
-          "members but one (the tools keep different members: ours the first, datatrove its union-find root)")
-    print(f"{'MB':>6} {'tool':<14} {'seconds':>8} {'MB/s':>6} {'removed':>8} {'agree':>6} {'clusters':>8} {'speedup':>7} "
-          f"{'driver MB':>9} {'worker MB':>9}")
+    print(
+        "agree = |A & B| / |A | B| of the removed ids; clusters = share of our clusters of which datatrove removed all\n"
+        "members but one (the tools keep different members: ours the first, datatrove its union-find root)"
+    )
+    print(
+        f"{'MB':>6} {'tool':<14} {'seconds':>8} {'MB/s':>6} {'removed':>8} {'agree':>6} {'clusters':>8} {'speedup':>7} "
+        f"{'driver MB':>9} {'worker MB':>9}"
+    )
     for row in rows:
         for tool in [t for t in row if t.startswith("ours-") or t == "datatrove"]:
             r = row[tool]
             agree = f"{r['agreement']:.4f}" if "agreement" in r else ""
             speed = f"{r['speedup']:.2f}x" if "speedup" in r else ""
             clus = f"{r['cluster_agreement']:.4f}" if "cluster_agreement" in r else ""
-            print(f"{row['mb']:>6.1f} {tool:<14} {r['seconds']:>8.1f} {r['mb_per_s']:>6.2f} {r['removed_count']:>8} "
-                  f"{agree:>6} {clus:>8} {speed:>7} {r['driver_peak_rss_mb']:>9.0f} {r['worker_peak_rss_mb']:>9.0f}")
+            print(
+                f"{row['mb']:>6.1f} {tool:<14} {r['seconds']:>8.1f} {r['mb_per_s']:>6.2f} {r['removed_count']:>8} "
+                f"{agree:>6} {clus:>8} {speed:>7} {r['driver_peak_rss_mb']:>9.0f} {r['worker_peak_rss_mb']:>9.0f}"
+            )
         for tool in [t for t in row if t.startswith("ours-")]:
-            print(f"       {tool}: {json.dumps({k: round(v, 1) for k, v in row[tool]['times'].items()})}"
-                  + (f"; dedup steps {json.dumps(row[tool]['dedup_steps'])}" if "dedup_steps" in row[tool] else ""))
+            print(
+                f"       {tool}: {json.dumps({k: round(v, 1) for k, v in row[tool]['times'].items()})}"
+                + (f"; dedup steps {json.dumps(row[tool]['dedup_steps'])}" if "dedup_steps" in row[tool] else "")
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "rows": rows}, indent=1))

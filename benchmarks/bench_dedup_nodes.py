@@ -8,6 +8,7 @@ worker nodes as separate ``ray start`` processes with token authentication) of 1
 command against it (``RAY_ADDRESS``), stops it, then does the same with 2 nodes. Each node has 1 CPU.
 Prints seconds and speedup, checks that both runs remove the same documents, and writes the JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,19 +31,34 @@ def run_on(nodes: int, corpus: Path, base: Path) -> dict:
 
     cluster = RayCluster(base / f"ray{nodes}", workers=nodes - 1, cpus_per_node=1).start()
     try:
-        env = {**cluster.env, "RAY_ADDRESS": cluster.address, "DATA_PIPELINE_PROGRESS": "0",
-               "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            **cluster.env,
+            "RAY_ADDRESS": cluster.address,
+            "DATA_PIPELINE_PROGRESS": "0",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         out = base / f"out{nodes}"
         t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "data_pipeline", "dedup", "--input", str(corpus), "--output",
-                            str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+        r = subprocess.run(
+            [sys.executable, "-m", "data_pipeline", "dedup", "--input", str(corpus), "--output", str(out)],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
         seconds = time.time() - t0
         if r.returncode:
             raise RuntimeError(f"dedup on {nodes} node(s) failed:\n{r.stderr[-3000:]}")
         summary = json.loads((out / "summary.json").read_text())
         removed = sorted(json.loads(x)["id"] for x in (out / "removed.jsonl").read_text().splitlines())
-        return {"nodes": nodes, "seconds": seconds, "removed": len(removed), "removed_ids": removed,
-                "stages": summary["stages"]}
+        return {
+            "nodes": nodes,
+            "seconds": seconds,
+            "removed": len(removed),
+            "removed_ids": removed,
+            "stages": summary["stages"],
+        }
     finally:
         cluster.stop()
 
@@ -63,11 +79,19 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     same = runs[0]["removed_ids"] == runs[1]["removed_ids"]
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs", "mb": nbytes / 1e6,
-              "files": args.files, "runs": [{k: v for k, v in r.items() if k != "removed_ids"} for r in runs],
-              "speedup": runs[0]["seconds"] / runs[1]["seconds"], "same_removed": same}
-    print(f"\ndedup of {nbytes / 1e6:.0f} MB in {args.files} files on a local Ray cluster (1 CPU per node), "
-          f"{result['machine']}, {result['date']}")
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPUs",
+        "mb": nbytes / 1e6,
+        "files": args.files,
+        "runs": [{k: v for k, v in r.items() if k != "removed_ids"} for r in runs],
+        "speedup": runs[0]["seconds"] / runs[1]["seconds"],
+        "same_removed": same,
+    }
+    print(
+        f"\ndedup of {nbytes / 1e6:.0f} MB in {args.files} files on a local Ray cluster (1 CPU per node), "
+        f"{result['machine']}, {result['date']}"
+    )
     print(f"{'nodes':>5} {'seconds':>8} {'MB/s':>6} {'removed':>8}")
     for r in runs:
         print(f"{r['nodes']:>5} {r['seconds']:>8.1f} {nbytes / 1e6 / r['seconds']:>6.2f} {r['removed']:>8}")

@@ -18,6 +18,7 @@ Everything is written as it comes to DIR/bench.json (list of records) and a tabl
 A global time budget (seconds) skips the remaining cases once spent; each case is wrapped so a failure
 (compile error, OOM) is recorded and the run continues.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,11 +58,12 @@ def left() -> float:
 def bench(fn, rep_ms: float = 60.0) -> tuple[float, float]:
     """(median ms, peak GiB) of fn()."""
     import triton
+
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    peak = torch.cuda.max_memory_allocated() / 2**30
     ms = triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
     return ms, peak
 
@@ -82,11 +84,17 @@ def case(name: str):
             try:
                 fn(*a, **kw)
             except Exception as e:  # keep going: record and continue with the next case
-                record(case=name, args=str(a), status=f"error: {type(e).__name__}: {str(e)[:300]}",
-                       trace=traceback.format_exc()[-1500:])
+                record(
+                    case=name,
+                    args=str(a),
+                    status=f"error: {type(e).__name__}: {str(e)[:300]}",
+                    trace=traceback.format_exc()[-1500:],
+                )
             finally:
                 torch.cuda.empty_cache()
+
         return run
+
     return deco
 
 
@@ -95,6 +103,7 @@ def case(name: str):
 def bench_ns(E: int = 64, m: int = 2048, n: int = 1024) -> None:
     from ops import newton_schulz as ref
     from ops.triton import newton_schulz as tri
+
     g = torch.Generator(device="cuda").manual_seed(0)
     X = torch.randn(E, m, n, device="cuda", generator=g).to(torch.bfloat16)
     s, l = min(m, n), max(m, n)
@@ -102,13 +111,26 @@ def bench_ns(E: int = 64, m: int = 2048, n: int = 1024) -> None:
     out = tri.newton_schulz(X, fp32=False)
     want = ref.newton_schulz(X, fp32=False)
     err = rel(out, want)
-    err32 = rel(out[:4], ref.newton_schulz(X[:4], fp32=True))      # vs the fp32 answer (bf16 error level)
+    err32 = rel(out[:4], ref.newton_schulz(X[:4], fp32=True))  # vs the fp32 answer (bf16 error level)
     ms_t, mem_t = bench(lambda: tri.newton_schulz(X, fp32=False))
     ms_r, mem_r = bench(lambda: ref.newton_schulz(X, fp32=False))
     variant = {str(k): v for k, v in tri.last_choice().items()}
-    record(case="newton_schulz", shape=[E, m, n], dtype="bf16", variant=variant, rel_err_vs_ref=err, rel_err_vs_fp32_first4=err32,
-           ms=ms_t, tflops=flops / ms_t / 1e9, peak_gib=mem_t, ref_ms=ms_r, ref_tflops=flops / ms_r / 1e9,
-           ref_peak_gib=mem_r, speedup=ms_r / ms_t, target_tflops=550)
+    record(
+        case="newton_schulz",
+        shape=[E, m, n],
+        dtype="bf16",
+        variant=variant,
+        rel_err_vs_ref=err,
+        rel_err_vs_fp32_first4=err32,
+        ms=ms_t,
+        tflops=flops / ms_t / 1e9,
+        peak_gib=mem_t,
+        ref_ms=ms_r,
+        ref_tflops=flops / ms_r / 1e9,
+        ref_peak_gib=mem_r,
+        speedup=ms_r / ms_t,
+        target_tflops=550,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- mHC
@@ -117,6 +139,7 @@ def bench_mhc(T: int, n: int = 4, d: int = 4096) -> None:
     from ops import mhc as ref
     from ops.triton import mhc_post as tpost
     from ops.triton import mhc_pre as tpre
+
     g = torch.Generator(device="cuda").manual_seed(T)
     x = torch.randn(T, n, d, device="cuda", generator=g).to(torch.bfloat16)
     fn = torch.randn((2 + n) * n, n * d, device="cuda", generator=g) * (n * d) ** -0.5
@@ -131,7 +154,7 @@ def bench_mhc(T: int, n: int = 4, d: int = 4096) -> None:
         for p in params:
             p.grad = None
         x_in, ps, cb = pre(xx, ff, bb, ss, 1e-6, 1e-6, 20)
-        y = post(oo + x_in, xx, ps, cb)        # the sub-layer is replaced by a residual add
+        y = post(oo + x_in, xx, ps, cb)  # the sub-layer is replaced by a residual add
         y.backward(gout)
         return y
 
@@ -148,9 +171,18 @@ def bench_mhc(T: int, n: int = 4, d: int = 4096) -> None:
         del y_r, g_r
     ms_t, mem_t = bench(lambda: step(tpre.mhc_pre, tpost.mhc_post))
     ms_f, _ = bench(lambda: tpost.mhc_post(o, x, *tpre.mhc_pre(x, fn, base, scale, 1e-6, 1e-6, 20)[1:]))
-    rec = dict(case="mhc_fwd_bwd", tokens=T, n=n, d=d, dtype="bf16", rel_err_vs_ref=errs, ms=ms_t,
-               fwd_ms=ms_f, peak_gib=mem_t,
-               gbs_min_traffic=(T * n * d * 2 * 6) / ms_t / 1e6)  # x read 3×, gout read, dx, y write (bf16)
+    rec = dict(
+        case="mhc_fwd_bwd",
+        tokens=T,
+        n=n,
+        d=d,
+        dtype="bf16",
+        rel_err_vs_ref=errs,
+        ms=ms_t,
+        fwd_ms=ms_f,
+        peak_gib=mem_t,
+        gbs_min_traffic=(T * n * d * 2 * 6) / ms_t / 1e6,
+    )  # x read 3×, gout read, dx, y write (bf16)
     if ref_fits and left() > 30:
         ms_r, mem_r = bench(lambda: step(ref.mhc_pre, ref.mhc_post), rep_ms=40)
         rec.update(ref_ms=ms_r, ref_peak_gib=mem_r, speedup=ms_r / ms_t, target_speedup=10)
@@ -162,6 +194,7 @@ def bench_mhc(T: int, n: int = 4, d: int = 4096) -> None:
 # -------------------------------------------------------------------------------------- hybrid attention
 def _attn_inputs(S: int, H: int, D: int, mode: str, topk: int, rate: int, window: int, seed: int = 0):
     from ops import compressor
+
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(1, S, H, D, device="cuda", generator=g).to(torch.bfloat16)
     kv = torch.randn(1, S, D, device="cuda", generator=g).to(torch.bfloat16)
@@ -182,7 +215,7 @@ def _attn_inputs(S: int, H: int, D: int, mode: str, topk: int, rate: int, window
             k = min(topk, N)
             r = torch.rand(1, S, k, device="cuda", generator=g)
             hi = lay.visible_hi[..., None].float()
-            idx = torch.sort((r * hi).long(), dim=-1).values                   # sorted, may repeat
+            idx = torch.sort((r * hi).long(), dim=-1).values  # sorted, may repeat
             dup = torch.zeros_like(idx, dtype=torch.bool)
             dup[..., 1:] = idx[..., 1:] == idx[..., :-1]
             idx = torch.where(dup | (torch.arange(k, device="cuda") >= lay.visible_hi[..., None]), -1, idx)
@@ -195,9 +228,10 @@ def _attn_inputs(S: int, H: int, D: int, mode: str, topk: int, rate: int, window
 def bench_attn(S: int, mode: str, H: int = 64, D: int = 512, window: int = 128, topk: int = 512) -> None:
     from ops import sparse_attention as ref
     from ops.triton import hybrid_attention as tri
+
     rate = 4 if mode == "topk" else 128
     q, kv, sinks, kw, entries = _attn_inputs(S, H, D, mode, topk, rate, window)
-    scale = D ** -0.5
+    scale = D**-0.5
     leaves = [q, kv, sinks] + ([kw["comp_kv"]] if "comp_kv" in kw else [])
     for t in leaves:
         t.requires_grad_()
@@ -215,7 +249,7 @@ def bench_attn(S: int, mode: str, H: int = 64, D: int = 512, window: int = 128, 
         return o
 
     err = {}
-    if S <= 4096:          # the reference forms [S, H, N] scores and [S, window, D] gathers
+    if S <= 4096:  # the reference forms [S, H, N] scores and [S, window, D] gathers
         o_r = fwd_bwd(ref.hybrid_attention)
         g_r = [t.grad.clone() for t in leaves]
         o_t = fwd_bwd(tri.hybrid_attention)
@@ -228,17 +262,31 @@ def bench_attn(S: int, mode: str, H: int = 64, D: int = 512, window: int = 128, 
     ms_fb, mem_fb = bench(lambda: fwd_bwd(tri.hybrid_attention))
     ff = tri.attention_flops(1, S, H, D, entries)
     fb = tri.attention_flops(1, S, H, D, entries, with_backward=True)
-    record(case=f"hybrid_attention_{mode}", tokens=S, heads=H, head_dim=D, window=window,
-           topk=topk if mode == "topk" else None, rate=rate if mode != "window" else None,
-           entries_per_query=round(entries, 1), rel_err_vs_ref=err or "ref skipped (memory)",
-           fwd_ms=ms_f, fwd_tflops=ff / ms_f / 1e9, fwd_peak_gib=mem_f,
-           fwd_bwd_ms=ms_fb, fwd_bwd_tflops=fb / ms_fb / 1e9, fwd_bwd_peak_gib=mem_fb,
-           us_per_1k_tokens_fwd_bwd=ms_fb * 1e3 / (S / 1024), target_tflops=400)
+    record(
+        case=f"hybrid_attention_{mode}",
+        tokens=S,
+        heads=H,
+        head_dim=D,
+        window=window,
+        topk=topk if mode == "topk" else None,
+        rate=rate if mode != "window" else None,
+        entries_per_query=round(entries, 1),
+        rel_err_vs_ref=err or "ref skipped (memory)",
+        fwd_ms=ms_f,
+        fwd_tflops=ff / ms_f / 1e9,
+        fwd_peak_gib=mem_f,
+        fwd_bwd_ms=ms_fb,
+        fwd_bwd_tflops=fb / ms_fb / 1e9,
+        fwd_bwd_peak_gib=mem_fb,
+        us_per_1k_tokens_fwd_bwd=ms_fb * 1e3 / (S / 1024),
+        target_tflops=400,
+    )
 
 
 @case("sdpa_dense")
 def bench_sdpa(S: int, H: int = 64, D: int = 128) -> None:
     import torch.nn.functional as F
+
     g = torch.Generator(device="cuda").manual_seed(2)
     q = torch.randn(1, H, S, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
     k = torch.randn(1, 1, S, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
@@ -256,8 +304,18 @@ def bench_sdpa(S: int, H: int = 64, D: int = 128) -> None:
     with torch.no_grad():
         ms_f, mem_f = bench(fwd)
     ms_fb, mem_fb = bench(fwd_bwd)
-    record(case="sdpa_dense_causal", tokens=S, heads=H, head_dim=D, fwd_ms=ms_f, fwd_tflops=flops / ms_f / 1e9,
-           fwd_peak_gib=mem_f, fwd_bwd_ms=ms_fb, fwd_bwd_tflops=3.5 * flops / ms_fb / 1e9, fwd_bwd_peak_gib=mem_fb)
+    record(
+        case="sdpa_dense_causal",
+        tokens=S,
+        heads=H,
+        head_dim=D,
+        fwd_ms=ms_f,
+        fwd_tflops=flops / ms_f / 1e9,
+        fwd_peak_gib=mem_f,
+        fwd_bwd_ms=ms_fb,
+        fwd_bwd_tflops=3.5 * flops / ms_fb / 1e9,
+        fwd_bwd_peak_gib=mem_fb,
+    )
 
 
 # ------------------------------------------------------------------------------- compressor and indexer
@@ -265,6 +323,7 @@ def bench_sdpa(S: int, H: int = 64, D: int = 128) -> None:
 def bench_compressor(S: int, rate: int, c: int = 512) -> None:
     from ops import compressor as ref
     from ops.triton import compressor as tri
+
     overlap = rate == 4
     C = 2 * c if overlap else c
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -291,8 +350,19 @@ def bench_compressor(S: int, rate: int, c: int = 512) -> None:
         err[nm] = rel(t.grad, gr)
     ms_t, mem_t = bench(lambda: fb(tri.compressor_pool))
     ms_r, mem_r = bench(lambda: fb(ref.compressor_pool), rep_ms=30)
-    record(case="compressor_pool_fwd_bwd", tokens=S, rate=rate, channels=C, rel_err_vs_ref=err, ms=ms_t,
-           gbs=(S * C * 2 * 5) / ms_t / 1e6, peak_gib=mem_t, ref_ms=ms_r, ref_peak_gib=mem_r, speedup=ms_r / ms_t)
+    record(
+        case="compressor_pool_fwd_bwd",
+        tokens=S,
+        rate=rate,
+        channels=C,
+        rel_err_vs_ref=err,
+        ms=ms_t,
+        gbs=(S * C * 2 * 5) / ms_t / 1e6,
+        peak_gib=mem_t,
+        ref_ms=ms_r,
+        ref_peak_gib=mem_r,
+        speedup=ms_r / ms_t,
+    )
 
 
 @case("indexer_topk")
@@ -300,6 +370,7 @@ def bench_indexer(S: int, k: int = 512, HI: int = 64, cI: int = 128, rate: int =
     from ops import compressor
     from ops import indexer as ref
     from ops.triton import indexer as tri
+
     g = torch.Generator(device="cuda").manual_seed(4)
     N = S // rate
     q = torch.randn(1, S, HI, cI, device="cuda", generator=g).to(torch.bfloat16)
@@ -313,20 +384,32 @@ def bench_indexer(S: int, k: int = 512, HI: int = 64, cI: int = 128, rate: int =
         idx_r = ref.indexer_topk(ref.indexer_scores(q, keys, w), lay.visible_lo, lay.visible_hi, k)
         agree = (idx_t == idx_r).float().mean().item()
     ms_t, mem_t = bench(lambda: tri.indexer_select(q, keys, w, lay.visible_lo, lay.visible_hi, k))
-    flops = 2.0 * S * HI * cI * N / 2       # causal half of the q·k products
-    rec = dict(case="indexer_select_fused", tokens=S, k=k, heads=HI, head_dim=cI, index_agreement=agree,
-               ms=ms_t, tflops=flops / ms_t / 1e9, peak_gib=mem_t)
+    flops = 2.0 * S * HI * cI * N / 2  # causal half of the q·k products
+    rec = dict(
+        case="indexer_select_fused",
+        tokens=S,
+        k=k,
+        heads=HI,
+        head_dim=cI,
+        index_agreement=agree,
+        ms=ms_t,
+        tflops=flops / ms_t / 1e9,
+        peak_gib=mem_t,
+    )
     if S <= 16384:
-        ms_r, mem_r = bench(lambda: ref.indexer_topk(ref.indexer_scores(q, keys, w), lay.visible_lo,
-                                                     lay.visible_hi, k), rep_ms=30)
+        ms_r, mem_r = bench(
+            lambda: ref.indexer_topk(ref.indexer_scores(q, keys, w), lay.visible_lo, lay.visible_hi, k), rep_ms=30
+        )
         rec.update(ref_ms=ms_r, ref_peak_gib=mem_r, speedup=ms_r / ms_t)
     record(**rec)
 
 
 def table() -> None:
     print("\n" + "=" * 118)
-    print(f"{'case':34s} {'tokens':>7s} {'ms':>9s} {'fwd+bwd ms':>11s} {'TFLOP/s':>9s} {'ref ms':>9s} "
-          f"{'speedup':>8s} {'peak GiB':>9s}  err")
+    print(
+        f"{'case':34s} {'tokens':>7s} {'ms':>9s} {'fwd+bwd ms':>11s} {'TFLOP/s':>9s} {'ref ms':>9s} "
+        f"{'speedup':>8s} {'peak GiB':>9s}  err"
+    )
     for r in RESULTS:
         if "status" in r:
             print(f"{r['case']:34s} {str(r.get('args', ''))[:20]:>7s}  {r['status'][:70]}")
@@ -336,11 +419,14 @@ def table() -> None:
         err = r.get("rel_err_vs_ref", r.get("index_agreement"))
         if isinstance(err, dict):
             err = max((v for v in err.values() if isinstance(v, float)), default=float("nan"))
-        f = (lambda v: f"{v:9.3f}" if isinstance(v, (int, float)) and v is not None and not math.isnan(v)
-             else f"{'-':>9s}")
-        print(f"{r['case']:34s} {str(r.get('tokens', r.get('shape', ''))):>7s} {f(ms)} {f(r.get('fwd_bwd_ms')):>11s} "
-              f"{f(tf)} {f(r.get('ref_ms'))} {f(r.get('speedup')):>8s} "
-              f"{f(r.get('peak_gib', r.get('fwd_bwd_peak_gib')))}  {err}")
+        f = lambda v: (
+            f"{v:9.3f}" if isinstance(v, (int, float)) and v is not None and not math.isnan(v) else f"{'-':>9s}"
+        )
+        print(
+            f"{r['case']:34s} {str(r.get('tokens', r.get('shape', ''))):>7s} {f(ms)} {f(r.get('fwd_bwd_ms')):>11s} "
+            f"{f(tf)} {f(r.get('ref_ms'))} {f(r.get('speedup')):>8s} "
+            f"{f(r.get('peak_gib', r.get('fwd_bwd_peak_gib')))}  {err}"
+        )
 
 
 def main() -> None:
@@ -359,9 +445,13 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     sizes = [int(s) for s in a.tokens.split(",") if s]
     only = set(a.only.split(",")) - {""}
-    want = (lambda k: not only or k in only)
-    record(case="device", name=torch.cuda.get_device_name(), torch=torch.__version__,
-           triton=__import__("triton").__version__)
+    want = lambda k: not only or k in only
+    record(
+        case="device",
+        name=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=__import__("triton").__version__,
+    )
     # order: attention hd512 (window, range, top-k) and mHC at the first size, NS, the other sizes ≤ 16K,
     # then the larger sizes (a short budget still covers every kernel once)
     small = [S for S in sizes if S <= 16384]

@@ -23,6 +23,7 @@ reported separately as ``first_wait_ms``). The reference is one optimizer step o
 benchmarks/results/bench_model_cpu.json; "share of a small step" = loader seconds for 8 samples / that.
 Prints a table and writes benchmarks/results/bench_loader.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-GLOBAL_BATCH, MICRO_BATCH = 8, 1          # small.yaml's train.global_batch / micro_batch
+GLOBAL_BATCH, MICRO_BATCH = 8, 1  # small.yaml's train.global_batch / micro_batch
 VOCAB = 32000
 
 
@@ -60,27 +61,52 @@ def build_dataset(root: Path, seq_len: int, samples_per_source: int, seed: int =
         samples, starts, dropped = pack.pack_tokens(docs, seq_len + 1, eos=2)
         rows = list(zip(samples[:samples_per_source], starts[:samples_per_source]))
         doc = dataset_layout.write_source(root / "shards" / name, rows, 500, "zstd", 1 << 22)
-        sources[name] = {"dir": f"shards/{name}", "weight": 1.0, "samples": doc["samples"], "parts": len(doc["parts"]),
-                         "bytes": sum(p["bytes"] for p in doc["parts"]), "documents": len(docs), "tokens": tokens,
-                         "dropped_tokens": dropped}
-    manifest = {"version": MANIFEST_VERSION, "name": "bench", "fingerprint": "bench", "seq_len": seq_len,
-                "sample_len": seq_len + 1, "vocab_size": VOCAB, "tokenizer": "tokenizer.json",
-                "special_tokens": {"pad": 0, "bos": 1, "eos": 2}, "sources": sources, "mixture": {"loader": {}}}
+        sources[name] = {
+            "dir": f"shards/{name}",
+            "weight": 1.0,
+            "samples": doc["samples"],
+            "parts": len(doc["parts"]),
+            "bytes": sum(p["bytes"] for p in doc["parts"]),
+            "documents": len(docs),
+            "tokens": tokens,
+            "dropped_tokens": dropped,
+        }
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "name": "bench",
+        "fingerprint": "bench",
+        "seq_len": seq_len,
+        "sample_len": seq_len + 1,
+        "vocab_size": VOCAB,
+        "tokenizer": "tokenizer.json",
+        "special_tokens": {"pad": 0, "bos": 1, "eos": 2},
+        "sources": sources,
+        "mixture": {"loader": {}},
+    }
     return write_manifest(root, manifest)
 
 
-def run_mode(dataset: str, seq_len: int, batches: int, prefetch: int, compute_s: float, cache_dir: str | None,
-             fresh_cache: bool, repeats: int = 1) -> dict:
+def run_mode(
+    dataset: str,
+    seq_len: int,
+    batches: int,
+    prefetch: int,
+    compute_s: float,
+    cache_dir: str | None,
+    fresh_cache: bool,
+    repeats: int = 1,
+) -> dict:
     from data_pipeline.api import build_loader
 
     def loader():
         if cache_dir and fresh_cache:
             shutil.rmtree(cache_dir, ignore_errors=True)
-        return build_loader(dataset, None, seq_len, GLOBAL_BATCH, MICRO_BATCH, 0, 1, 7, prefetch=prefetch,
-                            cache_dir=cache_dir)
+        return build_loader(
+            dataset, None, seq_len, GLOBAL_BATCH, MICRO_BATCH, 0, 1, 7, prefetch=prefetch, cache_dir=cache_dir
+        )
 
     alone = float("inf")
-    for _ in range(repeats):             # best of `repeats`: the shared machine's load only ever adds time
+    for _ in range(repeats):  # best of `repeats`: the shared machine's load only ever adds time
         ld = loader()
         t0 = time.perf_counter()
         for _ in range(batches):
@@ -97,17 +123,25 @@ def run_mode(dataset: str, seq_len: int, batches: int, prefetch: int, compute_s:
         waits.append(time.perf_counter() - t)
         time.sleep(compute_s)
     ld.close()
-    return {"samples_per_s": batches * MICRO_BATCH / alone, "seconds": alone, "downloaded_mb": downloaded / 1e6,
-            "first_wait_ms": 1e3 * waits[0], "wait_ms_per_micro_batch": 1e3 * float(np.mean(waits[1:])),
-            "batches_with_compute": n_step}
+    return {
+        "samples_per_s": batches * MICRO_BATCH / alone,
+        "seconds": alone,
+        "downloaded_mb": downloaded / 1e6,
+        "first_wait_ms": 1e3 * waits[0],
+        "wait_ms_per_micro_batch": 1e3 * float(np.mean(waits[1:])),
+        "batches_with_compute": n_step,
+    }
 
 
 def small_step_seconds() -> tuple[float | None, str]:
     path = ROOT / "benchmarks" / "results" / "bench_model_cpu.json"
     try:
         rows = json.loads(path.read_text())["rows"]
-        per_micro = next(r["step_s"] for r in rows if r["config"] == "small" and r["model"] == "ours"
-                         and r["seq"] == 4096 and r["batch"] == 1)
+        per_micro = next(
+            r["step_s"]
+            for r in rows
+            if r["config"] == "small" and r["model"] == "ours" and r["seq"] == 4096 and r["batch"] == 1
+        )
         return GLOBAL_BATCH * per_micro, f"{GLOBAL_BATCH} x {per_micro:.2f} s (ours, 1x4096, {path.name})"
     except (OSError, KeyError, StopIteration, ValueError):
         return None, "benchmarks/results/bench_model_cpu.json has no small 1x4096 row"
@@ -135,42 +169,66 @@ def main() -> None:
         t0 = time.perf_counter()
         manifest = build_dataset(tmp / "ds", args.seq_len, args.samples_per_source)
         shard_bytes = sum(p.stat().st_size for p in (tmp / "ds").rglob("*.mds.zstd"))
-        print(f"dataset: {2 * args.samples_per_source} samples of {args.seq_len + 1} tokens, "
-              f"{shard_bytes / 1e6:.1f} MB of zstd shards ({time.perf_counter() - t0:.1f} s to build)")
+        print(
+            f"dataset: {2 * args.samples_per_source} samples of {args.seq_len + 1} tokens, "
+            f"{shard_bytes / 1e6:.1f} MB of zstd shards ({time.perf_counter() - t0:.1f} s to build)"
+        )
         with local_s3_server() as server:
             url = f"{server.url}/bench"
             storage.copy_tree(str(tmp / "ds"), url)
             cache = str(tmp / "cache")
-            modes = [("local", str(manifest.parent), None, False), ("s3 direct", url, None, False),
-                     ("s3 cold cache", url, cache, True), ("s3 warm cache", url, cache, False)]
-            run_mode(url, args.seq_len, 10, 0, 0.0, None, False)     # warm-up: connections, imports (untimed)
+            modes = [
+                ("local", str(manifest.parent), None, False),
+                ("s3 direct", url, None, False),
+                ("s3 cold cache", url, cache, True),
+                ("s3 warm cache", url, cache, False),
+            ]
+            run_mode(url, args.seq_len, 10, 0, 0.0, None, False)  # warm-up: connections, imports (untimed)
             for name, ds, cache_dir, fresh in modes:
                 for pf in (0, args.prefetch):
-                    r = run_mode(ds, args.seq_len, args.batches, pf, args.compute_ms / 1e3, cache_dir, fresh,
-                                 args.repeats)
+                    r = run_mode(
+                        ds, args.seq_len, args.batches, pf, args.compute_ms / 1e3, cache_dir, fresh, args.repeats
+                    )
                     r.update(mode=name, prefetch=pf)
                     if step_s:
                         r["share_of_small_step"] = GLOBAL_BATCH / r["samples_per_s"] / step_s
                     rows.append(r)
-                    print(f"  {name:14s} prefetch {pf}: {r['samples_per_s']:8.1f} samples/s, wait "
-                          f"{r['wait_ms_per_micro_batch']:7.2f} ms/micro-batch", flush=True)
+                    print(
+                        f"  {name:14s} prefetch {pf}: {r['samples_per_s']:8.1f} samples/s, wait "
+                        f"{r['wait_ms_per_micro_batch']:7.2f} ms/micro-batch",
+                        flush=True,
+                    )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\nloader, micro_batch {MICRO_BATCH} x {args.seq_len + 1} tokens; simulated step {args.compute_ms:.0f} ms per "
-          f"micro-batch; small step = {step_src}" + (f" = {step_s:.1f} s" if step_s else ""))
+    print(
+        f"\nloader, micro_batch {MICRO_BATCH} x {args.seq_len + 1} tokens; simulated step {args.compute_ms:.0f} ms per "
+        f"micro-batch; small step = {step_src}" + (f" = {step_s:.1f} s" if step_s else "")
+    )
     head = f"| {'mode':14s} | prefetch | samples/s | tokens/s (M) | wait/micro-batch (ms) | first (ms) | share of a small step |"
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in rows:
         share = f"{r['share_of_small_step']:.2e}" if "share_of_small_step" in r else "n/a"
-        print(f"| {r['mode']:14s} | {r['prefetch']:8d} | {r['samples_per_s']:9.1f} | "
-              f"{r['samples_per_s'] * (args.seq_len + 1) / 1e6:12.2f} | {r['wait_ms_per_micro_batch']:21.2f} | {r['first_wait_ms']:10.1f} | "
-              f"{share:>21s} |")
-    out = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                       "loadavg_at_end": list(os.getloadavg())},
-           "args": vars(args), "global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH,
-           "small_step_s": step_s, "small_step_source": step_src, "shard_mb": shard_bytes / 1e6, "rows": rows}
+        print(
+            f"| {r['mode']:14s} | {r['prefetch']:8d} | {r['samples_per_s']:9.1f} | "
+            f"{r['samples_per_s'] * (args.seq_len + 1) / 1e6:12.2f} | {r['wait_ms_per_micro_batch']:21.2f} | {r['first_wait_ms']:10.1f} | "
+            f"{share:>21s} |"
+        )
+    out = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_at_end": list(os.getloadavg()),
+        },
+        "args": vars(args),
+        "global_batch": GLOBAL_BATCH,
+        "micro_batch": MICRO_BATCH,
+        "small_step_s": step_s,
+        "small_step_source": step_src,
+        "shard_mb": shard_bytes / 1e6,
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

@@ -14,6 +14,7 @@ saw nearly the same load); the bytes per token that autograd saves for the Sinkh
 storages, measured with saved-tensor hooks). Also checked per row: outputs bit-identical, gradients
 ‖Δ‖/‖ref‖. Runs with 1 thread by default. Prints a table and writes ``benchmarks/results/bench_mhc_cpu.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,7 @@ def make_inputs(t: int, n: int, d: int, seed: int = 0) -> dict[str, torch.Tensor
     g = torch.Generator().manual_seed(seed)
     rows = (2 + n) * n
     base = torch.randn(rows, generator=g)
-    base[2 * n:] *= 3                           # comb logits ~N(0, 3): far from doubly stochastic
+    base[2 * n :] *= 3  # comb logits ~N(0, 3): far from doubly stochastic
     return {
         "x": torch.randn(t, n, d, generator=g),
         "fn": torch.randn(rows, n * d, generator=g) / (n * d) ** 0.5,
@@ -106,7 +107,7 @@ def time_pair(step: Callable[[], object], reps: int) -> dict[str, dict[str, floa
     runs = {"function": contextlib.nullcontext, "plain": plain_sinkhorn}
     wall: dict[str, list[float]] = {k: [] for k in runs}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
-    for ctx in runs.values():               # warm-up
+    for ctx in runs.values():  # warm-up
         with ctx():
             step()
     for r in range(reps):
@@ -119,10 +120,13 @@ def time_pair(step: Callable[[], object], reps: int) -> dict[str, dict[str, floa
                 wall[name].append((time.perf_counter() - w0) * 1e3)
     out: dict[str, dict[str, float]] = {
         k: {"wall_ms": statistics.median(wall[k]), "cpu_ms": statistics.median(cpu[k]), "wall_ms_min": min(wall[k])}
-        for k in runs}
+        for k in runs
+    }
     # paired: the two runs of one round saw nearly the same load, so their ratio drifts less than the medians
-    out["paired"] = {f"ratio_{m}": statistics.median(p / f for p, f in zip(v["plain"], v["function"]))
-                     for m, v in (("wall", wall), ("cpu", cpu))}
+    out["paired"] = {
+        f"ratio_{m}": statistics.median(p / f for p, f in zip(v["plain"], v["function"]))
+        for m, v in (("wall", wall), ("cpu", cpu))
+    }
     return out
 
 
@@ -135,9 +139,15 @@ def bench_row(t: int, n: int, d: int, iters: int, reps: int) -> list[dict]:
             outs_p, grads_p = step(inp, iters)
         times = time_pair(lambda step=step: step(inp, iters), reps)
         row = {
-            "op": what, "T": t, "n": n, "d": d, "iters": iters,
-            "plain_wall_ms": times["plain"]["wall_ms"], "function_wall_ms": times["function"]["wall_ms"],
-            "plain_cpu_ms": times["plain"]["cpu_ms"], "function_cpu_ms": times["function"]["cpu_ms"],
+            "op": what,
+            "T": t,
+            "n": n,
+            "d": d,
+            "iters": iters,
+            "plain_wall_ms": times["plain"]["wall_ms"],
+            "function_wall_ms": times["function"]["wall_ms"],
+            "plain_cpu_ms": times["plain"]["cpu_ms"],
+            "function_cpu_ms": times["function"]["cpu_ms"],
             "plain_wall_ms_min": times["plain"]["wall_ms_min"],
             "function_wall_ms_min": times["function"]["wall_ms_min"],
             "ratio_wall": times["plain"]["wall_ms"] / times["function"]["wall_ms"],
@@ -150,8 +160,7 @@ def bench_row(t: int, n: int, d: int, iters: int, reps: int) -> list[dict]:
         if what == "sinkhorn":
             logits = inp["logits"].detach().requires_grad_()
             row["function_saved_bytes_per_token"] = saved_bytes(lambda: mhc.sinkhorn(logits, iters, HC_EPS)) / t
-            row["plain_saved_bytes_per_token"] = saved_bytes(
-                lambda: mhc.sinkhorn_autograd(logits, iters, HC_EPS)) / t
+            row["plain_saved_bytes_per_token"] = saved_bytes(lambda: mhc.sinkhorn_autograd(logits, iters, HC_EPS)) / t
         rows.append(row)
     return rows
 
@@ -173,36 +182,51 @@ def main() -> None:
         for d in args.d:
             for row in bench_row(t, args.n, d, args.iters, args.reps):
                 if row["op"] == "sinkhorn" and any(r["op"] == "sinkhorn" and r["T"] == t for r in rows):
-                    continue                # the Sinkhorn alone does not depend on d: one row per T
+                    continue  # the Sinkhorn alone does not depend on d: one row per T
                 rows.append(row)
-                print(f"{row['op']:8s} T={t:5d} d={d:5d}: plain {row['plain_wall_ms']:8.2f} ms, function "
-                      f"{row['function_wall_ms']:8.2f} ms wall ({row['ratio_wall']:.2f}x), cpu "
-                      f"{row['plain_cpu_ms']:8.2f} / {row['function_cpu_ms']:8.2f} ms ({row['ratio_cpu']:.2f}x)",
-                      flush=True)
+                print(
+                    f"{row['op']:8s} T={t:5d} d={d:5d}: plain {row['plain_wall_ms']:8.2f} ms, function "
+                    f"{row['function_wall_ms']:8.2f} ms wall ({row['ratio_wall']:.2f}x), cpu "
+                    f"{row['plain_cpu_ms']:8.2f} / {row['function_cpu_ms']:8.2f} ms ({row['ratio_cpu']:.2f}x)",
+                    flush=True,
+                )
 
     print()
-    print(f"mHC on CPU, n={args.n}, {args.iters} Sinkhorn iterations, fp32, {args.threads} thread(s), "
-          f"medians of {args.reps} alternating rounds")
-    print("| op (fwd+bwd) | T | d | plain autograd CPU ms | function CPU ms | speedup CPU time (paired) "
-          "| wall ms plain / function | speedup wall (paired) | outputs identical | grad ‖Δ‖/‖ref‖ |")
+    print(
+        f"mHC on CPU, n={args.n}, {args.iters} Sinkhorn iterations, fp32, {args.threads} thread(s), "
+        f"medians of {args.reps} alternating rounds"
+    )
+    print(
+        "| op (fwd+bwd) | T | d | plain autograd CPU ms | function CPU ms | speedup CPU time (paired) "
+        "| wall ms plain / function | speedup wall (paired) | outputs identical | grad ‖Δ‖/‖ref‖ |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for r in rows:
         d = "—" if r["op"] == "sinkhorn" else str(r["d"])
-        print(f"| {r['op']} | {r['T']} | {d} | {r['plain_cpu_ms']:.2f} | {r['function_cpu_ms']:.2f} | "
-              f"{r['ratio_cpu']:.2f}× ({r['ratio_cpu_paired']:.2f}×) | "
-              f"{r['plain_wall_ms']:.2f} / {r['function_wall_ms']:.2f} | "
-              f"{r['ratio_wall']:.2f}× ({r['ratio_wall_paired']:.2f}×) | {r['outputs_bit_identical']} | "
-              f"{r['grad_rel_diff_max']:.1e} |")
+        print(
+            f"| {r['op']} | {r['T']} | {d} | {r['plain_cpu_ms']:.2f} | {r['function_cpu_ms']:.2f} | "
+            f"{r['ratio_cpu']:.2f}× ({r['ratio_cpu_paired']:.2f}×) | "
+            f"{r['plain_wall_ms']:.2f} / {r['function_wall_ms']:.2f} | "
+            f"{r['ratio_wall']:.2f}× ({r['ratio_wall_paired']:.2f}×) | {r['outputs_bit_identical']} | "
+            f"{r['grad_rel_diff_max']:.1e} |"
+        )
     for r in rows:
         if r["op"] == "sinkhorn":
-            print(f"saved for backward by the Sinkhorn, T={r['T']}: plain {r['plain_saved_bytes_per_token']:.0f} "
-                  f"B/token, function {r['function_saved_bytes_per_token']:.0f} B/token")
+            print(
+                f"saved for backward by the Sinkhorn, T={r['T']}: plain {r['plain_saved_bytes_per_token']:.0f} "
+                f"B/token, function {r['function_saved_bytes_per_token']:.0f} B/token"
+            )
 
     result = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "threads": args.threads, "loadavg_at_end": list(os.getloadavg())},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "loadavg_at_end": list(os.getloadavg()),
+        },
         "method": "mhc_pre / sinkhorn fwd+bwd, shipped sinkhorn (_SinkhornFn) vs sinkhorn_autograd, alternating "
-                  "in one process (ABBA); medians",
+        "in one process (ABBA); medians",
         "reps": args.reps,
         "rows": rows,
     }

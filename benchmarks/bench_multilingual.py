@@ -16,6 +16,7 @@
 
 Prints tables and writes the JSON. Timings are wall clock on whatever machine runs it (say which).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,14 +52,15 @@ def reference_shingles(h: minhash.MinHasher, text: str) -> np.ndarray:
     words = _WS.sub(" ", _DIGITS.sub("0", _PUNCT.sub(" ", text))).strip().split(" ")
     if not words or words == [""]:
         return np.zeros(0, dtype=np.uint64)
-    wh = np.fromiter((xxhash.xxh64_intdigest(w.encode("utf-8", "surrogatepass")) for w in words),
-                     dtype=np.uint64, count=len(words))
+    wh = np.fromiter(
+        (xxhash.xxh64_intdigest(w.encode("utf-8", "surrogatepass")) for w in words), dtype=np.uint64, count=len(words)
+    )
     n = min(h.ngram, len(wh))
     m = len(wh) - n + 1
     acc = np.zeros(m, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for k in range(n):
-            acc += wh[k:k + m] * h.k[k]
+            acc += wh[k : k + m] * h.k[k]
         return np.unique(minhash._fmix64(acc))
 
 
@@ -66,7 +68,7 @@ def _best_mbps(fn, texts: list[str], repeats: int = 3) -> float:
     mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
     best = float("inf")
     for _ in range(repeats):
-        minhash._TOKEN_HASH.clear()          # every repeat starts cold: the cache is built inside the timing
+        minhash._TOKEN_HASH.clear()  # every repeat starts cold: the cache is built inside the timing
         t0 = time.perf_counter()
         for t in texts:
             fn(t)
@@ -75,16 +77,22 @@ def _best_mbps(fn, texts: list[str], repeats: int = 3) -> float:
 
 
 def bench_shingles() -> dict:
-    english = ([d["text"] for d in kjv_documents()] + [d["text"] for d in shakespeare_documents()]
-               + [d["text"] for d in python_docs_documents()])
+    english = (
+        [d["text"] for d in kjv_documents()]
+        + [d["text"] for d in shakespeare_documents()]
+        + [d["text"] for d in python_docs_documents()]
+    )
     web = [t.replace("'", "\u2019").replace(" - ", " \u2014 ") + " caf\u00e9 na\u00efve 12,345 3.5%" for t in english]
     h = minhash.MinHasher()
     out = {}
     for name, texts in (("english_embedded", english), ("english_web_like", web)):
         same = all(np.array_equal(reference_shingles(h, t), h.shingles(t)) for t in texts)
-        out[name] = {"mb": round(sum(len(t.encode()) for t in texts) / 1e6, 2), "identical_shingles": same,
-                     "before_mb_s": round(_best_mbps(lambda t: reference_shingles(h, t), texts), 2),
-                     "after_mb_s": round(_best_mbps(h.shingles, texts), 2)}
+        out[name] = {
+            "mb": round(sum(len(t.encode()) for t in texts) / 1e6, 2),
+            "identical_shingles": same,
+            "before_mb_s": round(_best_mbps(lambda t: reference_shingles(h, t), texts), 2),
+            "after_mb_s": round(_best_mbps(h.shingles, texts), 2),
+        }
     return out
 
 
@@ -144,8 +152,9 @@ def bench_languages(docs_per_language: int, seed: int) -> dict:
             "langid_accuracy": round(float(np.mean([results[d.id][0] == lang for d in good])), 3),
             "near_dup_pairs": len(pairs),
             "near_dup_recall": round(float(np.mean([root[d.id] == root[d.base] for d in pairs])), 3),
-            "near_dup_recall_j085": round(float(np.mean([root[d.id] == root[d.base] for d in pairs
-                                                         if d.jaccard >= 0.85])), 3),
+            "near_dup_recall_j085": round(
+                float(np.mean([root[d.id] == root[d.base] for d in pairs if d.jaccard >= 0.85])), 3
+            ),
             "unrelated_removed": round(sum(k - 1 for k in per_root.values()) / len(unrelated), 4),
             "langid_ms_per_doc": round(1e3 * t_lang / len(docs), 3),
             "langid_mb_s": round(nbytes / 1e6 / t_lang, 2),
@@ -164,17 +173,34 @@ def main() -> None:
     shingles = bench_shingles()
     print(f"{'shingles':20s} {'MB':>6s} {'before MB/s':>12s} {'after MB/s':>11s} identical")
     for name, row in shingles.items():
-        print(f"{name:20s} {row['mb']:6.2f} {row['before_mb_s']:12.2f} {row['after_mb_s']:11.2f} {row['identical_shingles']}")
+        print(
+            f"{name:20s} {row['mb']:6.2f} {row['before_mb_s']:12.2f} {row['after_mb_s']:11.2f} {row['identical_shingles']}"
+        )
     table = bench_languages(args.docs_per_language, args.seed)
-    cols = ("documents", "kept_share", "junk_removed", "langid_accuracy", "near_dup_pairs", "near_dup_recall",
-            "near_dup_recall_j085", "unrelated_removed", "langid_ms_per_doc", "clean_mb_s")
+    cols = (
+        "documents",
+        "kept_share",
+        "junk_removed",
+        "langid_accuracy",
+        "near_dup_pairs",
+        "near_dup_recall",
+        "near_dup_recall_j085",
+        "unrelated_removed",
+        "langid_ms_per_doc",
+        "clean_mb_s",
+    )
     print("lang " + " ".join(f"{c:>14s}" for c in cols) + "  langid@50/100/200 chars")
     for lang, row in table.items():
         pre = "/".join(f"{v:.2f}" for v in row["langid_accuracy_prefix"].values())
         print(f"{lang:4s} " + " ".join(f"{row[c]:>14}" for c in cols) + f"  {pre}")
-    out = {"machine": platform.platform(), "python": platform.python_version(),
-           "docs_per_language": args.docs_per_language, "seed": args.seed,
-           "shingles": shingles, "languages": table}
+    out = {
+        "machine": platform.platform(),
+        "python": platform.python_version(),
+        "docs_per_language": args.docs_per_language,
+        "seed": args.seed,
+        "shingles": shingles,
+        "languages": table,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")

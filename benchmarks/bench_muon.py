@@ -21,6 +21,7 @@ Sections:
    call of ours (plain and Gram form), in TFLOP/s of useful NS flops (the plain-form count,
    K (4 s^2 l + 2 s^3) per matrix, for all variants, so higher = faster).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ops.newton_schulz import V4_NS_STEPS, newton_schulz, newton_schulz_gram, ns_flops
 from parallel.muon import Muon
 
-MEGATRON_QUINTIC = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
-                    (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)]
+MEGATRON_QUINTIC = [
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+]
 
 
 def sync(device: str) -> None:
@@ -108,9 +114,17 @@ class MegatronMuonRef:
 
 def v4_like_params(device: str, scale: int, gen: torch.Generator) -> list[tuple[str, torch.nn.Parameter]]:
     d, h, inter, E = 256 * scale, 512 * scale, 128 * scale, 8
-    specs = [("wq_a", (h // 2, d)), ("wq_b", (h, h // 2)), ("wkv", (d // 2, d)), ("wo_a", (d, h)),
-             ("wo_b", (d, d)), ("shared_fc1", (2 * inter, d)), ("shared_fc2", (d, inter)),
-             ("experts_fc1", (E, 2 * inter, d)), ("experts_fc2", (E, d, inter))]
+    specs = [
+        ("wq_a", (h // 2, d)),
+        ("wq_b", (h, h // 2)),
+        ("wkv", (d // 2, d)),
+        ("wo_a", (d, h)),
+        ("wo_b", (d, d)),
+        ("shared_fc1", (2 * inter, d)),
+        ("shared_fc2", (d, inter)),
+        ("experts_fc1", (E, 2 * inter, d)),
+        ("experts_fc2", (E, d, inter)),
+    ]
     out = []
     for name, shape in specs:
         p = torch.nn.Parameter(torch.randn(shape, generator=gen).to(device) * 0.02)
@@ -167,12 +181,15 @@ def bench_vs_megatron(device: str, reps: int, scale: int) -> list[dict[str, Any]
         for label in ("ours_fp32", "megatron_fp32") + (("ours_bf16", "megatron_bf16") if device == "cuda" else ()):
             p = torch.nn.Parameter(W0.clone())
             bf16 = label.endswith("bf16")
-            opt = (Muon([p], lr=1e-2, fp32_newton_schulz=not bf16) if label.startswith("ours")
-                   else MegatronMuonRef([p], lr=1e-2, bf16=bf16))
+            opt = (
+                Muon([p], lr=1e-2, fp32_newton_schulz=not bf16)
+                if label.startswith("ours")
+                else MegatronMuonRef([p], lr=1e-2, bf16=bf16)
+            )
             for g in grads:
                 p.grad = g
                 opt.step()
-            deltas[label] = (p.detach() - W0 * (1 - 1e-2 * 0.1) ** 3)
+            deltas[label] = p.detach() - W0 * (1 - 1e-2 * 0.1) ** 3
             p.grad = grads[-1]
             res[f"{label}_ms"] = round(timeit(opt.step, device, reps), 3)
         # exact-polar Muon (our momentum / Nesterov, SVD instead of NS) as the ideal reference
@@ -191,25 +208,39 @@ def bench_vs_megatron(device: str, reps: int, scale: int) -> list[dict[str, Any]
 def bench_ns(device: str, reps: int, scale: int) -> list[dict[str, Any]]:
     gen = torch.Generator().manual_seed(2)
     rows = []
-    shapes = [(256 * scale, 256 * scale), (256 * scale, 1024 * scale), (512 * scale, 2048 * scale),
-              (1024 * scale, 256 * scale)]
+    shapes = [
+        (256 * scale, 256 * scale),
+        (256 * scale, 1024 * scale),
+        (512 * scale, 2048 * scale),
+        (1024 * scale, 256 * scale),
+    ]
     for shape in shapes:
         G = torch.randn(shape, generator=gen, dtype=torch.float64)
         pol = polar(G).to(device)
         ref64 = newton_schulz(G.to(device), V4_NS_STEPS, True)
         G32 = G.float().to(device)
-        variants = [("plain_fp32", lambda: newton_schulz(G32, V4_NS_STEPS, True)),
-                    ("gram_fp32", lambda: newton_schulz_gram(G32, V4_NS_STEPS, True)),
-                    ("megatron_quintic5_fp32", lambda: megatron_ns(G32, False))]
+        variants = [
+            ("plain_fp32", lambda: newton_schulz(G32, V4_NS_STEPS, True)),
+            ("gram_fp32", lambda: newton_schulz_gram(G32, V4_NS_STEPS, True)),
+            ("megatron_quintic5_fp32", lambda: megatron_ns(G32, False)),
+        ]
         if device == "cuda":
-            variants += [("plain_bf16", lambda: newton_schulz(G32, V4_NS_STEPS, False)),
-                         ("gram_bf16", lambda: newton_schulz_gram(G32, V4_NS_STEPS, False)),
-                         ("megatron_quintic5_bf16", lambda: megatron_ns(G32, True))]
+            variants += [
+                ("plain_bf16", lambda: newton_schulz(G32, V4_NS_STEPS, False)),
+                ("gram_bf16", lambda: newton_schulz_gram(G32, V4_NS_STEPS, False)),
+                ("megatron_quintic5_bf16", lambda: megatron_ns(G32, True)),
+            ]
         for label, fn in variants:
             out = fn()
-            rows.append(dict(shape=list(shape), variant=label, ms=round(timeit(fn, device, reps), 3),
-                             err_vs_polar=float(f"{rel(out, pol):.3e}"),
-                             err_vs_fp64_ns=float(f"{rel(out, ref64):.3e}")))
+            rows.append(
+                dict(
+                    shape=list(shape),
+                    variant=label,
+                    ms=round(timeit(fn, device, reps), 3),
+                    err_vs_polar=float(f"{rel(out, pol):.3e}"),
+                    err_vs_fp64_ns=float(f"{rel(out, ref64):.3e}"),
+                )
+            )
     return rows
 
 
@@ -221,17 +252,26 @@ def bench_experts(reps: int) -> list[dict[str, Any]]:
     flops = E * ns_flops(min(n, m), max(n, m), 10)
     rows = []
     for prec, fp32 in (("bf16", False), ("fp32", True)):
-        cases = [("loop_plain", lambda: [newton_schulz(g, V4_NS_STEPS, fp32) for g in G]),
-                 ("batched_plain", lambda: newton_schulz(G, V4_NS_STEPS, fp32)),
-                 ("loop_gram", lambda: [newton_schulz_gram(g, V4_NS_STEPS, fp32) for g in G]),
-                 ("batched_gram", lambda: newton_schulz_gram(G, V4_NS_STEPS, fp32))]
+        cases = [
+            ("loop_plain", lambda: [newton_schulz(g, V4_NS_STEPS, fp32) for g in G]),
+            ("batched_plain", lambda: newton_schulz(G, V4_NS_STEPS, fp32)),
+            ("loop_gram", lambda: [newton_schulz_gram(g, V4_NS_STEPS, fp32) for g in G]),
+            ("batched_gram", lambda: newton_schulz_gram(G, V4_NS_STEPS, fp32)),
+        ]
         ref = newton_schulz(G.double()[:4], V4_NS_STEPS, True)
         for label, fn in cases:
             ms = timeit(fn, "cuda", reps, warmup=2)
             out = fn()
             first = out[:4] if torch.is_tensor(out) else torch.stack(out[:4])
-            rows.append(dict(precision=prec, case=label, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1),
-                             err_vs_fp64=float(f"{rel(first, ref):.2e}")))
+            rows.append(
+                dict(
+                    precision=prec,
+                    case=label,
+                    ms=round(ms, 3),
+                    tflops=round(flops / ms / 1e9, 1),
+                    err_vs_fp64=float(f"{rel(first, ref):.2e}"),
+                )
+            )
     return rows
 
 
@@ -242,8 +282,7 @@ def table(title: str, rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cols += [k for k in r if k not in cols]
     width = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
-    lines = [f"\n## {title}", " | ".join(c.ljust(width[c]) for c in cols),
-             "-+-".join("-" * width[c] for c in cols)]
+    lines = [f"\n## {title}", " | ".join(c.ljust(width[c]) for c in cols), "-+-".join("-" * width[c] for c in cols)]
     lines += [" | ".join(str(r.get(c, "")).ljust(width[c]) for c in cols) for r in rows]
     return "\n".join(lines)
 
@@ -260,20 +299,28 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device")
     scale = 1 if (args.quick or dev == "cpu") else 4
     reps = args.reps or (3 if dev == "cpu" else 10)
-    result: dict[str, Any] = dict(device=dev, torch=torch.__version__, machine=platform.machine(),
-                                  threads=torch.get_num_threads(), scale=scale,
-                                  gpu=torch.cuda.get_device_name() if dev == "cuda" else None)
-    sections = [("step", "optimizer step (ms), same parameter set", bench_step),
-                ("vs_megatron", "ours vs megatron TensorParallelMuon default update (reimplemented)",
-                 bench_vs_megatron),
-                ("ns", "Newton-Schulz variants: time and error", bench_ns)]
+    result: dict[str, Any] = dict(
+        device=dev,
+        torch=torch.__version__,
+        machine=platform.machine(),
+        threads=torch.get_num_threads(),
+        scale=scale,
+        gpu=torch.cuda.get_device_name() if dev == "cuda" else None,
+    )
+    sections = [
+        ("step", "optimizer step (ms), same parameter set", bench_step),
+        ("vs_megatron", "ours vs megatron TensorParallelMuon default update (reimplemented)", bench_vs_megatron),
+        ("ns", "Newton-Schulz variants: time and error", bench_ns),
+    ]
     for key, title, fn in sections:
         result[key] = fn(dev, reps, scale)
         print(table(title, result[key]), flush=True)
     if dev == "cuda":
         result["experts"] = bench_experts(reps)
-        print(table("64 experts 2048x1024: loop vs batched NS (TFLOP/s of plain-form NS flops)",
-                    result["experts"]), flush=True)
+        print(
+            table("64 experts 2048x1024: loop vs batched NS (TFLOP/s of plain-form NS flops)", result["experts"]),
+            flush=True,
+        )
     out = args.out or os.path.join("runs", "bench", f"bench_muon_{dev}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

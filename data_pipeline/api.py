@@ -12,6 +12,7 @@ Concurrent callers (several ranks, several jobs on one shared filesystem) serial
 file; the manifest is the last file a build writes, so a reader never sees half a dataset, and a build
 killed at any point resumes where it stopped the next time anyone asks for it.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -46,7 +47,10 @@ def build_root(shards_dir: str | Path, mixture: str, vocab_size: int, tokenizer:
 
 def dataset_dir(shards_dir: str | Path, mixture: str, vocab_size: int, seq_len: int, tokenizer: str = "") -> Path:
     cfg = _configured(mixture, vocab_size, seq_len, tokenizer)
-    return build_root(shards_dir, mixture, vocab_size, tokenizer) / f"s{seq_len}-{settings_key(cfg.stage_settings()['pack'])[:8]}"
+    return (
+        build_root(shards_dir, mixture, vocab_size, tokenizer)
+        / f"s{seq_len}-{settings_key(cfg.stage_settings()['pack'])[:8]}"
+    )
 
 
 def _valid(path: Path) -> bool:
@@ -78,25 +82,53 @@ def ensure_dataset(shards_dir: str, mixture: str, vocab_size: int, seq_len: int,
         from data_pipeline.pipeline import run_pipeline
         from data_pipeline.ray_session import ray_session
 
-        log.info("ensure_dataset: building %s (mixture %s, vocab %d, seq_len %d; stage caches in %s)", final,
-                 mixture, vocab_size, seq_len, root / "work")
+        log.info(
+            "ensure_dataset: building %s (mixture %s, vocab %d, seq_len %d; stage caches in %s)",
+            final,
+            mixture,
+            vocab_size,
+            seq_len,
+            root / "work",
+        )
         with ray_session(cfg.ray.num_cpus, cfg.ray.object_store_mb):
             run_pipeline(cfg, final, work_dir=root / "work")
     return manifest
 
 
-def build_loader(manifest_or_dir: str | Path, mixture: str | dict | None, seq_len: int, global_batch: int,
-                 micro_batch: int, dp_rank: int, dp_size: int, seed: int,
-                 loader_cfg: LoaderConfig | None = None, prefetch: int = 0, cache_dir: str | Path | None = None,
-                 cache_limit_bytes: int | None = DEFAULT_CACHE_LIMIT_BYTES) -> Loader:
+def build_loader(
+    manifest_or_dir: str | Path,
+    mixture: str | dict | None,
+    seq_len: int,
+    global_batch: int,
+    micro_batch: int,
+    dp_rank: int,
+    dp_size: int,
+    seed: int,
+    loader_cfg: LoaderConfig | None = None,
+    prefetch: int = 0,
+    cache_dir: str | Path | None = None,
+    cache_limit_bytes: int | None = DEFAULT_CACHE_LIMIT_BYTES,
+) -> Loader:
     """This rank's micro-batch iterator (see :mod:`data_pipeline.loader` for the order and resume rules).
 
     ``manifest_or_dir``: a local dataset or an object-store URL (``s3://bucket/ds``). ``mixture``: the mixture
     YAML (its weights and ``loader`` section), a ``{source: weight}`` dict, or None for the weights the dataset
     was built with. ``prefetch``: micro-batches read ahead by a background thread (0 = off; same batches either
     way). ``cache_dir`` / ``cache_limit_bytes``: the local cache of remote shards (None = read into memory)."""
-    return Loader(manifest_or_dir, mixture, seq_len, global_batch, micro_batch, dp_rank, dp_size, seed, loader_cfg,
-                  prefetch=prefetch, cache_dir=cache_dir, cache_limit_bytes=cache_limit_bytes)
+    return Loader(
+        manifest_or_dir,
+        mixture,
+        seq_len,
+        global_batch,
+        micro_batch,
+        dp_rank,
+        dp_size,
+        seed,
+        loader_cfg,
+        prefetch=prefetch,
+        cache_dir=cache_dir,
+        cache_limit_bytes=cache_limit_bytes,
+    )
 
 
 def load_tokenizer(manifest: str | Path):

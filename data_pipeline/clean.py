@@ -38,6 +38,7 @@ words) and characters C (non-whitespace):
 space-separated words, Dravidian languages' long ones). The first failing filter (in this order) is the
 document's removal reason; the pipeline counts them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,24 +62,27 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 # Small lists of the most frequent function words. English is Gopher's list; the others are written for
 # this module. zh/ja entries are characters/particles counted as substrings (no spaces to split on).
-STOP_WORDS: dict[str, frozenset[str]] = {k: frozenset(v.split()) for k, v in {
-    "en": "the be to of and that have with",
-    "de": "der die das und ist nicht ein eine zu den mit von sich auf für dem im",
-    "fr": "le la les de des et est un une que qui dans pour en du au pas",
-    "es": "el la los las de del y que en un una es por con para se",
-    "it": "il lo la gli le di che e è un una per con non del della",
-    "pt": "o a os as de do da que e em um uma para com não",
-    "nl": "de het een en van is dat op te in met voor niet zijn",
-    "ru": "и в не на что с по он я как это а но к из",
-    "uk": "і в не на що з по він я як це а але до та",
-    "pl": "i w nie na się z że do to jest jak o",
-    "sv": "och i att det som en på är av för med",
-    "tr": "ve bir bu da de için ile çok ne gibi",
-    "id": "yang dan di ini itu dengan untuk dari dalam tidak",
-    "ar": "في من على إلى أن عن التي الذي ما لا هذا مع كان",
-    "zh": "的 了 是 在 和 有 我 不 这 也 就 都 人 他",
-    "ja": "の に は を た が で て と し な",
-}.items()}
+STOP_WORDS: dict[str, frozenset[str]] = {
+    k: frozenset(v.split())
+    for k, v in {
+        "en": "the be to of and that have with",
+        "de": "der die das und ist nicht ein eine zu den mit von sich auf für dem im",
+        "fr": "le la les de des et est un une que qui dans pour en du au pas",
+        "es": "el la los las de del y que en un una es por con para se",
+        "it": "il lo la gli le di che e è un una per con non del della",
+        "pt": "o a os as de do da que e em um uma para com não",
+        "nl": "de het een en van is dat op te in met voor niet zijn",
+        "ru": "и в не на что с по он я как это а но к из",
+        "uk": "і в не на що з по він я як це а але до та",
+        "pl": "i w nie na się z że do to jest jak o",
+        "sv": "och i att det som en på är av för med",
+        "tr": "ve bir bu da de için ile çok ne gibi",
+        "id": "yang dan di ini itu dengan untuk dari dalam tidak",
+        "ar": "في من على إلى أن عن التي الذي ما لا هذا مع كان",
+        "zh": "的 了 是 在 和 有 我 不 这 也 就 都 人 他",
+        "ja": "の に は を た が で て と し な",
+    }.items()
+}
 _SUBSTRING_STOPS = frozenset(("zh", "ja"))
 
 
@@ -86,10 +90,10 @@ _SUBSTRING_STOPS = frozenset(("zh", "ja"))
 class CleanResult:
     """One document after :func:`clean_document`."""
 
-    text: str           # normalised text (the input as is when ``clean.enabled`` is false)
-    reason: str         # "" when kept, else the removing filter's name ("language", "too_short", ...)
-    lang: str           # ISO 639-1 code ("und" when unsure; "" when ``clean.langid`` is false)
-    lang_score: float = 0.0   # langid confidence of ``lang``
+    text: str  # normalised text (the input as is when ``clean.enabled`` is false)
+    reason: str  # "" when kept, else the removing filter's name ("language", "too_short", ...)
+    lang: str  # ISO 639-1 code ("und" when unsure; "" when ``clean.langid`` is false)
+    lang_score: float = 0.0  # langid confidence of ``lang``
 
 
 def normalize(text: str, form: str = "NFC") -> str:
@@ -108,12 +112,13 @@ def _ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         for k in range(n):
             mult = mult * _MIX
-            h = h + ids[k:k + m] * mult
+            h = h + ids[k : k + m] * mult
     return h
 
 
-def _repetition_reason(words: list[str], top_limits: dict[int, float], dup_limits: dict[int, float],
-                       unit: str = "") -> str:
+def _repetition_reason(
+    words: list[str], top_limits: dict[int, float], dup_limits: dict[int, float], unit: str = ""
+) -> str:
     """``top_{unit}{n}gram`` / ``dup_{unit}{n}gram`` for the first n-gram repetition limit exceeded."""
     vocab: dict[str, int] = {}
     ids = np.fromiter((vocab.setdefault(w, len(vocab) + 1) for w in words), dtype=np.uint64, count=len(words))
@@ -165,11 +170,15 @@ def _line_reasons(lines: list[str], cfg: CleanConfig, start: bool) -> str:
     """``start``: the bullet and ellipsis line rules; else the duplicate line rules."""
     nl = len(lines) or 1
     if start:
-        if (cfg.max_bullet_line_frac is not None
-                and sum(line.startswith(_BULLETS) for line in lines) / nl > cfg.max_bullet_line_frac):
+        if (
+            cfg.max_bullet_line_frac is not None
+            and sum(line.startswith(_BULLETS) for line in lines) / nl > cfg.max_bullet_line_frac
+        ):
             return "bullet_lines"
-        if (cfg.max_ellipsis_line_frac is not None
-                and sum(line.endswith(("...", "…")) for line in lines) / nl > cfg.max_ellipsis_line_frac):
+        if (
+            cfg.max_ellipsis_line_frac is not None
+            and sum(line.endswith(("...", "…")) for line in lines) / nl > cfg.max_ellipsis_line_frac
+        ):
             return "ellipsis_lines"
         return ""
     if cfg.max_dup_line_frac is not None or cfg.max_dup_line_char_frac is not None:
@@ -211,15 +220,18 @@ def _word_reason(text: str, cfg: CleanConfig, lang: str) -> str:
     reason = _symbol_reason(text, nw, cfg) or _line_reasons(lines, cfg, start=True)
     if reason:
         return reason
-    if (cfg.min_alpha_word_frac is not None
-            and sum(any(ch.isalpha() for ch in w) for w in words) / nw < cfg.min_alpha_word_frac):
+    if (
+        cfg.min_alpha_word_frac is not None
+        and sum(any(ch.isalpha() for ch in w) for w in words) / nw < cfg.min_alpha_word_frac
+    ):
         return "alpha_words"
     stops = stop_words(lang, cfg)
     if cfg.min_stop_words is not None and stops:
         if sum(w.lower().strip(_STRIP) in stops for w in words) < cfg.min_stop_words:
             return "stop_words"
     return _line_reasons(lines, cfg, start=False) or _repetition_reason(
-        words, cfg.max_top_ngram_char_frac, cfg.max_dup_ngram_char_frac)
+        words, cfg.max_top_ngram_char_frac, cfg.max_dup_ngram_char_frac
+    )
 
 
 def _spaceless_reason(text: str, toks: list[str], cfg: CleanConfig, lang: str) -> str:
@@ -246,7 +258,8 @@ def _spaceless_reason(text: str, toks: list[str], cfg: CleanConfig, lang: str) -
         if found < cfg.min_stop_words:
             return "stop_words"
     return _line_reasons(lines, cfg, start=False) or _repetition_reason(
-        toks, cfg.max_top_char_ngram_frac, cfg.max_dup_char_ngram_frac, unit="char_")
+        toks, cfg.max_top_char_ngram_frac, cfg.max_dup_char_ngram_frac, unit="char_"
+    )
 
 
 def quality_reason(text: str, cfg: CleanConfig, lang: str = "en") -> str:
@@ -270,8 +283,7 @@ def clean_document(text: str, cfg: CleanConfig, languages: tuple[str, ...] = ())
     if cfg.enabled:
         text = normalize(text, cfg.unicode_form)
     if cfg.langid:
-        lang, score = langid.detect(text, cfg.langid_sample_chars, cfg.langid_min_chars,
-                                    cfg.langid_min_confidence)
+        lang, score = langid.detect(text, cfg.langid_sample_chars, cfg.langid_min_chars, cfg.langid_min_confidence)
     elif languages:
         raise ValueError(f"selecting languages {list(languages)} needs clean.langid: true")
     else:

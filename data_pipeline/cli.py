@@ -12,6 +12,7 @@
 Ray: joins ``RAY_ADDRESS`` when set (``ray://host:10001`` or ``host:6379``), otherwise starts a local Ray
 with the machine's CPUs and stops it at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,16 +46,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     m = storage.read_json(path)
     out = storage.join(args.output)
     c = m["counts"]
-    rows = [("manifest", path), ("report", storage.join(out, "report.md")),
-            ("documents ingested", c["ingest"]["documents"]),
-            ("quarantined", f"{c['ingest']['quarantined']} {c['quarantine'] or ''}"),
-            ("filtered", f"{sum(c['clean'].values())} {c['clean'] or ''}"),
-            ("duplicates", f"{c['dedup']['removed']} (exact {c['dedup']['exact']}, near {c['dedup']['near']})"),
-            ("documents kept", c["kept"]), ("held out", c.get("validation", 0))]
-    rows += [(f"tokens {n}", f"{s['tokens']} ({s['samples']} samples of {m['sample_len']})")
-             for n, s in m["sources"].items()]
-    rows += [(f"stage {s['name']}", f"{s['seconds']:.1f} s, {s['tasks']} tasks ({s['skipped']} already done), "
-                                    f"{s['docs_per_s']:.0f} docs/s, {s['mb_per_s']:.2f} MB/s") for s in m["stages"]]
+    rows = [
+        ("manifest", path),
+        ("report", storage.join(out, "report.md")),
+        ("documents ingested", c["ingest"]["documents"]),
+        ("quarantined", f"{c['ingest']['quarantined']} {c['quarantine'] or ''}"),
+        ("filtered", f"{sum(c['clean'].values())} {c['clean'] or ''}"),
+        ("duplicates", f"{c['dedup']['removed']} (exact {c['dedup']['exact']}, near {c['dedup']['near']})"),
+        ("documents kept", c["kept"]),
+        ("held out", c.get("validation", 0)),
+    ]
+    rows += [
+        (f"tokens {n}", f"{s['tokens']} ({s['samples']} samples of {m['sample_len']})") for n, s in m["sources"].items()
+    ]
+    rows += [
+        (
+            f"stage {s['name']}",
+            f"{s['seconds']:.1f} s, {s['tasks']} tasks ({s['skipped']} already done), "
+            f"{s['docs_per_s']:.0f} docs/s, {s['mb_per_s']:.2f} MB/s",
+        )
+        for s in m["stages"]
+    ]
     _print_summary("data pipeline summary", rows)
     if c["ingest"]["quarantined"]:
         print(f"WARNING: {c['ingest']['quarantined']} bad input records, see {storage.join(out, 'quarantine.jsonl')}")
@@ -65,14 +77,23 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     from data_pipeline.pipeline import run_dedup
     from data_pipeline.ray_session import ray_session
 
-    dcfg = DedupConfig(exact=not args.no_exact, minhash=not args.no_minhash, ngram=args.ngram, bands=args.bands,
-                       rows=args.rows, seed=args.seed)
+    dcfg = DedupConfig(
+        exact=not args.no_exact,
+        minhash=not args.no_minhash,
+        ngram=args.ngram,
+        bands=args.bands,
+        rows=args.rows,
+        seed=args.seed,
+    )
     with ray_session(args.num_cpus, args.object_store_mb):
         summary = run_dedup(args.input, args.output, dcfg, args.text_field, args.id_field)
     out = args.output
     rows = [(k, summary[k]) for k in ("documents", "kept", "removed", "exact", "near", "seconds")]
-    rows += [("quarantined", f"{sum(summary['quarantine'].values())} {summary['quarantine'] or ''}"),
-             ("removed.jsonl", storage.join(out, "removed.jsonl")), ("kept", storage.join(out, "kept"))]
+    rows += [
+        ("quarantined", f"{sum(summary['quarantine'].values())} {summary['quarantine'] or ''}"),
+        ("removed.jsonl", storage.join(out, "removed.jsonl")),
+        ("kept", storage.join(out, "kept")),
+    ]
     _print_summary("dedup summary", rows)
     if summary["quarantine"]:
         print(f"WARNING: bad input records quarantined, see {storage.join(out, 'quarantine.jsonl')}")
@@ -99,8 +120,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m data_pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="the whole pipeline")
@@ -132,12 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.fn(args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-
-

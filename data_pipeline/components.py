@@ -29,6 +29,7 @@ reads the C files addressed to it by the previous step, sorts its pairs (numpy l
 node, and writes C files, one per destination bucket. A cluster with millions of members is one node's
 sorted run of pairs in one task: 16 bytes per member, never a Python object per member.
 """
+
 from __future__ import annotations
 
 import logging
@@ -85,7 +86,7 @@ def write_buckets(pairs: np.ndarray, out_dir: str, name: str, buckets: int) -> N
     pairs, b = pairs[order], b[order]
     cuts = np.searchsorted(b, np.arange(buckets + 1))
     for c in range(buckets):
-        storage.save_array(storage.join(out_dir, f"{c:05d}", f"{name}.npy"), pairs[cuts[c]:cuts[c + 1]])
+        storage.save_array(storage.join(out_dir, f"{c:05d}", f"{name}.npy"), pairs[cuts[c] : cuts[c + 1]])
 
 
 def both_directions(edges: np.ndarray) -> np.ndarray:
@@ -96,13 +97,13 @@ def write_by_range(records: np.ndarray, bounds: list[int], out_dir: str, name: s
     """Sort (node, x) records by node and split them at ``bounds`` (the lower node id of ranges 1..G-1):
     ``out_dir/<range:05d>/<name>.npy`` for every range."""
     records = records[np.argsort(records[:, 0], kind="stable")] if len(records) else EMPTY_PAIRS
-    cuts = np.concatenate([[0], np.searchsorted(records[:, 0], np.asarray(bounds, dtype=np.uint64)),
-                           [len(records)]])
+    cuts = np.concatenate([[0], np.searchsorted(records[:, 0], np.asarray(bounds, dtype=np.uint64)), [len(records)]])
     for g in range(len(bounds) + 1):
-        storage.save_array(storage.join(out_dir, f"{g:05d}", f"{name}.npy"), records[cuts[g]:cuts[g + 1]])
+        storage.save_array(storage.join(out_dir, f"{g:05d}", f"{name}.npy"), records[cuts[g] : cuts[g + 1]])
 
 
 # ----------------------------------------------------------------------------------------------- in memory
+
 
 def components_in_memory(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(nodes, root) for every node of the edges (u_i, v_i): ``root`` = the minimum node of its component.
@@ -115,7 +116,7 @@ def components_in_memory(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.n
     u = np.asarray(u, dtype=np.uint64)
     v = np.asarray(v, dtype=np.uint64)
     nodes, inv = np.unique(np.concatenate([u, v]), return_inverse=True)
-    a, b = inv[:len(u)].astype(np.int64), inv[len(u):].astype(np.int64)
+    a, b = inv[: len(u)].astype(np.int64), inv[len(u) :].astype(np.int64)
     label = np.arange(len(nodes), dtype=np.int64)
     while len(a):
         la, lb = label[a], label[b]
@@ -134,6 +135,7 @@ def components_in_memory(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.n
 
 # ------------------------------------------------------------------------------------------ star rounds
 
+
 def _groups(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start index of each node's run in sorted unique pairs, and each pair's run number."""
     start = np.ones(len(p), dtype=bool)
@@ -147,7 +149,7 @@ def large_star(p: np.ndarray) -> tuple[np.ndarray, int]:
         return EMPTY_PAIRS, 0
     starts, gid = _groups(p)
     node, nbr = p[:, 0], p[:, 1]
-    m = np.minimum(nbr[starts], node[starts])                 # m(Γ(u) ∪ {u}); nbr[start] is the least neighbour
+    m = np.minimum(nbr[starts], node[starts])  # m(Γ(u) ∪ {u}); nbr[start] is the least neighbour
     larger = nbr > node
     ends = np.append(starts[1:], len(p)) - 1
     changed = int(((nbr[ends] > node[starts]) & (m < node[starts])).sum())
@@ -160,7 +162,7 @@ def small_star(p: np.ndarray) -> tuple[np.ndarray, int]:
         return EMPTY_PAIRS, 0
     starts, gid = _groups(p)
     node, nbr = p[:, 0], p[:, 1]
-    m = nbr[starts]                                           # every neighbour here is smaller than u
+    m = nbr[starts]  # every neighbour here is smaller than u
     keep = nbr != m[gid]
     sizes = np.diff(np.append(starts, len(p)))
     out = np.concatenate([np.stack([nbr[keep], m[gid[keep]]], axis=1), np.stack([node[starts], m], axis=1)])
@@ -199,7 +201,7 @@ def star_assign_task(inputs: list[str], out_dir: str, src: int, bounds: list[int
 def single_task(inputs: list[str], out_dir: str, bounds: list[int]) -> dict:
     """Every edge in one process: union-find, then (node, minimum) for non-minimal nodes by node range."""
     p = load_pairs(inputs)
-    p = unique_pairs(p[p[:, 0] > p[:, 1]])                    # each undirected edge once
+    p = unique_pairs(p[p[:, 0] > p[:, 1]])  # each undirected edge once
     nodes, root = components_in_memory(p[:, 0], p[:, 1])
     moved = nodes != root
     rec = np.stack([nodes[moved], root[moved]], axis=1)
@@ -213,13 +215,13 @@ def single_task(inputs: list[str], out_dir: str, bounds: list[int]) -> dict:
 
 @dataclass
 class ComponentsResult:
-    mode: str                      # "single" or "distributed"
-    edges: int                     # distinct undirected edges
-    removed: int                   # non-minimal nodes
-    largest_cluster: int           # members of the largest component (0 without edges)
+    mode: str  # "single" or "distributed"
+    edges: int  # distinct undirected edges
+    removed: int  # non-minimal nodes
+    largest_cluster: int  # members of the largest component (0 without edges)
     rounds: int
-    assign_files: list[list[str]] = field(default_factory=list)   # per node range, the files of its records
-    runs: dict[str, dict] = field(default_factory=dict)            # per step: tasks, skipped
+    assign_files: list[list[str]] = field(default_factory=list)  # per node range, the files of its records
+    runs: dict[str, dict] = field(default_factory=dict)  # per step: tasks, skipped
 
 
 def _record(runner: Runner, runs: dict[str, dict]) -> None:
@@ -227,9 +229,16 @@ def _record(runner: Runner, runs: dict[str, dict]) -> None:
     runs[r.name] = {"tasks": r.tasks, "skipped": r.skipped, "seconds": round(r.seconds, 3)}
 
 
-def components_stage(runner: Runner, url: str, inputs_by_bucket: list[list[str]], candidate_edges: int,
-                     bounds: list[int], single_task_edges: int, max_rounds: int = 64,
-                     force: str = "") -> ComponentsResult:
+def components_stage(
+    runner: Runner,
+    url: str,
+    inputs_by_bucket: list[list[str]],
+    candidate_edges: int,
+    bounds: list[int],
+    single_task_edges: int,
+    max_rounds: int = 64,
+    force: str = "",
+) -> ComponentsResult:
     """Components of the graph in ``inputs_by_bucket`` (C lists of pair files); each step under ``url``.
 
     ``force`` = "single" / "distributed" overrides the choice by ``candidate_edges`` (tests)."""
@@ -238,9 +247,12 @@ def components_stage(runner: Runner, url: str, inputs_by_bucket: list[list[str]]
     mode = force or ("single" if candidate_edges <= single_task_edges else "distributed")
     if mode == "single":
         d = storage.join(url, "single")
-        (s,) = runner.run("dedup-cc-single", d, single_task,
-                          [Task("single", {"inputs": [f for fs in inputs_by_bucket for f in fs], "out_dir": d,
-                                           "bounds": bounds})])
+        (s,) = runner.run(
+            "dedup-cc-single",
+            d,
+            single_task,
+            [Task("single", {"inputs": [f for fs in inputs_by_bucket for f in fs], "out_dir": d, "bounds": bounds})],
+        )
         _record(runner, runs)
         files = [[storage.join(d, f"{g:05d}", "single.npy")] for g in range(groups)]
         return ComponentsResult("single", s["edges"], s["removed"], s["largest_cluster"], 0, files, runs)
@@ -251,27 +263,47 @@ def components_stage(runner: Runner, url: str, inputs_by_bucket: list[list[str]]
         changed = {}
         for step in ("large", "small"):
             d = storage.join(url, f"r{rnd:03d}-{step}")
-            sums = runner.run(f"dedup-cc-r{rnd}-{step}", d, star_step_task,
-                              [Task(f"{c:05d}", {"step": step, "inputs": inputs[c], "out_dir": d, "src": c,
-                                                 "buckets": buckets}) for c in range(buckets)])
+            sums = runner.run(
+                f"dedup-cc-r{rnd}-{step}",
+                d,
+                star_step_task,
+                [
+                    Task(f"{c:05d}", {"step": step, "inputs": inputs[c], "out_dir": d, "src": c, "buckets": buckets})
+                    for c in range(buckets)
+                ],
+            )
             _record(runner, runs)
             if rnd == 1 and step == "large":
                 edges = sum(s["pairs"] for s in sums) // 2
             changed[step] = sum(s["changed"] for s in sums)
-            inputs = [[storage.join(d, f"{dst:05d}", f"{c:05d}.npy") for c in range(buckets)]
-                      for dst in range(buckets)]
-        log.info("connected components round %d: large-star changed %d nodes, small-star %d", rnd,
-                 changed["large"], changed["small"])
+            inputs = [[storage.join(d, f"{dst:05d}", f"{c:05d}.npy") for c in range(buckets)] for dst in range(buckets)]
+        log.info(
+            "connected components round %d: large-star changed %d nodes, small-star %d",
+            rnd,
+            changed["large"],
+            changed["small"],
+        )
         if changed["large"] == 0 and changed["small"] == 0:
             break
     else:
-        raise ComponentsDidNotConverge(f"connected components did not converge in {max_rounds} rounds; raise "
-                                       "dedup.max_cc_rounds")
+        raise ComponentsDidNotConverge(
+            f"connected components did not converge in {max_rounds} rounds; raise dedup.max_cc_rounds"
+        )
     d = storage.join(url, "assign")
-    sums = runner.run("dedup-cc-assign", d, star_assign_task,
-                      [Task(f"{c:05d}", {"inputs": inputs[c], "out_dir": d, "src": c, "bounds": bounds})
-                       for c in range(buckets)])
+    sums = runner.run(
+        "dedup-cc-assign",
+        d,
+        star_assign_task,
+        [Task(f"{c:05d}", {"inputs": inputs[c], "out_dir": d, "src": c, "bounds": bounds}) for c in range(buckets)],
+    )
     _record(runner, runs)
     files = [[storage.join(d, f"{g:05d}", f"{c:05d}.npy") for c in range(buckets)] for g in range(groups)]
-    return ComponentsResult("distributed", edges, sum(s["removed"] for s in sums),
-                            max([s["largest_cluster"] for s in sums] + [0]), rnd, files, runs)
+    return ComponentsResult(
+        "distributed",
+        edges,
+        sum(s["removed"] for s in sums),
+        max([s["largest_cluster"] for s in sums] + [0]),
+        rnd,
+        files,
+        runs,
+    )

@@ -19,6 +19,7 @@ A mixture file names the sources and their sampling weights; optional sections t
 
 Unknown keys are rejected with an error naming the file, the key and the closest valid key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,8 +42,14 @@ SHARD_LAYOUT_VERSION = 3
 
 
 # dedup settings that change how the work is split, not its result (the removal lists are the same)
-DEDUP_PARALLELISM = ("band_ranges", "exact_ranges", "cc_partitions", "cc_single_task_edges", "max_cc_rounds",
-                     "partitions_per_collect")
+DEDUP_PARALLELISM = (
+    "band_ranges",
+    "exact_ranges",
+    "cc_partitions",
+    "cc_single_task_edges",
+    "max_cc_rounds",
+    "partitions_per_collect",
+)
 
 
 class DataConfigError(ValueError):
@@ -61,7 +68,7 @@ class SourceInput:
     kind: str = "jsonl"
     path: str = ""
     text_field: str = "text"
-    id_field: str = "id"          # kept as the document id when present, else ``source/file:line``
+    id_field: str = "id"  # kept as the document id when present, else ``source/file:line``
     # extra input fields carried through ingest as per-document metadata (e.g. url, date, domain), for the
     # metadata filters and the report; a record that lacks one gets an empty value
     metadata_fields: list[str] = field(default_factory=list)
@@ -72,15 +79,19 @@ class SourceConfig:
     name: str = ""
     weight: float = 1.0
     input: SourceInput = field(default_factory=SourceInput)
-    languages: list[str] = field(default_factory=list)   # keep only these langid codes (e.g. [zh, en]); [] = all
+    languages: list[str] = field(default_factory=list)  # keep only these langid codes (e.g. [zh, en]); [] = all
 
 
 # Korean words (eojeol) average ~2.8 characters and Vietnamese syllables ~3.5, at or under the Gopher
 # minimum mean word length of 3; Dravidian words, with their vowel signs, run past 10 code points.
 DEFAULT_BY_LANGUAGE: dict[str, dict[str, Any]] = {
-    "ko": {"min_mean_word_len": 1.5}, "vi": {"min_mean_word_len": 2.0},
-    "ml": {"max_mean_word_len": 16.0}, "ta": {"max_mean_word_len": 14.0},
-    "te": {"max_mean_word_len": 14.0}, "kn": {"max_mean_word_len": 14.0}}
+    "ko": {"min_mean_word_len": 1.5},
+    "vi": {"min_mean_word_len": 2.0},
+    "ml": {"max_mean_word_len": 16.0},
+    "ta": {"max_mean_word_len": 14.0},
+    "te": {"max_mean_word_len": 14.0},
+    "kn": {"max_mean_word_len": 14.0},
+}
 
 
 @dataclass
@@ -91,36 +102,36 @@ class CleanConfig:
     """
 
     enabled: bool = True
-    unicode_form: str = "NFC"                  # NFC | NFKC | none
+    unicode_form: str = "NFC"  # NFC | NFKC | none
     min_words: int | None = 50
     max_words: int | None = 100_000
     min_mean_word_len: float | None = 3.0
     max_mean_word_len: float | None = 10.0
-    max_symbol_word_ratio: float | None = 0.1     # ('#' + '...' + '…') / words
+    max_symbol_word_ratio: float | None = 0.1  # ('#' + '...' + '…') / words
     max_bullet_line_frac: float | None = 0.9
     max_ellipsis_line_frac: float | None = 0.3
-    min_alpha_word_frac: float | None = 0.8       # words with at least one letter
-    min_stop_words: int | None = 2                # of {the, be, to, of, and, that, have, with}
+    min_alpha_word_frac: float | None = 0.8  # words with at least one letter
+    min_stop_words: int | None = 2  # of {the, be, to, of, and, that, have, with}
     max_dup_line_frac: float | None = 0.3
     max_dup_line_char_frac: float | None = 0.2
-    max_top_ngram_char_frac: dict[int, float] = field(
-        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    max_top_ngram_char_frac: dict[int, float] = field(default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
     max_dup_ngram_char_frac: dict[int, float] = field(
-        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
     # language identification (data_pipeline.langid): needed by the stop-word lists and ``languages``
     langid: bool = True
-    langid_sample_chars: int = 1000            # classify at most this many characters (start, middle, end)
-    langid_min_chars: int = 20                 # fewer letters than this: "und"
-    langid_min_confidence: float = 0.5         # lower posterior than this: "und"
+    langid_sample_chars: int = 1000  # classify at most this many characters (start, middle, end)
+    langid_min_chars: int = 20  # fewer letters than this: "und"
+    langid_min_confidence: float = 0.5  # lower posterior than this: "und"
     # stop-word lists by language code, replacing the built-in ones (clean.STOP_WORDS); [] turns the rule off
     stop_words: dict[str, list[str]] = field(default_factory=dict)
     # scripts without spaces (zh, ja, th, ...): characters instead of words (see data_pipeline.clean)
     min_chars: int | None = 100
     max_chars: int | None = 300_000
-    max_top_char_ngram_frac: dict[int, float] = field(
-        default_factory=lambda: {4: 0.20, 6: 0.18, 8: 0.16})
+    max_top_char_ngram_frac: dict[int, float] = field(default_factory=lambda: {4: 0.20, 6: 0.18, 8: 0.16})
     max_dup_char_ngram_frac: dict[int, float] = field(
-        default_factory=lambda: {10: 0.15, 12: 0.14, 14: 0.13, 16: 0.12, 18: 0.11, 20: 0.10})
+        default_factory=lambda: {10: 0.15, 12: 0.14, 14: 0.13, 16: 0.12, 18: 0.11, 20: 0.10}
+    )
     # per-language overrides of any threshold above, e.g. {de: {min_words: 40}}; merged over
     # DEFAULT_BY_LANGUAGE (a language's keys over its default keys), so setting one never drops the others
     by_language: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -145,17 +156,17 @@ class DedupConfig:
 
     exact: bool = True
     minhash: bool = True
-    ngram: int = 5                 # word n-grams for text written with spaces
-    char_ngram: int = 5            # character n-grams for spaceless scripts (zh, ja, th...; see minhash.py)
+    ngram: int = 5  # word n-grams for text written with spaces
+    char_ngram: int = 5  # character n-grams for spaceless scripts (zh, ja, th...; see minhash.py)
     bands: int = 14
     rows: int = 8
     seed: int = 1
-    band_ranges: int = 1           # tasks per band: each merges the keys of one hash range of the band
-    exact_ranges: int = 0          # tasks of the exact reduce (content-hash ranges); 0 = bands * band_ranges
-    cc_partitions: int = 0         # node-hash partitions of the distributed components; 0 = bands * band_ranges
-    cc_single_task_edges: int = 20_000_000   # up to this many candidate edges: components in one task
-    max_cc_rounds: int = 64        # large-star / small-star rounds before giving up
-    partitions_per_collect: int = 64         # input partitions per task writing the removal lists
+    band_ranges: int = 1  # tasks per band: each merges the keys of one hash range of the band
+    exact_ranges: int = 0  # tasks of the exact reduce (content-hash ranges); 0 = bands * band_ranges
+    cc_partitions: int = 0  # node-hash partitions of the distributed components; 0 = bands * band_ranges
+    cc_single_task_edges: int = 20_000_000  # up to this many candidate edges: components in one task
+    max_cc_rounds: int = 64  # large-star / small-star rounds before giving up
+    partitions_per_collect: int = 64  # input partitions per task writing the removal lists
 
 
 DECONTAM_MODES = ("remove", "tag")
@@ -170,11 +181,11 @@ class DecontamConfig:
     ``decontam``), ``tag`` keeps it and marks it. Empty ``files`` = off.
     """
 
-    files: list[str] = field(default_factory=list)   # JSONL (.jsonl[.gz|.zst]) or plain text; paths or URLs
-    text_fields: list[str] = field(default_factory=lambda: ["text"])   # JSONL fields holding eval text
-    ngram: int = 13                # GPT-3's 13-gram overlap
-    char_ngram: int = 20           # ~13 words of Chinese/Japanese at 1.5 characters a word
-    min_tokens: int = 8            # eval texts shorter than the n-gram but at least this long match whole
+    files: list[str] = field(default_factory=list)  # JSONL (.jsonl[.gz|.zst]) or plain text; paths or URLs
+    text_fields: list[str] = field(default_factory=lambda: ["text"])  # JSONL fields holding eval text
+    ngram: int = 13  # GPT-3's 13-gram overlap
+    char_ngram: int = 20  # ~13 words of Chinese/Japanese at 1.5 characters a word
+    min_tokens: int = 8  # eval texts shorter than the n-gram but at least this long match whole
     min_matches: int = 1
     mode: str = "remove"
 
@@ -189,18 +200,18 @@ class MetadataFilterConfig:
     """
 
     url_field: str = "url"
-    domain_field: str = ""         # a metadata field holding the domain; "" = the host of url_field
+    domain_field: str = ""  # a metadata field holding the domain; "" = the host of url_field
     blocklist: list[str] = field(default_factory=list)
-    blocklist_files: list[str] = field(default_factory=list)   # local paths or URLs (data_pipeline.storage)
+    blocklist_files: list[str] = field(default_factory=list)  # local paths or URLs (data_pipeline.storage)
     date_field: str = "date"
-    min_date: str = ""             # ISO dates (YYYY-MM-DD...): keep min_date <= date < max_date; "" = open
+    min_date: str = ""  # ISO dates (YYYY-MM-DD...): keep min_date <= date < max_date; "" = open
     max_date: str = ""
-    required_fields: list[str] = field(default_factory=list)   # empty or absent: reason missing_metadata
+    required_fields: list[str] = field(default_factory=list)  # empty or absent: reason missing_metadata
 
 
 @dataclass
 class TokenizerConfig:
-    path: str = ""                 # an existing tokenizer.json; empty = train a byte-level BPE
+    path: str = ""  # an existing tokenizer.json; empty = train a byte-level BPE
     vocab_size: int = 4096
     sample_bytes: int = 16_000_000  # training sample, drawn across sources in proportion to their size
     min_frequency: int = 2
@@ -211,12 +222,12 @@ class TokenizerConfig:
 
 @dataclass
 class PackConfig:
-    seq_len: int = 128             # samples hold seq_len + 1 tokens
-    add_bos: bool = False          # documents are separated by EOS; BOS optional
+    seq_len: int = 128  # samples hold seq_len + 1 tokens
+    add_bos: bool = False  # documents are separated by EOS; BOS optional
     shard_size_limit: int = 1 << 24
     compression: str = "zstd"
-    part_tokens: int = 1 << 27     # tokens per pack task / MDS part (consecutive input files of one source;
-                                   # the packing tail of each part, < seq_len + 1 tokens, is dropped)
+    part_tokens: int = 1 << 27  # tokens per pack task / MDS part (consecutive input files of one source;
+    # the packing tail of each part, < seq_len + 1 tokens, is dropped)
 
 
 @dataclass
@@ -234,14 +245,14 @@ class LoaderConfig:
     """The exact interleave loader (data_pipeline.loader.Loader); ``loader.streaming_dataset`` builds the
     StreamingDataset-of-Streams alternative from the same mixture."""
 
-    period: int = 10_000           # interleave period: weights are quantised to 1/period
-    shuffle_block: int = 4096      # samples permuted together (bounded shard cache)
-    cache_shards: int = 16         # decompressed shards kept per source
+    period: int = 10_000  # interleave period: weights are quantised to 1/period
+    shuffle_block: int = 4096  # samples permuted together (bounded shard cache)
+    cache_shards: int = 16  # decompressed shards kept per source
 
 
 @dataclass
 class RayConfig:
-    num_cpus: int = 0              # 0 = the machine's CPUs (local Ray only)
+    num_cpus: int = 0  # 0 = the machine's CPUs (local Ray only)
     object_store_mb: int = 300
 
 
@@ -272,11 +283,17 @@ class MixtureConfig:
         weights, the loader and Ray settings change no stage (mixing happens at load time)."""
         d = self.to_dict()
         sources = [{k: v for k, v in src.items() if k != "weight"} for src in d["sources"]]
-        return {"docs": {"sources": sources, "clean": d["clean"], "layout": SHARD_LAYOUT_VERSION,
-                         **{k: d[k] for k in ("filters", "decontam") if k in d}},
-                "dedup": {k: v for k, v in d["dedup"].items() if k not in DEDUP_PARALLELISM},
-                "tokenizer": {"tokenizer": d["tokenizer"], "split": d["split"]},
-                "pack": d["pack"]}
+        return {
+            "docs": {
+                "sources": sources,
+                "clean": d["clean"],
+                "layout": SHARD_LAYOUT_VERSION,
+                **{k: d[k] for k in ("filters", "decontam") if k in d},
+            },
+            "dedup": {k: v for k, v in d["dedup"].items() if k not in DEDUP_PARALLELISM},
+            "tokenizer": {"tokenizer": d["tokenizer"], "split": d["split"]},
+            "pack": d["pack"],
+        }
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the written shards (not the weights, loader or Ray settings)."""
@@ -305,7 +322,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union or origin is types.UnionType:   # Optional[X] and X | None
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X] and X | None
         if value is None and type(None) in args:
             return None
         tp = next(a for a in args if a is not type(None))
@@ -329,8 +346,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def mixture_from_dict(data: dict[str, Any], where: str = "<mixture>",
-                      base_dir: Path | None = None) -> MixtureConfig:
+def mixture_from_dict(data: dict[str, Any], where: str = "<mixture>", base_dir: Path | None = None) -> MixtureConfig:
     cfg = _build(MixtureConfig, data, where)
     if not cfg.sources:
         raise DataConfigError(f"{where}: 'sources' is empty; list at least one source with a name and input")
@@ -350,12 +366,18 @@ def mixture_from_dict(data: dict[str, Any], where: str = "<mixture>",
             raise DataConfigError(f"{w}.input.path: empty; give a file, directory, glob or embedded name")
         for j, code in enumerate(src.languages):
             if not (isinstance(code, str) and code.isalpha() and code.islower() and 2 <= len(code) <= 3):
-                raise DataConfigError(f"{w}.languages[{j}]: '{code}' is not a language code; use ISO 639-1 "
-                                      f"codes as data_pipeline.langid.detect returns them (en, de, zh, ...)")
+                raise DataConfigError(
+                    f"{w}.languages[{j}]: '{code}' is not a language code; use ISO 639-1 "
+                    f"codes as data_pipeline.langid.detect returns them (en, de, zh, ...)"
+                )
         if src.languages and not cfg.clean.langid:
             raise DataConfigError(f"{w}.languages: selecting languages needs clean.langid: true")
-        if (base_dir is not None and src.input.kind != "embedded" and not src.input.path.startswith("/")
-                and "://" not in src.input.path):
+        if (
+            base_dir is not None
+            and src.input.kind != "embedded"
+            and not src.input.path.startswith("/")
+            and "://" not in src.input.path
+        ):
             src.input.path = str((base_dir / src.input.path).resolve())
     _check_clean(cfg.clean, f"{where}.clean")
     _check_decontam(cfg.decontam, f"{where}.decontam")
@@ -377,8 +399,16 @@ def _check_clean(clean: CleanConfig, where: str) -> None:
             over[key] = _convert(hints[key], value, f"{where}.by_language.{lang}.{key}")
 
 
-_NOT_PER_LANGUAGE = ("enabled", "unicode_form", "langid", "langid_sample_chars", "langid_min_chars",
-                     "langid_min_confidence", "stop_words", "by_language")
+_NOT_PER_LANGUAGE = (
+    "enabled",
+    "unicode_form",
+    "langid",
+    "langid_sample_chars",
+    "langid_min_chars",
+    "langid_min_confidence",
+    "stop_words",
+    "by_language",
+)
 
 
 def _check_decontam(dc: DecontamConfig, where: str) -> None:

@@ -17,6 +17,7 @@ with its ``index.json`` last, so a part whose index is visible is complete. ``pa
 all its parts (by the driver), and ``manifest.json`` after every source: the manifest marks a finished
 dataset. The reader is :class:`data_pipeline.mds_reader.SourceShards`.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,13 @@ def part_name(i: int) -> str:
     return f"part-{i:06d}"
 
 
-def write_part(part_url: str | Path, samples: Iterable[tuple[np.ndarray, np.ndarray]], compression: str | None = "zstd",
-               size_limit: int | str | None = 1 << 26, name: str | None = None) -> dict[str, Any]:
+def write_part(
+    part_url: str | Path,
+    samples: Iterable[tuple[np.ndarray, np.ndarray]],
+    compression: str | None = "zstd",
+    size_limit: int | str | None = 1 << 26,
+    name: str | None = None,
+) -> dict[str, Any]:
     """Write one part (an MDS dataset of ``(tokens, doc_starts)`` rows) at ``part_url``, local or remote.
 
     Returns its ``parts.json`` entry ``{"name", "samples", "bytes"}`` (bytes: sum of its shard files). For a
@@ -53,8 +59,14 @@ def write_part(part_url: str | Path, samples: Iterable[tuple[np.ndarray, np.ndar
     out = os.path.join(tmp, name) if remote else str(part_url)
     n = 0
     try:
-        with streaming.MDSWriter(out=out, columns=MDS_COLUMNS, compression=compression or None, hashes=["xxh64"],
-                                 size_limit=size_limit, exist_ok=True) as w:
+        with streaming.MDSWriter(
+            out=out,
+            columns=MDS_COLUMNS,
+            compression=compression or None,
+            hashes=["xxh64"],
+            size_limit=size_limit,
+            exist_ok=True,
+        ) as w:
             for tokens, starts in samples:
                 w.write({"tokens": np.asarray(tokens, dtype=np.int32), "doc_starts": np.asarray(starts, np.int32)})
                 n += 1
@@ -82,11 +94,18 @@ def write_parts_json(source_url: str | Path, parts: list[dict[str, Any]]) -> dic
     return doc
 
 
-def write_source(source_url: str | Path, rows: list[tuple[np.ndarray, np.ndarray]], samples_per_part: int,
-                 compression: str | None = "zstd", size_limit: int | str | None = 1 << 26) -> dict[str, Any]:
+def write_source(
+    source_url: str | Path,
+    rows: list[tuple[np.ndarray, np.ndarray]],
+    samples_per_part: int,
+    compression: str | None = "zstd",
+    size_limit: int | str | None = 1 << 26,
+) -> dict[str, Any]:
     """All of one source: ``rows`` cut into parts of ``samples_per_part`` rows, then ``parts.json``."""
     if samples_per_part < 1:
         raise ValueError(f"samples_per_part={samples_per_part} must be >= 1")
-    parts = [write_part(storage.join(source_url, part_name(i)), rows[a:a + samples_per_part], compression, size_limit)
-             for i, a in enumerate(range(0, len(rows), samples_per_part))]
+    parts = [
+        write_part(storage.join(source_url, part_name(i)), rows[a : a + samples_per_part], compression, size_limit)
+        for i, a in enumerate(range(0, len(rows), samples_per_part))
+    ]
     return write_parts_json(source_url, parts)

@@ -18,6 +18,7 @@ Evaluation files: JSONL (``.jsonl`` / ``.json``, optionally ``.gz`` or ``.zst``;
 record, strings or lists of strings) or plain text (any other suffix; one evaluation text per paragraph,
 paragraphs separated by blank lines). Paths or URLs (:func:`data_pipeline.storage.open_file`).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -63,14 +64,18 @@ def read_eval_texts(url: str, text_fields: Iterable[str] = ("text",)) -> Iterato
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataConfigError(f"{url}:{lineno}: not valid JSON ({e.msg}); decontam files are "
-                                          f"JSONL (one object per line) or plain text (.txt)") from e
+                    raise DataConfigError(
+                        f"{url}:{lineno}: not valid JSON ({e.msg}); decontam files are "
+                        f"JSONL (one object per line) or plain text (.txt)"
+                    ) from e
                 values = [rec.get(k) for k in fields] if isinstance(rec, dict) else []
                 if not any(v for v in values):
-                    raise DataConfigError(f"{url}:{lineno}: none of the fields {list(fields)} is present; "
-                                          f"set decontam.text_fields to the field(s) holding the text")
+                    raise DataConfigError(
+                        f"{url}:{lineno}: none of the fields {list(fields)} is present; "
+                        f"set decontam.text_fields to the field(s) holding the text"
+                    )
                 for v in values:
-                    for item in (v if isinstance(v, list) else [v]):
+                    for item in v if isinstance(v, list) else [v]:
                         if isinstance(item, str) and item.strip():
                             yield item
         else:
@@ -88,8 +93,9 @@ def read_eval_texts(url: str, text_fields: Iterable[str] = ("text",)) -> Iterato
 class Decontaminator:
     """Built once per worker from the evaluation texts; ``matches(text)`` counts overlapping n-grams."""
 
-    def __init__(self, texts: Iterable[str], ngram: int = 13, char_ngram: int = 20, min_tokens: int = 8,
-                 seed: int = 13):
+    def __init__(
+        self, texts: Iterable[str], ngram: int = 13, char_ngram: int = 20, min_tokens: int = 8, seed: int = 13
+    ):
         if min(ngram, char_ngram, min_tokens) < 1:
             raise ValueError("ngram, char_ngram and min_tokens must be >= 1")
         self.ngram, self.char_ngram, self.min_tokens = ngram, char_ngram, min_tokens
@@ -115,21 +121,27 @@ class Decontaminator:
         files = list(files)
         fields = tuple(text_fields)
         dc = cls((t for url in files for t in read_eval_texts(url, fields)), **kwargs)
-        log.info("decontam: %d evaluation texts from %d files, %d distinct n-grams (lengths %s)",
-                 dc.texts, len(files), len(dc.index), list(dc.lengths))
+        log.info(
+            "decontam: %d evaluation texts from %d files, %d distinct n-grams (lengths %s)",
+            dc.texts,
+            len(files),
+            len(dc.index),
+            list(dc.lengths),
+        )
         return dc
 
     @classmethod
     def from_config(cls, cfg: DecontamConfig) -> Decontaminator:
-        return cls.from_files(cfg.files, cfg.text_fields, ngram=cfg.ngram, char_ngram=cfg.char_ngram,
-                              min_tokens=cfg.min_tokens)
+        return cls.from_files(
+            cfg.files, cfg.text_fields, ngram=cfg.ngram, char_ngram=cfg.char_ngram, min_tokens=cfg.min_tokens
+        )
 
     def _hashes(self, th: np.ndarray, n: int) -> np.ndarray:
         m = len(th) - n + 1
         acc = th[:m] * self._mult[0]
         with np.errstate(over="ignore"):
             for k in range(1, n):
-                acc += th[k:k + m] * self._mult[k]
+                acc += th[k : k + m] * self._mult[k]
             return _fmix64(acc ^ np.uint64(n))
 
     def matches(self, text: str) -> int:

@@ -37,6 +37,7 @@ exact dedup applies to them).
 Filtering is the caller's streamed pass over each partition, in its own order: ``removal_mask(doc_ids,
 removed)`` (binary search in the sorted removal list).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,7 +65,7 @@ from data_pipeline.runner import Runner, Task
 log = logging.getLogger(__name__)
 
 REMOVED_DTYPE = np.dtype([("doc", "<u8"), ("kept", "<u8")])
-_SIGN_BATCH = 2048                 # documents shingled and MinHashed together
+_SIGN_BATCH = 2048  # documents shingled and MinHashed together
 
 
 class DedupInputError(ValueError):
@@ -88,6 +89,7 @@ def removed_url(stage_url: str, key: int) -> str:
 
 # ------------------------------------------------------------------------------------------------ reading
 
+
 def _read_partition(url: str, key: int):
     """(doc_id uint64 array, text column as a pyarrow ChunkedArray) of one partition, validated."""
     import pyarrow.parquet as pq
@@ -99,11 +101,15 @@ def _read_partition(url: str, key: int):
         raise DedupInputError(f"{url}: needs columns doc_id (uint64) and text (string): {e}") from e
     doc = table.column("doc_id").to_numpy().astype(np.uint64, copy=False)
     if len(doc) and (np.any(doc[1:] <= doc[:-1])):
-        raise DedupInputError(f"{url}: doc_id is not strictly ascending; write each partition sorted by doc_id "
-                              "with unique ids (data_pipeline.doc_ids.make_doc_ids)")
+        raise DedupInputError(
+            f"{url}: doc_id is not strictly ascending; write each partition sorted by doc_id "
+            "with unique ids (data_pipeline.doc_ids.make_doc_ids)"
+        )
     if len(doc) and (int(doc[0]) >> ROW_BITS != key or int(doc[-1]) >> ROW_BITS != key):
-        raise DedupInputError(f"{url}: doc_id >> {ROW_BITS} must equal the partition key {key}; ids "
-                              "come from data_pipeline.doc_ids.make_doc_ids(key, rows)")
+        raise DedupInputError(
+            f"{url}: doc_id >> {ROW_BITS} must equal the partition key {key}; ids "
+            "come from data_pipeline.doc_ids.make_doc_ids(key, rows)"
+        )
     return doc, table.column("text")
 
 
@@ -114,15 +120,16 @@ def _utf8_views(text) -> tuple[list[memoryview], int]:
     views: list[memoryview] = []
     nbytes = 0
     for chunk in text.chunks:
-        if pa.types.is_string_view(chunk.type) or not (pa.types.is_string(chunk.type)
-                                                        or pa.types.is_large_string(chunk.type)):
+        if pa.types.is_string_view(chunk.type) or not (
+            pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)
+        ):
             chunk = chunk.cast(pa.large_string())
         bufs = chunk.buffers()
         off_type = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
-        offsets = np.frombuffer(bufs[1], dtype=off_type)[chunk.offset:chunk.offset + len(chunk) + 1]
+        offsets = np.frombuffer(bufs[1], dtype=off_type)[chunk.offset : chunk.offset + len(chunk) + 1]
         data = memoryview(bufs[2]) if bufs[2] is not None else memoryview(b"")
         o = offsets.tolist()
-        views.extend(data[o[i]:o[i + 1]] for i in range(len(chunk)))
+        views.extend(data[o[i] : o[i + 1]] for i in range(len(chunk)))
         nbytes += o[-1] - o[0]
     return views, nbytes
 
@@ -142,7 +149,7 @@ def _save_ranges(rec: np.ndarray, ranges: int, name_of) -> None:
     """``rec`` (key, doc) sorted by key: one file per key range (every range written, maybe empty)."""
     cuts = np.searchsorted(_range_of(rec[:, 0], ranges), np.arange(ranges + 1, dtype=np.uint64))
     for q in range(ranges):
-        storage.save_array(name_of(q), rec[cuts[q]:cuts[q + 1]])
+        storage.save_array(name_of(q), rec[cuts[q] : cuts[q + 1]])
 
 
 def _star_edges(rec: np.ndarray) -> np.ndarray:
@@ -165,11 +172,12 @@ def _load_records(urls: list[str]) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------- tasks
 
+
 def hash_task(url: str, key: int, out_dir: str, ranges: int) -> dict:
     doc, text = _read_partition(url, key)
     views, nbytes = _utf8_views(text)
     keys = np.fromiter((xxhash.xxh3_64_intdigest(v) for v in views), dtype=np.uint64, count=len(views))
-    order = np.argsort(keys, kind="stable")            # docs stay ascending within a key
+    order = np.argsort(keys, kind="stable")  # docs stay ascending within a key
     rec = np.stack([keys[order], doc[order]], axis=1)
     _save_ranges(rec, ranges, lambda q: storage.join(out_dir, f"{q:04d}", f"{key:010d}.npy"))
     return {"documents": int(len(doc)), "bytes": int(nbytes)}
@@ -188,8 +196,10 @@ def collect_task(inputs: list[str], keys: list[int], out_dir: str) -> dict:
     rec = _load_records(inputs)
     rec = rec[np.argsort(rec[:, 0], kind="stable")] if len(rec) else rec
     if len(rec) > 1 and np.any(rec[1:, 0] == rec[:-1, 0]):
-        raise RuntimeError(f"dedup collect: a document was assigned twice in {inputs[:3]}...; rerun the dedup "
-                           "after deleting its stage directory")
+        raise RuntimeError(
+            f"dedup collect: a document was assigned twice in {inputs[:3]}...; rerun the dedup "
+            "after deleting its stage directory"
+        )
     lo = np.searchsorted(rec[:, 0], np.asarray(keys, dtype=np.uint64) << np.uint64(ROW_BITS))
     hi = np.searchsorted(rec[:, 0], (np.asarray(keys, dtype=np.uint64) + np.uint64(1)) << np.uint64(ROW_BITS))
     for k, a, b in zip(keys, lo.tolist(), hi.tolist()):
@@ -204,13 +214,23 @@ def _hasher(ngram: int, bands: int, rows: int, seed: int, char_ngram: int) -> Mi
     return MinHasher(ngram, bands, rows, seed, char_ngram=char_ngram)
 
 
-def sign_task(url: str, key: int, skip_url: str, out_dir: str, ngram: int, bands: int, rows: int, seed: int,
-              ranges: int, char_ngram: int = 5) -> dict:
+def sign_task(
+    url: str,
+    key: int,
+    skip_url: str,
+    out_dir: str,
+    ngram: int,
+    bands: int,
+    rows: int,
+    seed: int,
+    ranges: int,
+    char_ngram: int = 5,
+) -> dict:
     doc, text = _read_partition(url, key)
     todo = np.arange(len(doc))
     if skip_url:
         todo = todo[~removal_mask(doc, storage.load_array(skip_url))]
-    texts = text.take(todo) if len(todo) < len(doc) else text      # Arrow; Python strings one batch at a time
+    texts = text.take(todo) if len(todo) < len(doc) else text  # Arrow; Python strings one batch at a time
     nbytes = _text_bytes(text)
     hasher = _hasher(ngram, bands, rows, seed, char_ngram)
     keys_parts, docs_parts = [], []
@@ -222,7 +242,7 @@ def sign_task(url: str, key: int, skip_url: str, out_dir: str, ngram: int, bands
         has = np.fromiter((len(x) > 0 for x in sh), dtype=bool, count=len(sh))
         sigs = hasher.signatures([x for x, h in zip(sh, has) if h])
         keys_parts.append(hasher.band_keys_batch(sigs))
-        docs_parts.append(doc[todo[s:s + _SIGN_BATCH]][has])
+        docs_parts.append(doc[todo[s : s + _SIGN_BATCH]][has])
         t_sig += time.perf_counter() - t1
         t_sh += t1 - t0
     keys = np.concatenate(keys_parts) if keys_parts else np.zeros((0, bands), dtype=np.uint64)
@@ -231,8 +251,13 @@ def sign_task(url: str, key: int, skip_url: str, out_dir: str, ngram: int, bands
         order = np.argsort(keys[:, t], kind="stable")
         rec = np.stack([keys[order, t], docs[order]], axis=1)
         _save_ranges(rec, ranges, lambda q, t=t: storage.join(out_dir, f"{t:03d}-{q:03d}", f"{key:010d}.npy"))
-    return {"documents": int(len(doc)), "bytes": int(nbytes), "signed": int(len(docs)),
-            "_shingle_s": round(t_sh, 3), "_signature_s": round(t_sig, 3)}
+    return {
+        "documents": int(len(doc)),
+        "bytes": int(nbytes),
+        "signed": int(len(docs)),
+        "_shingle_s": round(t_sh, 3),
+        "_signature_s": round(t_sig, 3),
+    }
 
 
 def band_task(in_dir: str, band: int, rng: int, keys: list[int], out_dir: str, buckets: int) -> dict:
@@ -251,8 +276,10 @@ def count_task(url: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def dedup_stage(runner: Runner, partitions: list[tuple[int, str]], stage_url: str, cfg: DedupConfig,
-                cc_mode: str = "") -> dict:
+
+def dedup_stage(
+    runner: Runner, partitions: list[tuple[int, str]], stage_url: str, cfg: DedupConfig, cc_mode: str = ""
+) -> dict:
     """Exact + MinHash dedup of ``partitions`` under ``stage_url``; writes ``removed/<key:010d>.npy`` for every
     partition key and returns the summary {documents, removed, exact, near, edges, largest_cluster, cc_mode,
     cc_rounds, tasks: {step: {tasks, skipped, seconds}}}. ``cc_mode`` = "single" / "distributed" forces the
@@ -266,7 +293,7 @@ def dedup_stage(runner: Runner, partitions: list[tuple[int, str]], stage_url: st
     n_exact = cfg.exact_ranges or cfg.bands * q_band
     buckets = cfg.cc_partitions or cfg.bands * q_band
     per = max(1, cfg.partitions_per_collect)
-    groups = [keys[i:i + per] for i in range(0, len(keys), per)] or [[]]
+    groups = [keys[i : i + per] for i in range(0, len(keys), per)] or [[]]
     bounds = [g[0] << ROW_BITS for g in groups[1:]]
     steps: dict[str, dict] = {}
 
@@ -281,56 +308,138 @@ def dedup_stage(runner: Runner, partitions: list[tuple[int, str]], stage_url: st
     skip_dir = ""
     if cfg.exact:
         d = storage.join(stage_url, "hash")
-        sums = run("hash", hash_task, [Task(f"{k:010d}", {"url": u, "key": k, "out_dir": d, "ranges": n_exact})
-                                       for k, u in parts])
+        sums = run(
+            "hash",
+            hash_task,
+            [Task(f"{k:010d}", {"url": u, "key": k, "out_dir": d, "ranges": n_exact}) for k, u in parts],
+        )
         documents = sum(s["documents"] for s in sums)
         d_ex = storage.join(stage_url, "exact")
-        sums = run("exact", exact_task, [Task(f"{r:04d}", {"in_dir": d, "rng": r, "keys": keys, "out_dir": d_ex,
-                                                           "buckets": buckets, "bounds": bounds})
-                                         for r in range(n_exact)])
+        sums = run(
+            "exact",
+            exact_task,
+            [
+                Task(
+                    f"{r:04d}",
+                    {"in_dir": d, "rng": r, "keys": keys, "out_dir": d_ex, "buckets": buckets, "bounds": bounds},
+                )
+                for r in range(n_exact)
+            ],
+        )
         exact_removed = candidate = sum(s["exact_removed"] for s in sums)
         for c in range(buckets):
             cc_inputs[c] += [storage.join(d_ex, "cc", f"{c:05d}", f"{r:04d}.npy") for r in range(n_exact)]
         skip_dir = storage.join(stage_url, "exact_collect")
-        run("exact_collect", collect_task,
-            [Task(f"{g:05d}", {"inputs": [storage.join(d_ex, "groups", f"{g:05d}", f"{r:04d}.npy")
-                                          for r in range(n_exact)], "keys": ks, "out_dir": skip_dir})
-             for g, ks in enumerate(groups)])
+        run(
+            "exact_collect",
+            collect_task,
+            [
+                Task(
+                    f"{g:05d}",
+                    {
+                        "inputs": [storage.join(d_ex, "groups", f"{g:05d}", f"{r:04d}.npy") for r in range(n_exact)],
+                        "keys": ks,
+                        "out_dir": skip_dir,
+                    },
+                )
+                for g, ks in enumerate(groups)
+            ],
+        )
     if cfg.minhash:
         d = storage.join(stage_url, "sign")
-        sums = run("sign", sign_task,
-                   [Task(f"{k:010d}", {"url": u, "key": k, "out_dir": d, "ranges": q_band, "ngram": cfg.ngram,
-                                       "bands": cfg.bands, "rows": cfg.rows, "seed": cfg.seed,
-                                       "char_ngram": cfg.char_ngram,
-                                       "skip_url": storage.join(skip_dir, f"{k:010d}.npy") if skip_dir else ""})
-                    for k, u in parts])
+        sums = run(
+            "sign",
+            sign_task,
+            [
+                Task(
+                    f"{k:010d}",
+                    {
+                        "url": u,
+                        "key": k,
+                        "out_dir": d,
+                        "ranges": q_band,
+                        "ngram": cfg.ngram,
+                        "bands": cfg.bands,
+                        "rows": cfg.rows,
+                        "seed": cfg.seed,
+                        "char_ngram": cfg.char_ngram,
+                        "skip_url": storage.join(skip_dir, f"{k:010d}.npy") if skip_dir else "",
+                    },
+                )
+                for k, u in parts
+            ],
+        )
         documents = documents or sum(s["documents"] for s in sums)
-        steps["sign"].update(shingle_s=round(sum(s.get("_shingle_s", 0.0) for s in sums), 3),
-                             signature_s=round(sum(s.get("_signature_s", 0.0) for s in sums), 3),
-                             signed=sum(s["signed"] for s in sums))
+        steps["sign"].update(
+            shingle_s=round(sum(s.get("_shingle_s", 0.0) for s in sums), 3),
+            signature_s=round(sum(s.get("_signature_s", 0.0) for s in sums), 3),
+            signed=sum(s["signed"] for s in sums),
+        )
         d_b = storage.join(stage_url, "bands")
-        sums = run("bands", band_task,
-                   [Task(f"{t:03d}-{q:03d}", {"in_dir": d, "band": t, "rng": q, "keys": keys, "out_dir": d_b,
-                                              "buckets": buckets})
-                    for t in range(cfg.bands) for q in range(q_band)])
+        sums = run(
+            "bands",
+            band_task,
+            [
+                Task(
+                    f"{t:03d}-{q:03d}",
+                    {"in_dir": d, "band": t, "rng": q, "keys": keys, "out_dir": d_b, "buckets": buckets},
+                )
+                for t in range(cfg.bands)
+                for q in range(q_band)
+            ],
+        )
         candidate += sum(s["edges"] for s in sums)
         for c in range(buckets):
-            cc_inputs[c] += [storage.join(d_b, "cc", f"{c:05d}", f"{t:03d}-{q:03d}.npy")
-                             for t in range(cfg.bands) for q in range(q_band)]
+            cc_inputs[c] += [
+                storage.join(d_b, "cc", f"{c:05d}", f"{t:03d}-{q:03d}.npy")
+                for t in range(cfg.bands)
+                for q in range(q_band)
+            ]
     if not (cfg.exact or cfg.minhash):
-        documents = sum(s["documents"] for s in run("count", count_task, [Task(f"{k:010d}", {"url": u})
-                                                                          for k, u in parts]))
-    cc = components_stage(runner, storage.join(stage_url, "cc"), cc_inputs, candidate, bounds,
-                          cfg.cc_single_task_edges, cfg.max_cc_rounds, force=cc_mode)
+        documents = sum(
+            s["documents"] for s in run("count", count_task, [Task(f"{k:010d}", {"url": u}) for k, u in parts])
+        )
+    cc = components_stage(
+        runner,
+        storage.join(stage_url, "cc"),
+        cc_inputs,
+        candidate,
+        bounds,
+        cfg.cc_single_task_edges,
+        cfg.max_cc_rounds,
+        force=cc_mode,
+    )
     steps.update(cc.runs)
-    run("collect", collect_task, [Task(f"{g:05d}", {"inputs": cc.assign_files[g], "keys": ks,
-                                                    "out_dir": storage.join(stage_url, "removed")})
-                                  for g, ks in enumerate(groups)])
-    summary = {"documents": documents, "removed": cc.removed, "exact": exact_removed,
-               "near": cc.removed - exact_removed, "edges": cc.edges, "candidate_edges": candidate,
-               "largest_cluster": cc.largest_cluster, "cc_mode": cc.mode, "cc_rounds": cc.rounds,
-               "seconds": round(time.time() - t0, 3), "tasks": steps, "config": dataclasses.asdict(cfg)}
-    log.info("dedup: %d of %d documents removed (%d exact, %d near), %d edges, largest cluster %d, %.1f s",
-             cc.removed, documents, exact_removed, cc.removed - exact_removed, cc.edges, cc.largest_cluster,
-             summary["seconds"])
+    run(
+        "collect",
+        collect_task,
+        [
+            Task(f"{g:05d}", {"inputs": cc.assign_files[g], "keys": ks, "out_dir": storage.join(stage_url, "removed")})
+            for g, ks in enumerate(groups)
+        ],
+    )
+    summary = {
+        "documents": documents,
+        "removed": cc.removed,
+        "exact": exact_removed,
+        "near": cc.removed - exact_removed,
+        "edges": cc.edges,
+        "candidate_edges": candidate,
+        "largest_cluster": cc.largest_cluster,
+        "cc_mode": cc.mode,
+        "cc_rounds": cc.rounds,
+        "seconds": round(time.time() - t0, 3),
+        "tasks": steps,
+        "config": dataclasses.asdict(cfg),
+    }
+    log.info(
+        "dedup: %d of %d documents removed (%d exact, %d near), %d edges, largest cluster %d, %.1f s",
+        cc.removed,
+        documents,
+        exact_removed,
+        cc.removed - exact_removed,
+        cc.edges,
+        cc.largest_cluster,
+        summary["seconds"],
+    )
     return summary

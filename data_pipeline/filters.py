@@ -13,6 +13,7 @@ Hosts are compared lower-cased, without port, credentials, trailing dot or schem
 names in their IDNA (punycode) form, so ``bücher.example`` and ``xn--bcher-kva.example`` are one host.
 A document without a URL passes the URL rules (list ``url`` in ``required_fields`` to drop those).
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,8 +74,11 @@ class MetadataFilter:
             value = getattr(cfg, key)
             if value and not _is_date(value):
                 raise DataConfigError(f"filters.{key}: '{value}' is not an ISO date (YYYY-MM-DD)")
-        log.info("metadata filters: %d blocked domains, %d URL prefixes", len(self.domains),
-                 sum(len(v) for v in self.prefixes.values()))
+        log.info(
+            "metadata filters: %d blocked domains, %d URL prefixes",
+            len(self.domains),
+            sum(len(v) for v in self.prefixes.values()),
+        )
 
     def _add(self, entry: str) -> None:
         raw = entry.strip()
@@ -82,8 +86,9 @@ class MetadataFilter:
             raw = raw[2:]
         host, path = split_url(raw)
         if not host:
-            raise DataConfigError(f"filters.blocklist: '{entry}' names no domain; write example.com or "
-                                  f"example.com/path/")
+            raise DataConfigError(
+                f"filters.blocklist: '{entry}' names no domain; write example.com or example.com/path/"
+            )
         has_path = "/" in raw.split("://", 1)[-1].rstrip("/")
         if has_path:
             self.prefixes.setdefault(host, []).append(path)
@@ -125,5 +130,9 @@ class MetadataFilter:
 
 def _is_date(s: str) -> bool:
     s = s[:10]
-    return (len(s) >= 4 and s[:4].isdigit() and all(p.isdigit() for p in s.split("-"))
-            and all(len(p) == 2 for p in s.split("-")[1:]))
+    return (
+        len(s) >= 4
+        and s[:4].isdigit()
+        and all(p.isdigit() for p in s.split("-"))
+        and all(len(p) == 2 for p in s.split("-")[1:])
+    )

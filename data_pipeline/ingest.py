@@ -13,6 +13,7 @@ a non-empty ``reason`` and its location, which the stage writes to the quarantin
 ``malformed_json``, ``invalid_utf8``, ``missing_text_field``, ``not_an_object``, ``empty_file``,
 ``truncated_gzip``, ``truncated_zstd``, ``unreadable_file``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,16 +57,19 @@ def list_files(path: str, kind: str) -> list[str]:
     storage, sorted for a stable order."""
     files = storage.list_files(path)
     if not files and not storage.exists(path):
-        raise IngestError(f"{path}: input not found; give an existing file, directory, glob or s3:// prefix "
-                          "(object storage is configured by the AWS_* variables, AWS_ENDPOINT_URL for non-AWS)")
+        raise IngestError(
+            f"{path}: input not found; give an existing file, directory, glob or s3:// prefix "
+            "(object storage is configured by the AWS_* variables, AWS_ENDPOINT_URL for non-AWS)"
+        )
     if kind == "jsonl":
         files = [f for f in files if f.endswith(JSONL_SUFFIXES)]
     elif kind == "parquet":
         files = [f for f in files if f.endswith(".parquet")]
     elif kind == "hf_files":
         if any(storage.is_remote(f) for f in files):
-            raise IngestError(f"{path}: kind hf_files reads local files only; use kind jsonl or parquet for "
-                              "object storage")
+            raise IngestError(
+                f"{path}: kind hf_files reads local files only; use kind jsonl or parquet for object storage"
+            )
         files = [f for f in files if _hf_builder(f) is not None]
     if not files:
         raise IngestError(f"{path}: no {kind} files found (JSONL suffixes: {', '.join(JSONL_SUFFIXES)})")
@@ -73,8 +77,12 @@ def list_files(path: str, kind: str) -> list[str]:
 
 
 def _hf_builder(path: str) -> str | None:
-    for suffixes, builder in (((".jsonl", ".json", ".jsonl.gz", ".json.gz"), "json"),
-                              ((".csv", ".csv.gz"), "csv"), ((".parquet",), "parquet"), ((".txt",), "text")):
+    for suffixes, builder in (
+        ((".jsonl", ".json", ".jsonl.gz", ".json.gz"), "json"),
+        ((".csv", ".csv.gz"), "csv"),
+        ((".parquet",), "parquet"),
+        ((".txt",), "text"),
+    ):
         if path.endswith(suffixes):
             return builder
     return None
@@ -87,8 +95,9 @@ def _hf_disk_files(path: str) -> list[str]:
     try:
         loaded = datasets.load_from_disk(path)
     except Exception as e:
-        raise IngestError(f"{path}: datasets.load_from_disk failed ({e}); give a directory written by "
-                          "Dataset.save_to_disk") from e
+        raise IngestError(
+            f"{path}: datasets.load_from_disk failed ({e}); give a directory written by Dataset.save_to_disk"
+        ) from e
     parts = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
     return sorted(f["filename"] for d in parts for f in d.cache_files)
 
@@ -121,7 +130,7 @@ class _Rows:
 
     def rel(self, path: str) -> str:
         if storage.is_remote(path) or storage.is_remote(self.base):
-            return path[len(self.base):].lstrip("/") if path.startswith(self.base) else path
+            return path[len(self.base) :].lstrip("/") if path.startswith(self.base) else path
         try:
             return os.path.relpath(path, self.base)
         except ValueError:
@@ -197,11 +206,19 @@ def _read_jsonl(path: str, rows: _Rows, text_field: str, id_field: str) -> Itera
                     if not isinstance(record, dict):
                         rows.bad(f"{rel}:{line_no}", "not_an_object", raw.decode("utf-8", "replace"))
                     elif not isinstance(record.get(text_field), str):
-                        rows.bad(f"{rel}:{line_no}", "missing_text_field",
-                                 f"no string field '{text_field}': " + raw.decode("utf-8", "replace"))
+                        rows.bad(
+                            f"{rel}:{line_no}",
+                            "missing_text_field",
+                            f"no string field '{text_field}': " + raw.decode("utf-8", "replace"),
+                        )
                     else:
-                        rows.add(_doc_id(rows, record, id_field, rel, line_no), record[text_field],
-                                 f"{rel}:{line_no}", "", record)
+                        rows.add(
+                            _doc_id(rows, record, id_field, rel, line_no),
+                            record[text_field],
+                            f"{rel}:{line_no}",
+                            "",
+                            record,
+                        )
                 if rows.full():
                     yield rows.take()
     except _STREAM_ERRORS as e:
@@ -210,8 +227,9 @@ def _read_jsonl(path: str, rows: _Rows, text_field: str, id_field: str) -> Itera
         rows.bad(rel, "empty_file")
 
 
-def _read_table_batches(batches: Iterator[Any], rel: str, rows: _Rows, text_field: str, id_field: str,
-                        names: list[str]) -> Iterator[dict[str, np.ndarray]]:
+def _read_table_batches(
+    batches: Iterator[Any], rel: str, rows: _Rows, text_field: str, id_field: str, names: list[str]
+) -> Iterator[dict[str, np.ndarray]]:
     if text_field not in names:
         rows.bad(rel, "missing_text_field", f"no column '{text_field}'; columns: {names}")
         return
@@ -227,8 +245,13 @@ def _read_table_batches(batches: Iterator[Any], rel: str, rows: _Rows, text_fiel
             if not isinstance(t, str):
                 rows.bad(loc, "missing_text_field", f"'{text_field}' is {type(t).__name__}")
             else:
-                rows.add(str(i) if i not in (None, "") else f"{rows.source}/{rel}:{n}", t, loc, "",
-                         {m: metas[m][k] for m in meta})
+                rows.add(
+                    str(i) if i not in (None, "") else f"{rows.source}/{rel}:{n}",
+                    t,
+                    loc,
+                    "",
+                    {m: metas[m][k] for m in meta},
+                )
             if rows.full():
                 yield rows.take()
     if n == 0:
@@ -248,8 +271,9 @@ def _read_parquet(path: str, rows: _Rows, text_field: str, id_field: str) -> Ite
     with fh:
         names = pf.schema_arrow.names
         cols = [c for c in (text_field, id_field, *rows.meta) if c in names]
-        yield from _read_table_batches(pf.iter_batches(batch_size=BATCH_ROWS, columns=cols or None), rel, rows,
-                                       text_field, id_field, names)
+        yield from _read_table_batches(
+            pf.iter_batches(batch_size=BATCH_ROWS, columns=cols or None), rel, rows, text_field, id_field, names
+        )
 
 
 def _read_hf_disk(path: str, rows: _Rows, text_field: str, id_field: str) -> Iterator[dict[str, np.ndarray]]:
@@ -258,8 +282,9 @@ def _read_hf_disk(path: str, rows: _Rows, text_field: str, id_field: str) -> Ite
     rel = rows.rel(path)
     ds = datasets.Dataset.from_file(path)
     table = ds.data.table
-    yield from _read_table_batches(iter(table.to_batches(BATCH_ROWS)), rel, rows, text_field, id_field,
-                                   table.column_names)
+    yield from _read_table_batches(
+        iter(table.to_batches(BATCH_ROWS)), rel, rows, text_field, id_field, table.column_names
+    )
 
 
 def _read_hf_files(path: str, rows: _Rows, text_field: str, id_field: str) -> Iterator[dict[str, np.ndarray]]:
@@ -275,16 +300,29 @@ def _read_hf_files(path: str, rows: _Rows, text_field: str, id_field: str) -> It
             rows.bad(rel, "unreadable_file", f"datasets.load_dataset: {type(e).__name__}: {e}")
             return
         table = ds.data.table
-        yield from _read_table_batches(iter(table.to_batches(BATCH_ROWS)), rel, rows, text_field, id_field,
-                                       table.column_names)
+        yield from _read_table_batches(
+            iter(table.to_batches(BATCH_ROWS)), rel, rows, text_field, id_field, table.column_names
+        )
 
 
-_READERS = {"jsonl": _read_jsonl, "parquet": _read_parquet, "hf_disk": _read_hf_disk,
-            "hf_files": _read_hf_files, "embedded": _read_jsonl}
+_READERS = {
+    "jsonl": _read_jsonl,
+    "parquet": _read_parquet,
+    "hf_disk": _read_hf_disk,
+    "hf_files": _read_hf_files,
+    "embedded": _read_jsonl,
+}
 
 
-def read_file(path: str, source: str, base: str, kind: str, text_field: str = "text", id_field: str = "id",
-              metadata_fields: tuple[str, ...] = ()) -> Iterator[dict[str, np.ndarray]]:
+def read_file(
+    path: str,
+    source: str,
+    base: str,
+    kind: str,
+    text_field: str = "text",
+    id_field: str = "id",
+    metadata_fields: tuple[str, ...] = (),
+) -> Iterator[dict[str, np.ndarray]]:
     """Column batches (``ROW_COLUMNS`` + ``meta_<field>``) of one input file, in file order."""
     rows = _Rows(source, base, tuple(metadata_fields))
     yield from _READERS[kind](path, rows, text_field, id_field)
@@ -316,7 +354,17 @@ def file_table(sources: list[SourceConfig], embedded_dir: str | Path | None = No
         else:
             base = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(files[0]))
         for f_idx, f in enumerate(files):
-            out.append({"path": f, "source": src.name, "source_index": s_idx, "file_index": f_idx, "base": base,
-                        "kind": inp.kind, "text_field": inp.text_field, "id_field": inp.id_field,
-                        "metadata_fields": list(getattr(inp, "metadata_fields", []) or [])})
+            out.append(
+                {
+                    "path": f,
+                    "source": src.name,
+                    "source_index": s_idx,
+                    "file_index": f_idx,
+                    "base": base,
+                    "kind": inp.kind,
+                    "text_field": inp.text_field,
+                    "id_field": inp.id_field,
+                    "metadata_fields": list(getattr(inp, "metadata_fields", []) or []),
+                }
+            )
     return out

@@ -16,6 +16,7 @@ linguistic content) is ``und``.
 
 Measured on data_pipeline.multilingual_corpus (benchmarks/bench_multilingual.py): see that benchmark's table.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,8 +30,17 @@ SAMPLE_CHARS = 1000
 MIN_CHARS = 20
 MIN_CONFIDENCE = 0.5
 _NON_LETTER = re.compile(r"[\W\d_]+")
-_FOLD = {"yue": "zh", "wuu": "zh", "arz": "ar", "ary": "ar", "uzs": "uz", "gug": "gn", "kik": "ki",
-         "fuv": "ff", "zxx": UNDETERMINED}
+_FOLD = {
+    "yue": "zh",
+    "wuu": "zh",
+    "arz": "ar",
+    "ary": "ar",
+    "uzs": "uz",
+    "gug": "gn",
+    "kik": "ki",
+    "fuv": "ff",
+    "zxx": UNDETERMINED,
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,8 +49,7 @@ def _identifier():
     try:
         from py3langid.langid import MODEL_FILE, LanguageIdentifier
     except ImportError as e:  # pragma: no cover - the pinned stack has it
-        raise ImportError("language identification needs py3langid==0.4.0 (requirements.txt); "
-                          "run `make setup`") from e
+        raise ImportError("language identification needs py3langid==0.4.0 (requirements.txt); run `make setup`") from e
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
@@ -57,10 +66,10 @@ def sample(text: str, sample_chars: int = SAMPLE_CHARS) -> str:
     w = sample_chars // 3
     parts = []
     for start in (0, (len(text) - w) // 2, len(text) - w):
-        part = text[start:start + w]
+        part = text[start : start + w]
         if start > 0:
             cut = part.find(" ")
-            part = part[cut + 1:] if 0 <= cut < w // 4 else part
+            part = part[cut + 1 :] if 0 <= cut < w // 4 else part
         if start + w < len(text):
             cut = part.rfind(" ")
             part = part[:cut] if cut > 3 * len(part) // 4 else part
@@ -68,8 +77,9 @@ def sample(text: str, sample_chars: int = SAMPLE_CHARS) -> str:
     return "\n".join(parts)
 
 
-def detect(text: str, sample_chars: int = SAMPLE_CHARS, min_chars: int = MIN_CHARS,
-           min_confidence: float = MIN_CONFIDENCE) -> tuple[str, float]:
+def detect(
+    text: str, sample_chars: int = SAMPLE_CHARS, min_chars: int = MIN_CHARS, min_confidence: float = MIN_CONFIDENCE
+) -> tuple[str, float]:
     """``(code, confidence)`` of the language of ``text``; ``("und", p)`` when too short or unsure."""
     s = sample(text, sample_chars)
     if len(_NON_LETTER.sub("", s)) < min_chars:

@@ -30,6 +30,7 @@ Remote datasets. ``manifest_or_dir`` may be an object-store URL (``s3://bucket/d
 the parts and shards its samples live in (:class:`~data_pipeline.mds_reader.SourceShards`), through a local
 ``cache_dir`` (size-limited, shared by the ranks of a node) or straight into memory without one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,8 +71,10 @@ def mixture_weights(mixture: str | dict | None, manifest: dict[str, Any]) -> tup
         lcfg = LoaderConfig(**{k: v for k, v in loader_section.items() if k in known})
     missing = [n for n in weights if n not in manifest["sources"]]
     if missing:
-        raise ValueError(f"mixture sources {missing} are not in the dataset (it has {list(manifest['sources'])}); "
-                         "rebuild the dataset for this mixture")
+        raise ValueError(
+            f"mixture sources {missing} are not in the dataset (it has {list(manifest['sources'])}); "
+            "rebuild the dataset for this mixture"
+        )
     total = sum(weights.values())
     return {n: w / total for n, w in weights.items() if w > 0}, lcfg
 
@@ -79,19 +82,33 @@ def mixture_weights(mixture: str | dict | None, manifest: dict[str, Any]) -> tup
 class Loader:
     """Iterator over this rank's micro-batches (infinite: sources repeat in fresh epochs)."""
 
-    def __init__(self, manifest_or_dir: str | Path, mixture: str | dict | None, seq_len: int, global_batch: int,
-                 micro_batch: int, dp_rank: int, dp_size: int, seed: int,
-                 loader_cfg: LoaderConfig | None = None, prefetch: int = 0, cache_dir: str | Path | None = None,
-                 cache_limit_bytes: int | None = DEFAULT_CACHE_LIMIT_BYTES):
+    def __init__(
+        self,
+        manifest_or_dir: str | Path,
+        mixture: str | dict | None,
+        seq_len: int,
+        global_batch: int,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        loader_cfg: LoaderConfig | None = None,
+        prefetch: int = 0,
+        cache_dir: str | Path | None = None,
+        cache_limit_bytes: int | None = DEFAULT_CACHE_LIMIT_BYTES,
+    ):
         self.manifest_path, m = read_manifest(manifest_or_dir)
         if seq_len != m["seq_len"]:
-            raise ValueError(f"{self.manifest_path}: packed for seq_len {m['seq_len']}, asked for {seq_len}; "
-                             "build a dataset for this seq_len (ensure_dataset)")
+            raise ValueError(
+                f"{self.manifest_path}: packed for seq_len {m['seq_len']}, asked for {seq_len}; "
+                "build a dataset for this seq_len (ensure_dataset)"
+            )
         if global_batch % dp_size:
             raise ValueError(f"global_batch {global_batch} is not divisible by dp_size {dp_size}")
         if (global_batch // dp_size) % micro_batch:
-            raise ValueError(f"global_batch/dp_size = {global_batch // dp_size} is not divisible by micro_batch "
-                             f"{micro_batch}")
+            raise ValueError(
+                f"global_batch/dp_size = {global_batch // dp_size} is not divisible by micro_batch {micro_batch}"
+            )
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         weights, lcfg = mixture_weights(mixture, m)
@@ -110,8 +127,8 @@ class Loader:
             if len(s) == 0:
                 raise ValueError(f"{storage.redact(d)}: source '{n}' has no samples")
         self.interleave = Interleave(self.weights, self.cfg.period)
-        self.consumed = 0        # global samples consumed by completed optimizer steps
-        self.micro = 0           # micro-batches of the current step already yielded by this rank
+        self.consumed = 0  # global samples consumed by completed optimizer steps
+        self.micro = 0  # micro-batches of the current step already yielded by this rank
         self.prefetch = max(0, int(prefetch))
         self._prefetcher: Prefetcher | None = None
 
@@ -120,8 +137,14 @@ class Loader:
         return self.global_batch // self.dp_size // self.micro_batch
 
     def _mixture_id(self) -> str:
-        blob = json.dumps({"names": self.names, "weights": [round(w, 12) for w in self.weights],
-                           "period": self.cfg.period, "block": self.cfg.shuffle_block})
+        blob = json.dumps(
+            {
+                "names": self.names,
+                "weights": [round(w, 12) for w in self.weights],
+                "period": self.cfg.period,
+                "block": self.cfg.shuffle_block,
+            }
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -171,10 +194,13 @@ class Loader:
                 # the threads hold the loader weakly, so dropping the loader stops them (__del__ -> close)
                 me = weakref.ref(self)
                 remote = any(s.cache is not None for s in self.sources)
-                self._prefetcher = Prefetcher(cursor, self.prefetch,
-                                              lambda c: _alive(me).samples(_alive(me).positions(c)),
-                                              lambda c: _alive(me).advance(c),
-                                              (lambda c: _alive(me).fetch_ahead(c)) if remote else None)
+                self._prefetcher = Prefetcher(
+                    cursor,
+                    self.prefetch,
+                    lambda c: _alive(me).samples(_alive(me).positions(c)),
+                    lambda c: _alive(me).advance(c),
+                    (lambda c: _alive(me).fetch_ahead(c)) if remote else None,
+                )
             batch = self._prefetcher.get(cursor)
         else:
             batch = self.samples(self.positions(cursor))
@@ -194,24 +220,38 @@ class Loader:
             pass
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "consumed_samples": int(self.consumed), "micro_step": int(self.micro),
-                "global_batch": self.global_batch, "micro_batch": self.micro_batch, "dp_size": self.dp_size,
-                "seed": self.seed, "mixture": self._mixture_id(), "dataset": self.fingerprint}
+        return {
+            "version": STATE_VERSION,
+            "consumed_samples": int(self.consumed),
+            "micro_step": int(self.micro),
+            "global_batch": self.global_batch,
+            "micro_batch": self.micro_batch,
+            "dp_size": self.dp_size,
+            "seed": self.seed,
+            "mixture": self._mixture_id(),
+            "dataset": self.fingerprint,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise LoaderStateError(f"loader state version {state.get('version')} != {STATE_VERSION}")
         for key, mine in (("seed", self.seed), ("mixture", self._mixture_id()), ("dataset", self.fingerprint)):
             if state[key] != mine:
-                raise LoaderStateError(f"loader state has {key}={state[key]!r}, this loader {mine!r}: resuming would "
-                                       "change the sample order; use the same seed, mixture and dataset")
+                raise LoaderStateError(
+                    f"loader state has {key}={state[key]!r}, this loader {mine!r}: resuming would "
+                    "change the sample order; use the same seed, mixture and dataset"
+                )
         if state["micro_step"] and (state["dp_size"], state["global_batch"], state["micro_batch"]) != (
-                self.dp_size, self.global_batch, self.micro_batch):
+            self.dp_size,
+            self.global_batch,
+            self.micro_batch,
+        ):
             raise LoaderStateError(
                 "loader state was saved in the middle of an optimizer step (micro_step "
                 f"{state['micro_step']}); resume it with the same dp_size/global_batch/micro_batch "
-                f"({state['dp_size']}/{state['global_batch']}/{state['micro_batch']}) or from a step boundary")
-        self.close()             # batches read ahead from the old position are dropped
+                f"({state['dp_size']}/{state['global_batch']}/{state['micro_batch']}) or from a step boundary"
+            )
+        self.close()  # batches read ahead from the old position are dropped
         self.consumed = int(state["consumed_samples"])
         self.micro = int(state["micro_step"])
 
@@ -225,8 +265,15 @@ def _alive(ref: weakref.ref) -> Loader:
     return loader
 
 
-def streaming_dataset(manifest_or_dir: str | Path, mixture: str | dict | None, seed: int, epoch_size: int,
-                      batch_size: int, shuffle: bool = True, cache_dir: str | None = None):
+def streaming_dataset(
+    manifest_or_dir: str | Path,
+    mixture: str | dict | None,
+    seed: int,
+    epoch_size: int,
+    batch_size: int,
+    shuffle: bool = True,
+    cache_dir: str | None = None,
+):
     """The mixture as mosaicml-streaming's ``StreamingDataset``: one ``Stream`` per part of every source, with
     ``proportion = w_source * samples_part / samples_source`` (so each source gets its weight).
 
@@ -243,8 +290,10 @@ def streaming_dataset(manifest_or_dir: str | Path, mixture: str | dict | None, s
 
     path, m = read_manifest(manifest_or_dir)
     if storage.is_remote(path):
-        raise ValueError(f"{storage.redact(path)}: streaming_dataset reads local datasets; use the exact loader "
-                         "(build_loader) for object storage, or copy the dataset to local disk")
+        raise ValueError(
+            f"{storage.redact(path)}: streaming_dataset reads local datasets; use the exact loader "
+            "(build_loader) for object storage, or copy the dataset to local disk"
+        )
     weights, _ = mixture_weights(mixture, m)
     clean_stale_shared_memory()
     streams = []
@@ -253,5 +302,12 @@ def streaming_dataset(manifest_or_dir: str | Path, mixture: str | dict | None, s
         for p in range(src.num_parts):
             share = float(src.cum[p + 1] - src.cum[p]) / len(src)
             streams.append(streaming.Stream(local=src.part_url(p), proportion=w * share))
-    return streaming.StreamingDataset(streams=streams, epoch_size=epoch_size, shuffle=shuffle, shuffle_seed=seed,
-                                      batch_size=batch_size, num_canonical_nodes=1, allow_unsafe_types=False)
+    return streaming.StreamingDataset(
+        streams=streams,
+        epoch_size=epoch_size,
+        shuffle=shuffle,
+        shuffle_seed=seed,
+        batch_size=batch_size,
+        num_canonical_nodes=1,
+        allow_unsafe_types=False,
+    )

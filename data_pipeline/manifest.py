@@ -22,6 +22,7 @@ each source's ``parts.json`` and then only the part indexes and shards it sample
 The dataset may live in a local directory or at an object-store URL: ``read_manifest`` and ``write_manifest``
 take both.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,10 @@ def read_manifest(manifest_or_dir: str | Path) -> tuple[Path | str, dict[str, An
     try:
         raw = storage.read_bytes(path)
     except storage.ObjectNotFound as e:
-        raise ManifestError(f"{shown}: manifest not found; build the dataset with `python -m data_pipeline run "
-                            "--mixture ... --output DIR` or data_pipeline.api.ensure_dataset") from e
+        raise ManifestError(
+            f"{shown}: manifest not found; build the dataset with `python -m data_pipeline run "
+            "--mixture ... --output DIR` or data_pipeline.api.ensure_dataset"
+        ) from e
     except storage.StorageError as e:
         raise ManifestError(f"{e} (reading the dataset manifest)") from e
     try:
@@ -97,9 +100,12 @@ def write_report(out_dir: str | Path, manifest: dict[str, Any]) -> str:
     axes[0].bar(names, [sources[n]["tokens"] / 1e6 for n in names], color="#4477aa")
     axes[0].set_ylabel("tokens (millions)")
     axes[0].set_title("tokens per source")
-    removal = {"quarantined": sum(counts["quarantine"].values()),
-               "filtered": sum(counts["clean"].values()),
-               "exact dups": counts["dedup"].get("exact", 0), "near dups": counts["dedup"].get("near", 0)}
+    removal = {
+        "quarantined": sum(counts["quarantine"].values()),
+        "filtered": sum(counts["clean"].values()),
+        "exact dups": counts["dedup"].get("exact", 0),
+        "near dups": counts["dedup"].get("near", 0),
+    }
     axes[1].bar(list(removal), list(removal.values()), color="#cc6677")
     axes[1].set_ylabel("documents")
     axes[1].set_title(f"removed (of {counts['ingest']['documents']} ingested)")
@@ -113,15 +119,26 @@ def write_report(out_dir: str | Path, manifest: dict[str, Any]) -> str:
     plt.close(fig)
     storage.write_bytes(storage.join(out_dir, "report.png"), buf.getvalue())
 
-    lines = [f"# Dataset report: {manifest['name']}", "",
-             (f"seq_len {manifest['seq_len']} (samples of {manifest['sample_len']} tokens), vocabulary "
-              f"{manifest['vocab_size']}, fingerprint `{manifest['fingerprint']}`."), "", "![report](report.png)", "",
-             "## Sources (training split)", "",
-             "| source | weight | documents | tokens | samples | parts | dropped tokens | MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Dataset report: {manifest['name']}",
+        "",
+        (
+            f"seq_len {manifest['seq_len']} (samples of {manifest['sample_len']} tokens), vocabulary "
+            f"{manifest['vocab_size']}, fingerprint `{manifest['fingerprint']}`."
+        ),
+        "",
+        "![report](report.png)",
+        "",
+        "## Sources (training split)",
+        "",
+        "| source | weight | documents | tokens | samples | parts | dropped tokens | MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for n, s in sources.items():
-        lines.append(f"| {n} | {s['weight']:.3f} | {s['documents']} | {s['tokens']} | {s['samples']} | "
-                     f"{s['parts']} | {s['dropped_tokens']} | {s['bytes'] / 1e6:.2f} |")
+        lines.append(
+            f"| {n} | {s['weight']:.3f} | {s['documents']} | {s['tokens']} | {s['samples']} | "
+            f"{s['parts']} | {s['dropped_tokens']} | {s['bytes'] / 1e6:.2f} |"
+        )
     val = manifest.get("validation", {})
     if val:
         lines += ["", "## Held-out split", "", "| source | documents | tokens | samples |", "|---|---:|---:|---:|"]
@@ -129,11 +146,18 @@ def write_report(out_dir: str | Path, manifest: dict[str, Any]) -> str:
     if langs:
         lines += ["", "## Languages (training split)", "", "| language | documents | tokens |", "|---|---:|---:|"]
         lines += [f"| {k} | {v['documents']} | {v['tokens']} |" for k, v in langs.items()]
-    lines += ["", "## Stages", "", "| stage | seconds | tasks | skipped | documents | MB | docs/s | MB/s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Stages",
+        "",
+        "| stage | seconds | tasks | skipped | documents | MB | docs/s | MB/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for st in manifest["stages"]:
-        lines.append(f"| {st['name']} | {st['seconds']:.1f} | {st.get('tasks', '')} | {st.get('skipped', '')} | "
-                     f"{st['documents']} | {st['bytes'] / 1e6:.2f} | {st['docs_per_s']:.0f} | {st['mb_per_s']:.2f} |")
+        lines.append(
+            f"| {st['name']} | {st['seconds']:.1f} | {st.get('tasks', '')} | {st.get('skipped', '')} | "
+            f"{st['documents']} | {st['bytes'] / 1e6:.2f} | {st['docs_per_s']:.0f} | {st['mb_per_s']:.2f} |"
+        )
     lines += ["", "## Removals", "", "| stage | reason | documents |", "|---|---|---:|"]
     for reason, n in sorted(counts["quarantine"].items()):
         lines.append(f"| quarantine | {reason} | {n} |")

@@ -27,6 +27,7 @@ Decompressed shards are kept in a small in-memory LRU (``cache_shards`` per sour
 Raw MDS shard layout: uint32 n, uint32 offsets[n + 1] (from the file start), then the samples; a sample is
 decoded with streaming's own ``MDSReader.decode_sample``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,12 +59,17 @@ class _Part:
     url: str
     shards: list[dict[str, Any]]
     readers: list[Any]
-    cum: np.ndarray              # int64 [n_shards + 1]
+    cum: np.ndarray  # int64 [n_shards + 1]
 
 
 class SourceShards:
-    def __init__(self, source_dir: str | Path, cache_shards: int = 16, cache_dir: str | Path | None = None,
-                 cache_limit_bytes: int | None = DEFAULT_CACHE_LIMIT_BYTES):
+    def __init__(
+        self,
+        source_dir: str | Path,
+        cache_shards: int = 16,
+        cache_dir: str | Path | None = None,
+        cache_limit_bytes: int | None = DEFAULT_CACHE_LIMIT_BYTES,
+    ):
         import_streaming()
         self.dir = str(source_dir)
         self.remote = storage.is_remote(self.dir)
@@ -76,16 +82,20 @@ class SourceShards:
             raise ShardError(f"{e} (parts list)") from e
         try:
             if doc.get("version") != PARTS_VERSION:
-                raise ShardError(f"{storage.redact(self.parts_url)}: parts list version {doc.get('version')} != "
-                                 f"{PARTS_VERSION}; {REBUILD}")
+                raise ShardError(
+                    f"{storage.redact(self.parts_url)}: parts list version {doc.get('version')} != "
+                    f"{PARTS_VERSION}; {REBUILD}"
+                )
             parts = doc["parts"]
             counts = np.fromiter((int(p["samples"]) for p in parts), dtype=np.int64, count=len(parts))
             names = [str(p["name"]) for p in parts]
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ShardError(f"{storage.redact(self.parts_url)}: malformed parts list ({e!r}); {REBUILD}") from e
         if (counts <= 0).any() or int(counts.sum()) != int(doc.get("samples", -1)):
-            raise ShardError(f"{storage.redact(self.parts_url)}: part sample counts sum to {int(counts.sum())}, "
-                             f"the list says {doc.get('samples')} (or a part is empty); {REBUILD}")
+            raise ShardError(
+                f"{storage.redact(self.parts_url)}: part sample counts sum to {int(counts.sum())}, "
+                f"the list says {doc.get('samples')} (or a part is empty); {REBUILD}"
+            )
         canonical = all(n == part_name(i) for i, n in enumerate(names))
         self._names = None if canonical else names
         self.cum = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -111,8 +121,9 @@ class SourceShards:
         """A source written before parts.json (one merged ``<source>/index.json``): read as one part named ""."""
         index_url = storage.join(self.dir, PART_INDEX)
         if not storage.exists(index_url):
-            raise ShardError(f"{storage.redact(self.parts_url)}: parts list missing (and no {PART_INDEX} beside "
-                             f"it); {REBUILD}")
+            raise ShardError(
+                f"{storage.redact(self.parts_url)}: parts list missing (and no {PART_INDEX} beside it); {REBUILD}"
+            )
         index = self._read_json(index_url, "MDS index")
         try:
             n = sum(int(s["samples"]) for s in index["shards"])
@@ -148,8 +159,10 @@ class SourceShards:
                 raise ShardError(f"{storage.redact(index_url)}: corrupt MDS index ({e!r}); {REBUILD}") from e
             want = int(self.cum[p + 1] - self.cum[p])
             if int(cum[-1]) != want:
-                raise ShardError(f"{storage.redact(index_url)}: MDS index has {int(cum[-1])} samples, "
-                                 f"{storage.redact(self.parts_url)} says {want}; {REBUILD}")
+                raise ShardError(
+                    f"{storage.redact(index_url)}: MDS index has {int(cum[-1])} samples, "
+                    f"{storage.redact(self.parts_url)} says {want}; {REBUILD}"
+                )
             part = self._parts[p] = _Part(url, shards, readers, cum)
             return part
 
@@ -178,8 +191,9 @@ class SourceShards:
             return storage.read_bytes(url)
         except storage.ObjectNotFound as e:
             index = storage.join(storage.dirname(url), PART_INDEX)
-            raise ShardError(f"{storage.redact(url)}: MDS shard missing (listed in {storage.redact(index)}); "
-                             f"{REBUILD}") from e
+            raise ShardError(
+                f"{storage.redact(url)}: MDS shard missing (listed in {storage.redact(index)}); {REBUILD}"
+            ) from e
         except storage.StorageError as e:
             raise ShardError(f"{storage.redact(url)}: MDS shard unreadable ({e})") from e
 
@@ -201,8 +215,9 @@ class SourceShards:
                 raise ShardError(f"{where}: corrupt MDS shard: cannot decompress ({e}); {REBUILD}") from e
         n = int(np.frombuffer(data[:4], np.uint32)[0]) if len(data) >= 4 else -1
         if n != shard["samples"]:
-            raise ShardError(f"{where}: corrupt MDS shard: header says {n} samples, index {shard['samples']}; "
-                             f"{REBUILD}")
+            raise ShardError(
+                f"{where}: corrupt MDS shard: header says {n} samples, index {shard['samples']}; {REBUILD}"
+            )
         return data
 
     def _load(self, p: int, s: int) -> bytes:
@@ -258,7 +273,7 @@ class SourceShards:
             try:
                 self.cache.ensure(url, self._info(self._part(p).shards[s])["bytes"])
             except storage.StorageError:
-                pass     # the read itself raises the error naming the shard, at the sample that needs it
+                pass  # the read itself raises the error naming the shard, at the sample that needs it
         return len(seen)
 
     def verify(self) -> None:

@@ -28,6 +28,7 @@ with character 5-grams and J = 0.85 on English with word 5-grams (multilingual t
 A 5-character window spans 2-3 Chinese or Japanese words, specific enough that documents sharing no
 passage share almost no shingle.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,13 +40,13 @@ import xxhash
 
 from data_pipeline.script import split_tokens
 
-CHAR_NGRAM = 5                      # default character n for spaceless scripts (see the module docstring)
+CHAR_NGRAM = 5  # default character n for spaceless scripts (see the module docstring)
 _C1 = np.uint64(0xFF51AFD7ED558CCD)
 _C2 = np.uint64(0xC4CEB9FE1A85EC53)
-_CHUNK = 2048                 # shingles per [H, chunk] product: 112 x 2048 x 8 B = 1.8 MB (L2)
+_CHUNK = 2048  # shingles per [H, chunk] product: 112 x 2048 x 8 B = 1.8 MB (L2)
 _G = np.uint64(0x9E3779B97F4A7C15)
 _M = np.uint64(0xD6E8FEB86659FD93)
-_CACHE_LIMIT = 1 << 18              # token -> xxh64 entries kept per process (~40 MB at the limit)
+_CACHE_LIMIT = 1 << 18  # token -> xxh64 entries kept per process (~40 MB at the limit)
 _TOKEN_HASH: dict[str, int] = {}
 
 
@@ -69,7 +70,7 @@ class _SimplifyTable(dict):
 
 _TABLE = _SimplifyTable()
 for _cp in range(128):
-    _TABLE[_cp]       # ASCII entries first: str.translate's ASCII fast path then needs no lookup
+    _TABLE[_cp]  # ASCII entries first: str.translate's ASCII fast path then needs no lookup
 _ZEROS = re.compile(r"0+")
 
 
@@ -110,8 +111,7 @@ def _fmix64(x: np.ndarray) -> np.ndarray:
 class MinHasher:
     """Signatures and band keys for one (ngram, bands, rows, seed, char_ngram) setting."""
 
-    def __init__(self, ngram: int = 5, bands: int = 14, rows: int = 8, seed: int = 1,
-                 char_ngram: int = CHAR_NGRAM):
+    def __init__(self, ngram: int = 5, bands: int = 14, rows: int = 8, seed: int = 1, char_ngram: int = CHAR_NGRAM):
         if ngram < 1 or char_ngram < 1:
             raise ValueError(f"ngram ({ngram}) and char_ngram ({char_ngram}) must be >= 1")
         self.ngram, self.bands, self.rows, self.char_ngram = ngram, bands, rows, char_ngram
@@ -134,7 +134,7 @@ class MinHasher:
         acc = wh[:m] * mult[0]
         with np.errstate(over="ignore"):
             for k in range(1, n):
-                acc += wh[k:k + m] * mult[k]
+                acc += wh[k : k + m] * mult[k]
             return np.unique(_fmix64(acc))
 
     def signature(self, shingles: np.ndarray) -> np.ndarray:
@@ -165,10 +165,10 @@ class MinHasher:
                 for q in range(0, len(x), _CHUNK):
                     m = min(_CHUNK, len(x) - q)
                     b = buf[:, :m]
-                    np.multiply(a, x[None, q:q + m], out=b)
+                    np.multiply(a, x[None, q : q + m], out=b)
                     np.add(b, c, out=b)
-                    d0 = int(np.searchsorted(starts, q, side="right")) - 1        # document holding shingle q
-                    d1 = int(np.searchsorted(starts, q + m, side="left"))         # first document after the chunk
+                    d0 = int(np.searchsorted(starts, q, side="right")) - 1  # document holding shingle q
+                    d1 = int(np.searchsorted(starts, q + m, side="left"))  # first document after the chunk
                     seg = np.maximum(starts[d0:d1] - q, 0)
                     seg[0] = 0
                     np.minimum(out[d0:d1], np.minimum.reduceat(b, seg, axis=1).T, out=out[d0:d1])
@@ -191,8 +191,9 @@ class MinHasher:
         n = len(sigs)
         rows = sigs.reshape(n, self.bands, self.rows).astype(np.uint64)
         with np.errstate(over="ignore"):
-            h = np.broadcast_to(_fmix64((np.arange(self.bands, dtype=np.uint64) + np.uint64(1)) * _G),
-                                (n, self.bands)).copy()
+            h = np.broadcast_to(
+                _fmix64((np.arange(self.bands, dtype=np.uint64) + np.uint64(1)) * _G), (n, self.bands)
+            ).copy()
             for i in range(self.rows):
                 h = _fmix64(h * _M + rows[:, :, i] + np.uint64(1))
         return h
@@ -206,10 +207,11 @@ def content_key(text: str) -> int:
 def shingle_jaccard(a: str, b: str, ngram: int = 5, char_ngram: int = CHAR_NGRAM) -> float:
     """Exact Jaccard of the token n-gram sets :meth:`MinHasher.shingles` hashes (words, or characters for
     spaceless documents; a pair with one of each shares nothing)."""
+
     def grams(t: str) -> set[tuple[str, ...]]:
         toks, spaceless = shingle_tokens(t)
         k = min(char_ngram if spaceless else ngram, len(toks))
-        return {(spaceless, *toks[i:i + k]) for i in range(len(toks) - k + 1)}
+        return {(spaceless, *toks[i : i + k]) for i in range(len(toks) - k + 1)}
 
     ga, gb = grams(a), grams(b)
     return len(ga & gb) / max(1, len(ga | gb))
@@ -217,10 +219,11 @@ def shingle_jaccard(a: str, b: str, ngram: int = 5, char_ngram: int = CHAR_NGRAM
 
 def word_ngram_jaccard(a: str, b: str, n: int = 5) -> float:
     """Exact Jaccard of the simplified word n-gram sets (the quantity MinHash estimates)."""
+
     def grams(t: str) -> set[tuple[str, ...]]:
         w = simplify(t).split(" ")
         k = min(n, len(w))
-        return {tuple(w[i:i + k]) for i in range(len(w) - k + 1)}
+        return {tuple(w[i : i + k]) for i in range(len(w) - k + 1)}
 
     ga, gb = grams(a), grams(b)
     return len(ga & gb) / max(1, len(ga | gb))

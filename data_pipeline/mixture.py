@@ -15,6 +15,7 @@ shuffle blocks of B samples; the blocks are permuted, and the samples inside eac
 permutations (keys from (seed, source, epoch[, block])), so every epoch visits every sample once in a fresh
 order and no permutation is ever materialised (the same code serves 10^3 and 10^10 samples).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +35,7 @@ def quantize_weights(weights: list[float], period: int) -> np.ndarray:
     raw = w * period
     counts = np.floor(raw).astype(np.int64)
     order = np.argsort(-(raw - counts), kind="stable")
-    counts[order[:period - counts.sum()]] += 1
+    counts[order[: period - counts.sum()]] += 1
     if (counts == 0).any():
         raise ValueError(f"a mixture weight is below 1/period (period {period}); raise loader.period")
     return counts

@@ -21,6 +21,7 @@ truth:
 Each document also gets ``url`` (a per-language site under ``example.*``) and ``date`` metadata, so the
 corpus exercises metadata passthrough too. ``write_jsonl`` writes it as ingest input.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,8 @@ import numpy as np
 from data_pipeline.minhash import CHAR_NGRAM, shingle_tokens
 
 LANGUAGES = ("en", "de", "fr", "es", "ru", "zh", "ja", "ko", "ar")
-_JOIN = {"zh": "", "ja": ""}          # sentences of spaceless scripts follow each other without a space
-_TLD = {"en": "com", "de": "de", "fr": "fr", "es": "es", "ru": "ru", "zh": "cn", "ja": "jp", "ko": "kr",
-        "ar": "eg"}
+_JOIN = {"zh": "", "ja": ""}  # sentences of spaceless scripts follow each other without a space
+_TLD = {"en": "com", "de": "de", "fr": "fr", "es": "es", "ru": "ru", "zh": "cn", "ja": "jp", "ko": "kr", "ar": "eg"}
 
 _TEXT = {
     "en": """
@@ -435,7 +435,8 @@ Los ingenieros probaron el nuevo puente durante varias semanas antes de abrirlo 
 """,
 }
 SENTENCES: dict[str, tuple[str, ...]] = {
-    lang: tuple(line.strip() for line in block.strip().splitlines() if line.strip()) for lang, block in _TEXT.items()}
+    lang: tuple(line.strip() for line in block.strip().splitlines() if line.strip()) for lang, block in _TEXT.items()
+}
 
 
 @dataclass
@@ -443,9 +444,9 @@ class CorpusDocument:
     id: str
     lang: str
     text: str
-    kind: str                  # unique | base | exact | near | junk
-    base: str = ""             # for exact / near: the id of the document it copies
-    jaccard: float = 0.0       # for exact / near: measured shingle Jaccard with its base
+    kind: str  # unique | base | exact | near | junk
+    base: str = ""  # for exact / near: the id of the document it copies
+    jaccard: float = 0.0  # for exact / near: measured shingle Jaccard with its base
     url: str = ""
     date: str = ""
 
@@ -477,7 +478,7 @@ class MultilingualCorpus:
 def _grams(text: str, ngram: int, char_ngram: int) -> set[tuple[str, ...]]:
     toks, spaceless = shingle_tokens(text)
     k = min(char_ngram if spaceless else ngram, len(toks))
-    return {tuple(toks[i:i + k]) for i in range(len(toks) - k + 1)}
+    return {tuple(toks[i : i + k]) for i in range(len(toks) - k + 1)}
 
 
 def _jaccard(a: set, b: set) -> float:
@@ -504,14 +505,30 @@ class _Language:
         return self.sep.join(toks)
 
     def paragraphs(self, idx: list[int], rng: np.random.Generator) -> list[str]:
-        cuts = sorted(rng.choice(np.arange(3, len(idx) - 2), size=min(int(rng.integers(0, 3)), 1 + (len(idx) - 6) // 3),
-                                 replace=False).tolist()) if len(idx) >= 6 else []
+        cuts = (
+            sorted(
+                rng.choice(
+                    np.arange(3, len(idx) - 2),
+                    size=min(int(rng.integers(0, 3)), 1 + (len(idx) - 6) // 3),
+                    replace=False,
+                ).tolist()
+            )
+            if len(idx) >= 6
+            else []
+        )
         bounds = [0, *cuts, len(idx)]
         return [self.sep.join(self.sentences[i] for i in idx[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def _near_duplicate(lang: _Language, paragraphs: list[str], target: float, lo: float, rng: np.random.Generator,
-                    ngram: int, char_ngram: int) -> tuple[str, float]:
+def _near_duplicate(
+    lang: _Language,
+    paragraphs: list[str],
+    target: float,
+    lo: float,
+    rng: np.random.Generator,
+    ngram: int,
+    char_ngram: int,
+) -> tuple[str, float]:
     """Edit random tokens of ``paragraphs`` until J(base, variant) <= target, never accepting an edit that
     takes J below ``lo``."""
     base_text = "\n\n".join(paragraphs)
@@ -549,10 +566,17 @@ def _junk(lang: _Language, k: int, rng: np.random.Generator) -> str:
     return lang.sep.join([a, b] * 6)
 
 
-def make_corpus(docs_per_language: int = 180, languages: tuple[str, ...] = LANGUAGES, seed: int = 0,
-                near_share: float = 0.25, exact_share: float = 0.05, junk_share: float = 0.05,
-                near_jaccard: tuple[float, float] = (0.8, 0.95), ngram: int = 5,
-                char_ngram: int = CHAR_NGRAM) -> MultilingualCorpus:
+def make_corpus(
+    docs_per_language: int = 180,
+    languages: tuple[str, ...] = LANGUAGES,
+    seed: int = 0,
+    near_share: float = 0.25,
+    exact_share: float = 0.05,
+    junk_share: float = 0.05,
+    near_jaccard: tuple[float, float] = (0.8, 0.95),
+    ngram: int = 5,
+    char_ngram: int = CHAR_NGRAM,
+) -> MultilingualCorpus:
     """``docs_per_language`` documents per language: ``near_share`` near-duplicates and ``exact_share`` exact
     copies (each with its base), ``junk_share`` junk, the rest unique. Deterministic in ``seed``."""
     unknown = [x for x in languages if x not in SENTENCES]
@@ -572,12 +596,12 @@ def make_corpus(docs_per_language: int = 180, languages: tuple[str, ...] = LANGU
         limit = 0.25
         while len(bases) < n_bases:
             for _ in range(2000):
-                idx = rng.permutation(len(lang.sentences))[:int(rng.integers(6, 13))].tolist()
+                idx = rng.permutation(len(lang.sentences))[: int(rng.integers(6, 13))].tolist()
                 s = frozenset(idx)
                 if all(len(s & o) <= limit * len(s | o) for o in chosen):
                     break
             else:
-                limit += 0.05          # the pool is exhausted at this overlap: allow a little more
+                limit += 0.05  # the pool is exhausted at this overlap: allow a little more
                 continue
             chosen.append(s)
             bases.append(lang.paragraphs(idx, rng))

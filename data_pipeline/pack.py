@@ -14,6 +14,7 @@ files of one source (about ``pack.part_tokens`` tokens) and:
 
 Per sample, the loader rebuilds doc_ids[t] = #{s in doc_starts : s <= t} - 1 (non-decreasing from 0).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,9 @@ import numpy as np
 MDS_COLUMNS = {"tokens": "ndarray:int32", "doc_starts": "ndarray:int32"}
 
 
-def pack_tokens(docs: list[np.ndarray], sample_len: int, eos: int, bos: int | None = None
-                ) -> tuple[np.ndarray, list[np.ndarray], int]:
+def pack_tokens(
+    docs: list[np.ndarray], sample_len: int, eos: int, bos: int | None = None
+) -> tuple[np.ndarray, list[np.ndarray], int]:
     """Pack token arrays into [n, sample_len] samples. Returns (samples, doc_starts per sample, dropped)."""
     pieces, starts, pos = [], [], 0
     for d in docs:
@@ -34,7 +36,7 @@ def pack_tokens(docs: list[np.ndarray], sample_len: int, eos: int, bos: int | No
         pos += len(d) + 1 + (bos is not None)
     stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     n = len(stream) // sample_len
-    samples = stream[:n * sample_len].reshape(n, sample_len)
+    samples = stream[: n * sample_len].reshape(n, sample_len)
     starts_arr = np.asarray(starts, dtype=np.int64)
     per_sample: list[np.ndarray] = []
     if n:
@@ -42,7 +44,7 @@ def pack_tokens(docs: list[np.ndarray], sample_len: int, eos: int, bos: int | No
         offsets = (starts_arr % sample_len).astype(np.int32)
         bounds = np.searchsorted(sample_of, np.arange(n + 1))
         for s in range(n):
-            off = offsets[bounds[s]:bounds[s + 1]]
+            off = offsets[bounds[s] : bounds[s + 1]]
             if len(off) == 0 or off[0] != 0:
                 off = np.concatenate([np.zeros(1, dtype=np.int32), off])
             per_sample.append(off)

@@ -13,6 +13,7 @@ Download-ahead (remote sources with a cache dir): when the worker starts batch `
 of batch ``c + 2 depth`` to a pool of ``FETCH_THREADS`` downloader threads (object stores serve parallel GETs
 much faster than one after the other), so a shard is usually on local disk before the worker needs it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,15 +31,24 @@ FETCH_THREADS = 4
 class Prefetcher:
     """Builds ``make(cursor)`` for cursor, next(cursor), ... in a daemon thread, ``depth`` batches ahead."""
 
-    def __init__(self, start: Cursor, depth: int, make: Callable[[Cursor], Any], advance: Callable[[Cursor], Cursor],
-                 fetch_ahead: Callable[[Cursor], None] | None = None):
+    def __init__(
+        self,
+        start: Cursor,
+        depth: int,
+        make: Callable[[Cursor], Any],
+        advance: Callable[[Cursor], Cursor],
+        fetch_ahead: Callable[[Cursor], None] | None = None,
+    ):
         self.depth = max(1, int(depth))
         self.make, self.advance, self.fetch_ahead = make, advance, fetch_ahead
         self.expected = start
         self.queue: queue.Queue = queue.Queue(maxsize=self.depth)
         self.stop = threading.Event()
-        self.fetcher = (ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="loader-fetch-ahead")
-                        if fetch_ahead is not None else None)
+        self.fetcher = (
+            ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="loader-fetch-ahead")
+            if fetch_ahead is not None
+            else None
+        )
         self.thread = threading.Thread(target=self._loop, args=(start,), name="loader-prefetch", daemon=True)
         self.thread.start()
 
@@ -52,7 +62,7 @@ class Prefetcher:
             return
         try:
             self.fetch_ahead(cursor)
-        except Exception as e:      # the batch build reports the error where it matters
+        except Exception as e:  # the batch build reports the error where it matters
             log.debug("fetch-ahead of %s failed: %s", cursor, e)
 
     def _loop(self, cursor: Cursor) -> None:
@@ -67,9 +77,9 @@ class Prefetcher:
                 self.fetcher.submit(self._fetch, self._ahead(cursor, ahead))
             try:
                 item = (cursor, self.make(cursor), None)
-            except ReferenceError:           # the loader is gone: nobody will ask for this batch
+            except ReferenceError:  # the loader is gone: nobody will ask for this batch
                 return
-            except BaseException as e:       # handed to the consumer at this batch
+            except BaseException as e:  # handed to the consumer at this batch
                 item = (cursor, None, e)
             while not self.stop.is_set():
                 try:

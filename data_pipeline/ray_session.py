@@ -10,6 +10,7 @@
   random token per process, in a 0600 file in a private temp dir (removed at exit), never logged.
   ``V4_RAY_AUTH=disabled`` is the explicit opt-out (docs/CLUSTER_SECURITY.md).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -25,8 +26,8 @@ from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
-AUTH_OPT_OUT_VAR = "V4_RAY_AUTH"          # "token" (default) or "disabled"
-_local_token_path: str | None = None      # this process's token for the Ray it starts (created once)
+AUTH_OPT_OUT_VAR = "V4_RAY_AUTH"  # "token" (default) or "disabled"
+_local_token_path: str | None = None  # this process's token for the Ray it starts (created once)
 
 
 class RayAuthError(RuntimeError):
@@ -60,16 +61,23 @@ def local_ray_auth() -> None:
     (``RAY_AUTH_TOKEN``) or ``~/.ray/auth_token`` is never used: the Ray this process starts gets its own."""
     global _local_token_path
     if _auth_choice() == "disabled":
-        log.warning("Ray token authentication is disabled (%s=disabled): anyone who can reach this machine's Ray "
-                    "ports can run code as this user", AUTH_OPT_OUT_VAR)
+        log.warning(
+            "Ray token authentication is disabled (%s=disabled): anyone who can reach this machine's Ray "
+            "ports can run code as this user",
+            AUTH_OPT_OUT_VAR,
+        )
         os.environ["RAY_AUTH_MODE"] = "disabled"
         _refresh_ray_auth_config()
         return
     if os.environ.get("RAY_AUTH_MODE", "token") != "token":
-        log.info("RAY_AUTH_MODE=%s in the environment is not used for the local Ray (token auth; the opt-out is "
-                 "%s=disabled)", os.environ["RAY_AUTH_MODE"], AUTH_OPT_OUT_VAR)
+        log.info(
+            "RAY_AUTH_MODE=%s in the environment is not used for the local Ray (token auth; the opt-out is "
+            "%s=disabled)",
+            os.environ["RAY_AUTH_MODE"],
+            AUTH_OPT_OUT_VAR,
+        )
     if _local_token_path is None or not os.path.isfile(_local_token_path):
-        directory = tempfile.mkdtemp(prefix="v4-ray-auth-")          # 0700
+        directory = tempfile.mkdtemp(prefix="v4-ray-auth-")  # 0700
         path = os.path.join(directory, "token")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -105,11 +113,13 @@ def auth_failure_message(address: str) -> str:
         have = f"RAY_AUTH_TOKEN_PATH={os.environ['RAY_AUTH_TOKEN_PATH']}"
     else:
         have = "neither RAY_AUTH_TOKEN_PATH nor RAY_AUTH_TOKEN is set"
-    return (f"the Ray cluster at {address} refused this process's authentication token ({have}; "
-            f"RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', '(unset)')}). Set RAY_AUTH_MODE=token and "
-            "RAY_AUTH_TOKEN_PATH to the cluster's token file: a Slurm data job's is "
-            "LOG_DIR/slurm-<jobid>/ray-auth/token, a `make ray-up` cluster's runs/ray-auth/<cluster_name>/auth_token "
-            "(see docs/CLUSTER_SECURITY.md)")
+    return (
+        f"the Ray cluster at {address} refused this process's authentication token ({have}; "
+        f"RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', '(unset)')}). Set RAY_AUTH_MODE=token and "
+        "RAY_AUTH_TOKEN_PATH to the cluster's token file: a Slurm data job's is "
+        "LOG_DIR/slurm-<jobid>/ray-auth/token, a `make ray-up` cluster's runs/ray-auth/<cluster_name>/auth_token "
+        "(see docs/CLUSTER_SECURITY.md)"
+    )
 
 
 def join_ray_cluster(address: str, **init_kwargs) -> None:
@@ -155,12 +165,20 @@ def start_local_ray(num_cpus: int, object_store_mb: int, attempts: int = 3) -> N
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     local_ray_auth()
-    log.info("starting a local Ray: %d CPUs, %d MB object store, token authentication %s", num_cpus,
-             object_store_mb, "on" if os.environ["RAY_AUTH_MODE"] == "token" else "OFF")
+    log.info(
+        "starting a local Ray: %d CPUs, %d MB object store, token authentication %s",
+        num_cpus,
+        object_store_mb,
+        "on" if os.environ["RAY_AUTH_MODE"] == "token" else "OFF",
+    )
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 1024 * 1024,
-                     include_dashboard=False, log_to_driver=False)
+            ray.init(
+                num_cpus=num_cpus,
+                object_store_memory=object_store_mb * 1024 * 1024,
+                include_dashboard=False,
+                log_to_driver=False,
+            )
             return
         except Exception as e:
             if "timed out during startup" not in str(e) or attempt == attempts:

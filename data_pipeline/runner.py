@@ -20,6 +20,7 @@ Failures: Ray retries a task whose worker or node died (``max_retries``); an exc
 itself (bad configuration, unreadable input the readers cannot quarantine) stops the stage with
 :class:`StageError` naming the task, after the tasks already running have finished and recorded themselves.
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,7 +44,7 @@ class StageError(RuntimeError):
 
 @dataclass
 class Task:
-    id: str                       # unique within the stage; a file name (letters, digits, - _ .)
+    id: str  # unique within the stage; a file name (letters, digits, - _ .)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,23 +62,32 @@ class StageRun:
 
     def row(self) -> dict[str, Any]:
         s = max(self.seconds, 1e-9)
-        return {"name": self.name, "seconds": round(self.seconds, 3), "tasks": self.tasks, "skipped": self.skipped,
-                "documents": self.documents, "bytes": self.bytes, "docs_per_s": self.documents / s,
-                "mb_per_s": self.bytes / 1e6 / s, "worker_peak_rss_mb": self.worker_peak_rss_mb}
+        return {
+            "name": self.name,
+            "seconds": round(self.seconds, 3),
+            "tasks": self.tasks,
+            "skipped": self.skipped,
+            "documents": self.documents,
+            "bytes": self.bytes,
+            "docs_per_s": self.documents / s,
+            "mb_per_s": self.bytes / 1e6 / s,
+            "worker_peak_rss_mb": self.worker_peak_rss_mb,
+        }
 
 
 def _peak_rss_mb() -> float:
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0      # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def _execute(fn: Callable[..., dict], kwargs: dict[str, Any], record_url: str, task_id: str) -> dict:
     """Run one task and write its completion record. Summary keys starting with ``_`` are measurements of this
     run (seconds, memory): returned to the driver, not recorded, so that records are deterministic too."""
     summary = dict(fn(**kwargs) or {})
-    storage.write_json(record_url, {"task": task_id, "summary": {k: v for k, v in summary.items()
-                                                                  if not k.startswith("_")}})
+    storage.write_json(
+        record_url, {"task": task_id, "summary": {k: v for k, v in summary.items() if not k.startswith("_")}}
+    )
     # the worker process's peak memory so far (workers are reused), for the stage's row; not recorded
     return {"summary": summary, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
@@ -131,8 +141,16 @@ class Runner:
 
         return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
-    def run(self, name: str, stage_url: str, fn: Callable[..., dict], tasks: list[Task],
-            num_cpus: float = 1.0, memory_mb: int = 0, output_urls: tuple[str, ...] = ()) -> list[dict]:
+    def run(
+        self,
+        name: str,
+        stage_url: str,
+        fn: Callable[..., dict],
+        tasks: list[Task],
+        num_cpus: float = 1.0,
+        memory_mb: int = 0,
+        output_urls: tuple[str, ...] = (),
+    ) -> list[dict]:
         """Run ``tasks`` of stage ``name`` (records under ``stage_url/_done``); summaries in task order.
         ``output_urls``: where the tasks write, if not under ``stage_url`` (swept of a killed run's partial
         temporary files when the stage resumes)."""
@@ -141,8 +159,9 @@ class Runner:
         if len(set(ids)) != len(ids):
             raise ValueError(f"stage {name}: task ids are not unique")
         done_dir = storage.join(stage_url, DONE)
-        recorded = {u.rsplit("/", 1)[-1].removesuffix(".json") for u in storage.list_files(done_dir)
-                    if u.endswith(".json")}
+        recorded = {
+            u.rsplit("/", 1)[-1].removesuffix(".json") for u in storage.list_files(done_dir) if u.endswith(".json")
+        }
         results: list[dict | None] = [None] * len(tasks)
         todo = []
         for i, t in enumerate(tasks):
@@ -151,12 +170,18 @@ class Runner:
             else:
                 todo.append(i)
         run = StageRun(name, tasks=len(tasks), skipped=len(tasks) - len(todo))
-        if todo and recorded:          # resuming a stage a killed run left unfinished
+        if todo and recorded:  # resuming a stage a killed run left unfinished
             for u in (stage_url, *output_urls):
                 storage.sweep_partial(u)
         if run.skipped:
-            log.info("%s: %d of %d tasks already done (completion records in %s); running %d", name, run.skipped,
-                     len(tasks), done_dir, len(todo))
+            log.info(
+                "%s: %d of %d tasks already done (completion records in %s); running %d",
+                name,
+                run.skipped,
+                len(tasks),
+                done_dir,
+                len(todo),
+            )
         progress = _Progress(name, len(tasks), run.skipped)
         try:
             if self.use_ray:
@@ -174,9 +199,17 @@ class Runner:
         run.seconds = time.time() - t0
         self.runs.append(run)
         row = run.row()
-        log.info("stage %-10s %7.1f s  %5d tasks (%d skipped)  %9d docs  %9.2f MB  %8.0f docs/s  %6.2f MB/s",
-                 name, run.seconds, run.tasks, run.skipped, run.documents, run.bytes / 1e6, row["docs_per_s"],
-                 row["mb_per_s"])
+        log.info(
+            "stage %-10s %7.1f s  %5d tasks (%d skipped)  %9d docs  %9.2f MB  %8.0f docs/s  %6.2f MB/s",
+            name,
+            run.seconds,
+            run.tasks,
+            run.skipped,
+            run.documents,
+            run.bytes / 1e6,
+            row["docs_per_s"],
+            row["mb_per_s"],
+        )
         return results  # type: ignore[return-value]
 
     def _call(self, name: str, fn: Callable[..., dict], task: Task, done_dir: str) -> dict:

@@ -17,29 +17,30 @@ which keeps a Chinese or Japanese document with English terms in it spaceless an
 that quotes a few Chinese words word-based. The decision uses the characters only (no language id), so
 cleaning, MinHash shingles and decontamination agree on every document.
 """
+
 from __future__ import annotations
 
 import re
 
 _RANGES = (
-    "\u0e00-\u0e7f"          # Thai
-    "\u0e80-\u0eff"          # Lao
-    "\u0f00-\u0fff"          # Tibetan
-    "\u1000-\u109f"          # Myanmar
-    "\u1780-\u17ff"          # Khmer
-    "\u19e0-\u19ff"          # Khmer symbols
-    "\u2e80-\u2fdf"          # CJK and Kangxi radicals
-    "\u3005-\u3007"          # 々 〆 〇
-    "\u3021-\u3029\u3038-\u303b"   # Hangzhou numerals, 〻
-    "\u3040-\u309f"          # Hiragana
-    "\u30a0-\u30ff"          # Katakana
-    "\u3100-\u312f\u31a0-\u31bf"   # Bopomofo
-    "\u31f0-\u31ff"          # Katakana phonetic extensions
-    "\u3400-\u4dbf"          # CJK extension A
-    "\u4e00-\u9fff"          # CJK unified ideographs
-    "\ua9e0-\ua9ff\uaa60-\uaa7f"   # Myanmar extensions
-    "\uf900-\ufaff"          # CJK compatibility ideographs
-    "\uff66-\uff9f"          # half-width Katakana
+    "\u0e00-\u0e7f"  # Thai
+    "\u0e80-\u0eff"  # Lao
+    "\u0f00-\u0fff"  # Tibetan
+    "\u1000-\u109f"  # Myanmar
+    "\u1780-\u17ff"  # Khmer
+    "\u19e0-\u19ff"  # Khmer symbols
+    "\u2e80-\u2fdf"  # CJK and Kangxi radicals
+    "\u3005-\u3007"  # 々 〆 〇
+    "\u3021-\u3029\u3038-\u303b"  # Hangzhou numerals, 〻
+    "\u3040-\u309f"  # Hiragana
+    "\u30a0-\u30ff"  # Katakana
+    "\u3100-\u312f\u31a0-\u31bf"  # Bopomofo
+    "\u31f0-\u31ff"  # Katakana phonetic extensions
+    "\u3400-\u4dbf"  # CJK extension A
+    "\u4e00-\u9fff"  # CJK unified ideographs
+    "\ua9e0-\ua9ff\uaa60-\uaa7f"  # Myanmar extensions
+    "\uf900-\ufaff"  # CJK compatibility ideographs
+    "\uff66-\uff9f"  # half-width Katakana
     "\U00020000-\U0003134f"  # CJK extensions B-G and compatibility supplement
 )
 SPACELESS_CHAR = re.compile(f"[{_RANGES}]")

@@ -13,6 +13,7 @@
   read holds a shared lock on its stripe and is skipped by eviction (non-blocking try), so no rank loses a
   file it is reading; the file just fetched is kept even when it alone exceeds the limit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,7 @@ from data_pipeline import storage
 log = logging.getLogger(__name__)
 
 LOCK_STRIPES = 64
-STALE_TMP_S = 3600           # a temporary download file older than this is a killed download's leftover
+STALE_TMP_S = 3600  # a temporary download file older than this is a killed download's leftover
 
 
 class ShardCache:
@@ -39,9 +40,10 @@ class ShardCache:
         try:
             self.locks.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise storage.StorageError(f"{self.root}: cannot create the shard cache ({e}); set data.cache_dir to "
-                                       "a writable local directory") from e
-        self.downloaded = 0          # bytes this process downloaded (benchmarks, logs)
+            raise storage.StorageError(
+                f"{self.root}: cannot create the shard cache ({e}); set data.cache_dir to a writable local directory"
+            ) from e
+        self.downloaded = 0  # bytes this process downloaded (benchmarks, logs)
         self.hits = 0
 
     # ------------------------------------------------------------------------------------------ paths/locks
@@ -71,7 +73,7 @@ class ShardCache:
             self.hits += 1
             return path
         with self._stripe(url, fcntl.LOCK_EX):
-            if not self._usable(path, expected_bytes):       # another rank may have fetched it meanwhile
+            if not self._usable(path, expected_bytes):  # another rank may have fetched it meanwhile
                 t0 = time.monotonic()
                 n = storage.download_file(url, path)
                 self.downloaded += n
@@ -86,10 +88,12 @@ class ShardCache:
             with self._stripe(url, fcntl.LOCK_SH):
                 try:
                     return path.read_bytes()
-                except FileNotFoundError:     # evicted between ensure and read by another rank: fetch again
+                except FileNotFoundError:  # evicted between ensure and read by another rank: fetch again
                     continue
-        raise storage.StorageError(f"{self.root}: {storage.redact(url)} keeps being evicted from the cache right "
-                                   "after download; raise data.cache_limit_gb")
+        raise storage.StorageError(
+            f"{self.root}: {storage.redact(url)} keeps being evicted from the cache right "
+            "after download; raise data.cache_limit_gb"
+        )
 
     def invalidate(self, url: str) -> None:
         """Drop the cached copy of ``url`` (e.g. it failed verification)."""
@@ -150,12 +154,16 @@ class ShardCache:
                 try:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    continue                      # being read or fetched by someone: keep it
+                    continue  # being read or fetched by someone: keep it
                 try:
                     path.unlink(missing_ok=True)
                     total -= nbytes
                 finally:
                     fcntl.flock(f, fcntl.LOCK_UN)
         if total > self.limit:
-            log.warning("shard cache %s holds %.1f MB > limit %.1f MB (files in use); raise data.cache_limit_gb",
-                        self.root, total / 1e6, self.limit / 1e6)
+            log.warning(
+                "shard cache %s holds %.1f MB > limit %.1f MB (files in use); raise data.cache_limit_gb",
+                self.root,
+                total / 1e6,
+                self.limit / 1e6,
+            )

@@ -14,6 +14,7 @@ Partition files (``<stage>/<name>/<key:010d>.<ext>``, key = :func:`~data_pipelin
   tokens), ``train_lens`` / ``val_lens`` int32 (tokens per document) and ``train_langs`` / ``val_langs``.
 - ``sample``: ``.jsonl`` texts drawn for the tokenizer (about ``sample_bytes`` over the whole corpus).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,11 @@ class _Checks:
             flt = MetadataFilter(fcfg)
             self.filter = flt if flt.active else None
         dcfg = settings.get("decontam")
-        self.decontam = _decontaminator(json.dumps(dataclasses.asdict(dcfg), sort_keys=True)) if (
-            dcfg is not None and dcfg.files) else None
+        self.decontam = (
+            _decontaminator(json.dumps(dataclasses.asdict(dcfg), sort_keys=True))
+            if (dcfg is not None and dcfg.files)
+            else None
+        )
         self.min_matches = dcfg.min_matches if dcfg is not None else 1
         self.tag_only = dcfg is not None and dcfg.mode == "tag"
 
@@ -79,8 +83,14 @@ def _decontaminator(dcfg_json: str):
     return decontam.Decontaminator.from_config(DecontamConfig(**json.loads(dcfg_json)))
 
 
-def docs_task(file: dict[str, Any], out_url: str, quarantine_url: str, clean_cfg: CleanConfig,
-              languages: tuple[str, ...] = (), settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def docs_task(
+    file: dict[str, Any],
+    out_url: str,
+    quarantine_url: str,
+    clean_cfg: CleanConfig,
+    languages: tuple[str, ...] = (),
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Ingest and clean one input file into a docs partition; bad input into its quarantine file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -95,14 +105,30 @@ def docs_task(file: dict[str, Any], out_url: str, quarantine_url: str, clean_cfg
     bad: dict[str, int] = {}
     langs: dict[str, int] = {}
     row = ingested = in_bytes = kept_bytes = tagged = 0
-    for batch in read_file(file["path"], file["source"], file["base"], file["kind"], file["text_field"],
-                           file["id_field"], tuple(file.get("metadata_fields", []))):
+    for batch in read_file(
+        file["path"],
+        file["source"],
+        file["base"],
+        file["kind"],
+        file["text_field"],
+        file["id_field"],
+        tuple(file.get("metadata_fields", [])),
+    ):
         for i in range(len(batch["id"])):
             reason = batch["reason"][i]
             if reason:
                 bad[reason] = bad.get(reason, 0) + 1
-                quarantine.append(json.dumps({"reason": reason, "source": file["source"], "location": batch["loc"][i],
-                                              "snippet": batch["text"][i]}, ensure_ascii=False))
+                quarantine.append(
+                    json.dumps(
+                        {
+                            "reason": reason,
+                            "source": file["source"],
+                            "location": batch["loc"][i],
+                            "snippet": batch["text"][i],
+                        },
+                        ensure_ascii=False,
+                    )
+                )
                 continue
             raw = batch["text"][i]
             nbytes = len(raw.encode("utf-8", "surrogatepass"))
@@ -121,25 +147,46 @@ def docs_task(file: dict[str, Any], out_url: str, quarantine_url: str, clean_cfg
             tagged += contaminated
             columns["contaminated"].append(contaminated)
             kept_bytes += len(text.encode("utf-8", "surrogatepass"))
-            for c, v in (("doc_id", doc_row), ("id", batch["id"][i]), ("text", text), ("loc", batch["loc"][i]),
-                         ("lang", lang), ("nbytes", nbytes)):
+            for c, v in (
+                ("doc_id", doc_row),
+                ("id", batch["id"][i]),
+                ("text", text),
+                ("loc", batch["loc"][i]),
+                ("lang", lang),
+                ("nbytes", nbytes),
+            ):
                 columns[c].append(v)
             for c in meta_cols:
                 columns[c].append(batch[c][i])
     ids = make_doc_ids(key, np.asarray(columns["doc_id"], dtype=np.uint64))
     metadata = _metadata_summary(columns, meta_cols)
-    table = pa.table({"doc_id": pa.array(ids, pa.uint64()), "id": pa.array(columns["id"], pa.string()),
-                      "text": pa.array(columns["text"], pa.string()), "loc": pa.array(columns["loc"], pa.string()),
-                      "lang": pa.array(columns["lang"], pa.string()), "nbytes": pa.array(columns["nbytes"], pa.int64()),
-                      "contaminated": pa.array(columns["contaminated"], pa.bool_()),
-                      **{c: pa.array(columns[c], pa.string()) for c in meta_cols}})
+    table = pa.table(
+        {
+            "doc_id": pa.array(ids, pa.uint64()),
+            "id": pa.array(columns["id"], pa.string()),
+            "text": pa.array(columns["text"], pa.string()),
+            "loc": pa.array(columns["loc"], pa.string()),
+            "lang": pa.array(columns["lang"], pa.string()),
+            "nbytes": pa.array(columns["nbytes"], pa.int64()),
+            "contaminated": pa.array(columns["contaminated"], pa.bool_()),
+            **{c: pa.array(columns[c], pa.string()) for c in meta_cols},
+        }
+    )
     with storage.staged_file(out_url, ".parquet") as local:
         pq.write_table(table, local, compression="zstd", row_group_size=4096)
     if quarantine:
         storage.write_bytes(quarantine_url, ("\n".join(quarantine) + "\n").encode("utf-8"))
-    return {"documents": len(ids), "bytes": in_bytes, "ingested": ingested, "kept_bytes": kept_bytes,
-            "quarantine": dict(sorted(bad.items())), "filtered": dict(sorted(reasons.items())),
-            "languages": dict(sorted(langs.items())), "decontam_tagged": tagged, "metadata": metadata}
+    return {
+        "documents": len(ids),
+        "bytes": in_bytes,
+        "ingested": ingested,
+        "kept_bytes": kept_bytes,
+        "quarantine": dict(sorted(bad.items())),
+        "filtered": dict(sorted(reasons.items())),
+        "languages": dict(sorted(langs.items())),
+        "decontam_tagged": tagged,
+        "metadata": metadata,
+    }
 
 
 TOP_DOMAINS = 20
@@ -172,14 +219,15 @@ def read_docs(url: str, columns: list[str]) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------ split + removal
 def _text_hashes(texts) -> np.ndarray:
-    return np.fromiter((xxhash.xxh3_64_intdigest(t.encode("utf-8", "surrogatepass")) for t in texts),
-                       dtype=np.uint64, count=len(texts))
+    return np.fromiter(
+        (xxhash.xxh3_64_intdigest(t.encode("utf-8", "surrogatepass")) for t in texts), dtype=np.uint64, count=len(texts)
+    )
 
 
 def held_out(texts, split: SplitConfig) -> np.ndarray:
     """bool per document: in the validation split (see :class:`~data_pipeline.config.SplitConfig`)."""
     h = _text_hashes(texts)
-    val = h.astype(np.float64) / 2.0 ** 64 < split.val_fraction
+    val = h.astype(np.float64) / 2.0**64 < split.val_fraction
     k = min(split.min_val_docs_per_file, len(h))
     if k:
         val[np.argsort(h, kind="stable")[:k]] = True
@@ -198,16 +246,20 @@ def surviving(docs_url: str, removed_url: str | None, columns: list[str]) -> tup
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
-def sample_task(docs_url: str, removed_url: str | None, out_url: str, fraction: float,
-                split: SplitConfig) -> dict[str, Any]:
+def sample_task(
+    docs_url: str, removed_url: str | None, out_url: str, fraction: float, split: SplitConfig
+) -> dict[str, Any]:
     """Texts for tokenizer training: training-split documents with xxh64(text, seed 7) / 2^64 < fraction
     (a uniform sample over the corpus, not a prefix of its first files)."""
     docs, _ = surviving(docs_url, removed_url, ["text"])
     texts = docs["text"]
     val = held_out(texts, split)
-    h = np.fromiter((xxhash.xxh64_intdigest(t.encode("utf-8", "surrogatepass"), seed=7) for t in texts),
-                    dtype=np.uint64, count=len(texts))
-    pick = (~val) & (h.astype(np.float64) / 2.0 ** 64 < fraction)
+    h = np.fromiter(
+        (xxhash.xxh64_intdigest(t.encode("utf-8", "surrogatepass"), seed=7) for t in texts),
+        dtype=np.uint64,
+        count=len(texts),
+    )
+    pick = (~val) & (h.astype(np.float64) / 2.0**64 < fraction)
     chosen = [t for t, p in zip(texts, pick) if p]
     storage.write_bytes(out_url, "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in chosen).encode())
     nbytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in chosen)
@@ -236,15 +288,20 @@ def _tokenizer(tokenizer_json: str):
     return Tokenizer.from_str(tokenizer_json)
 
 
-def tokens_task(docs_url: str, removed_url: str | None, tokenizer_url: str, out_url: str,
-                split: SplitConfig) -> dict[str, Any]:
+def tokens_task(
+    docs_url: str, removed_url: str | None, tokenizer_url: str, out_url: str, split: SplitConfig
+) -> dict[str, Any]:
     """Filter the partition's duplicates, split off the held-out documents, tokenize both."""
     docs, n_removed = surviving(docs_url, removed_url, ["text", "lang", "nbytes"])
     tok = _tokenizer(storage.read_bytes(tokenizer_url).decode())
     val = held_out(docs["text"], split)
     out: dict[str, np.ndarray] = {}
-    summary: dict[str, Any] = {"documents": int(len(val)), "bytes": int(docs["nbytes"].sum()),
-                               "removed": n_removed, "languages": {}}
+    summary: dict[str, Any] = {
+        "documents": int(len(val)),
+        "bytes": int(docs["nbytes"].sum()),
+        "removed": n_removed,
+        "languages": {},
+    }
     for name, sel in (("train", ~val), ("val", val)):
         texts = [str(t) for t in docs["text"][sel]]
         enc = tok.encode_batch_fast(texts, add_special_tokens=False) if texts else []
@@ -264,8 +321,9 @@ def tokens_task(docs_url: str, removed_url: str | None, tokenizer_url: str, out_
 
 
 # ------------------------------------------------------------------------------------------ pack
-def pack_task(token_urls: list[str], split_name: str, out_url: str, cfg: PackConfig, eos: int,
-              bos: int) -> dict[str, Any]:
+def pack_task(
+    token_urls: list[str], split_name: str, out_url: str, cfg: PackConfig, eos: int, bos: int
+) -> dict[str, Any]:
     """Pack the ``split_name`` documents of consecutive partitions into one MDS part directory."""
     from data_pipeline.pack import MDS_COLUMNS, pack_tokens
     from data_pipeline.streaming_compat import import_streaming
@@ -281,11 +339,21 @@ def pack_task(token_urls: list[str], split_name: str, out_url: str, cfg: PackCon
     shard_bytes = 0
     if samples.shape[0]:
         with storage.staged_dir(out_url) as local:
-            with streaming.MDSWriter(out=local, columns=MDS_COLUMNS, compression=cfg.compression or None,
-                                     hashes=["xxh64"], size_limit=cfg.shard_size_limit, exist_ok=True) as w:
+            with streaming.MDSWriter(
+                out=local,
+                columns=MDS_COLUMNS,
+                compression=cfg.compression or None,
+                hashes=["xxh64"],
+                size_limit=cfg.shard_size_limit,
+                exist_ok=True,
+            ) as w:
                 for row, st in zip(samples, starts):
                     w.write({"tokens": row, "doc_starts": st})
             shard_bytes = sum(f.stat().st_size for f in Path(local).iterdir() if f.name != "index.json")
-    return {"documents": len(docs), "samples": int(samples.shape[0]), "tokens": n_tokens,
-            "dropped_tokens": int(dropped), "bytes": shard_bytes}
-
+    return {
+        "documents": len(docs),
+        "samples": int(samples.shape[0]),
+        "tokens": n_tokens,
+        "dropped_tokens": int(dropped),
+        "bytes": shard_bytes,
+    }

@@ -21,6 +21,7 @@ a rename of a temporary file in the same directory; on object storage a PUT (or 
 upload) is atomic per object. So a reader never sees half a file, which is what the pipeline's completion
 records and the loader's shard cache rely on.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-OP_ATTEMPTS = 3              # whole-operation attempts on a transient error (each request also retried by botocore)
-OP_BACKOFF_S = 0.5           # first backoff; doubled per attempt
+OP_ATTEMPTS = 3  # whole-operation attempts on a transient error (each request also retried by botocore)
+OP_BACKOFF_S = 0.5  # first backoff; doubled per attempt
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
 
@@ -70,13 +71,14 @@ class EndpointUnreachable(StorageError, ConnectionError):
 # URLs
 # ----------------------------------------------------------------------------------------------------
 
+
 def is_remote(url: str | Path) -> bool:
     return "://" in str(url) and not str(url).startswith("file://")
 
 
 def _local(url: str | Path) -> str:
     s = str(url)
-    return s[len("file://"):] if s.startswith("file://") else s
+    return s[len("file://") :] if s.startswith("file://") else s
 
 
 def redact(url: str | Path) -> str:
@@ -134,8 +136,9 @@ def filesystem(url: str | Path):
     try:
         fs = fsspec.filesystem(protocol, **kwargs)
     except (ImportError, ValueError) as e:
-        raise StorageError(f"{redact(url)}: no filesystem for '{protocol}://' ({e}); for s3:// install the "
-                           "pinned s3fs (make setup)") from e
+        raise StorageError(
+            f"{redact(url)}: no filesystem for '{protocol}://' ({e}); for s3:// install the pinned s3fs (make setup)"
+        ) from e
     return fs, fs._strip_protocol(str(url))
 
 
@@ -143,10 +146,32 @@ def filesystem(url: str | Path):
 # errors and retries
 # ----------------------------------------------------------------------------------------------------
 
-_TRANSIENT_NAMES = ("Timeout", "ConnectionClosed", "ConnectionReset", "ServerDisconnected", "ClientPayload",
-                    "IncompleteRead", "ResponseStreaming", "ProtocolError", "ReadTimeout", "ClientOSError")
-_TRANSIENT_CODES = ("SlowDown", "Throttl", "ServiceUnavailable", "InternalError", "RequestTimeout",
-                    "503", "500", "502", "504", "Service Unavailable", "Bad Gateway", "Gateway Timeout")
+_TRANSIENT_NAMES = (
+    "Timeout",
+    "ConnectionClosed",
+    "ConnectionReset",
+    "ServerDisconnected",
+    "ClientPayload",
+    "IncompleteRead",
+    "ResponseStreaming",
+    "ProtocolError",
+    "ReadTimeout",
+    "ClientOSError",
+)
+_TRANSIENT_CODES = (
+    "SlowDown",
+    "Throttl",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "503",
+    "500",
+    "502",
+    "504",
+    "Service Unavailable",
+    "Bad Gateway",
+    "Gateway Timeout",
+)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -159,14 +184,15 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def _unreachable(exc: BaseException) -> bool:
-    return any(type(e).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError")
-               for e in _chain(exc))
+    return any(
+        type(e).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError")
+        for e in _chain(exc)
+    )
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the operation may succeed (network trouble, throttling, server errors)."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                        FileExistsError)):
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
         return False
     for e in _chain(exc):
         if isinstance(e, (TimeoutError, ConnectionError)) or any(n in type(e).__name__ for n in _TRANSIENT_NAMES):
@@ -184,17 +210,25 @@ def translate(exc: BaseException, url: str | Path, op: str) -> StorageError:
     where = redact(url)
     detail = redact(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, FileNotFoundError):
-        hint = ("check the URL and that the object was uploaded (aws s3 ls); for a dataset, rerun the step that "
-                "writes it" if is_remote(url) else "check the path; for a dataset, rerun the step that writes it")
+        hint = (
+            "check the URL and that the object was uploaded (aws s3 ls); for a dataset, rerun the step that writes it"
+            if is_remote(url)
+            else "check the path; for a dataset, rerun the step that writes it"
+        )
         return ObjectNotFound(f"{where}: not found ({op}); {hint}")
     if isinstance(exc, PermissionError) or "AccessDenied" in str(exc) or "Forbidden" in str(exc):
-        hint = ("the credentials in use (AWS_ACCESS_KEY_ID / AWS_PROFILE / instance role) lack permission for this "
-                "bucket or key; grant s3:GetObject/PutObject/ListBucket or use other credentials"
-                if is_remote(url) else "fix the file permissions")
+        hint = (
+            "the credentials in use (AWS_ACCESS_KEY_ID / AWS_PROFILE / instance role) lack permission for this "
+            "bucket or key; grant s3:GetObject/PutObject/ListBucket or use other credentials"
+            if is_remote(url)
+            else "fix the file permissions"
+        )
         return AccessDenied(f"{where}: access denied ({op}); {hint}")
     if _unreachable(exc):
-        return EndpointUnreachable(f"{where}: object store unreachable ({op}: {detail}); check AWS_ENDPOINT_URL "
-                                   f"(now {redact(_endpoint() or 'unset: AWS itself')}) and the network")
+        return EndpointUnreachable(
+            f"{where}: object store unreachable ({op}: {detail}); check AWS_ENDPOINT_URL "
+            f"(now {redact(_endpoint() or 'unset: AWS itself')}) and the network"
+        )
     return StorageError(f"{where}: {op} failed ({detail})")
 
 
@@ -211,8 +245,15 @@ def retrying(op: str, url: str | Path, fn: Callable[[], T], attempts: int | None
         except Exception as e:
             if k < attempts and is_transient(e) and not _unreachable(e):
                 wait = OP_BACKOFF_S * 2 ** (k - 1) * (1 + 0.5 * random.random())
-                log.warning("%s %s: transient error (%s), retry %d/%d in %.1f s", op, redact(url),
-                            type(e).__name__, k, attempts - 1, wait)
+                log.warning(
+                    "%s %s: transient error (%s), retry %d/%d in %.1f s",
+                    op,
+                    redact(url),
+                    type(e).__name__,
+                    k,
+                    attempts - 1,
+                    wait,
+                )
                 time.sleep(wait)
                 continue
             raise translate(e, url, op) from e
@@ -227,6 +268,7 @@ def _remote(op: str, url: str | Path, call: Callable[[Any, str], T]) -> T:
 # ----------------------------------------------------------------------------------------------------
 # the API
 # ----------------------------------------------------------------------------------------------------
+
 
 def exists(url: str | Path) -> bool:
     if not is_remote(url):
@@ -311,8 +353,7 @@ def load_array(url: str | Path) -> np.ndarray:
     try:
         return np.load(io.BytesIO(read_bytes(url)), allow_pickle=False)
     except (ValueError, EOFError) as e:
-        raise StorageError(f"{redact(url)}: corrupt .npy file ({e}); delete it and rerun the step that "
-                           "wrote it") from e
+        raise StorageError(f"{redact(url)}: corrupt .npy file ({e}); delete it and rerun the step that wrote it") from e
 
 
 def makedirs(url: str | Path) -> None:
@@ -334,6 +375,7 @@ def remove(url: str | Path) -> None:
     def rm(fs, path):
         if fs.exists(path):
             fs.rm(path, recursive=True)
+
     _remote("remove", url, rm)
 
 
@@ -359,12 +401,14 @@ def list_files(url: str | Path) -> list[str]:
         if fs.isdir(path):
             return fs.find(path)
         return [path] if fs.exists(path) else []
+
     return sorted(f"{protocol}://{f}" for f in _remote("list", s, find))
 
 
 # ----------------------------------------------------------------------------------------------------
 # transfers
 # ----------------------------------------------------------------------------------------------------
+
 
 def download_file(url: str | Path, local_path: str | Path) -> int:
     """Copy one file or object to ``local_path`` atomically (temporary file in the same directory + rename);
@@ -402,7 +446,7 @@ def copy_tree(src: str | Path, dst: str | Path) -> int:
     files = list_files(src)
     root = str(src).rstrip("/")
     for f in files:
-        rel = f[len(root):].lstrip("/") if is_remote(src) else os.path.relpath(f, _local(src))
+        rel = f[len(root) :].lstrip("/") if is_remote(src) else os.path.relpath(f, _local(src))
         target = join(dst, *rel.split("/")) if is_remote(dst) else join(dst, rel)
         if is_remote(f) and is_remote(target):
             write_bytes(target, read_bytes(f))

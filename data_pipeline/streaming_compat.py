@@ -6,6 +6,7 @@ pulls a CUDA torch. Everything we use lives in ``streaming.base``, so we registe
 namespace package pointing at the installed directory and import ``streaming.base`` from it.
 (docs/STACK.md §9; the same holds for the ``streaming-community`` fork.)
 """
+
 from __future__ import annotations
 
 import importlib
@@ -23,7 +24,8 @@ def import_streaming() -> types.ModuleType:
         if spec is None or not spec.submodule_search_locations:
             raise ImportError(
                 "mosaicml-streaming is not installed; run `make setup` "
-                "(it installs it with --no-deps from requirements-nodeps.txt)")
+                "(it installs it with --no-deps from requirements-nodeps.txt)"
+            )
         pkg = types.ModuleType("streaming")
         pkg.__path__ = list(spec.submodule_search_locations)
         pkg.__file__ = spec.origin

@@ -11,6 +11,7 @@ variant end in the same cluster (same survivor). Recall is measured on pairs wit
 copies; the false-positive rate on pairs with J <= 0.5; ``lost_clusters`` counts clusters whose survivor
 is not among the kept documents (must be 0).
 """
+
 from __future__ import annotations
 
 import string
@@ -29,8 +30,9 @@ class PlantedPair:
     jaccard: float
 
 
-def make_corpus(n_bases: int, targets: tuple[float, ...], seed: int, words: int = 200,
-                ngram: int = 5) -> tuple[list[dict[str, str]], list[PlantedPair]]:
+def make_corpus(
+    n_bases: int, targets: tuple[float, ...], seed: int, words: int = 200, ngram: int = 5
+) -> tuple[list[dict[str, str]], list[PlantedPair]]:
     """``n_bases`` bases; base i gets one variant at target ``targets[i % len(targets)]`` (1.0 = exact copy)."""
     rng = np.random.default_rng(seed)
     letters = np.array(list(string.ascii_lowercase))
@@ -63,6 +65,7 @@ def make_corpus(n_bases: int, targets: tuple[float, ...], seed: int, words: int 
 
 def score(pairs: list[PlantedPair], removed: dict[str, str], all_ids: set[str]) -> dict[str, float]:
     """``removed``: id -> kept_id. Returns recall / false-positive figures per Jaccard band."""
+
     def survivor(doc_id: str) -> str:
         return removed.get(doc_id, doc_id)
 
@@ -78,10 +81,18 @@ def score(pairs: list[PlantedPair], removed: dict[str, str], all_ids: set[str]) 
     low = [p for p in pairs if p.jaccard <= 0.5]
     # ids are b<i>/v<i>: a removal whose survivor is not its planted partner merged unrelated documents
     spurious = sum(1 for d, k in removed.items() if d[1:] != k[1:])
-    out = {"recall_exact": rate(exact), "recall_j_ge_0.9": rate(high),
-           "recall_j_ge_0.9_or_exact": rate(exact + high), "false_positive_j_le_0.5": rate(low),
-           "pairs_exact": len(exact), "pairs_j_ge_0.9": len(high), "pairs_j_le_0.5": len(low),
-           "lost_clusters": lost, "spurious_merges": spurious, "removed": len(removed)}
+    out = {
+        "recall_exact": rate(exact),
+        "recall_j_ge_0.9": rate(high),
+        "recall_j_ge_0.9_or_exact": rate(exact + high),
+        "false_positive_j_le_0.5": rate(low),
+        "pairs_exact": len(exact),
+        "pairs_j_ge_0.9": len(high),
+        "pairs_j_le_0.5": len(low),
+        "lost_clusters": lost,
+        "spurious_merges": spurious,
+        "removed": len(removed),
+    }
     for lo, hi in ((0.0, 0.4), (0.4, 0.5), (0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 0.9)):
         sel = [p for p in pairs if lo < p.jaccard <= hi]
         if sel:

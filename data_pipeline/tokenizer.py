@@ -5,6 +5,7 @@ its own partition of deduplicated training documents, by a hash of the text (fra
 bytes): uniform over the corpus and its sources, not a prefix of the first files. Training runs in one
 Ray task (``tokenizers`` trains in one process).
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,13 +36,21 @@ def train_bpe(texts: Iterable[str], cfg: TokenizerConfig):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = [cfg.pad, cfg.bos, cfg.eos]
-    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
-                                  special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=True,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     if tok.get_vocab_size() < cfg.vocab_size:
-        log.warning("tokenizer: the sample supports only %d tokens (< vocab_size %d); the model's embedding "
-                    "keeps vocab_size rows", tok.get_vocab_size(), cfg.vocab_size)
+        log.warning(
+            "tokenizer: the sample supports only %d tokens (< vocab_size %d); the model's embedding "
+            "keeps vocab_size rows",
+            tok.get_vocab_size(),
+            cfg.vocab_size,
+        )
     return tok
 
 
@@ -69,7 +78,8 @@ def special_ids(tok, cfg: TokenizerConfig) -> SpecialIds:
         token = getattr(cfg, name)
         tid = tok.token_to_id(token)
         if tid is None:
-            raise TokenizerError(f"tokenizer has no {name.upper()} token '{token}'; set tokenizer.{name} to one "
-                                 f"of its special tokens")
+            raise TokenizerError(
+                f"tokenizer has no {name.upper()} token '{token}'; set tokenizer.{name} to one of its special tokens"
+            )
         ids[name] = tid
     return SpecialIds(**ids)

@@ -31,6 +31,7 @@ Registered in ``ops.dispatch`` as the ``blocked`` backend of ``hybrid_attention`
 no Triton kernel applies (CPU). Correctness: ``tests/test_ops_blocked_attention.py`` (against the reference and
 float64 gradcheck).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -43,7 +44,7 @@ from ops.sparse_attention import _window_blocks, check_attention_inputs
 
 __all__ = ["blocked_hybrid_attention", "blocked_compressed_attention_mass", "CHUNK_ELEMENTS"]
 
-CHUNK_ELEMENTS = 1 << 24      # elements of the largest per-chunk temporary (64 MiB in fp32)
+CHUNK_ELEMENTS = 1 << 24  # elements of the largest per-chunk temporary (64 MiB in fp32)
 # Gather the K selected entries of a query iff H·span > GATHER_COST·K: the dense span costs H·span·D
 # multiply-adds per query at matmul speed; the gather moves K·D values per query several times (gather, two
 # products forward, three backward, scatter-add) in per-query products with only H rows. Measured on one
@@ -59,15 +60,24 @@ BF16_PRODUCTS = True
 class _Plan:
     """What forward and backward share: shapes, window blocks, chunking, and the padded fp32/fp64 inputs."""
 
-    def __init__(self, q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, comp_kv: Optional[torch.Tensor],
-                 window: int, seg_start: Optional[torch.Tensor], comp_lo: Optional[torch.Tensor],
-                 comp_hi: Optional[torch.Tensor], comp_idx: Optional[torch.Tensor]):
+    def __init__(
+        self,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        sinks: torch.Tensor,
+        comp_kv: Optional[torch.Tensor],
+        window: int,
+        seg_start: Optional[torch.Tensor],
+        comp_lo: Optional[torch.Tensor],
+        comp_hi: Optional[torch.Tensor],
+        comp_idx: Optional[torch.Tensor],
+    ):
         B, S, H, D = q.shape
         self.B, self.S, self.H, self.D = B, S, H, D
         self.cdt = torch.promote_types(q.dtype, torch.float32)
         # dtype of the matmul operands (``BF16_PRODUCTS``); results are cast to cdt right after each product
         self.mdt = q.dtype if (q.dtype == torch.bfloat16 and BF16_PRODUCTS) else self.cdt
-        self.Q, self.nb, self.ok = _window_blocks(S, window, seg_start, q.device, B)   # ok [B|1, nb, Q, 2Q]
+        self.Q, self.nb, self.ok = _window_blocks(S, window, seg_start, q.device, B)  # ok [B|1, nb, Q, 2Q]
         self.Sp = Sp = self.nb * self.Q
         self.has_comp = comp_kv is not None and comp_kv.shape[1] > 0
         K = comp_idx.shape[-1] if (self.has_comp and comp_idx is not None) else 0
@@ -75,8 +85,8 @@ class _Plan:
         rows = max(self.Q, CHUNK_ELEMENTS // max(1, B * per_query))
         self.blocks_per_chunk = max(1, rows // self.Q)
         self.q_pad = _pad_rows(q.to(self.mdt), Sp, 0.0)
-        kv_pad = F.pad(kv.to(self.mdt), (0, 0, self.Q, Sp - S))                          # [B, Q + Sp, D]
-        self.kv_bands = kv_pad.unfold(1, 2 * self.Q, self.Q).transpose(-1, -2)          # [B, nb, 2Q, D] (view)
+        kv_pad = F.pad(kv.to(self.mdt), (0, 0, self.Q, Sp - S))  # [B, Q + Sp, D]
+        self.kv_bands = kv_pad.unfold(1, 2 * self.Q, self.Q).transpose(-1, -2)  # [B, nb, 2Q, D] (view)
         self.sinks = sinks.to(self.cdt)
         self.ck = comp_kv.to(self.mdt) if self.has_comp else None
         self.lo, self.hi = _pad_rows(comp_lo, Sp, 0), _pad_rows(comp_hi, Sp, 0)
@@ -98,9 +108,10 @@ class _Plan:
         """Logits of the queries of blocks [i0, i1), [B, C, H, 2Q + K|span + 1] (window band, compressed, sink)."""
         B, H, D, Q = self.B, self.H, self.D, self.Q
         nbc = i1 - i0
-        q_c = self.q_pad[:, i0 * Q:i1 * Q]
-        z_win = torch.einsum("biqhd,bikd->biqhk", q_c.view(B, nbc, Q, H, D),
-                             self.kv_bands[:, i0:i1]).to(self.cdt) * scale
+        q_c = self.q_pad[:, i0 * Q : i1 * Q]
+        z_win = (
+            torch.einsum("biqhd,bikd->biqhk", q_c.view(B, nbc, Q, H, D), self.kv_bands[:, i0:i1]).to(self.cdt) * scale
+        )
         z_win = z_win.masked_fill_(~self.ok[:, i0:i1, :, None, :], float("-inf")).view(B, nbc * Q, H, 2 * Q)
         parts = [z_win]
         if comp is not None:
@@ -120,10 +131,17 @@ def _pad_rows(x: Optional[torch.Tensor], rows: int, value: float) -> Optional[to
 class _Compressed:
     """The compressed entries one chunk of queries scores: gathered top-k rows or a dense span with a mask."""
 
-    def __init__(self, ck: torch.Tensor, lo: Optional[torch.Tensor], hi: Optional[torch.Tensor],
-                 idx: Optional[torch.Tensor], heads: int, cdt: torch.dtype):
+    def __init__(
+        self,
+        ck: torch.Tensor,
+        lo: Optional[torch.Tensor],
+        hi: Optional[torch.Tensor],
+        idx: Optional[torch.Tensor],
+        heads: int,
+        cdt: torch.dtype,
+    ):
         B, N, D = ck.shape
-        self.cdt = cdt                  # results' dtype (ck, the operands, may be bf16: see BF16_PRODUCTS)
+        self.cdt = cdt  # results' dtype (ck, the operands, may be bf16: see BF16_PRODUCTS)
         self.gather = False
         if idx is not None:
             valid = idx >= 0
@@ -137,7 +155,7 @@ class _Compressed:
             if heads * (mx - mn) > GATHER_COST * idx.shape[-1]:  # sparse enough: gather K entries per query
                 self.gather = True
                 self.valid = valid
-                self.safe = idx.clamp(min=0)                     # [B, C, K]
+                self.safe = idx.clamp(min=0)  # [B, C, K]
                 C, K = idx.shape[1], idx.shape[2]
                 self.keys = torch.gather(ck, 1, self.safe.reshape(B, C * K, 1).expand(-1, -1, D)).view(B, C, K, D)
                 return
@@ -151,8 +169,8 @@ class _Compressed:
             mx = max(mn, int(hi.max()))
             self.span = (mn, mx)
             n = torch.arange(mn, mx, device=lo.device)
-            self.mask = (n >= lo[..., None]) & (n < hi[..., None])   # [B, C, span]
-        self.keys = ck[:, self.span[0]:self.span[1]]               # [B, span, D]
+            self.mask = (n >= lo[..., None]) & (n < hi[..., None])  # [B, C, span]
+        self.keys = ck[:, self.span[0] : self.span[1]]  # [B, span, D]
 
     def scores(self, qc: torch.Tensor, scale: float) -> torch.Tensor:
         """z_c [B, C, H, K|span] with -inf where the entry is not attended."""
@@ -175,29 +193,31 @@ class _Compressed:
             return torch.einsum("bqhd,bqkd->bqhk", go, self.keys).to(self.cdt)
         return torch.einsum("bqhd,bnd->bqhn", go, self.keys).to(self.cdt)
 
-    def backward(self, ds: torch.Tensor, p: torch.Tensor, qc: torch.Tensor, go: torch.Tensor, scale: float,
-                 dck: torch.Tensor) -> torch.Tensor:
+    def backward(
+        self, ds: torch.Tensor, p: torch.Tensor, qc: torch.Tensor, go: torch.Tensor, scale: float, dck: torch.Tensor
+    ) -> torch.Tensor:
         """Adds the entries' gradient into ``dck`` [B, N, D] (cdt); returns this part's dq [B, C, H, D] (cdt).
         ``qc`` and ``go`` are in the operand dtype, ``ds`` and ``p`` in cdt."""
         mdt, cdt = self.keys.dtype, self.cdt
         ds_m, dss_m, p_m = ds.to(mdt), (ds * scale).to(mdt), p.to(mdt)
         if self.gather:
             dq = torch.einsum("bqhk,bqkd->bqhd", ds_m, self.keys).to(cdt) * scale
-            dkeys = (torch.einsum("bqhk,bqhd->bqkd", dss_m, qc).to(cdt)
-                     + torch.einsum("bqhk,bqhd->bqkd", p_m, go).to(cdt))
+            dkeys = torch.einsum("bqhk,bqhd->bqkd", dss_m, qc).to(cdt) + torch.einsum("bqhk,bqhd->bqkd", p_m, go).to(
+                cdt
+            )
             B, C, K, D = dkeys.shape
             dck.scatter_add_(1, self.safe.reshape(B, C * K, 1).expand(-1, -1, D), dkeys.reshape(B, C * K, D))
             return dq
         dq = torch.einsum("bqhn,bnd->bqhd", ds_m, self.keys).to(cdt) * scale
         lo, hi = self.span
         if hi > lo:
-            dck[:, lo:hi] += (torch.einsum("bqhn,bqhd->bnd", dss_m, qc).to(cdt)
-                              + torch.einsum("bqhn,bqhd->bnd", p_m, go).to(cdt))
+            dck[:, lo:hi] += torch.einsum("bqhn,bqhd->bnd", dss_m, qc).to(cdt) + torch.einsum(
+                "bqhn,bqhd->bnd", p_m, go
+            ).to(cdt)
         return dq
 
 
 class _BlockedHybridAttention(torch.autograd.Function):
-
     @staticmethod
     def forward(ctx, q, kv, sinks, comp_kv, scale, window, seg_start, comp_lo, comp_hi, comp_idx):
         plan = _Plan(q, kv, sinks, comp_kv, window, seg_start, comp_lo, comp_hi, comp_idx)
@@ -210,10 +230,17 @@ class _BlockedHybridAttention(torch.autograd.Function):
             z = plan.scores(i0, i1, scale, comp)
             l_c = torch.logsumexp(z, dim=-1)
             p = torch.exp(z - l_c[..., None])
-            o_c = torch.einsum("biqhk,bikd->biqhd", p[..., :2 * Q].reshape(B, nbc, Q, H, 2 * Q).to(plan.mdt),
-                               plan.kv_bands[:, i0:i1]).to(plan.cdt).reshape(B, nbc * Q, H, D)
+            o_c = (
+                torch.einsum(
+                    "biqhk,bikd->biqhd",
+                    p[..., : 2 * Q].reshape(B, nbc, Q, H, 2 * Q).to(plan.mdt),
+                    plan.kv_bands[:, i0:i1],
+                )
+                .to(plan.cdt)
+                .reshape(B, nbc * Q, H, D)
+            )
             if comp is not None:
-                o_c = o_c + comp.apply(p[..., 2 * Q:-1])
+                o_c = o_c + comp.apply(p[..., 2 * Q : -1])
             o[:, r0:r1] = o_c
             lse[:, r0:r1] = l_c
         o_out = o[:, :S].to(q.dtype)
@@ -229,11 +256,11 @@ class _BlockedHybridAttention(torch.autograd.Function):
         plan = _Plan(q, kv, sinks, comp_kv, ctx.window, seg_start, comp_lo, comp_hi, comp_idx)
         B, S, H, D, Q, Sp, cdt, mdt = plan.B, plan.S, plan.H, plan.D, plan.Q, plan.Sp, plan.cdt, plan.mdt
         g_o = g_o.to(cdt)
-        go = _pad_rows(g_o.to(mdt), Sp, 0.0)                                      # operand of the products
-        delta = _pad_rows((g_o * o.to(cdt)).sum(-1) - g_lse.to(cdt), Sp, 0.0)              # [B, Sp, H]
+        go = _pad_rows(g_o.to(mdt), Sp, 0.0)  # operand of the products
+        delta = _pad_rows((g_o * o.to(cdt)).sum(-1) - g_lse.to(cdt), Sp, 0.0)  # [B, Sp, H]
         lse_p = _pad_rows(lse.to(cdt), Sp, 0.0)
         dq = torch.empty(B, Sp, H, D, dtype=cdt, device=q.device)
-        dkv = torch.zeros(B, plan.nb + 1, Q, D, dtype=cdt, device=q.device)    # kv_pad in blocks of Q rows
+        dkv = torch.zeros(B, plan.nb + 1, Q, D, dtype=cdt, device=q.device)  # kv_pad in blocks of Q rows
         dck = torch.zeros(plan.ck.shape, dtype=cdt, device=q.device) if plan.has_comp else None
         dsink = torch.zeros(H, dtype=cdt, device=q.device)
         for i0, i1 in plan.chunks():
@@ -246,32 +273,50 @@ class _BlockedHybridAttention(torch.autograd.Function):
             dsink -= (p[..., -1] * dl).sum(dim=(0, 1))
             # window band
             go_blk = go_c.view(B, nbc, Q, H, D)
-            p_win = p[..., :2 * Q].reshape(B, nbc, Q, H, 2 * Q)
+            p_win = p[..., : 2 * Q].reshape(B, nbc, Q, H, 2 * Q)
             ds_win = p_win * (torch.einsum("biqhd,bikd->biqhk", go_blk, kv_blk).to(cdt) - dl.view(B, nbc, Q, H, 1))
             dq_c = torch.einsum("biqhk,bikd->biqhd", ds_win.to(mdt), kv_blk).to(cdt).reshape(B, nbc * Q, H, D) * scale
-            dband = (torch.einsum("biqhk,biqhd->bikd", (ds_win * scale).to(mdt), q_c.view(B, nbc, Q, H, D)).to(cdt)
-                     + torch.einsum("biqhk,biqhd->bikd", p_win.to(mdt), go_blk).to(cdt))       # [B, nbc, 2Q, D]
+            dband = torch.einsum("biqhk,biqhd->bikd", (ds_win * scale).to(mdt), q_c.view(B, nbc, Q, H, D)).to(
+                cdt
+            ) + torch.einsum("biqhk,biqhd->bikd", p_win.to(mdt), go_blk).to(cdt)  # [B, nbc, 2Q, D]
             dkv[:, i0:i1] += dband[:, :, :Q]
-            dkv[:, i0 + 1:i1 + 1] += dband[:, :, Q:]
+            dkv[:, i0 + 1 : i1 + 1] += dband[:, :, Q:]
             if comp is not None:
-                p_c = p[..., 2 * Q:-1]
+                p_c = p[..., 2 * Q : -1]
                 ds_c = p_c * (comp.dp(go_c) - dl[..., None])
                 dq_c = dq_c + comp.backward(ds_c, p_c, q_c, go_c, scale, dck)
             dq[:, r0:r1] = dq_c
-        d_kv = dkv.view(B, (plan.nb + 1) * Q, D)[:, Q:Q + S]
-        return (dq[:, :S].to(q.dtype), d_kv.to(kv.dtype), dsink.to(sinks.dtype),
-                None if dck is None else dck.to(comp_kv.dtype), None, None, None, None, None, None)
+        d_kv = dkv.view(B, (plan.nb + 1) * Q, D)[:, Q : Q + S]
+        return (
+            dq[:, :S].to(q.dtype),
+            d_kv.to(kv.dtype),
+            dsink.to(sinks.dtype),
+            None if dck is None else dck.to(comp_kv.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def blocked_hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, scale: float, window: int,
-                             seg_start: Optional[torch.Tensor] = None, comp_kv: Optional[torch.Tensor] = None,
-                             comp_lo: Optional[torch.Tensor] = None, comp_hi: Optional[torch.Tensor] = None,
-                             comp_idx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def blocked_hybrid_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sinks: torch.Tensor,
+    scale: float,
+    window: int,
+    seg_start: Optional[torch.Tensor] = None,
+    comp_kv: Optional[torch.Tensor] = None,
+    comp_lo: Optional[torch.Tensor] = None,
+    comp_hi: Optional[torch.Tensor] = None,
+    comp_idx: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for ``ops.sparse_attention.hybrid_attention`` (same arguments, shapes, dtypes and results up to
     floating-point summation order); see the module docstring for how it is evaluated."""
     check_attention_inputs(q, kv, sinks, comp_kv, comp_lo, comp_hi, comp_idx)
-    return _BlockedHybridAttention.apply(q, kv, sinks, comp_kv, scale, window, seg_start, comp_lo, comp_hi,
-                                         comp_idx)
+    return _BlockedHybridAttention.apply(q, kv, sinks, comp_kv, scale, window, seg_start, comp_lo, comp_hi, comp_idx)
 
 
 # [B, C, H, span] temporaries of the mass (CPU 16 MiB fp32: no fresh mmap per chunk)
@@ -279,8 +324,9 @@ MASS_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}
 
 
 @torch.no_grad()
-def blocked_compressed_attention_mass(q: torch.Tensor, comp_kv: torch.Tensor, lse: torch.Tensor, scale: float,
-                                      entry_mask: torch.Tensor) -> torch.Tensor:
+def blocked_compressed_attention_mass(
+    q: torch.Tensor, comp_kv: torch.Tensor, lse: torch.Tensor, scale: float, entry_mask: torch.Tensor
+) -> torch.Tensor:
     """Drop-in for ``ops.sparse_attention.compressed_attention_mass`` (the indexer's KL target
     ``Σ_h e^{scale·q_{t,h}·c_n − lse_{t,h}}`` on the entries of ``entry_mask``, 0 elsewhere).
 
@@ -296,7 +342,7 @@ def blocked_compressed_attention_mass(q: torch.Tensor, comp_kv: torch.Tensor, ls
     if N == 0 or S == 0:
         return out
     ck = comp_kv.to(cdt)
-    any_query = entry_mask.any(dim=0)                                    # [S, N]
+    any_query = entry_mask.any(dim=0)  # [S, N]
     rows = chunk_rows(MASS_CHUNK_ELEMENTS, B * H * N, q.device)
     for t0 in range(0, S, rows):
         t1 = min(S, t0 + rows)
@@ -305,7 +351,7 @@ def blocked_compressed_attention_mass(q: torch.Tensor, comp_kv: torch.Tensor, ls
             continue
         n0, n1 = int(used[0]), int(used[-1]) + 1
         z = torch.einsum("bthd,bnd->bthn", q[:, t0:t1].to(cdt), ck[:, n0:n1]).mul_(scale)
-        p = z.sub_(lse[:, t0:t1, :, None].to(cdt)).exp_().sum(dim=2)    # [B, C, span]
+        p = z.sub_(lse[:, t0:t1, :, None].to(cdt)).exp_().sum(dim=2)  # [B, C, span]
         m = entry_mask[:, t0:t1, n0:n1]
         out[:, t0:t1, n0:n1] = torch.where(m, p, torch.zeros((), dtype=cdt, device=q.device))
     return out

@@ -16,6 +16,7 @@ fit ``CHUNK_ELEMENTS``, and the backward recomputes d per chunk:
 Registered in ``ops.dispatch`` as the ``blocked`` backend of ``indexer_scores``. Correctness:
 ``tests/test_ops_blocked_misc.py`` (against the reference, float64 gradcheck).
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,18 +38,17 @@ def _chunks(B: int, S: int, H: int, N: int, device: torch.device):
 
 
 class _BlockedIndexerScores(torch.autograd.Function):
-
     @staticmethod
     def forward(ctx, q, keys, weights):
         B, S, H, c = q.shape
         N = keys.shape[1]
         cdt = torch.promote_types(q.dtype, torch.float32)
         k = keys.to(cdt)
-        w = weights.to(cdt) * H ** -0.5
+        w = weights.to(cdt) * H**-0.5
         out = torch.empty(B, S, N, dtype=cdt, device=q.device)
         for t0, t1 in _chunks(B, S, H, N, q.device):
             d = torch.einsum("bthc,bnc->bthn", q[:, t0:t1].to(cdt), k).relu_()
-            out[:, t0:t1] = torch.einsum("bthn,bth->btn", d, w[:, t0:t1]) * c ** -0.5
+            out[:, t0:t1] = torch.einsum("bthn,bth->btn", d, w[:, t0:t1]) * c**-0.5
         ctx.save_for_backward(q, keys, weights)
         return out
 
@@ -59,8 +59,8 @@ class _BlockedIndexerScores(torch.autograd.Function):
         N = keys.shape[1]
         cdt = torch.promote_types(q.dtype, torch.float32)
         k = keys.to(cdt)
-        a = c ** -0.5
-        w = weights.to(cdt) * H ** -0.5
+        a = c**-0.5
+        w = weights.to(cdt) * H**-0.5
         g_out = g_out.to(cdt)
         dq = torch.empty(B, S, H, c, dtype=cdt, device=q.device)
         dk = torch.zeros(B, N, c, dtype=cdt, device=q.device)
@@ -68,7 +68,7 @@ class _BlockedIndexerScores(torch.autograd.Function):
         for t0, t1 in _chunks(B, S, H, N, q.device):
             q_c, g_c = q[:, t0:t1].to(cdt), g_out[:, t0:t1]
             d = torch.einsum("bthc,bnc->bthn", q_c, k).relu_()
-            dw[:, t0:t1] = torch.einsum("bthn,btn->bth", d, g_c) * (a * H ** -0.5)
+            dw[:, t0:t1] = torch.einsum("bthn,btn->bth", d, g_c) * (a * H**-0.5)
             # g = a w' 1[d > 0] ∂I, built in d's storage (ReLU(d) > 0 iff d > 0)
             gd = d.gt_(0).mul_(g_c[:, :, None, :]).mul_((w[:, t0:t1] * a)[..., None])
             dq[:, t0:t1] = torch.einsum("bthn,bnc->bthc", gd, k)

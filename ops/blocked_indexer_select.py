@@ -24,6 +24,7 @@ Invisible entries are -inf and come out as -1. No gradient (selection is not dif
 Registered in ``ops.dispatch`` as the ``blocked`` backend of ``indexer_select``; correctness:
 ``tests/test_long_context_ops.py`` (equal to the reference, ties included).
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -81,13 +82,14 @@ def _ordered(vals: torch.Tensor, idx: torch.Tensor, kk: int) -> tuple[torch.Tens
     (distinct keys, so ``torch.topk`` on them is exact and deterministic — the Triton kernel's key); other
     dtypes: a sort by index, then a stable sort by descending score."""
     if vals.dtype == torch.float32:
-        bits = (vals + 0.0).view(torch.int32)                   # + 0.0: -0.0 -> +0.0 (equal scores, equal keys)
+        bits = (vals + 0.0).view(torch.int32)  # + 0.0: -0.0 -> +0.0 (equal scores, equal keys)
         ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
         key = ordered * (1 << 32) + ((1 << 32) - 1 - idx.clamp(min=0))
         pos = torch.topk(key, min(kk, key.shape[-1]), dim=-1, sorted=True).indices
         return vals.gather(-1, pos), idx.gather(-1, pos)
-    by_idx = torch.sort(torch.where(torch.isneginf(vals), torch.iinfo(torch.int64).max, idx), dim=-1,
-                        stable=True).indices
+    by_idx = torch.sort(
+        torch.where(torch.isneginf(vals), torch.iinfo(torch.int64).max, idx), dim=-1, stable=True
+    ).indices
     vals, idx = vals.gather(-1, by_idx), idx.gather(-1, by_idx)
     order = torch.sort(vals, dim=-1, descending=True, stable=True).indices[..., :kk]
     return vals.gather(-1, order), idx.gather(-1, order)
@@ -112,8 +114,14 @@ def _tile_topk(sc: torch.Tensor, s0: int, kb: int) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def blocked_indexer_select(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, visible_lo: torch.Tensor,
-                           visible_hi: torch.Tensor, k: int) -> torch.Tensor:
+def blocked_indexer_select(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    weights: torch.Tensor,
+    visible_lo: torch.Tensor,
+    visible_hi: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
     """Drop-in for the reference ``indexer_select`` (q [B,S,H,c], keys [B,N,c], weights [B,S,H], lo/hi [B,S]
     -> int64 [B, S, min(k, N)]); see the module docstring. Equal to the reference whenever the scores of the
     two agree bit for bit (same evaluation order as ``ops.blocked_indexer``)."""
@@ -125,16 +133,16 @@ def blocked_indexer_select(q: torch.Tensor, keys: torch.Tensor, weights: torch.T
     if kk <= 0 or S == 0:
         return out
     cdt = torch.promote_types(q.dtype, torch.float32)
-    a = c ** -0.5
+    a = c**-0.5
     kf = keys.to(cdt)
-    w = weights.to(cdt) * H ** -0.5
+    w = weights.to(cdt) * H**-0.5
     nb = key_block(q.device)
     for t0, t1 in query_chunks(S, B * H * min(N, nb), q.device):
         lo, hi = visible_lo[:, t0:t1], visible_hi[:, t0:t1]
         q_c, w_c = q[:, t0:t1].to(cdt), w[:, t0:t1]
         best_v = torch.full((B, t1 - t0, 0), float("-inf"), dtype=cdt, device=q.device)
         best_i = torch.full((B, t1 - t0, 0), -1, dtype=torch.long, device=q.device)
-        all_lo, all_hi = int(lo.max()), int(hi.min())       # entries in [all_lo, all_hi) are visible to all
+        all_lo, all_hi = int(lo.max()), int(hi.min())  # entries in [all_lo, all_hi) are visible to all
         for s0, s1 in key_blocks(lo, hi, nb):
             sc = tile_scores(q_c, kf[:, s0:s1], w_c, a)
             if s0 < all_lo or s1 > all_hi:

@@ -27,6 +27,7 @@ t's segment, which in this order is the contiguous range ``visible_lo[t] <= n < 
 
 Ops registered in ``ops.dispatch``: ``compressor_pool``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,12 +37,12 @@ import torch
 
 from ops.dispatch import register
 
-__all__ = ["segment_starts", "document_positions", "CompressedLayout", "compressed_layout",
-           "compressor_pool"]
+__all__ = ["segment_starts", "document_positions", "CompressedLayout", "compressed_layout", "compressor_pool"]
 
 
-def segment_starts(doc_ids: Optional[torch.Tensor], batch: int, seq_len: int,
-                   device: torch.device | None = None) -> torch.Tensor:
+def segment_starts(
+    doc_ids: Optional[torch.Tensor], batch: int, seq_len: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Index of the first token of each token's segment: int64 [B, S] (zeros when ``doc_ids`` is None).
 
     A segment is a maximal run of equal ``doc_ids`` values along the sequence.
@@ -49,8 +50,10 @@ def segment_starts(doc_ids: Optional[torch.Tensor], batch: int, seq_len: int,
     if doc_ids is None:
         return torch.zeros(batch, seq_len, dtype=torch.long, device=device)
     if doc_ids.dim() != 2 or tuple(doc_ids.shape) != (batch, seq_len):
-        raise ValueError(f"doc_ids must have shape [B, S] = [{batch}, {seq_len}] (one document index per "
-                         f"token), got {tuple(doc_ids.shape)}")
+        raise ValueError(
+            f"doc_ids must have shape [B, S] = [{batch}, {seq_len}] (one document index per "
+            f"token), got {tuple(doc_ids.shape)}"
+        )
     t = torch.arange(seq_len, device=doc_ids.device)
     change = torch.ones_like(doc_ids, dtype=torch.bool)
     change[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -102,14 +105,14 @@ def compressed_layout(seg_start: torch.Tensor, position_ids: torch.Tensor, rate:
     B, S = seg_start.shape
     dev = seg_start.device
     t = torch.arange(S, device=dev)
-    local = t - seg_start                                   # position inside the segment
-    ends = ((local + 1) % rate == 0)                        # token t closes a complete block
-    count = torch.cumsum(ends.long(), dim=1)                # entries ending at or before t
-    count_before = count - ends.long()                      # entries ending strictly before t
+    local = t - seg_start  # position inside the segment
+    ends = (local + 1) % rate == 0  # token t closes a complete block
+    count = torch.cumsum(ends.long(), dim=1)  # entries ending at or before t
+    count_before = count - ends.long()  # entries ending strictly before t
     visible_hi = count
-    visible_lo = count_before.gather(1, seg_start)          # entries that end before t's segment starts
+    visible_lo = count_before.gather(1, seg_start)  # entries that end before t's segment starts
     N = S // rate
-    slot = torch.where(ends, count - 1, torch.full_like(count, N))   # slot N = discard column
+    slot = torch.where(ends, count - 1, torch.full_like(count, N))  # slot N = discard column
     start_tok = (t - rate + 1).expand(B, S)
     block_start = torch.full((B, N + 1), -1, dtype=torch.long, device=dev)
     block_start.scatter_(1, slot, torch.where(ends, start_tok, torch.full_like(start_tok, -1)))
@@ -118,12 +121,23 @@ def compressed_layout(seg_start: torch.Tensor, position_ids: torch.Tensor, rate:
     safe = block_start.clamp(min=0)
     prev_valid = valid & (local.gather(1, safe) >= rate)
     entry_position = torch.where(valid, position_ids.long().gather(1, safe), torch.zeros_like(safe))
-    return CompressedLayout(rate=rate, block_start=block_start, prev_valid=prev_valid,
-                            entry_position=entry_position, visible_lo=visible_lo, visible_hi=visible_hi)
+    return CompressedLayout(
+        rate=rate,
+        block_start=block_start,
+        prev_valid=prev_valid,
+        entry_position=entry_position,
+        visible_lo=visible_lo,
+        visible_hi=visible_hi,
+    )
 
 
-def compressor_pool(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tensor,
-                    block_start: torch.Tensor, prev_valid: Optional[torch.Tensor]) -> torch.Tensor:
+def compressor_pool(
+    kv: torch.Tensor,
+    gate: torch.Tensor,
+    position_bias: torch.Tensor,
+    block_start: torch.Tensor,
+    prev_valid: Optional[torch.Tensor],
+) -> torch.Tensor:
     """Gated per-channel softmax pooling of blocks into compressed entries (reference).
 
     Args:
@@ -140,13 +154,15 @@ def compressor_pool(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.T
     Differentiable w.r.t. kv, gate and position_bias.
     """
     if kv.dim() != 3 or gate.shape != kv.shape:
-        raise ValueError(f"compressor_pool: kv and gate must both be [B, S, C]; got {tuple(kv.shape)} "
-                         f"and {tuple(gate.shape)}")
+        raise ValueError(
+            f"compressor_pool: kv and gate must both be [B, S, C]; got {tuple(kv.shape)} and {tuple(gate.shape)}"
+        )
     B, S, C = kv.shape
     m = position_bias.shape[0]
     if position_bias.shape != (m, C):
-        raise ValueError(f"compressor_pool: position_bias must be [rate, C] = [{m}, {C}], "
-                         f"got {tuple(position_bias.shape)}")
+        raise ValueError(
+            f"compressor_pool: position_bias must be [rate, C] = [{m}, {C}], got {tuple(position_bias.shape)}"
+        )
     if block_start.dim() != 2 or block_start.shape[0] != B:
         raise ValueError(f"compressor_pool: block_start must be [B, N] with B={B}, got {tuple(block_start.shape)}")
     overlap = prev_valid is not None
@@ -157,21 +173,21 @@ def compressor_pool(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.T
     cdt = torch.promote_types(kv.dtype, torch.float32)
     valid = block_start >= 0
     offs = torch.arange(m, device=kv.device)
-    cur = (block_start.clamp(min=0)[..., None] + offs).clamp(max=S - 1)          # [B, N, m]
+    cur = (block_start.clamp(min=0)[..., None] + offs).clamp(max=S - 1)  # [B, N, m]
 
-    def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:               # x [B,S,C] -> [B,N,m,C]
+    def take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:  # x [B,S,C] -> [B,N,m,C]
         return x.gather(1, idx.reshape(B, -1, 1).expand(-1, -1, C)).reshape(B, N, m, C)
 
     kv_cur = take(kv, cur)
     logit_cur = take(gate, cur).to(cdt) + position_bias.to(cdt)
     if overlap:
         prev = (block_start[..., None] - m + offs).clamp(min=0, max=S - 1)
-        use_prev = (prev_valid & valid)[..., None, None]                          # [B, N, 1, 1]
+        use_prev = (prev_valid & valid)[..., None, None]  # [B, N, 1, 1]
         kv_prev = take(kv, prev)[..., :c]
         logit_prev = take(gate, prev)[..., :c].to(cdt) + position_bias[:, :c].to(cdt)
         kv_prev = torch.where(use_prev, kv_prev, torch.zeros_like(kv_prev))
         logit_prev = torch.where(use_prev, logit_prev, torch.full_like(logit_prev, float("-inf")))
-        values = torch.cat((kv_prev, kv_cur[..., c:]), dim=2)                     # [B, N, 2m, c]
+        values = torch.cat((kv_prev, kv_cur[..., c:]), dim=2)  # [B, N, 2m, c]
         logits = torch.cat((logit_prev, logit_cur[..., c:]), dim=2)
     else:
         values, logits = kv_cur, logit_cur

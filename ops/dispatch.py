@@ -16,6 +16,7 @@ Ops register themselves with ``register(name, reference=fn)`` / ``register(name,
 ``get(name)`` (resolved per call so the switch can change between steps) or ``call(name, *args)``.
 The model config's ``model.ops_backend`` sets the switch through ``set_backend``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,13 @@ _registry: dict[str, dict[str, Callable[..., Any]]] = {}
 _backend = os.environ.get("V4_OPS_BACKEND", "auto")
 
 
-def register(name: str, *, reference: Callable[..., Any] | None = None,
-             blocked: Callable[..., Any] | None = None, triton: Callable[..., Any] | None = None) -> None:
+def register(
+    name: str,
+    *,
+    reference: Callable[..., Any] | None = None,
+    blocked: Callable[..., Any] | None = None,
+    triton: Callable[..., Any] | None = None,
+) -> None:
     entry = _registry.setdefault(name, {})
     for kind, fn in (("reference", reference), ("blocked", blocked), ("triton", triton)):
         if fn is not None:
@@ -85,8 +91,10 @@ def get(name: str, *example_args: Any) -> Callable[..., Any]:
     elif want == "blocked" and "blocked" not in entry:
         want = "reference"
     if want not in entry:
-        raise RuntimeError(f"op '{name}' has no '{want}' implementation (have {sorted(entry)}); "
-                           f"set model.ops_backend=reference or auto")
+        raise RuntimeError(
+            f"op '{name}' has no '{want}' implementation (have {sorted(entry)}); "
+            f"set model.ops_backend=reference or auto"
+        )
     return entry[want]
 
 

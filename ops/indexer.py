@@ -15,6 +15,7 @@ renormalised over E_t (a constant target), and ``Q_t = softmax_{s∈E_t}(I_{t,s}
 
 Ops registered in ``ops.dispatch``: ``indexer_scores``, ``indexer_topk``, ``indexer_kl_loss``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,12 +28,16 @@ __all__ = ["check_indexer_inputs", "indexer_scores", "indexer_topk", "indexer_kl
 def check_indexer_inputs(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> None:
     """The shape contract of ``indexer_scores`` (shared by every backend)."""
     if q.dim() != 4 or keys.dim() != 3 or weights.dim() != 3:
-        raise ValueError(f"indexer_scores: expected q [B,S,H,c], keys [B,N,c], weights [B,S,H]; got "
-                         f"{tuple(q.shape)}, {tuple(keys.shape)}, {tuple(weights.shape)}")
+        raise ValueError(
+            f"indexer_scores: expected q [B,S,H,c], keys [B,N,c], weights [B,S,H]; got "
+            f"{tuple(q.shape)}, {tuple(keys.shape)}, {tuple(weights.shape)}"
+        )
     B, S, H, c = q.shape
     if keys.shape[0] != B or keys.shape[2] != c or weights.shape != (B, S, H):
-        raise ValueError(f"indexer_scores: shapes disagree: q {tuple(q.shape)}, keys {tuple(keys.shape)}, "
-                         f"weights {tuple(weights.shape)}")
+        raise ValueError(
+            f"indexer_scores: shapes disagree: q {tuple(q.shape)}, keys {tuple(keys.shape)}, "
+            f"weights {tuple(weights.shape)}"
+        )
 
 
 def indexer_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -49,12 +54,11 @@ def indexer_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -
     B, S, H, c = q.shape
     cdt = torch.promote_types(q.dtype, torch.float32)
     dots = torch.einsum("bshc,bnc->bshn", q.to(cdt), keys.to(cdt))
-    w = weights.to(cdt) * H ** -0.5
-    return torch.einsum("bshn,bsh->bsn", torch.relu(dots) * c ** -0.5, w)
+    w = weights.to(cdt) * H**-0.5
+    return torch.einsum("bshn,bsh->bsn", torch.relu(dots) * c**-0.5, w)
 
 
-def indexer_topk(scores: torch.Tensor, visible_lo: torch.Tensor, visible_hi: torch.Tensor,
-                 k: int) -> torch.Tensor:
+def indexer_topk(scores: torch.Tensor, visible_lo: torch.Tensor, visible_hi: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k visible entries per query (reference; not differentiable).
 
     Args:
@@ -88,8 +92,7 @@ def indexer_kl_loss(scores: torch.Tensor, target_mass: torch.Tensor, entry_mask:
         skipped; 0 (still attached to ``scores``) if no query qualifies.
     """
     cdt = torch.promote_types(scores.dtype, torch.float32)
-    target = torch.where(entry_mask, target_mass.detach().to(cdt), torch.zeros((), dtype=cdt,
-                                                                               device=scores.device))
+    target = torch.where(entry_mask, target_mass.detach().to(cdt), torch.zeros((), dtype=cdt, device=scores.device))
     total = target.sum(-1, keepdim=True)
     rows = (total.squeeze(-1) > 0) & entry_mask.any(-1)
     p = target / total.clamp_min(torch.finfo(cdt).tiny)
@@ -99,7 +102,7 @@ def indexer_kl_loss(scores: torch.Tensor, target_mass: torch.Tensor, entry_mask:
     log_q = torch.log_softmax(logits, dim=-1)
     log_q = torch.where(keep, log_q, torch.zeros_like(log_q))
     kl_rows = (torch.xlogy(p, p) - p * log_q).sum(-1)
-    n_rows = rows.sum().clamp_min(1)             # no host sync; 0 / 1 = 0 when no query qualifies
+    n_rows = rows.sum().clamp_min(1)  # no host sync; 0 / 1 = 0 when no query qualifies
     return torch.where(rows, kl_rows, torch.zeros_like(kl_rows)).sum() / n_rows
 
 

@@ -22,6 +22,7 @@ back through I as in ``ops.blocked_indexer``. Sparse training (``idx``): the K s
 gathered (cost ∝ K, not N); warm-up (``idx`` None): key blocks of the visible span with a per-block mask.
 Memory O(S·(K + H·c)): nothing of size [S, N]. Correctness: ``tests/test_long_context_ops.py``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -35,14 +36,24 @@ from ops.indexer import check_indexer_inputs
 __all__ = ["indexer_attention_kl", "blocked_indexer_attention_kl"]
 
 
-def indexer_attention_kl(q_i: torch.Tensor, keys_i: torch.Tensor, w_i: torch.Tensor, q: torch.Tensor,
-                         comp_kv: torch.Tensor, lse: torch.Tensor, scale: float, lo: torch.Tensor,
-                         hi: torch.Tensor, idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def indexer_attention_kl(
+    q_i: torch.Tensor,
+    keys_i: torch.Tensor,
+    w_i: torch.Tensor,
+    q: torch.Tensor,
+    comp_kv: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    idx: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference (see the module docstring). q_i [B,S,H_I,c_I], keys_i [B,N,c_I], w_i [B,S,H_I]; q [B,S,H,D],
     comp_kv [B,N,D], lse [B,S,H] (the main attention's, constants); lo, hi [B,S]; idx [B,S,K] or None.
     Returns (loss scalar, rows int64 scalar)."""
     from ops.indexer import indexer_kl_loss, indexer_scores
     from ops.sparse_attention import compressed_attention_mass, compressed_entry_mask
+
     scores = indexer_scores(q_i, keys_i, w_i)
     mask = compressed_entry_mask(comp_kv.shape[1], lo, hi, idx)
     with torch.no_grad():
@@ -102,9 +113,9 @@ class _Inputs:
     def __init__(self, q_i, keys_i, w_i, q, comp_kv, lse, scale, lo, hi, idx):
         self.cdt = torch.promote_types(q_i.dtype, torch.float32)
         H_I, c_I = q_i.shape[2], q_i.shape[3]
-        self.a = c_I ** -0.5
+        self.a = c_I**-0.5
         self.q_i, self.keys_i = q_i, keys_i.to(self.cdt)
-        self.w = w_i.to(self.cdt) * H_I ** -0.5
+        self.w = w_i.to(self.cdt) * H_I**-0.5
         self.q, self.comp_kv, self.lse = q, comp_kv.to(self.cdt), lse
         self.scale, self.lo, self.hi, self.idx = scale, lo, hi, idx
 
@@ -117,21 +128,26 @@ class _Inputs:
 
 
 class _StreamedIndexerKL(torch.autograd.Function):
-
     @staticmethod
     def forward(ctx, q_i, keys_i, w_i, q, comp_kv, lse, scale, lo, hi, idx):
         inp = _Inputs(q_i, keys_i, w_i, q, comp_kv, lse, scale, lo, hi, idx)
         B, S = q_i.shape[:2]
         cdt = inp.cdt
-        stats = torch.zeros(4, B, S, dtype=cdt, device=q_i.device)      # M, A, B (Σ m I), running max of I
+        stats = torch.zeros(4, B, S, dtype=cdt, device=q_i.device)  # M, A, B (Σ m I), running max of I
         stats[3] = float("-inf")
         sumexp = torch.zeros(B, S, dtype=cdt, device=q_i.device)
         anyent = torch.zeros(B, S, dtype=torch.bool, device=q_i.device)
         zero = torch.zeros((), dtype=cdt, device=q_i.device)
         for tiles in inp.chunks():
             sl = slice(tiles.t0, tiles.t1)
-            M, A, Bs, mx, se, an = stats[0, :, sl], stats[1, :, sl], stats[2, :, sl], stats[3, :, sl], \
-                sumexp[:, sl], anyent[:, sl]
+            M, A, Bs, mx, se, an = (
+                stats[0, :, sl],
+                stats[1, :, sl],
+                stats[2, :, sl],
+                stats[3, :, sl],
+                sumexp[:, sl],
+                anyent[:, sl],
+            )
             for _kt, _d, I, m, mask, _ in tiles:
                 m = torch.where(mask, m, zero)
                 M += m.sum(-1)
@@ -164,19 +180,20 @@ class _StreamedIndexerKL(torch.autograd.Function):
         dq = torch.zeros(B, S, H_I, c_I, dtype=cdt, device=q_i.device)
         dk = torch.zeros(keys_i.shape, dtype=cdt, device=q_i.device)
         dw = torch.zeros(B, S, H_I, dtype=cdt, device=q_i.device)
-        coef = torch.where(ok, g_loss.to(cdt) / rows.clamp_min(1).to(cdt), torch.zeros((), dtype=cdt,
-                                                                                         device=q_i.device))
+        coef = torch.where(
+            ok, g_loss.to(cdt) / rows.clamp_min(1).to(cdt), torch.zeros((), dtype=cdt, device=q_i.device)
+        )
         for tiles in inp.chunks():
             sl = slice(tiles.t0, tiles.t1)
             for kt, d, I, m, mask, where in tiles:
                 # ∂loss/∂I = coef_t (e^{I − L_t} − m / M_t) on E_t
                 gI = (torch.exp(I - L[:, sl, None]) - m / Ms[:, sl, None]) * coef[:, sl, None]
-                gI = gI.masked_fill_(~(mask & ok[:, sl, None]), 0.0)     # also clears e^{I−L} overflow
-                dw[:, sl] += torch.einsum("bthn,btn->bth", d.relu(), gI) * (a * H_I ** -0.5)
-                gd = (d > 0).to(cdt).mul_(gI[:, :, None, :]).mul_((tiles.w * a)[..., None])    # [B, C, H, n]
+                gI = gI.masked_fill_(~(mask & ok[:, sl, None]), 0.0)  # also clears e^{I−L} overflow
+                dw[:, sl] += torch.einsum("bthn,btn->bth", d.relu(), gI) * (a * H_I**-0.5)
+                gd = (d > 0).to(cdt).mul_(gI[:, :, None, :]).mul_((tiles.w * a)[..., None])  # [B, C, H, n]
                 if isinstance(where, tuple):
                     dq[:, sl] += torch.einsum("bthn,bnc->bthc", gd, kt)
-                    dk[:, where[0]:where[1]] += torch.einsum("bthn,bthc->bnc", gd, tiles.q_i)
+                    dk[:, where[0] : where[1]] += torch.einsum("bthn,bthc->bnc", gd, tiles.q_i)
                 else:
                     dq[:, sl] += torch.einsum("bthk,btkc->bthc", gd, kt)
                     dkt = torch.einsum("bthk,bthc->btkc", gd, tiles.q_i)
@@ -185,13 +202,21 @@ class _StreamedIndexerKL(torch.autograd.Function):
         return (dq.to(q_i.dtype), dk.to(keys_i.dtype), dw.to(w_i.dtype), None, None, None, None, None, None, None)
 
 
-def blocked_indexer_attention_kl(q_i: torch.Tensor, keys_i: torch.Tensor, w_i: torch.Tensor, q: torch.Tensor,
-                                 comp_kv: torch.Tensor, lse: torch.Tensor, scale: float, lo: torch.Tensor,
-                                 hi: torch.Tensor, idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def blocked_indexer_attention_kl(
+    q_i: torch.Tensor,
+    keys_i: torch.Tensor,
+    w_i: torch.Tensor,
+    q: torch.Tensor,
+    comp_kv: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    idx: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for the reference :func:`indexer_attention_kl`, streamed (see the module docstring)."""
     check_indexer_inputs(q_i, keys_i, w_i)
-    return _StreamedIndexerKL.apply(q_i, keys_i, w_i, q.detach(), comp_kv.detach(), lse.detach(), scale, lo, hi,
-                                    idx)
+    return _StreamedIndexerKL.apply(q_i, keys_i, w_i, q.detach(), comp_kv.detach(), lse.detach(), scale, lo, hi, idx)
 
 
 register("indexer_attention_kl", reference=indexer_attention_kl, blocked=blocked_indexer_attention_kl)

@@ -16,6 +16,7 @@ Backends (``ops.dispatch`` name ``linear_cross_entropy``):
 Only for an unsharded vocabulary (TP = 1); the model keeps megatron's vocab-parallel loss under TP.
 Correctness: ``tests/test_ops_blocked_misc.py``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,15 +35,20 @@ CHUNK_ELEMENTS = {"cpu": 1 << 25, "cuda": 1 << 28}
 
 def _check(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
     if h.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
-        raise ValueError(f"linear_cross_entropy: expected h [T, d], weight [V, d], labels [T]; got "
-                         f"{tuple(h.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy: expected h [T, d], weight [V, d], labels [T]; got "
+            f"{tuple(h.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}"
+        )
     if h.shape[1] != weight.shape[1] or labels.shape[0] != h.shape[0]:
-        raise ValueError(f"linear_cross_entropy: shapes disagree: h {tuple(h.shape)}, weight "
-                         f"{tuple(weight.shape)}, labels {tuple(labels.shape)}")
+        raise ValueError(
+            f"linear_cross_entropy: shapes disagree: h {tuple(h.shape)}, weight "
+            f"{tuple(weight.shape)}, labels {tuple(labels.shape)}"
+        )
 
 
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Σ over tokens with ``labels != ignore_index`` of −log softmax(h Wᵀ)[label], fp32 scalar (float64 for
     float64 inputs) (reference).
 
@@ -55,7 +61,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
-
     @staticmethod
     def forward(ctx, h, weight, labels, ignore_index, want_grad):
         T, V = h.shape[0], weight.shape[0]
@@ -70,22 +75,22 @@ class _ChunkedLinearCE(torch.autograd.Function):
             valid = y != ignore_index
             safe = torch.where(valid, y, torch.zeros_like(y))
             # log-softmax in one fused pass (torch.logsumexp is several unfused passes over [C, V] on CPU)
-            logp = torch.log_softmax(F.linear(h[t0:t1], weight).to(cdt), dim=-1)       # [C, V]
+            logp = torch.log_softmax(F.linear(h[t0:t1], weight).to(cdt), dim=-1)  # [C, V]
             picked = logp.gather(1, safe[:, None]).squeeze(1)
             loss -= torch.where(valid, picked, torch.zeros_like(picked)).sum()
             if want_grad:
-                g = logp.exp_()                                                   # softmax, in place
+                g = logp.exp_()  # softmax, in place
                 g.scatter_add_(1, safe[:, None], torch.full_like(picked, -1.0)[:, None])
                 g.mul_(valid[:, None])
                 g = g.to(h.dtype)
                 dh[t0:t1] = g @ weight
-                if dw is None:                      # the first chunk writes ∂W (no zero-filled [V, d] buffer)
+                if dw is None:  # the first chunk writes ∂W (no zero-filled [V, d] buffer)
                     dw = (g.t() @ h[t0:t1]).to(cdt)
                 elif g.dtype == cdt:
-                    dw.addmm_(g.t(), h[t0:t1])      # in place: no [V, d] temporary per chunk
+                    dw.addmm_(g.t(), h[t0:t1])  # in place: no [V, d] temporary per chunk
                 else:
                     dw += g.t() @ h[t0:t1]
-        if want_grad and dw is None:                # no tokens
+        if want_grad and dw is None:  # no tokens
             dw = torch.zeros(weight.shape, dtype=cdt, device=h.device)
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (h.dtype, weight.dtype)
@@ -95,13 +100,16 @@ class _ChunkedLinearCE(torch.autograd.Function):
     def backward(ctx, g_loss):
         dh, dw = ctx.saved_tensors
         if dh is None:
-            raise RuntimeError("linear_cross_entropy (blocked) was called without a gradient (no_grad or inputs "
-                               "without requires_grad) and cannot be differentiated afterwards")
+            raise RuntimeError(
+                "linear_cross_entropy (blocked) was called without a gradient (no_grad or inputs "
+                "without requires_grad) and cannot be differentiated afterwards"
+            )
         return (dh * g_loss).to(ctx.dtypes[0]), (dw * g_loss).to(ctx.dtypes[1]), None, None, None
 
 
-def blocked_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def blocked_linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Drop-in for :func:`linear_cross_entropy` (same arguments and result up to summation order); evaluated
     chunk by chunk as the module docstring says."""
     _check(h, weight, labels)

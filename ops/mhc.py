@@ -27,6 +27,7 @@ in the dtype of ``x``. The Triton kernels in ``ops/triton`` implement the same s
 ``sinkhorn`` runs as one autograd node with a hand-written backward (CPU eager speed: autograd would record
 ~120 forward and ~300 backward ops per mHC site); ``sinkhorn_autograd`` is its plain definition.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,10 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def _check_sinkhorn_args(logits: torch.Tensor, iters: int) -> None:
-    _check(logits.dim() == 3 and logits.shape[-1] == logits.shape[-2],
-           f"sinkhorn: logits must be [T, n, n], got {tuple(logits.shape)}")
+    _check(
+        logits.dim() == 3 and logits.shape[-1] == logits.shape[-2],
+        f"sinkhorn: logits must be [T, n, n], got {tuple(logits.shape)}",
+    )
     _check(iters >= 1, f"sinkhorn: iters must be >= 1, got {iters}")
 
 
@@ -78,8 +81,8 @@ def sinkhorn_autograd(logits: torch.Tensor, iters: int, eps: float) -> torch.Ten
 # [T, n, n] (the plain version's op on the same values, so bit-identical) although torch's softmax over a
 # last axis of 4 is ~20x slower than over axis 1 of [n, n, T]: it runs once, ~10% of the forward + backward
 # at T = 256, ~20% at T = 4096, and the other layout's kernel rounds 1 ulp differently in ~17% of entries.
-_COL_AXIS = 0   # Σ_j M_jk: column sums, shape [1, n, T]
-_ROW_AXIS = 1   # Σ_k M_jk: row sums, shape [n, 1, T]
+_COL_AXIS = 0  # Σ_j M_jk: column sums, shape [1, n, T]
+_ROW_AXIS = 1  # Σ_k M_jk: row sums, shape [n, 1, T]
 
 
 def _sinkhorn_forward(logits: torch.Tensor, iters: int, eps: float, keep_steps: bool):
@@ -96,12 +99,12 @@ def _sinkhorn_forward(logits: torch.Tensor, iters: int, eps: float, keep_steps: 
     t, n, _ = logits.shape
     steps = 2 * iters - 1
     out = torch.empty((t, n, n), dtype=dtype, device=logits.device)
-    out_nnt = out.permute(1, 2, 0)           # the last step writes M straight into [T, n, n]
+    out_nnt = out.permute(1, 2, 0)  # the last step writes M straight into [T, n, n]
     p = torch.softmax(logits.to(dtype), dim=-1).permute(1, 2, 0).contiguous()
     # eps as a 0-dim tensor of the compute dtype: the same value as the Python float after its conversion,
     # converted once here instead of once per op
     eps_t = torch.tensor(eps, dtype=dtype, device=logits.device)
-    m = torch.add(p, eps_t) if keep_steps else p.add_(eps_t)   # p itself is kept for the softmax backward
+    m = torch.add(p, eps_t) if keep_steps else p.add_(eps_t)  # p itself is kept for the softmax backward
     ys, ds = [], []
     for s in range(steps):
         d = torch.sum(m, dim=_COL_AXIS if s % 2 == 0 else _ROW_AXIS, keepdim=True).add_(eps_t)
@@ -116,8 +119,9 @@ def _sinkhorn_forward(logits: torch.Tensor, iters: int, eps: float, keep_steps: 
     return out, ((p, ys, ds) if keep_steps else None)
 
 
-def _sinkhorn_backward(grad_out: torch.Tensor, p: torch.Tensor, ys: list[torch.Tensor], ds: list[torch.Tensor],
-                       logits_dtype: torch.dtype) -> torch.Tensor:
+def _sinkhorn_backward(
+    grad_out: torch.Tensor, p: torch.Tensor, ys: list[torch.Tensor], ds: list[torch.Tensor], logits_dtype: torch.dtype
+) -> torch.Tensor:
     """∂L from ∂M, the saved steps reversed by hand (layout [n, n, T]; returns [T, n, n] in ``logits_dtype``).
 
     One normalisation Y = X / (S + eps), S = Σ X along the axis (D = S + eps, constant along it):
@@ -128,10 +132,12 @@ def _sinkhorn_backward(grad_out: torch.Tensor, p: torch.Tensor, ys: list[torch.T
     """
     n, _, t = p.shape
     g = torch.empty_like(p)
-    g.copy_(grad_out.permute(1, 2, 0))       # a private fp32/fp64 copy: updated in place below
+    g.copy_(grad_out.permute(1, 2, 0))  # a private fp32/fp64 copy: updated in place below
     prod = torch.empty_like(p)
-    dot = (torch.empty((1, n, t), dtype=p.dtype, device=p.device),
-           torch.empty((n, 1, t), dtype=p.dtype, device=p.device))
+    dot = (
+        torch.empty((1, n, t), dtype=p.dtype, device=p.device),
+        torch.empty((n, 1, t), dtype=p.dtype, device=p.device),
+    )
     for s in range(len(ys) - 1, -1, -1):
         axis = _COL_AXIS if s % 2 == 0 else _ROW_AXIS
         torch.mul(g, ys[s], out=prod)
@@ -139,7 +145,7 @@ def _sinkhorn_backward(grad_out: torch.Tensor, p: torch.Tensor, ys: list[torch.T
     torch.mul(g, p, out=prod)
     g.sub_(torch.sum(prod, dim=_ROW_AXIS, keepdim=True, out=dot[_ROW_AXIS]))
     grad_logits = torch.empty((t, n, n), dtype=logits_dtype, device=p.device)
-    torch.mul(g, p, out=grad_logits.permute(1, 2, 0))   # computed in p.dtype, rounded once to logits_dtype
+    torch.mul(g, p, out=grad_logits.permute(1, 2, 0))  # computed in p.dtype, rounded once to logits_dtype
     return grad_logits
 
 
@@ -166,8 +172,8 @@ class _SinkhornFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         p, out, *saved = ctx.saved_tensors
-        ys = saved[:ctx.steps - 1] + [out.permute(1, 2, 0)]
-        ds = saved[ctx.steps - 1:]
+        ys = saved[: ctx.steps - 1] + [out.permute(1, 2, 0)]
+        ds = saved[ctx.steps - 1 :]
         return _sinkhorn_backward(grad_out, p, ys, ds, ctx.logits_dtype), None, None
 
 
@@ -202,14 +208,23 @@ def _rms_mix(x: torch.Tensor, fn: torch.Tensor, rms_eps: float, dtype: torch.dty
     return (flat @ fn.to(dtype).t()) * torch.rsqrt(ms + rms_eps)
 
 
-def mhc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, rms_eps: float,
-            hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mhc_pre(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    rms_eps: float,
+    hc_eps: float,
+    iters: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC "pre" side (§3.2 steps 1-6): x [T, n, d] -> (x_in [T, d] in x.dtype, post [T, n], comb [T, n, n])."""
     _check(x.dim() == 3, f"mhc_pre: x must be [T, n, d], got {tuple(x.shape)}")
     t, n, d = x.shape
     rows = (2 + n) * n
-    _check(tuple(fn.shape) == (rows, n * d),
-           f"mhc_pre: fn must be [(2+n)*n, n*d] = [{rows}, {n * d}] for x {tuple(x.shape)}, got {tuple(fn.shape)}")
+    _check(
+        tuple(fn.shape) == (rows, n * d),
+        f"mhc_pre: fn must be [(2+n)*n, n*d] = [{rows}, {n * d}] for x {tuple(x.shape)}, got {tuple(fn.shape)}",
+    )
     _check(tuple(base.shape) == (rows,), f"mhc_pre: base must be [{rows}], got {tuple(base.shape)}")
     _check(tuple(scale.shape) == (3,), f"mhc_pre: scale must be [3] (pre, post, comb), got {tuple(scale.shape)}")
     dtype = _compute_dtype(x, fn, base, scale)
@@ -217,10 +232,10 @@ def mhc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.
     base = base.to(dtype)
     scale = scale.to(dtype)
     pre = torch.sigmoid(mix[:, :n] * scale[0] + base[:n]) + hc_eps
-    post = 2.0 * torch.sigmoid(mix[:, n:2 * n] * scale[1] + base[n:2 * n])
-    comb_logits = (mix[:, 2 * n:] * scale[2] + base[2 * n:]).view(t, n, n)
+    post = 2.0 * torch.sigmoid(mix[:, n : 2 * n] * scale[1] + base[n : 2 * n])
+    comb_logits = (mix[:, 2 * n :] * scale[2] + base[2 * n :]).view(t, n, n)
     comb = sinkhorn(comb_logits, iters, hc_eps)
-    x_in = torch.einsum("tn,tnd->td", pre, x.to(dtype)).to(x.dtype)     # Σ_j pre_j X_j (no [T, n, d] product)
+    x_in = torch.einsum("tn,tnd->td", pre, x.to(dtype)).to(x.dtype)  # Σ_j pre_j X_j (no [T, n, d] product)
     return x_in, post, comb
 
 
@@ -239,8 +254,9 @@ def mhc_post(o: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.T
     return torch.bmm(lhs, rhs).to(x.dtype)
 
 
-def hc_head(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, rms_eps: float,
-            hc_eps: float) -> torch.Tensor:
+def hc_head(
+    x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, rms_eps: float, hc_eps: float
+) -> torch.Tensor:
     """Final stream collapse (§3.3): a_j = σ(α · mix_j + b_j) + hc_eps, y = Σ_j a_j X[j]; x [T, n, d] -> [T, d]."""
     _check(x.dim() == 3, f"hc_head: x must be [T, n, d], got {tuple(x.shape)}")
     _, n, d = x.shape

@@ -34,6 +34,7 @@ Precision: ``fp32=True`` computes in float32 (float64 inputs stay float64, for e
 ``fp32=False`` runs the matmuls in bfloat16 (stable for NS per the V4 paper §3.5.1) with the norm in fp32.
 The result has the input's dtype.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -47,7 +48,7 @@ NSSteps = Sequence[Sequence[float]]
 Reduce = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 V4_NS_STEPS: tuple[tuple[int, float, float, float], ...] = ((8, 3.4445, -4.7750, 2.0315), (2, 2.0, -1.5, 0.5))
-EPS = 1e-7   # lower clamp of ||G||_F (a zero gradient gives a zero update instead of NaN)
+EPS = 1e-7  # lower clamp of ||G||_F (a zero gradient gives a zero update instead of NaN)
 
 
 def expand_steps(steps: NSSteps) -> list[tuple[float, float, float]]:
@@ -70,8 +71,8 @@ def num_iterations(steps: NSSteps) -> int:
 def ns_flops(s: int, l: int, iters: int, gram: bool = False, restarts: int = 2) -> float:
     """Matmul flops of one orthogonalisation of an s x l (s <= l) matrix (formulas in the module doc)."""
     if gram:
-        return (1 + restarts) * 4.0 * s * s * l + iters * 4.0 * s ** 3
-    return iters * (4.0 * s * s * l + 2.0 * s ** 3)
+        return (1 + restarts) * 4.0 * s * s * l + iters * 4.0 * s**3
+    return iters * (4.0 * s * s * l + 2.0 * s**3)
 
 
 def _compute_dtype(x: torch.Tensor, fp32: bool) -> torch.dtype:
@@ -105,8 +106,9 @@ def _frobenius(Y: torch.Tensor, reduce: Reduce) -> torch.Tensor:
     return sq.sqrt()
 
 
-def newton_schulz(X: torch.Tensor, steps: NSSteps = V4_NS_STEPS, fp32: bool = True,
-                  reduce: Reduce = None) -> torch.Tensor:
+def newton_schulz(
+    X: torch.Tensor, steps: NSSteps = V4_NS_STEPS, fp32: bool = True, reduce: Reduce = None
+) -> torch.Tensor:
     """Plain Newton-Schulz orthogonalisation of ``X`` (``[n, m]`` or ``[..., n, m]``); see the module doc."""
     Y, transposed = _prepare(X, reduce)
     cdt = _compute_dtype(X, fp32)
@@ -116,16 +118,21 @@ def newton_schulz(X: torch.Tensor, steps: NSSteps = V4_NS_STEPS, fp32: bool = Tr
         A = torch.bmm(Y, Y.mT)
         if reduce is not None:
             A = reduce(A)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)          # b A + c A^2
-        Y = torch.baddbmm(Y, B, Y, beta=a, alpha=1.0)        # a X + B X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        Y = torch.baddbmm(Y, B, Y, beta=a, alpha=1.0)  # a X + B X
     return _finish(Y, X, transposed)
 
 
 GRAM_RESTARTS: tuple[int, ...] = (2, 5)
 
 
-def newton_schulz_gram(X: torch.Tensor, steps: NSSteps = V4_NS_STEPS, fp32: bool = True,
-                       reduce: Reduce = None, restarts: Sequence[int] = GRAM_RESTARTS) -> torch.Tensor:
+def newton_schulz_gram(
+    X: torch.Tensor,
+    steps: NSSteps = V4_NS_STEPS,
+    fp32: bool = True,
+    reduce: Reduce = None,
+    restarts: Sequence[int] = GRAM_RESTARTS,
+) -> torch.Tensor:
     """Gram-form Newton-Schulz: iterate on the s x s Gram and apply the accumulated polynomial.
 
     A_0 = X X^T / ||X||_F^2 (||X||_F^2 = tr(X X^T)); for each (a, b, c): Q = a I + b A + c A^2,
@@ -157,11 +164,11 @@ def newton_schulz_gram(X: torch.Tensor, steps: NSSteps = V4_NS_STEPS, fp32: bool
         if k in restarts and P is not None:
             Xk, P = torch.bmm(P, Xk), None
             A = gram(Xk)
-        Q = torch.baddbmm(torch.add(A * b, eye, alpha=a), A, A, alpha=c)   # a I + b A + c A^2
+        Q = torch.baddbmm(torch.add(A * b, eye, alpha=a), A, A, alpha=c)  # a I + b A + c A^2
         P = Q if P is None else torch.bmm(Q, P)
         if k + 1 < len(iters) and (k + 1) not in restarts:
             A = torch.bmm(Q, torch.bmm(Q, A))
-            A = 0.5 * (A + A.mT)                                          # keep it exactly symmetric
+            A = 0.5 * (A + A.mT)  # keep it exactly symmetric
     out = Xk if P is None else torch.bmm(P, Xk)
     return _finish(out, X, transposed)
 

@@ -14,6 +14,7 @@ Backends (``ops.dispatch`` name ``rms_norm``):
 
 Correctness: ``tests/test_ops_blocked_misc.py`` (fp32 against the reference, float64 gradcheck).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -36,7 +37,6 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tor
 
 
 class _RMSNormFn(torch.autograd.Function):
-
     @staticmethod
     def forward(ctx, x, weight, eps):
         cdt = torch.promote_types(x.dtype, torch.float32)

@@ -18,6 +18,7 @@ Ops registered in ``ops.dispatch``: ``apply_rope`` (reference; ``blocked``: :fun
 the same rotation written into one copy of ``x``, whose backward is the inverse rotation of the incoming
 gradient's last ``r`` dims — no per-part slices, ``cat`` and zero-filled slice gradients over the full width).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,9 +31,14 @@ from ops.dispatch import register
 __all__ = ["rope_inv_freq", "rope_cos_sin", "apply_rope", "apply_rope_inplace_copy"]
 
 
-def rope_inv_freq(rope_dim: int, base: float, yarn_factor: Optional[float] = None,
-                  original_max_position: int = 65536, beta_fast: float = 32.0,
-                  beta_slow: float = 1.0) -> list[float]:
+def rope_inv_freq(
+    rope_dim: int,
+    base: float,
+    yarn_factor: Optional[float] = None,
+    original_max_position: int = 65536,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+) -> list[float]:
     """The ``rope_dim/2`` inverse frequencies θ_i (Python floats, computed in float64).
 
     ``yarn_factor=None`` (or <= 1 is NOT special-cased: pass None to disable) gives plain RoPE
@@ -60,8 +66,9 @@ def rope_inv_freq(rope_dim: int, base: float, yarn_factor: Optional[float] = Non
     return out
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: list[float] | torch.Tensor,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: list[float] | torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of φ_i(p) = p · θ_i for integer ``positions`` [...]; returns two tensors [..., r/2].
 
     The angle is formed in float64 (fp32 angles lose ~|p|·6e-8 rad, 0.06 rad at p = 1M) and the
@@ -86,8 +93,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     half = cos.shape[-1]
     r = 2 * half
     if x.shape[-1] < r:
-        raise ValueError(f"apply_rope: x has last dim {x.shape[-1]} < rope dims {r}; "
-                         f"cos/sin must have rope_head_dim/2 entries")
+        raise ValueError(
+            f"apply_rope: x has last dim {x.shape[-1]} < rope dims {r}; cos/sin must have rope_head_dim/2 entries"
+        )
     cdt = torch.promote_types(x.dtype, torch.float32)
     nope, rope = x[..., :-r], x[..., -r:]
     pairs = rope.to(cdt).unflatten(-1, (half, 2))
@@ -95,8 +103,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     return torch.cat((nope, rot.flatten(-2).to(x.dtype)), dim=-1)
 
 
-def _rotated_pairs(a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _rotated_pairs(
+    a: torch.Tensor, b: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(y_{2i}, y_{2i+1}) of the module doc for the pair (a, b) = (x_{2i}, x_{2i+1}), in a's dtype; sin negated
     for the inverse rotation."""
     c, s = cos.to(a.dtype), sin.to(a.dtype)
@@ -109,7 +118,7 @@ def _rotate_tail_(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse
     """Rotate the last ``2·cos.shape[-1]`` dims of ``y`` in place (computed as in :func:`apply_rope`)."""
     half = cos.shape[-1]
     cdt = torch.promote_types(y.dtype, torch.float32)
-    pairs = y[..., -2 * half:].unflatten(-1, (half, 2))
+    pairs = y[..., -2 * half :].unflatten(-1, (half, 2))
     # both computed before writing: a, b may be views of y
     new_a, new_b = _rotated_pairs(pairs[..., 0].to(cdt), pairs[..., 1].to(cdt), cos, sin, inverse)
     pairs[..., 0].copy_(new_a)
@@ -129,15 +138,21 @@ class _RopeCopy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         cos, sin = ctx.saved_tensors
-        return _rotate_tail_(g.clone(memory_format=torch.contiguous_format), cos, sin, not ctx.inverse), None, None, None
+        return (
+            _rotate_tail_(g.clone(memory_format=torch.contiguous_format), cos, sin, not ctx.inverse),
+            None,
+            None,
+            None,
+        )
 
 
-def apply_rope_inplace_copy(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                            inverse: bool = False) -> torch.Tensor:
+def apply_rope_inplace_copy(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False
+) -> torch.Tensor:
     """Drop-in for :func:`apply_rope` (same arguments and results; the ``blocked`` backend). cos/sin carry no
     gradient here (they are functions of integer positions); if they require one, the reference is used."""
     if x.shape[-1] < 2 * cos.shape[-1] or cos.requires_grad or sin.requires_grad:
-        return apply_rope(x, cos, sin, inverse)            # (raises the reference's error on a short x)
+        return apply_rope(x, cos, sin, inverse)  # (raises the reference's error on a short x)
     return _RopeCopy.apply(x, cos, sin, inverse)
 
 

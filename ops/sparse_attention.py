@@ -24,6 +24,7 @@ index list / range.
 
 Ops registered in ``ops.dispatch``: ``hybrid_attention``, ``compressed_attention_mass``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -35,9 +36,12 @@ from ops.dispatch import register
 __all__ = ["hybrid_attention", "compressed_entry_mask", "compressed_attention_mass"]
 
 
-def compressed_entry_mask(num_entries: int, comp_lo: Optional[torch.Tensor] = None,
-                          comp_hi: Optional[torch.Tensor] = None,
-                          comp_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+def compressed_entry_mask(
+    num_entries: int,
+    comp_lo: Optional[torch.Tensor] = None,
+    comp_hi: Optional[torch.Tensor] = None,
+    comp_idx: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """bool [B, S, N]: entry n in C_t, from ``comp_idx`` [B,S,K] (-1 = none) or the range [lo, hi)."""
     if comp_idx is not None:
         B, S, _ = comp_idx.shape
@@ -51,8 +55,9 @@ def compressed_entry_mask(num_entries: int, comp_lo: Optional[torch.Tensor] = No
     return (n >= comp_lo[..., None]) & (n < comp_hi[..., None])
 
 
-def _window_blocks(seq_len: int, window: int, seg_start: Optional[torch.Tensor], device: torch.device,
-                   batch: int) -> tuple[int, int, torch.Tensor]:
+def _window_blocks(
+    seq_len: int, window: int, seg_start: Optional[torch.Tensor], device: torch.device, batch: int
+) -> tuple[int, int, torch.Tensor]:
     """Blocked window layout: (block size Q, number of blocks nb, validity mask [B|1, nb, Q, Q + W]).
 
     Queries are cut into blocks of Q = min(W, S) consecutive tokens; block i (queries i·Q .. i·Q + Q - 1) scores
@@ -63,24 +68,37 @@ def _window_blocks(seq_len: int, window: int, seg_start: Optional[torch.Tensor],
     W = max(1, min(window, seq_len))
     Q = W
     nb = -(-seq_len // Q)
-    t = torch.arange(nb * Q, device=device).view(nb, Q, 1)                         # query positions
-    s = (torch.arange(nb, device=device).view(nb, 1, 1) * Q - W
-         + torch.arange(Q + W, device=device).view(1, 1, Q + W))                    # key positions
-    ok = (s > t - W) & (s <= t) & (s >= 0)                                          # [nb, Q, Q + W]
+    t = torch.arange(nb * Q, device=device).view(nb, Q, 1)  # query positions
+    s = (
+        torch.arange(nb, device=device).view(nb, 1, 1) * Q - W + torch.arange(Q + W, device=device).view(1, 1, Q + W)
+    )  # key positions
+    ok = (s > t - W) & (s <= t) & (s >= 0)  # [nb, Q, Q + W]
     if seg_start is None:
         return Q, nb, ok[None]
     seg = torch.nn.functional.pad(seg_start, (0, nb * Q - seq_len)).view(batch, nb, Q, 1)
     return Q, nb, ok[None] & (s[None] >= seg)
 
 
-def check_attention_inputs(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, comp_kv: Optional[torch.Tensor],
-                           comp_lo: Optional[torch.Tensor], comp_hi: Optional[torch.Tensor],
-                           comp_idx: Optional[torch.Tensor]) -> None:
+def check_attention_inputs(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sinks: torch.Tensor,
+    comp_kv: Optional[torch.Tensor],
+    comp_lo: Optional[torch.Tensor],
+    comp_hi: Optional[torch.Tensor],
+    comp_idx: Optional[torch.Tensor],
+) -> None:
     """Shape checks shared by every ``hybrid_attention`` implementation; raises ValueError naming the shapes."""
-    if q.dim() != 4 or kv.dim() != 3 or kv.shape[0] != q.shape[0] or kv.shape[1] != q.shape[1] \
-            or kv.shape[2] != q.shape[3]:
-        raise ValueError(f"hybrid_attention: expected q [B,S,H,D] and kv [B,S,D]; got {tuple(q.shape)} "
-                         f"and {tuple(kv.shape)}")
+    if (
+        q.dim() != 4
+        or kv.dim() != 3
+        or kv.shape[0] != q.shape[0]
+        or kv.shape[1] != q.shape[1]
+        or kv.shape[2] != q.shape[3]
+    ):
+        raise ValueError(
+            f"hybrid_attention: expected q [B,S,H,D] and kv [B,S,D]; got {tuple(q.shape)} and {tuple(kv.shape)}"
+        )
     B, S, H, D = q.shape
     if sinks.shape != (H,):
         raise ValueError(f"hybrid_attention: sinks must be [H] = [{H}], got {tuple(sinks.shape)}")
@@ -90,10 +108,18 @@ def check_attention_inputs(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tenso
         raise ValueError("compressed entries need either comp_idx or both comp_lo and comp_hi")
 
 
-def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, scale: float, window: int,
-                     seg_start: Optional[torch.Tensor] = None, comp_kv: Optional[torch.Tensor] = None,
-                     comp_lo: Optional[torch.Tensor] = None, comp_hi: Optional[torch.Tensor] = None,
-                     comp_idx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def hybrid_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sinks: torch.Tensor,
+    scale: float,
+    window: int,
+    seg_start: Optional[torch.Tensor] = None,
+    comp_kv: Optional[torch.Tensor] = None,
+    comp_lo: Optional[torch.Tensor] = None,
+    comp_hi: Optional[torch.Tensor] = None,
+    comp_idx: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Joint-softmax attention over window ∪ compressed entries with a per-head sink (reference).
 
     Args:
@@ -119,10 +145,10 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, sca
     W = Q
     Sp = nb * Q
     # keys of block i = kv_pad[:, i·Q : i·Q + Q + W] (W zeros in front, padding behind): a strided view
-    kv_pad = torch.nn.functional.pad(kv.to(cdt), (0, 0, W, Sp - S))                # [B, W + Sp, D]
-    kv_blk = kv_pad.unfold(1, Q + W, Q).transpose(-1, -2)                            # [B, nb, Q + W, D]
+    kv_pad = torch.nn.functional.pad(kv.to(cdt), (0, 0, W, Sp - S))  # [B, W + Sp, D]
+    kv_blk = kv_pad.unfold(1, Q + W, Q).transpose(-1, -2)  # [B, nb, Q + W, D]
     q_blk = torch.nn.functional.pad(qc, (0, 0, 0, 0, 0, Sp - S)).view(B, nb, Q, H, D)
-    z_win = torch.einsum("biqhd,bikd->biqhk", q_blk, kv_blk) * scale                 # [B, nb, Q, H, Q + W]
+    z_win = torch.einsum("biqhd,bikd->biqhk", q_blk, kv_blk) * scale  # [B, nb, Q, H, Q + W]
     z_win = z_win.masked_fill(~ok[:, :, :, None, :], float("-inf"))
     z_win = z_win.reshape(B, Sp, H, Q + W)[:, :S]
     parts = [z_win]
@@ -130,12 +156,12 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, sca
     if has_comp:
         N = comp_kv.shape[1]
         ck = comp_kv.to(cdt)
-        vis = compressed_entry_mask(N, comp_lo, comp_hi, comp_idx)                   # [B, S, N]
+        vis = compressed_entry_mask(N, comp_lo, comp_hi, comp_idx)  # [B, S, N]
         z_c = torch.einsum("bshd,bnd->bshn", qc, ck) * scale
         parts.append(z_c.masked_fill(~vis[:, :, None, :], float("-inf")))
     sink = sinks.to(cdt).view(1, 1, H, 1).expand(B, S, H, 1)
     z = torch.cat(parts + [sink], dim=-1)
-    lse = torch.logsumexp(z, dim=-1)                                                 # [B, S, H]
+    lse = torch.logsumexp(z, dim=-1)  # [B, S, H]
     p = torch.exp(z - lse[..., None])
     Wn = Q + W
     p_win = torch.nn.functional.pad(p[..., :Wn], (0, 0, 0, 0, 0, Sp - S)).view(B, nb, Q, H, Wn)
@@ -146,8 +172,9 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, sca
 
 
 @torch.no_grad()
-def compressed_attention_mass(q: torch.Tensor, comp_kv: torch.Tensor, lse: torch.Tensor, scale: float,
-                              entry_mask: torch.Tensor) -> torch.Tensor:
+def compressed_attention_mass(
+    q: torch.Tensor, comp_kv: torch.Tensor, lse: torch.Tensor, scale: float, entry_mask: torch.Tensor
+) -> torch.Tensor:
     """Σ_h p_{h,t,n}: main-attention probability of entry n summed over the (local) heads (reference).
 
     Args:

@@ -26,6 +26,7 @@ Config flags that must accompany it on CPU (set by ``parallel.process_groups.meg
 ``use_cpu_initialization``, no fusions, ``moe_grouped_gemm=False``, ``pipeline_dtype=float32``,
 ``batch_p2p_comm=False`` (batched p2p on gloo gives wrong pipeline results, docs/STACK.md §4).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,11 +41,30 @@ log = logging.getLogger(__name__)
 _applied = False
 _CPU = torch.device("cpu")
 # torch functions that take ``device=``; megatron calls them with device="cuda"
-_FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn", "randint",
-              "randperm", "eye", "linspace", "empty_strided", "zeros_like", "ones_like", "empty_like",
-              "full_like", "rand_like", "randn_like")
+_FACTORIES = (
+    "tensor",
+    "as_tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "randperm",
+    "eye",
+    "linspace",
+    "empty_strided",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "rand_like",
+    "randn_like",
+)
 _TENSOR_FACTORIES = ("new_tensor", "new_zeros", "new_ones", "new_empty", "new_full")
-PATCHES: list[str] = []   # names of what was patched, for tests and logs
+PATCHES: list[str] = []  # names of what was patched, for tests and logs
 
 
 class _NullStream:
@@ -103,18 +123,21 @@ def _is_cuda_device(dev) -> bool:
 
 def _device_kw_to_cpu(fn):
     """``fn`` with a cuda ``device=`` keyword replaced by the CPU."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         d = kwargs.get("device")
         if d is not None and _is_cuda_device(d):
             kwargs["device"] = _CPU
         return fn(*args, **kwargs)
+
     wrapper.__wrapped_cpu_compat__ = True
     return wrapper
 
 
 def _tensor_to_cpu(orig):
     """``Tensor.to`` with a cuda device (positional or ``device=``) replaced by the CPU."""
+
     @functools.wraps(orig)
     def to(self, *args, **kwargs):
         if args and _is_cuda_device(args[0]):
@@ -123,6 +146,7 @@ def _tensor_to_cpu(orig):
         if d is not None and _is_cuda_device(d):
             kwargs["device"] = _CPU
         return orig(self, *args, **kwargs)
+
     to.__wrapped_cpu_compat__ = True
     return to
 
@@ -157,6 +181,7 @@ def _maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
 def _patch_typing_override() -> None:
     if not hasattr(typing, "override"):
         import typing_extensions
+
         typing.override = typing_extensions.override
         PATCHES.append("typing.override")
 
@@ -189,16 +214,17 @@ def apply(force: bool = False) -> bool:
     torch.cuda.memory_allocated = lambda device=None: 0
     torch.cuda.reset_peak_memory_stats = lambda device=None: None
     torch.Tensor.cuda = lambda self, *a, **k: self
-    PATCHES.extend(["torch.cuda.current_device", "torch.cuda rng", "torch.cuda streams/events",
-                    "torch.Tensor.cuda"])
+    PATCHES.extend(["torch.cuda.current_device", "torch.cuda rng", "torch.cuda streams/events", "torch.Tensor.cuda"])
     if not getattr(torch.Tensor.type, "__wrapped_cpu_compat__", False):
         torch.Tensor.type = _cpu_tensor_type(torch.Tensor.type)
         PATCHES.append("torch.Tensor.type")
 
     try:
         from megatron.core.tensor_parallel import random as mrandom
+
         mrandom._get_cuda_rng_state = lambda device=None, clone=False, graph_safe=False: (
-            gen.get_state().clone() if clone else gen.get_state())
+            gen.get_state().clone() if clone else gen.get_state()
+        )
         mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: gen.set_state(new_state)
         logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
         PATCHES.append("megatron rng tracker")
@@ -206,6 +232,7 @@ def apply(force: bool = False) -> bool:
         pass
     try:
         from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
         moe_utils.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu
         token_dispatcher.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu
         PATCHES.append("moe maybe_move_tensor_to_cpu")
@@ -215,6 +242,7 @@ def apply(force: bool = False) -> bool:
     # ``with torch.device(...)`` recognises factories by identity in a cached set: fill it with the
     # originals (what our wrappers call) before the names are rebound
     from torch.utils._device import _device_constructors
+
     _device_constructors()
     for name in _FACTORIES:
         fn = getattr(torch, name)

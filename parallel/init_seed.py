@@ -28,6 +28,7 @@ tensor-parallel group, everything else the tensor-parallel group, size ``t``, ra
 Cost: each rank materialises, one at a time, the full tensor of every parameter it holds a slice of (the
 largest is the embedding, vocab × d: 2.1 GB for Flash in fp32). Parameters on the meta device are skipped.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -61,7 +62,7 @@ def strip_wrappers(name: str) -> str:
         changed = False
         for w in _WRAPPERS:
             if name.startswith(w):
-                name, changed = name[len(w):], True
+                name, changed = name[len(w) :], True
     return name
 
 
@@ -69,13 +70,15 @@ def is_gated_fc1(name: str) -> bool:
     return name.endswith("linear_fc1.weight")
 
 
-def canonical_name(name: str, ep_rank: int = 0, num_local_experts: int = 0,
-                   aliases: dict[str, str] | None = None) -> str:
+def canonical_name(
+    name: str, ep_rank: int = 0, num_local_experts: int = 0, aliases: dict[str, str] | None = None
+) -> str:
     """Name of ``name`` (a local parameter name) in the single-process model."""
     name = strip_wrappers(name)
     if num_local_experts and ".local_experts." in name:
-        name = _EXPERT_RE.sub(lambda m: f"{m.group(1)}{ep_rank * num_local_experts + int(m.group(2))}{m.group(3)}",
-                              name, count=1)
+        name = _EXPERT_RE.sub(
+            lambda m: f"{m.group(1)}{ep_rank * num_local_experts + int(m.group(2))}{m.group(3)}", name, count=1
+        )
     return (aliases or {}).get(name, name)
 
 
@@ -116,10 +119,16 @@ def normal_rule(std: float, xavier: Callable[[str], bool] = lambda n: False) -> 
 
 
 @torch.no_grad()
-def init_layout_independent_(chunks: Iterable[nn.Module], seed: int, rule: Rule,
-                             aliases: dict[str, str] | None = None, tp: tuple[int, int] | None = None,
-                             etp: tuple[int, int] | None = None, ep: tuple[int, int] | None = None,
-                             num_experts: int = 0) -> int:
+def init_layout_independent_(
+    chunks: Iterable[nn.Module],
+    seed: int,
+    rule: Rule,
+    aliases: dict[str, str] | None = None,
+    tp: tuple[int, int] | None = None,
+    etp: tuple[int, int] | None = None,
+    ep: tuple[int, int] | None = None,
+    num_experts: int = 0,
+) -> int:
     """Overwrite the parameters of ``chunks`` (this rank's model chunks) with layout-independent values.
 
     ``tp``/``etp``/``ep`` are (size, rank) pairs; by default they come from megatron's ``parallel_state``.
@@ -128,12 +137,14 @@ def init_layout_independent_(chunks: Iterable[nn.Module], seed: int, rule: Rule,
     """
     if tp is None or etp is None or ep is None:
         from megatron.core import parallel_state as ps
+
         tp = tp or (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank())
         etp = etp or (ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank())
         ep = ep or (ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank())
     if ep[0] > 1 and (num_experts <= 0 or num_experts % ep[0]):
-        raise ValueError(f"init_layout_independent_: num_experts={num_experts} must be a positive multiple of "
-                         f"ep={ep[0]}")
+        raise ValueError(
+            f"init_layout_independent_: num_experts={num_experts} must be a positive multiple of ep={ep[0]}"
+        )
     n_local = num_experts // ep[0] if num_experts else 0
     written = 0
     for chunk in chunks:
@@ -159,6 +170,7 @@ def init_layout_independent_(chunks: Iterable[nn.Module], seed: int, rule: Rule,
 def _gather_full(p: torch.Tensor, name: str, group, size: int) -> torch.Tensor:
     """Inverse of :func:`local_slice` over ``group`` (collective; every member calls it for the same name)."""
     import torch.distributed as dist
+
     if not getattr(p, "tensor_model_parallel", False) or size == 1:
         return p.detach().clone()
     parts = [torch.empty_like(p) for _ in range(size)]
@@ -177,6 +189,7 @@ def gather_full_state(chunks: Iterable[nn.Module], num_experts: int = 0) -> dict
     check that it equals ``embed_tokens.weight``. For tests and layout comparisons (small models)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+
     tp = (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank())
     etp = (ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank())
     ep = (ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank())
@@ -185,8 +198,9 @@ def gather_full_state(chunks: Iterable[nn.Module], num_experts: int = 0) -> dict
     for chunk in chunks:
         for name, p in chunk.named_parameters():
             expert = is_expert_param(p)
-            (size, rank), group = ((etp, ps.get_expert_tensor_parallel_group()) if expert
-                                   else (tp, ps.get_tensor_model_parallel_group()))
+            (size, rank), group = (
+                (etp, ps.get_expert_tensor_parallel_group()) if expert else (tp, ps.get_tensor_model_parallel_group())
+            )
             cname = canonical_name(name, ep[1], n_local if expert else 0)
             full = _gather_full(p, cname, group, size)
             if rank == 0:

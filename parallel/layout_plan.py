@@ -19,6 +19,7 @@ pp_rank · world/pp) stands for all of them.
   4 B and AdamW 8 B per parameter, routed by ``parallel.optimizer_groups.OPTIMIZER_ROUTES``.
 Activation memory is model-specific and estimated by the caller (``pretrain.dry_run``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,7 @@ from parallel.process_groups import Layout
 
 log = logging.getLogger(__name__)
 
-GiB = 1024 ** 3
+GiB = 1024**3
 OPTIMIZER_BYTES = {"muon": 4, "adamw": 8}
 
 
@@ -46,17 +47,23 @@ def fake_rank(world: int, rank: int, layout: Layout) -> Iterator[None]:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from parallel import cpu_compat
+
     cpu_compat.apply()
     from megatron.core import parallel_state as ps
+
     if dist.is_initialized():
         raise RuntimeError("fake_rank needs a process without torch.distributed initialised")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         ps.initialize_model_parallel(
-            tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
             virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
-            context_parallel_size=layout.sp, expert_model_parallel_size=layout.ep,
-            expert_tensor_parallel_size=layout.etp, create_gloo_process_groups=False)
+            context_parallel_size=layout.sp,
+            expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=layout.etp,
+            create_gloo_process_groups=False,
+        )
         yield
     finally:
         if ps.model_parallel_is_initialized():
@@ -72,10 +79,10 @@ def representative_ranks(layout: Layout) -> list[int]:
 
 @dataclass
 class ShardMemory:
-    params: int = 0                 # number of parameters on the rank
+    params: int = 0  # number of parameters on the rank
     expert_params: int = 0
     by_optimizer: dict[str, int] = field(default_factory=dict)
-    optimizer: StageOptimizerMemory | None = None     # per-rank optimizer state (parallel.optimizer_memory)
+    optimizer: StageOptimizerMemory | None = None  # per-rank optimizer state (parallel.optimizer_memory)
 
     @property
     def param_bytes(self) -> int:
@@ -116,7 +123,8 @@ def shard_memory(modules: Iterable[nn.Module]) -> ShardMemory:
 def format_table(title: str, header: list[str], rows: list[list[str]]) -> str:
     """A GitHub-markdown table (also readable as text)."""
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                                        for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    line = lambda r: (
+        "| " + " | ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    )
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([f"**{title}**", "", line(header), sep] + [line(r) for r in rows])

@@ -45,6 +45,7 @@ the units (slices) this rank owns under the new plan and torch_dist reads the ov
 EP and owner changes between save and load work. Recorded state keys without this ``format`` (the
 pre-release parameter-layout momentum) are refused with an error.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,7 +72,7 @@ from parallel.param_meta import is_expert_param
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "v4-muon/1"
-CKPT_FORMAT = "v4-muon-units/1"      # sharded_state_dict: momentum per unit, saved by its owner
+CKPT_FORMAT = "v4-muon-units/1"  # sharded_state_dict: momentum per unit, saved by its owner
 
 
 def grad_of(p: torch.Tensor) -> torch.Tensor | None:
@@ -97,6 +98,7 @@ class _Ident:
     """Layout-independent identity of a parameter, from its model ShardedTensor: the key, the prepended
     global axes (megatron's layer / expert index: offsets and sizes), for a 3-D stack the global index of
     local expert 0 and the global expert count; ``main``: this rank holds the main replica."""
+
     key: str
     lead_off: tuple[int, ...]
     lead_shape: tuple[int, ...]
@@ -108,27 +110,39 @@ class _Ident:
 def _ident(name: str, p: torch.Tensor, sh: Any) -> _Ident:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
     key, rid = getattr(sh, "key", None), getattr(sh, "replica_id", None)
     if isinstance(sh, ShardedTensorFactory):
         if p.dim() != 2:
             raise NotImplementedError(f"Muon: parameter '{name}' is a {p.dim()}-D ShardedTensorFactory")
         sh = next((v for v in nested_values(sh.build()) if isinstance(v, ShardedTensor)), None)
     if not isinstance(sh, ShardedTensor):
-        raise KeyError(f"no ShardedTensor for Muon parameter '{name}' in the model's sharded state "
-                       f"(got {type(sh).__name__})")
+        raise KeyError(
+            f"no ShardedTensor for Muon parameter '{name}' in the model's sharded state (got {type(sh).__name__})"
+        )
     P = sh.prepend_axis_num
     rid = rid if isinstance(rid, tuple) else (rid,)
     e_off, e_n = (sh.global_offset[P], sh.global_shape[P]) if p.dim() == 3 else (0, 0)
-    return _Ident(key, tuple(sh.global_offset[:P]), tuple(sh.global_shape[:P]), int(e_off), int(e_n),
-                  all(r == 0 for r in rid))
+    return _Ident(
+        key, tuple(sh.global_offset[:P]), tuple(sh.global_shape[:P]), int(e_off), int(e_n), all(r == 0 for r in rid)
+    )
 
 
 class _Engine:
     """Plan + exchange + momentum for one set of parameters over one (TP, DP) pair of groups."""
 
-    def __init__(self, entries: list[tuple[str, torch.Tensor, int]], tp_group: Group, dp_group: Group,
-                 tp_mode: str, ns_impl: str, iters: int, cost: CostModel, label: str):
-        self.entries = entries                      # (name, param, group index)
+    def __init__(
+        self,
+        entries: list[tuple[str, torch.Tensor, int]],
+        tp_group: Group,
+        dp_group: Group,
+        tp_mode: str,
+        ns_impl: str,
+        iters: int,
+        cost: CostModel,
+        label: str,
+    ):
+        self.entries = entries  # (name, param, group index)
         self.label = label
         T, D = group_size(tp_group), group_size(dp_group)
         infos = [ParamInfo.of(n, p, T) for n, p, _ in entries]
@@ -141,16 +155,19 @@ class _Engine:
             fps: list[Any] = [None] * D
             dist.all_gather_object(fps, fingerprint(infos), group=dp_group)
             if any(f != fps[0] for f in fps):
-                raise ValueError(f"Muon {label} parameters differ across data-parallel ranks "
-                                 f"(counts {[len(f) for f in fps]}); every DP replica must pass the same list")
+                raise ValueError(
+                    f"Muon {label} parameters differ across data-parallel ranks "
+                    f"(counts {[len(f) for f in fps]}); every DP replica must pass the same list"
+                )
         self.plan: Plan = plan(all_infos, D, tp_mode, iters, ns_impl, len(GRAM_RESTARTS), cost)
         self.ex = Exchange(self.plan, tp_group, dp_group)
         self.momentum: dict[int, torch.Tensor] = {}
-        self._ckpt_units: list[tuple[Unit, str]] = []   # what the last unit_sharded saved / requested
+        self._ckpt_units: list[tuple[Unit, str]] = []  # what the last unit_sharded saved / requested
         self.device = entries[0][1].device if entries else torch.device("cpu")
         # state / traffic dtype: fp32, or fp64 when every parameter is fp64 (exactness tests)
-        self.dtype = (torch.float64 if entries and all(p.dtype == torch.float64 for _, p, _ in entries)
-                      else torch.float32)
+        self.dtype = (
+            torch.float64 if entries and all(p.dtype == torch.float64 for _, p, _ in entries) else torch.float32
+        )
         log.info("Muon %s engine: %s", label, self.plan.summary())
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -159,8 +176,7 @@ class _Engine:
         return A
 
     def _active(self) -> list[Unit]:
-        has = torch.tensor([grad_of(p) is not None for _, p, _ in self.entries], dtype=torch.uint8,
-                           device=self.device)
+        has = torch.tensor([grad_of(p) is not None for _, p, _ in self.entries], dtype=torch.uint8, device=self.device)
         for g in (self.ex.tp_group, self.ex.dp_group):
             if g is not None and has.numel():
                 dist.all_reduce(has, op=dist.ReduceOp.MAX, group=g)
@@ -170,7 +186,7 @@ class _Engine:
     def _grad_view(self, u: Unit) -> torch.Tensor:
         p = self.entries[u.pidx][1]
         g = grad_of(p)
-        if g is None:    # another rank of the grid has a gradient for it: this one contributes zeros
+        if g is None:  # another rank of the grid has a gradient for it: this one contributes zeros
             g = torch.zeros_like(p)
         return u.local_view(g, self.ex.t)
 
@@ -204,25 +220,32 @@ class _Engine:
                 view.mul_(1.0 - lr * wd)
             view.add_(local[u.uid].to(view.dtype), alpha=-lr)
 
-    def _orthogonalise(self, units: list[Unit], inputs: dict[int, torch.Tensor],
-                       groups: list[dict[str, Any]]) -> dict[int, torch.Tensor]:
+    def _orthogonalise(
+        self, units: list[Unit], inputs: dict[int, torch.Tensor], groups: list[dict[str, Any]]
+    ) -> dict[int, torch.Tensor]:
         """NS of every owned input, batched per (shape, schedule); scaled by gamma sqrt(max(n, m))."""
         batches: dict[tuple, list[Unit]] = {}
-        for u in units:                       # uid order: identical batch order on all TP ranks
+        for u in units:  # uid order: identical batch order on all TP ranks
             if u.uid not in inputs:
                 continue
             grp = groups[self.entries[u.pidx][2]]
-            key = (u.mode == "gram", u.full_shape, u.shard_dim if u.mode == "gram" else None,
-                   u.local_shapes if u.mode == "gram" else None, grp["ns_steps"], grp["fp32_newton_schulz"],
-                   grp["ns_impl"])
+            key = (
+                u.mode == "gram",
+                u.full_shape,
+                u.shard_dim if u.mode == "gram" else None,
+                u.local_shapes if u.mode == "gram" else None,
+                grp["ns_steps"],
+                grp["fp32_newton_schulz"],
+                grp["ns_impl"],
+            )
             batches.setdefault(key, []).append(u)
         out: dict[int, torch.Tensor] = {}
         for key, lst in batches.items():
             gram_mode, (n, m), shard_dim, _, steps, fp32, impl = key
-            fp32 = bool(fp32) or self.device.type != "cuda"   # bf16 matmuls only pay off on GPU
+            fp32 = bool(fp32) or self.device.type != "cuda"  # bf16 matmuls only pay off on GPU
             X = torch.stack([inputs[u.uid] for u in lst])
             if gram_mode:
-                X = X if shard_dim == 1 else X.mT     # wide orientation, sharded (long) dim last
+                X = X if shard_dim == 1 else X.mT  # wide orientation, sharded (long) dim last
                 fn = newton_schulz_gram if impl == "gram" else newton_schulz
                 Y = fn(X, steps, fp32, reduce=self._reduce_tp)
                 Y = Y if shard_dim == 1 else Y.mT
@@ -237,8 +260,11 @@ class _Engine:
     def local_momentum(self) -> dict[str, torch.Tensor]:
         """Collective: every rank gets the momentum of its own parameter slices, keyed by name."""
         units = self.plan.units
-        owned = {u.uid: self.momentum.get(u.uid) for u in units if self.ex.owns(u) or
-                 (u.mode == "gram" and u.owner_dp == self.ex.d)}
+        owned = {
+            u.uid: self.momentum.get(u.uid)
+            for u in units
+            if self.ex.owns(u) or (u.mode == "gram" and u.owner_dp == self.ex.d)
+        }
         for u in units:
             if u.uid in owned and owned[u.uid] is None:
                 full = u.mode in ("local", "gather")
@@ -258,13 +284,15 @@ class _Engine:
         for name, p, _ in self.entries:
             t = saved.get(name)
             if t is not None and tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"Muon momentum for '{name}' has shape {tuple(t.shape)}, the parameter "
-                                 f"{tuple(p.shape)}: a different TP layout needs dist_checkpointing "
-                                 f"(sharded_state_dict), not this state dict")
+                raise ValueError(
+                    f"Muon momentum for '{name}' has shape {tuple(t.shape)}, the parameter "
+                    f"{tuple(p.shape)}: a different TP layout needs dist_checkpointing "
+                    f"(sharded_state_dict), not this state dict"
+                )
             bufs[name] = (t if t is not None else torch.zeros(p.shape)).to(self.device, self.dtype)
-        owned = self.ex.to_owners(self.plan.units,
-                                  lambda u: u.local_view(bufs[self.entries[u.pidx][0]], self.ex.t),
-                                  self.dtype, self.device)
+        owned = self.ex.to_owners(
+            self.plan.units, lambda u: u.local_view(bufs[self.entries[u.pidx][0]], self.ex.t), self.dtype, self.device
+        )
         self.momentum = {uid: t.clone() for uid, t in owned.items()}
 
     # ---- checkpoint in unit layout (sharded_state_dict; see the module doc) ---------------------------
@@ -315,8 +343,10 @@ class _Engine:
 
         def mine(u: Unit) -> torch.Tensor:
             buf = self.momentum.get(u.uid)
-            return buf if buf is not None else torch.zeros(u.local_shapes[self.ex.t], dtype=self.dtype,
-                                                           device=self.device)
+            return (
+                buf if buf is not None else torch.zeros(u.local_shapes[self.ex.t], dtype=self.dtype, device=self.device)
+            )
+
         send = [[mine(u) for u in units] if peer == 0 else [] for peer in range(T)]
         recv_sizes = [sum(u.numel_local(peer) for u in units) if self.ex.t == 0 else 0 for peer in range(T)]
         recv = self.ex._all_to_all(send, recv_sizes, self.dtype, self.device)
@@ -327,7 +357,7 @@ class _Engine:
             pieces = []
             for peer in range(T):
                 k = u.numel_local(peer)
-                pieces.append(recv[peer][offs[peer]:offs[peer] + k].view(u.local_shapes[peer]))
+                pieces.append(recv[peer][offs[peer] : offs[peer] + k].view(u.local_shapes[peer]))
                 offs[peer] += k
             out[u.uid] = u.join(pieces).contiguous()
         return out
@@ -338,6 +368,7 @@ class _Engine:
         stacks), key ``<key_prefix><param key>.block<j>``. Collective over this engine's TP and DP groups.
         ``for_load``: the tensors are load targets (no gather of uneven gram slices)."""
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
         self._ckpt_units = []
         if not self.entries:
             return {}
@@ -369,15 +400,21 @@ class _Engine:
                 off[sd] = sum(s[sd] for s in u.local_shapes[:t])
                 frag[sd] = self.plan.tp
                 data = self.momentum.get(u.uid)
-            if data is None:           # never stepped (== zero momentum), or a load target
+            if data is None:  # never stepped (== zero momentum), or a load target
                 data = torch.zeros(local, dtype=self.dtype, device=self.device)
             if not data.is_contiguous():
                 data = data.contiguous()
             shape = (1,) * len(lead_off) + tuple(local)
             out[f"{self.label}.{u.uid}"] = ShardedTensor(
-                f"{key_prefix}{ident.key}.block{blocks[u.uid]}", data.view(shape), data.dtype, shape,
-                tuple(lead_shape) + (n, m), tuple(lead_off) + tuple(off), tuple(lead_shape) + tuple(frag),
-                0 if main[u.pidx] else 1)
+                f"{key_prefix}{ident.key}.block{blocks[u.uid]}",
+                data.view(shape),
+                data.dtype,
+                shape,
+                tuple(lead_shape) + (n, m),
+                tuple(lead_off) + tuple(off),
+                tuple(lead_shape) + tuple(frag),
+                0 if main[u.pidx] else 1,
+            )
         return out
 
     def load_unit_sharded(self, loaded: dict[str, Any]) -> None:
@@ -391,18 +428,23 @@ class _Engine:
             shape = u.full_shape if piece == "full" else u.local_shapes[self.ex.t]
             mom[u.uid] = t.reshape(shape).to(self.device, self.dtype)
         uneven = self._uneven_owned()
-        if uneven:                     # TP rank 0 of the owner replica loaded the full matrix: scatter
+        if uneven:  # TP rank 0 of the owner replica loaded the full matrix: scatter
             T = self.plan.tp
-            full = {u.uid: loaded[f"{self.label}.{u.uid}"].reshape(u.full_shape).to(self.device, self.dtype)
-                    for u in uneven} if self.ex.t == 0 else {}
-            send = [[u.split_full(full[u.uid])[peer] for u in uneven] if self.ex.t == 0 else []
-                    for peer in range(T)]
+            full = (
+                {
+                    u.uid: loaded[f"{self.label}.{u.uid}"].reshape(u.full_shape).to(self.device, self.dtype)
+                    for u in uneven
+                }
+                if self.ex.t == 0
+                else {}
+            )
+            send = [[u.split_full(full[u.uid])[peer] for u in uneven] if self.ex.t == 0 else [] for peer in range(T)]
             recv_sizes = [sum(u.numel_local(self.ex.t) for u in uneven) if peer == 0 else 0 for peer in range(T)]
             recv = self.ex._all_to_all(send, recv_sizes, self.dtype, self.device)[0]
             off = 0
             for u in uneven:
                 k = u.numel_local(self.ex.t)
-                mom[u.uid] = recv[off:off + k].view(u.local_shapes[self.ex.t]).clone()
+                mom[u.uid] = recv[off : off + k].view(u.local_shapes[self.ex.t]).clone()
                 off += k
         self.momentum = mom
 
@@ -420,20 +462,41 @@ class Muon(torch.optim.Optimizer):
             All None = single process (also the behaviour without torch.distributed).
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 2.7e-4, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.1, update_rms: float = 0.18,
-                 ns_steps: Sequence[Sequence[float]] = V4_NS_STEPS, fp32_newton_schulz: bool = False,
-                 ns_impl: str = "plain", tp_mode: str = "auto", tp_group: Group = None, dp_group: Group = None,
-                 expert_tp_group: Group = None, expert_dp_group: Group = None,
-                 cost_model: CostModel | None = None):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 2.7e-4,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.1,
+        update_rms: float = 0.18,
+        ns_steps: Sequence[Sequence[float]] = V4_NS_STEPS,
+        fp32_newton_schulz: bool = False,
+        ns_impl: str = "plain",
+        tp_mode: str = "auto",
+        tp_group: Group = None,
+        dp_group: Group = None,
+        expert_tp_group: Group = None,
+        expert_dp_group: Group = None,
+        cost_model: CostModel | None = None,
+    ):
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0 or update_rms <= 0:
-            raise ValueError(f"invalid Muon hyper-parameters lr={lr} momentum={momentum} "
-                             f"weight_decay={weight_decay} update_rms={update_rms}")
+            raise ValueError(
+                f"invalid Muon hyper-parameters lr={lr} momentum={momentum} "
+                f"weight_decay={weight_decay} update_rms={update_rms}"
+            )
         if ns_impl not in ("plain", "gram"):
             raise ValueError(f"ns_impl '{ns_impl}' unknown; choose plain or gram")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        update_rms=update_rms, ns_steps=_norm_steps(ns_steps),
-                        fp32_newton_schulz=fp32_newton_schulz, ns_impl=ns_impl)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            update_rms=update_rms,
+            ns_steps=_norm_steps(ns_steps),
+            fp32_newton_schulz=fp32_newton_schulz,
+            ns_impl=ns_impl,
+        )
         super().__init__(params, defaults)
         for g in self.param_groups:
             g["ns_steps"] = _norm_steps(g["ns_steps"])
@@ -460,8 +523,10 @@ class Muon(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "_engines"):
-            raise NotImplementedError("Muon plans owners and shards at construction (collectively); "
-                                      "build a new optimizer instead of adding parameter groups")
+            raise NotImplementedError(
+                "Muon plans owners and shards at construction (collectively); "
+                "build a new optimizer instead of adding parameter groups"
+            )
         super().add_param_group(param_group)
 
     @classmethod
@@ -489,7 +554,7 @@ class Muon(torch.optim.Optimizer):
         """Collective. ``{"format", "steps", "state": {name: {"momentum_buffer": local-slice fp32}},
         "param_groups": [hyper-parameters + "params": names]}``; identical on all DP ranks."""
         state: dict[str, Any] = {}
-        for eng in self._engines:             # zeros for units never stepped (== no momentum)
+        for eng in self._engines:  # zeros for units never stepped (== no momentum)
             for name, buf in eng.local_momentum().items():
                 state[name] = {"momentum_buffer": buf}
         groups = []
@@ -520,8 +585,12 @@ class Muon(torch.optim.Optimizer):
         momentum is the optimizer's own (``kind`` own), saved in the unit format ``CKPT_FORMAT``."""
         return {"__own__": {"kind": "own", "dtype": "", "format": CKPT_FORMAT}}
 
-    def sharded_state_dict(self, model_sharded: dict[str, Any], prefix: str = "optimizer.muon.",
-                           keys: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    def sharded_state_dict(
+        self,
+        model_sharded: dict[str, Any],
+        prefix: str = "optimizer.muon.",
+        keys: dict[str, dict[str, str]] | None = None,
+    ) -> dict[str, Any]:
         """megatron dist_checkpointing form of the momentum, saved from where it lives (module doc,
         "Checkpoint"). ``model_sharded`` maps parameter name -> the parameter's ShardedTensor (or
         ShardedTensorFactory) from the model's ``sharded_state_dict``; ``keys``: for a load, what the
@@ -529,9 +598,11 @@ class Muon(torch.optim.Optimizer):
         load targets. Collective."""
         fmt = CKPT_FORMAT if keys is None else (keys.get("__own__") or {}).get("format")
         if fmt != CKPT_FORMAT:
-            raise ValueError(f"Muon checkpoint format {fmt!r}: this code reads only {CKPT_FORMAT!r} (momentum per "
-                             f"unit). A checkpoint without a recorded format predates it and cannot be resumed; "
-                             f"start from its weights with a fresh optimizer instead")
+            raise ValueError(
+                f"Muon checkpoint format {fmt!r}: this code reads only {CKPT_FORMAT!r} (momentum per "
+                f"unit). A checkpoint without a recorded format predates it and cannot be resumed; "
+                f"start from its weights with a fresh optimizer instead"
+            )
         out: dict[str, Any] = {}
         for eng in self._engines:
             out.update(eng.unit_sharded(model_sharded, prefix + "momentum_unit.", for_load=keys is not None))
@@ -547,7 +618,10 @@ class Muon(torch.optim.Optimizer):
 def parallel_state_groups() -> dict[str, Group]:
     """This rank's Muon groups from megatron-core ``parallel_state`` (dense DP includes context parallel)."""
     from megatron.core import parallel_state as ps
-    return dict(tp_group=ps.get_tensor_model_parallel_group(),
-                dp_group=ps.get_data_parallel_group(with_context_parallel=True),
-                expert_tp_group=ps.get_expert_tensor_parallel_group(),
-                expert_dp_group=ps.get_expert_data_parallel_group())
+
+    return dict(
+        tp_group=ps.get_tensor_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        expert_tp_group=ps.get_expert_tensor_parallel_group(),
+        expert_dp_group=ps.get_expert_data_parallel_group(),
+    )

@@ -18,6 +18,7 @@ units, modes and owners):
 Deadlock freedom: every rank runs the phases in the same order (TP then DP) and every member of a group
 derives the same unit lists from the same deterministic plan.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -59,19 +60,24 @@ class Exchange:
     def _mine(self, units: Iterable[Unit]) -> list[Unit]:
         return [u for u in units if u.owner_dp == self.d]
 
-    def _all_to_all(self, send: list[list[torch.Tensor]], recv_sizes: list[int], dtype: torch.dtype,
-                    device: torch.device) -> list[torch.Tensor]:
+    def _all_to_all(
+        self, send: list[list[torch.Tensor]], recv_sizes: list[int], dtype: torch.dtype, device: torch.device
+    ) -> list[torch.Tensor]:
         """send[peer] = tensors for that peer; returns the flat buffer received from each peer."""
-        flat = [torch.cat([x.reshape(-1).to(dtype) for x in chunk]) if chunk else torch.empty(0, dtype=dtype, device=device)
-                for chunk in send]
+        flat = [
+            torch.cat([x.reshape(-1).to(dtype) for x in chunk]) if chunk else torch.empty(0, dtype=dtype, device=device)
+            for chunk in send
+        ]
         send_sizes = [f.numel() for f in flat]
         out = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
-        dist.all_to_all_single(out, torch.cat(flat), output_split_sizes=recv_sizes,
-                               input_split_sizes=send_sizes, group=self.tp_group)
+        dist.all_to_all_single(
+            out, torch.cat(flat), output_split_sizes=recv_sizes, input_split_sizes=send_sizes, group=self.tp_group
+        )
         return list(torch.split(out, recv_sizes))
 
-    def to_owners(self, units: list[Unit], local: Callable[[Unit], torch.Tensor], dtype: torch.dtype,
-                  device: torch.device) -> dict[int, torch.Tensor]:
+    def to_owners(
+        self, units: list[Unit], local: Callable[[Unit], torch.Tensor], dtype: torch.dtype, device: torch.device
+    ) -> dict[int, torch.Tensor]:
         """``local(u)``: this rank's slice of unit u. Returns, for units this rank owns, the full matrix
         (local/gather) or this rank's slice (gram)."""
         mine = self._mine(units)
@@ -92,13 +98,14 @@ class Exchange:
             pieces = []
             for peer in range(T):
                 k = u.numel_local(peer)
-                pieces.append(recv[peer][offs[peer]:offs[peer] + k].view(u.local_shapes[peer]))
+                pieces.append(recv[peer][offs[peer] : offs[peer] + k].view(u.local_shapes[peer]))
                 offs[peer] += k
             out[u.uid] = u.join(pieces)
         return out
 
-    def from_owners(self, units: list[Unit], owned: dict[int, torch.Tensor], dtype: torch.dtype,
-                    device: torch.device) -> dict[int, torch.Tensor]:
+    def from_owners(
+        self, units: list[Unit], owned: dict[int, torch.Tensor], dtype: torch.dtype, device: torch.device
+    ) -> dict[int, torch.Tensor]:
         """``owned``: what ``to_owners`` returns (per unit this rank owns). Returns this rank's slice of
         every unit in ``units``."""
         mine = self._mine(units)
@@ -119,7 +126,7 @@ class Exchange:
             offs = [0] * T
             for u in via_tp:
                 k = u.numel_local(self.t)
-                res[u.uid] = recv[u.owner_tp][offs[u.owner_tp]:offs[u.owner_tp] + k].view(u.local_shapes[self.t])
+                res[u.uid] = recv[u.owner_tp][offs[u.owner_tp] : offs[u.owner_tp] + k].view(u.local_shapes[self.t])
                 offs[u.owner_tp] += k
         D = self.plan.dp
         if D > 1:
@@ -129,7 +136,7 @@ class Exchange:
             if width > 0:
                 buf = torch.zeros(width, dtype=dtype, device=device)
                 if mine:
-                    torch.cat([res[u.uid].reshape(-1).to(dtype) for u in mine], out=buf[:sizes[self.d]])
+                    torch.cat([res[u.uid].reshape(-1).to(dtype) for u in mine], out=buf[: sizes[self.d]])
                 bufs = [torch.empty(width, dtype=dtype, device=device) for _ in range(D)]
                 dist.all_gather(bufs, buf, group=self.dp_group)
                 for d in range(D):
@@ -138,6 +145,6 @@ class Exchange:
                     off = 0
                     for u in by_d[d]:
                         k = u.numel_local(self.t)
-                        res[u.uid] = bufs[d][off:off + k].view(u.local_shapes[self.t])
+                        res[u.uid] = bufs[d][off : off + k].view(u.local_shapes[self.t])
                         off += k
         return res

@@ -33,6 +33,7 @@ Cost model for ``tp_mode=auto`` (per unit, s = min(n, m), l = max(n, m), K itera
 R latency + R 2 (T-1)/T s^2 b / bandwidth + (T-1) K 2 s^3 / flops (the s x s products are replicated on
 every TP rank), with R = K (plain NS) or 1 + restarts (Gram-form NS). The cheaper one is chosen.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,52 +54,62 @@ TP_MODES = ("auto", "gather", "gram")
 @dataclass(frozen=True)
 class ParamInfo:
     """What one rank knows about one of its local parameters (picklable; exchanged across TP ranks)."""
+
     name: str
     shape: tuple[int, ...]
     tp_sharded: bool
     partition_dim: int | None
     blocks: tuple[int, ...]
-    whole_blocks: bool = False     # TP shards are whole v4_blocks (see the module doc)
+    whole_blocks: bool = False  # TP shards are whole v4_blocks (see the module doc)
 
     @staticmethod
     def of(name: str, p: torch.Tensor, tp_size: int) -> ParamInfo:
         if p.dim() not in (2, 3):
-            raise ValueError(f"Muon parameter '{name}' has shape {tuple(p.shape)}; Muon takes 2-D matrices "
-                             f"or 3-D expert stacks [E, out, in] (give 1-D parameters to AdamW)")
+            raise ValueError(
+                f"Muon parameter '{name}' has shape {tuple(p.shape)}; Muon takes 2-D matrices "
+                f"or 3-D expert stacks [E, out, in] (give 1-D parameters to AdamW)"
+            )
         sharded = bool(getattr(p, "tensor_model_parallel", False)) and tp_size > 1
         pdim = getattr(p, "partition_dim", None) if sharded else None
         if sharded:
             if pdim is None or pdim < 0 or pdim >= p.dim() or (p.dim() == 3 and pdim == 0):
-                raise ValueError(f"Muon parameter '{name}' is tensor-parallel with partition_dim={pdim}; "
-                                 f"need a matrix dim (0/1 for 2-D, 1/2 for 3-D [E, out, in])")
+                raise ValueError(
+                    f"Muon parameter '{name}' is tensor-parallel with partition_dim={pdim}; "
+                    f"need a matrix dim (0/1 for 2-D, 1/2 for 3-D [E, out, in])"
+                )
         rows = p.shape[-2]
         blocks = tuple(int(b) for b in (getattr(p, "v4_blocks", None) or (rows,)))
         if sum(blocks) != rows or min(blocks) <= 0:
-            raise ValueError(f"Muon parameter '{name}': v4_blocks {list(blocks)} must be positive and sum to "
-                             f"the local row count {rows}")
+            raise ValueError(
+                f"Muon parameter '{name}': v4_blocks {list(blocks)} must be positive and sum to "
+                f"the local row count {rows}"
+            )
         whole = sharded and bool(getattr(p, "v4_tp_whole_blocks", False))
         if whole and pdim != p.dim() - 2:
-            raise ValueError(f"Muon parameter '{name}': v4_tp_whole_blocks needs the TP shard along the block "
-                             f"(row) dim, got partition_dim={pdim}")
+            raise ValueError(
+                f"Muon parameter '{name}': v4_tp_whole_blocks needs the TP shard along the block "
+                f"(row) dim, got partition_dim={pdim}"
+            )
         return ParamInfo(name, tuple(p.shape), sharded, pdim, blocks, whole)
 
 
 @dataclass
 class Unit:
     """One full matrix (see the module doc). Shapes and offsets are listed per TP rank."""
+
     uid: int
-    pidx: int                                 # index into the engine's parameter list
-    expert: int | None                     # index along dim 0 of a 3-D stack, None for 2-D
+    pidx: int  # index into the engine's parameter list
+    expert: int | None  # index along dim 0 of a 3-D stack, None for 2-D
     block: int
-    row_off: tuple[int, ...]                  # per TP rank: first row of the block in the local matrix
+    row_off: tuple[int, ...]  # per TP rank: first row of the block in the local matrix
     local_shapes: tuple[tuple[int, int], ...]  # per TP rank: shape of this rank's slice
-    shard_dim: int | None                  # 0 / 1 of the matrix; None = replicated over TP
+    shard_dim: int | None  # 0 / 1 of the matrix; None = replicated over TP
     full_shape: tuple[int, int]
     mode: str = "local"
     owner_dp: int = 0
-    owner_tp: int | None = 0               # None for gram (all TP ranks of the owner replica)
+    owner_tp: int | None = 0  # None for gram (all TP ranks of the owner replica)
     cost: float = 0.0
-    holder_tp: int | None = None           # whole-block unit: the only TP rank holding it (module doc)
+    holder_tp: int | None = None  # whole-block unit: the only TP rank holding it (module doc)
 
     def numel_local(self, t: int) -> int:
         r, c = self.local_shapes[t]
@@ -133,10 +144,11 @@ class Unit:
 @dataclass(frozen=True)
 class CostModel:
     """Machine balance for ``tp_mode=auto`` (defaults: a GPU with NVLink-class TP links)."""
-    bandwidth: float = 100e9      # bytes / s per rank for TP collectives
-    flops: float = 300e12         # matmul flop / s
-    latency: float = 20e-6        # s per collective
-    elem_bytes: int = 4           # fp32 momentum / update traffic
+
+    bandwidth: float = 100e9  # bytes / s per rank for TP collectives
+    flops: float = 300e12  # matmul flop / s
+    latency: float = 20e-6  # s per collective
+    elem_bytes: int = 4  # fp32 momentum / update traffic
 
     def gather_time(self, u: Unit, tp: int) -> float:
         n, m = u.full_shape
@@ -144,8 +156,11 @@ class CostModel:
 
     def gram_time(self, u: Unit, tp: int, iters: int, reduces: int) -> float:
         s = min(u.full_shape)
-        return (reduces * self.latency + reduces * 2 * (tp - 1) / tp * s * s * self.elem_bytes / self.bandwidth
-                + (tp - 1) * iters * 2.0 * s ** 3 / self.flops)
+        return (
+            reduces * self.latency
+            + reduces * 2 * (tp - 1) / tp * s * s * self.elem_bytes / self.bandwidth
+            + (tp - 1) * iters * 2.0 * s**3 / self.flops
+        )
 
 
 @dataclass
@@ -153,7 +168,7 @@ class Plan:
     units: list[Unit]
     tp: int
     dp: int
-    load: list[list[float]] = field(default_factory=list)   # [dp][tp] estimated NS flops per rank
+    load: list[list[float]] = field(default_factory=list)  # [dp][tp] estimated NS flops per rank
 
     def imbalance(self) -> float:
         """max / mean - 1 of the estimated per-rank NS work (0 = perfect balance)."""
@@ -163,8 +178,7 @@ class Plan:
 
     def summary(self) -> dict[str, Any]:
         modes = {m: sum(1 for u in self.units if u.mode == m) for m in MODES}
-        return dict(units=len(self.units), tp=self.tp, dp=self.dp, modes=modes,
-                    imbalance=round(self.imbalance(), 4))
+        return dict(units=len(self.units), tp=self.tp, dp=self.dp, modes=modes, imbalance=round(self.imbalance(), 4))
 
 
 def build_units(infos: Sequence[Sequence[ParamInfo]]) -> list[Unit]:
@@ -177,28 +191,41 @@ def build_units(infos: Sequence[Sequence[ParamInfo]]) -> list[Unit]:
     for i in range(len(infos[0])):
         per = [infos[t][i] for t in range(T)]
         p0 = per[0]
-        if any((q.tp_sharded, q.partition_dim, len(q.shape), len(q.blocks), q.whole_blocks) !=
-               (p0.tp_sharded, p0.partition_dim, len(p0.shape), len(p0.blocks), p0.whole_blocks) for q in per):
+        if any(
+            (q.tp_sharded, q.partition_dim, len(q.shape), len(q.blocks), q.whole_blocks)
+            != (p0.tp_sharded, p0.partition_dim, len(p0.shape), len(p0.blocks), p0.whole_blocks)
+            for q in per
+        ):
             raise ValueError(f"parameter {i} ('{p0.name}') differs in sharding metadata across TP ranks: {per}")
         mdim = None if p0.partition_dim is None else p0.partition_dim - (len(p0.shape) - 2)
         for q in per:
             for d in range(len(q.shape)):
                 if d != p0.partition_dim and q.shape[d] != p0.shape[d]:
-                    raise ValueError(f"parameter '{p0.name}': TP ranks disagree on dim {d} "
-                                     f"({[x.shape for x in per]})")
+                    raise ValueError(f"parameter '{p0.name}': TP ranks disagree on dim {d} ({[x.shape for x in per]})")
             if mdim != 0 and q.blocks != p0.blocks:
-                raise ValueError(f"parameter '{p0.name}': v4_blocks differ across TP ranks but the rows are "
-                                 f"not sharded ({[x.blocks for x in per]})")
+                raise ValueError(
+                    f"parameter '{p0.name}': v4_blocks differ across TP ranks but the rows are "
+                    f"not sharded ({[x.blocks for x in per]})"
+                )
         experts = [None] if len(p0.shape) == 2 else list(range(p0.shape[0]))
         if p0.whole_blocks and mdim == 0:
-            for e in experts:               # full block order: rank 0's blocks, then rank 1's, ...
+            for e in experts:  # full block order: rank 0's blocks, then rank 1's, ...
                 for h, q in enumerate(per):
                     for j, b in enumerate(q.blocks):
                         off = sum(q.blocks[:j])
-                        units.append(Unit(uid=len(units), pidx=i, expert=e, block=j,
-                                          row_off=tuple(off if t == h else 0 for t in range(T)),
-                                          local_shapes=tuple((b if t == h else 0, q.shape[-1]) for t in range(T)),
-                                          shard_dim=0, full_shape=(b, q.shape[-1]), holder_tp=h))
+                        units.append(
+                            Unit(
+                                uid=len(units),
+                                pidx=i,
+                                expert=e,
+                                block=j,
+                                row_off=tuple(off if t == h else 0 for t in range(T)),
+                                local_shapes=tuple((b if t == h else 0, q.shape[-1]) for t in range(T)),
+                                shard_dim=0,
+                                full_shape=(b, q.shape[-1]),
+                                holder_tp=h,
+                            )
+                        )
             continue
         for e in experts:
             for j in range(len(p0.blocks)):
@@ -210,13 +237,30 @@ def build_units(infos: Sequence[Sequence[ParamInfo]]) -> list[Unit]:
                     full = (sum(s[0] for s in local), local[0][1])
                 else:
                     full = (local[0][0], sum(s[1] for s in local))
-                units.append(Unit(uid=len(units), pidx=i, expert=e, block=j, row_off=row_off,
-                                  local_shapes=local, shard_dim=mdim, full_shape=full))
+                units.append(
+                    Unit(
+                        uid=len(units),
+                        pidx=i,
+                        expert=e,
+                        block=j,
+                        row_off=row_off,
+                        local_shapes=local,
+                        shard_dim=mdim,
+                        full_shape=full,
+                    )
+                )
     return units
 
 
-def plan(infos: Sequence[Sequence[ParamInfo]], dp: int, tp_mode: str = "auto", iters: int = 10,
-         ns_impl: str = "plain", restarts: int = 2, cost: CostModel = CostModel()) -> Plan:
+def plan(
+    infos: Sequence[Sequence[ParamInfo]],
+    dp: int,
+    tp_mode: str = "auto",
+    iters: int = 10,
+    ns_impl: str = "plain",
+    restarts: int = 2,
+    cost: CostModel = CostModel(),
+) -> Plan:
     """Choose a mode and an owner for every unit (deterministic: every rank computes the same plan)."""
     if tp_mode not in TP_MODES:
         raise ValueError(f"muon tp_mode '{tp_mode}' unknown; choose one of {TP_MODES}")
@@ -228,7 +272,7 @@ def plan(infos: Sequence[Sequence[ParamInfo]], dp: int, tp_mode: str = "auto", i
         u.cost = ns_flops(s, l, iters, gram=ns_impl == "gram", restarts=restarts)
         if u.shard_dim is None or T == 1:
             u.mode = "local"
-        elif u.holder_tp is not None:   # owned by its holder: the gather moves nothing (empty slices)
+        elif u.holder_tp is not None:  # owned by its holder: the gather moves nothing (empty slices)
             u.mode = "gather"
         elif tp_mode == "gather" or not u.gram_ok():
             u.mode = "gather"
@@ -240,7 +284,7 @@ def plan(infos: Sequence[Sequence[ParamInfo]], dp: int, tp_mode: str = "auto", i
     for u in sorted(units, key=lambda x: (-x.cost, x.uid)):
         if u.mode == "gram":
             s, l = min(u.full_shape), max(u.full_shape)
-            per_rank = iters * (4.0 * s * s * l / T + 2.0 * s ** 3)
+            per_rank = iters * (4.0 * s * s * l / T + 2.0 * s**3)
             d = min(range(dp), key=lambda k: (max(load[k]), sum(load[k]), k))
             u.owner_dp, u.owner_tp = d, None
             for t in range(T):

@@ -23,6 +23,7 @@ data-parallel group of more than one rank, ``parallel.zero_adamw.ZeroAdamW`` (ea
 state of its share, then the new values are all-gathered: bit-identical to the replicated optimizer); otherwise
 ``torch.optim.AdamW`` replicated (with DP-averaged gradients every replica computes the same update).
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,6 +46,7 @@ OPTIMIZERS = ("muon", "adamw")
 @dataclass(frozen=True)
 class Route:
     """One row of the table: parameters whose name matches ``pattern`` (``re.search``) go to ``optimizer``."""
+
     pattern: str
     optimizer: str
     why: str
@@ -52,8 +54,9 @@ class Route:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer route {self.pattern!r}: optimizer {self.optimizer!r}, expected one of "
-                             f"{OPTIMIZERS}")
+            raise ValueError(
+                f"optimizer route {self.pattern!r}: optimizer {self.optimizer!r}, expected one of {OPTIMIZERS}"
+            )
         object.__setattr__(self, "regex", re.compile(self.pattern))
 
 
@@ -68,8 +71,11 @@ OPTIMIZER_ROUTES: tuple[Route, ...] = (
     Route(r"(^|\.)position_bias$", "adamw", "compressor position biases (bias table; paper silent: our choice)"),
     Route(r"(^|\.)(attn_hc|ffn_hc)\.fn$", "muon", "mHC dynamic projections [W_pre; W_post; W_res]"),
     Route(r"(^|\.)hc_head\.hc_fn$", "muon", "mHC head dynamic projection"),
-    Route(r"(^|\.)self_attn\.(q_a_proj|q_b_proj|kv_proj|o_a_proj|o_b_proj)\.weight$", "muon",
-          "attention projections (o_a_proj: each group its own matrix, v4_blocks)"),
+    Route(
+        r"(^|\.)self_attn\.(q_a_proj|q_b_proj|kv_proj|o_a_proj|o_b_proj)\.weight$",
+        "muon",
+        "attention projections (o_a_proj: each group its own matrix, v4_blocks)",
+    ),
     Route(r"(^|\.)compressor\.(indexer\.)?(kv_proj|gate_proj)\.weight$", "muon", "compressor projections"),
     Route(r"(^|\.)indexer\.(q_b_proj|scorer\.weights_proj)\.weight$", "muon", "lightning-indexer projections"),
     Route(r"(^|\.)mlp\.layer\.", "muon", "MoE: router W_g, routed and shared experts (each expert its own)"),
@@ -97,15 +103,15 @@ def optimizer_of(name: str, p: torch.Tensor, routes: Sequence[Route] = OPTIMIZER
     return route.optimizer if route is not None else default_optimizer(name, p)
 
 
-def _named(model_or_named: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]
-           ) -> list[tuple[str, torch.Tensor]]:
+def _named(model_or_named: torch.nn.Module | Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
     if isinstance(model_or_named, torch.nn.Module):
         return list(model_or_named.named_parameters())
     return list(model_or_named)
 
 
-def split_params(model_or_named: Any, routes: Sequence[Route] = OPTIMIZER_ROUTES
-                 ) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
+def split_params(
+    model_or_named: Any, routes: Sequence[Route] = OPTIMIZER_ROUTES
+) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
     """(muon, adamw) lists of ``(name, parameter)`` by ``routes``; frozen parameters are left out."""
     muon, adamw = [], []
     for name, p in _named(model_or_named):
@@ -120,9 +126,14 @@ def adamw_is_sharded(optim_cfg: Any, dp_size: int, expert_dp_size: int) -> bool:
     return bool(getattr(optim_cfg, "shard_adamw", False)) and max(dp_size, expert_dp_size) > 1
 
 
-def build_optimizers(model_or_named: Any, optim_cfg: Any, lr: float, groups: str | dict | None = None,
-                     routes: Sequence[Route] = OPTIMIZER_ROUTES,
-                     **muon_overrides: Any) -> tuple[Muon | None, torch.optim.Optimizer | None]:
+def build_optimizers(
+    model_or_named: Any,
+    optim_cfg: Any,
+    lr: float,
+    groups: str | dict | None = None,
+    routes: Sequence[Route] = OPTIMIZER_ROUTES,
+    **muon_overrides: Any,
+) -> tuple[Muon | None, torch.optim.Optimizer | None]:
     """Build Muon and AdamW from ``optim_cfg`` (an OptimConfig). ``groups``: None (single process),
     ``"parallel_state"`` (megatron-core groups of this stage), or a dict of Muon's group keywords;
     ``routes``: the parameter -> optimizer table (module doc)."""
@@ -131,21 +142,33 @@ def build_optimizers(model_or_named: Any, optim_cfg: Any, lr: float, groups: str
         groups = parallel_state_groups()
     muon = None
     if muon_params:
-        kw = dict(lr=lr, momentum=optim_cfg.muon_momentum, nesterov=optim_cfg.muon_nesterov,
-                  weight_decay=optim_cfg.weight_decay, update_rms=optim_cfg.muon_update_rms,
-                  ns_steps=[tuple(s) for s in optim_cfg.muon_ns_steps], tp_mode=optim_cfg.muon_tp_mode,
-                  fp32_newton_schulz=optim_cfg.fp32_newton_schulz, **(groups or {}))
+        kw = dict(
+            lr=lr,
+            momentum=optim_cfg.muon_momentum,
+            nesterov=optim_cfg.muon_nesterov,
+            weight_decay=optim_cfg.weight_decay,
+            update_rms=optim_cfg.muon_update_rms,
+            ns_steps=[tuple(s) for s in optim_cfg.muon_ns_steps],
+            tp_mode=optim_cfg.muon_tp_mode,
+            fp32_newton_schulz=optim_cfg.fp32_newton_schulz,
+            **(groups or {}),
+        )
         kw.update(muon_overrides)
         muon = Muon(muon_params, **kw)
     adamw: torch.optim.Optimizer | None = None
     if adam_params:
-        hyper = dict(lr=lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps,
-                     weight_decay=optim_cfg.weight_decay)
+        hyper = dict(
+            lr=lr,
+            betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2),
+            eps=optim_cfg.adam_eps,
+            weight_decay=optim_cfg.weight_decay,
+        )
         dp, edp = (groups or {}).get("dp_group"), (groups or {}).get("expert_dp_group")
         if adamw_is_sharded(optim_cfg, group_size(dp), group_size(edp)):
             adamw = ZeroAdamW(adam_params, **hyper, dp_group=dp, expert_dp_group=edp)
         else:
             adamw = torch.optim.AdamW(adam_params, **hyper)
-    log.info("optimizers: %d Muon tensors, %d AdamW tensors (%s)", len(muon_params), len(adam_params),
-             type(adamw).__name__)
+    log.info(
+        "optimizers: %d Muon tensors, %d AdamW tensors (%s)", len(muon_params), len(adam_params), type(adamw).__name__
+    )
     return muon, adamw

@@ -31,6 +31,7 @@ loaded rank of each stage (:attr:`StageOptimizerMemory.max_bytes`): it decides w
 Transient buffers (Muon's gathered gradients and updates, ZeroAdamW's all-gather rounds) are not state and not
 counted; checkpoint saves add none (both optimizers write their owned state as it lies).
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,15 +45,16 @@ from parallel.process_groups import Layout
 
 log = logging.getLogger(__name__)
 
-MUON_ELEM_BYTES = 4      # fp32 momentum (parallel.muon._Engine.dtype; fp64 only for all-fp64 exactness tests)
-ADAMW_MOMENTS = 2        # exp_avg, exp_avg_sq
+MUON_ELEM_BYTES = 4  # fp32 momentum (parallel.muon._Engine.dtype; fp64 only for all-fp64 exactness tests)
+ADAMW_MOMENTS = 2  # exp_avg, exp_avg_sq
 
 
 @dataclass(frozen=True)
 class RankCoords:
     """Where one global rank of a stage sits in the dense and the expert groups."""
+
     rank: int
-    dp: int          # index in the dense data-parallel group (with context parallel)
+    dp: int  # index in the dense data-parallel group (with context parallel)
     tp: int
     expert_dp: int
     expert_tp: int
@@ -61,9 +63,10 @@ class RankCoords:
 @dataclass
 class StageOptimizerMemory:
     """Optimizer state bytes of every global rank of one pipeline stage (by global rank)."""
+
     muon: dict[int, int] = field(default_factory=dict)
     adamw: dict[int, int] = field(default_factory=dict)
-    muon_replicated: int = 0        # what every rank would hold with momentum on every DP replica
+    muon_replicated: int = 0  # what every rank would hold with momentum on every DP replica
     adamw_replicated: int = 0
 
     def total(self, rank: int) -> int:
@@ -82,9 +85,9 @@ class StageOptimizerMemory:
 def stage_coords(layout: Layout, pp_rank: int) -> list[RankCoords]:
     """Dense and expert group coordinates of every global rank of pipeline stage ``pp_rank`` (megatron's order)."""
     from megatron.core.parallel_state import RankGenerator
+
     dense = RankGenerator(tp=layout.tp, ep=1, dp=layout.dp, pp=layout.pp, cp=layout.sp, order="tp-cp-ep-dp-pp")
-    expert = RankGenerator(tp=layout.etp, ep=layout.ep, dp=layout.expert_dp, pp=layout.pp, cp=1,
-                           order="tp-cp-ep-dp-pp")
+    expert = RankGenerator(tp=layout.etp, ep=layout.ep, dp=layout.expert_dp, pp=layout.pp, cp=1, order="tp-cp-ep-dp-pp")
 
     def index(groups: list[list[int]]) -> dict[int, int]:
         return {r: i for g in groups for i, r in enumerate(g)}
@@ -95,19 +98,28 @@ def stage_coords(layout: Layout, pp_rank: int) -> list[RankCoords]:
     return [RankCoords(r, d[r], t[r], ed[r], et[r]) for r in stage]
 
 
-def muon_momentum_elements(named: Sequence[tuple[str, torch.Tensor]], tp: int, dp: int,
-                           optim_cfg: Any = None) -> list[list[int]]:
+def muon_momentum_elements(
+    named: Sequence[tuple[str, torch.Tensor]], tp: int, dp: int, optim_cfg: Any = None
+) -> list[list[int]]:
     """``[d][t]``: momentum elements owner (d, t) keeps for these Muon parameters of one engine, from the
     optimizer's own plan (:func:`parallel.muon_sharding.plan`)."""
     from ops.newton_schulz import GRAM_RESTARTS, V4_NS_STEPS, expand_steps
     from parallel.muon_sharding import CostModel, ParamInfo, plan
+
     out = [[0] * tp for _ in range(dp)]
     if not named:
         return out
     steps = [tuple(s) for s in getattr(optim_cfg, "muon_ns_steps", V4_NS_STEPS)]
     infos = [ParamInfo.of(n, p, tp) for n, p in named]
-    pl = plan([infos] * tp, dp, getattr(optim_cfg, "muon_tp_mode", "auto"), len(expand_steps(steps)), "plain",
-              len(GRAM_RESTARTS), CostModel())
+    pl = plan(
+        [infos] * tp,
+        dp,
+        getattr(optim_cfg, "muon_tp_mode", "auto"),
+        len(expand_steps(steps)),
+        "plain",
+        len(GRAM_RESTARTS),
+        CostModel(),
+    )
     for u in pl.units:
         if u.mode == "gram":
             for t in range(tp):
@@ -122,6 +134,7 @@ def adamw_state_bytes(named: Sequence[tuple[str, torch.Tensor]], dp: int) -> lis
     """``[d]``: AdamW moment bytes DP rank d keeps for these parameters (``dp`` = 1: replicated), from
     ZeroAdamW's own cell plan."""
     from parallel.zero_adamw import plan_cells
+
     if not named:
         return [0] * dp
     elem = named[0][1].element_size()
@@ -129,11 +142,13 @@ def adamw_state_bytes(named: Sequence[tuple[str, torch.Tensor]], dp: int) -> lis
     return [n * elem * ADAMW_MOMENTS for n in plan.load]
 
 
-def stage_optimizer_memory(named: Sequence[tuple[str, torch.Tensor]], layout: Layout, pp_rank: int,
-                           optim_cfg: Any = None) -> StageOptimizerMemory:
+def stage_optimizer_memory(
+    named: Sequence[tuple[str, torch.Tensor]], layout: Layout, pp_rank: int, optim_cfg: Any = None
+) -> StageOptimizerMemory:
     """Optimizer state per global rank of stage ``pp_rank`` for this stage's parameters (see the module doc)."""
     from parallel.optimizer_groups import adamw_is_sharded, split_params
     from parallel.param_meta import is_expert_param
+
     muon, adamw = split_params(named)
 
     def by_kind(named: list[tuple[str, torch.Tensor]], expert: bool) -> list[tuple[str, torch.Tensor]]:
@@ -145,12 +160,20 @@ def stage_optimizer_memory(named: Sequence[tuple[str, torch.Tensor]], layout: La
     shard = adamw_is_sharded(optim_cfg, dp, edp)
     st_dense = adamw_state_bytes(by_kind(adamw, False), dp if shard else 1)
     st_expert = adamw_state_bytes(by_kind(adamw, True), edp if shard else 1)
-    out = StageOptimizerMemory(muon_replicated=sum(p.numel() for _, p in muon) * MUON_ELEM_BYTES,
-                               adamw_replicated=adamw_state_bytes(adamw, 1)[0])
+    out = StageOptimizerMemory(
+        muon_replicated=sum(p.numel() for _, p in muon) * MUON_ELEM_BYTES,
+        adamw_replicated=adamw_state_bytes(adamw, 1)[0],
+    )
     for c in stage_coords(layout, pp_rank):
         out.muon[c.rank] = (mom_dense[c.dp][c.tp] + mom_expert[c.expert_dp][c.expert_tp]) * MUON_ELEM_BYTES
         out.adamw[c.rank] = st_dense[c.dp if shard else 0] + st_expert[c.expert_dp if shard else 0]
     r = out.max_rank
-    log.debug("stage %d optimizer state: most loaded rank %d: Muon %.2f GiB (replicated %.2f), AdamW %.2f GiB",
-              pp_rank, r, out.muon[r] / 2**30, out.muon_replicated / 2**30, out.adamw[r] / 2**30)
+    log.debug(
+        "stage %d optimizer state: most loaded rank %d: Muon %.2f GiB (replicated %.2f), AdamW %.2f GiB",
+        pp_rank,
+        r,
+        out.muon[r] / 2**30,
+        out.muon_replicated / 2**30,
+        out.adamw[r] / 2**30,
+    )
     return out

@@ -30,6 +30,7 @@ of a pipeline stage, expert-parallel ranks included), so every rank applies the 
 The counters grow once per micro-batch forward; a block recomputed in the backward (activation recomputation,
 ``model.recompute``) must not count again: the model restores them after each recompute.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,8 +49,9 @@ LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "indexer_loss")
 
 
 # --------------------------------------------------------------------------------------------- stage split
-def stage_layer_ranges(num_layers: int, pp: int, vpp: int = 1,
-                       split: Sequence[int] | None = None) -> list[tuple[int, int]]:
+def stage_layer_ranges(
+    num_layers: int, pp: int, vpp: int = 1, split: Sequence[int] | None = None
+) -> list[tuple[int, int]]:
     """[lo, hi) layer range of every virtual stage s = 0 .. pp·vpp − 1 (validated)."""
     stages = pp * vpp
     if split:
@@ -57,12 +59,15 @@ def stage_layer_ranges(num_layers: int, pp: int, vpp: int = 1,
         if len(split) != stages:
             raise ValueError(f"pp_layer_split has {len(split)} entries; need pp*vpp = {pp}*{vpp} = {stages}")
         if min(split) < 0 or sum(split) != num_layers:
-            raise ValueError(f"pp_layer_split {split} must be non-negative and sum to num_layers={num_layers} "
-                             f"(it sums to {sum(split)})")
+            raise ValueError(
+                f"pp_layer_split {split} must be non-negative and sum to num_layers={num_layers} "
+                f"(it sums to {sum(split)})"
+            )
     else:
         if num_layers % stages:
-            raise ValueError(f"num_layers={num_layers} is not divisible by pp*vpp = {stages}; give "
-                             f"pp_layer_split explicitly")
+            raise ValueError(
+                f"num_layers={num_layers} is not divisible by pp*vpp = {stages}; give pp_layer_split explicitly"
+            )
         split = [num_layers // stages] * stages
     out, lo = [], 0
     for n in split:
@@ -86,18 +91,19 @@ class PipelineStage(nn.Module):
     ``sums`` accumulates the detached loss components of the micro-batches (:func:`reduce_losses`).
     """
 
-    share_embeddings_and_output_weights = False     # read by megatron's finalize_model_grads
+    share_embeddings_and_output_weights = False  # read by megatron's finalize_model_grads
 
     @property
-    def model_type(self):                           # read by megatron's schedules
+    def model_type(self):  # read by megatron's schedules
         from megatron.core.enums import ModelType
+
         return ModelType.encoder_or_decoder
 
     def __init__(self, module: nn.Module, pre_process: bool, post_process: bool, vp_stage: int, hc_mult: int):
         super().__init__()
         self.module = module
         self.pre_process, self.post_process, self.vp_stage, self.hc_mult = pre_process, post_process, vp_stage, hc_mult
-        self.sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)   # Σ over micro-batches, detached
+        self.sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)  # Σ over micro-batches, detached
 
     def _stage_aux_components(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Σ balance and Σ indexer losses of this (non-last) stage's last forward (router / attention attrs)."""
@@ -122,10 +128,16 @@ class PipelineStage(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], mtp_lambda: float = 0.3) -> torch.Tensor:
         from parallel import sequence_parallel as usp
-        if usp.sp_group() is not None:           # Ulysses: this rank's contiguous shard of every [B, S] input
+
+        if usp.sp_group() is not None:  # Ulysses: this rank's contiguous shard of every [B, S] input
             batch = {k: usp.shard(v) for k, v in batch.items()}
-        out = self.module(batch["input_ids"], doc_ids=batch.get("doc_ids"), labels=batch["labels"],
-                          mtp_labels=batch.get("mtp_labels"), mtp_lambda=mtp_lambda)
+        out = self.module(
+            batch["input_ids"],
+            doc_ids=batch.get("doc_ids"),
+            labels=batch["labels"],
+            mtp_labels=batch.get("mtp_labels"),
+            mtp_lambda=mtp_lambda,
+        )
         if self.post_process:
             self.sums += torch.stack([out[k].detach().double().cpu() for k in LOSS_KEYS])
             return out["loss"]
@@ -135,12 +147,20 @@ class PipelineStage(nn.Module):
         aux = getattr(self.module, "stage_aux_loss", None)
         if aux is not None:
             bal, idx = self._stage_aux_components()
-            self.sums += torch.stack([aux.detach().double().cpu(), torch.zeros((), dtype=torch.float64),
-                                      torch.zeros((), dtype=torch.float64), bal, idx])
+            self.sums += torch.stack(
+                [
+                    aux.detach().double().cpu(),
+                    torch.zeros((), dtype=torch.float64),
+                    torch.zeros((), dtype=torch.float64),
+                    bal,
+                    idx,
+                ]
+            )
             if aux.requires_grad:
                 # megatron sets the auto-scaler's gradient to cp/M (schedules.forward_step_calc_loss); our sp
                 # ranks' losses already average to the full loss, so divide the cp factor out
                 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
                 sp, _ = usp.sp_size_rank()
                 send = MoEAuxLossAutoScaler.apply(send, aux / sp if sp > 1 else aux)
         return send
@@ -164,17 +184,22 @@ def schedule_config(model_config: Any, hc_mult: int, vpp: int) -> Any:
     cfg.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
     cfg.variable_seq_lengths = False
     if not torch.cuda.is_available():
-        cfg.batch_p2p_comm = False              # wrong results on gloo at pp = 2 (docs/STACK.md §4)
+        cfg.batch_p2p_comm = False  # wrong results on gloo at pp = 2 (docs/STACK.md §4)
         cfg.overlap_p2p_comm = False
     cfg.no_sync_func = cfg.grad_sync_func = cfg.param_sync_func = None
     cfg.finalize_model_grads_func = None
     return cfg
 
 
-def build_model_chunks(provider: Provider, num_layers: int, hc_mult: int,
-                       pp_layer_split: Sequence[int] | None = None,
-                       init: Callable[[list[nn.Module]], None] | None = None, wrap_ddp: bool = True,
-                       ddp_config: Any = None) -> list[nn.Module]:
+def build_model_chunks(
+    provider: Provider,
+    num_layers: int,
+    hc_mult: int,
+    pp_layer_split: Sequence[int] | None = None,
+    init: Callable[[list[nn.Module]], None] | None = None,
+    wrap_ddp: bool = True,
+    ddp_config: Any = None,
+) -> list[nn.Module]:
     """This rank's model chunks (one per virtual stage), wrapped in :class:`PipelineStage` and megatron DDP.
 
     ``provider(pre_process, post_process, layer_range, vp_stage)`` builds one stage's model; it must expose its
@@ -184,6 +209,7 @@ def build_model_chunks(provider: Provider, num_layers: int, hc_mult: int,
     as megatron's training loop does), a plain reduction after the backward on CPU.
     """
     from megatron.core import parallel_state as ps
+
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
     ranges = stage_layer_ranges(num_layers, pp, vpp, pp_layer_split)
@@ -194,20 +220,30 @@ def build_model_chunks(provider: Provider, num_layers: int, hc_mult: int,
         stages.append(PipelineStage(model, s == 0, s == last, v, hc_mult))
     if init is not None:
         init([st.module for st in stages])
-    log.info("pipeline rank %d/%d: virtual stages %s, layers %s", pp_rank, pp, chunk_stages(pp_rank, pp, vpp),
-             [ranges[s] for s in chunk_stages(pp_rank, pp, vpp)])
+    log.info(
+        "pipeline rank %d/%d: virtual stages %s, layers %s",
+        pp_rank,
+        pp,
+        chunk_stages(pp_rank, pp, vpp),
+        [ranges[s] for s in chunk_stages(pp_rank, pp, vpp)],
+    )
     if not wrap_ddp:
         return stages
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
     )
+
     base = getattr(stages[0].module, "moe_config", None) or stages[0].module.config
     cfg = schedule_config(base, hc_mult, vpp)
     if ddp_config is None:
         gpu = torch.cuda.is_available()
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=gpu,
-                                                   use_distributed_optimizer=False, bucket_size=None if not gpu else 40_000_000)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=gpu,
+            use_distributed_optimizer=False,
+            bucket_size=None if not gpu else 40_000_000,
+        )
     chunks = [DistributedDataParallel(cfg, ddp_config, st, disable_bucketing=i > 0) for i, st in enumerate(stages)]
     nosync = [c.no_sync for c in chunks]
     cfg.no_sync_func = nosync[0] if len(chunks) == 1 else nosync
@@ -217,11 +253,16 @@ def build_model_chunks(provider: Provider, num_layers: int, hc_mult: int,
 # --------------------------------------------------------------------------------------------- step
 def _pp_and_dp_groups():
     from megatron.core import parallel_state as ps
+
     return ps.get_pipeline_model_parallel_group(), ps.get_data_parallel_group(with_context_parallel=True)
 
 
-def forward_backward(chunks: list[nn.Module], microbatches: Sequence[dict[str, torch.Tensor]],
-                     mtp_lambda: float = 0.3, forward_only: bool = False) -> dict[str, float]:
+def forward_backward(
+    chunks: list[nn.Module],
+    microbatches: Sequence[dict[str, torch.Tensor]],
+    mtp_lambda: float = 0.3,
+    forward_only: bool = False,
+) -> dict[str, float]:
     """Run megatron's schedule over this data-parallel rank's micro-batches; returns the global-batch mean
     of every loss component (``LOSS_KEYS``), identical on all ranks.
 
@@ -230,6 +271,7 @@ def forward_backward(chunks: list[nn.Module], microbatches: Sequence[dict[str, t
     :func:`finalize_grads` afterwards (not done here so the caller can time/guard it).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
     if not microbatches:
         raise ValueError("forward_backward: no micro-batches for this rank")
     stages = [unwrap(c) for c in chunks]
@@ -247,9 +289,15 @@ def forward_backward(chunks: list[nn.Module], microbatches: Sequence[dict[str, t
 
     iters = [iter(microbatches) for _ in chunks]
     fb = get_forward_backward_func()
-    fb(forward_step_func=step, data_iterator=iters if len(chunks) > 1 else iters[0],
-       model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=m, seq_length=s, micro_batch_size=b,
-       forward_only=forward_only)
+    fb(
+        forward_step_func=step,
+        data_iterator=iters if len(chunks) > 1 else iters[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=m,
+        seq_length=s,
+        micro_batch_size=b,
+        forward_only=forward_only,
+    )
     return reduce_losses(stages, m)
 
 
@@ -273,6 +321,7 @@ def finalize_grads(chunks: list[nn.Module]) -> None:
     embedding's gradients over the first and last stage. Then ``p.grad = p.main_grad`` for the optimizers."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
+
     finalize_model_grads(chunks)
     params = [p for c in chunks for p in c.parameters() if p.requires_grad]
     tp_group = ps.get_tensor_model_parallel_group()
@@ -281,12 +330,18 @@ def finalize_grads(chunks: list[nn.Module]) -> None:
             if getattr(p, "sequence_parallel", False) and p.main_grad is not None:
                 dist.all_reduce(p.main_grad, group=tp_group)
     emb_group = ps.get_embedding_group(check_initialized=False)
-    if emb_group is not None and dist.get_world_size(emb_group) > 1 and dist.get_rank() in \
-            dist.get_process_group_ranks(emb_group):
-        shared = [p for st in (unwrap(c) for c in chunks)
-                  for n, p in st.module.named_parameters()
-                  if (st.pre_process and n == "embed_tokens.weight") or getattr(p, "shared_embedding", False)]
-        flag = torch.tensor([len(shared)], dtype=torch.int64)     # both ends must hold a copy (MTP on)
+    if (
+        emb_group is not None
+        and dist.get_world_size(emb_group) > 1
+        and dist.get_rank() in dist.get_process_group_ranks(emb_group)
+    ):
+        shared = [
+            p
+            for st in (unwrap(c) for c in chunks)
+            for n, p in st.module.named_parameters()
+            if (st.pre_process and n == "embed_tokens.weight") or getattr(p, "shared_embedding", False)
+        ]
+        flag = torch.tensor([len(shared)], dtype=torch.int64)  # both ends must hold a copy (MTP on)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=emb_group)
         if int(flag) > 0:
             dist.all_reduce(shared[0].main_grad, group=emb_group)
@@ -303,8 +358,12 @@ def zero_grads(chunks: list[nn.Module]) -> None:
 
 # --------------------------------------------------------------------------------------------- expert bias
 def _routers(chunks: Iterable[nn.Module]) -> list[nn.Module]:
-    return [m for c in chunks for m in c.modules()
-            if getattr(m, "expert_bias", None) is not None and hasattr(m, "local_tokens_per_expert")]
+    return [
+        m
+        for c in chunks
+        for m in c.modules()
+        if getattr(m, "expert_bias", None) is not None and hasattr(m, "local_tokens_per_expert")
+    ]
 
 
 @torch.no_grad()
@@ -314,6 +373,7 @@ def update_expert_bias(chunks: list[nn.Module], rate: float) -> torch.Tensor | N
     included; TP ranks count the same tokens, which scales all loads alike and leaves the sign unchanged).
     Resets the counters; returns the loads [n_routers, E] (None without routers)."""
     from megatron.core import parallel_state as ps
+
     rs = _routers(chunks)
     if not rs:
         return None

@@ -9,6 +9,7 @@ With no launcher environment it starts a one-rank group on a free local port.
 Layout (megatron-core order ``tp-cp-ep-dp-pp``): world = tp * pp * sp * dp, where the Ulysses degree ``sp``
 occupies megatron's context-parallel slot. Experts: ep * etp must divide tp * sp * dp.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -50,9 +51,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def compute_layout(world: int, tp: int = 1, pp: int = 1, vpp: int = 1, ep: int = 1, etp: int = 1,
-                   sp: int = 1, model: Any = None, pp_layer_split: Optional[list[int]] = None,
-                   backend: Optional[str] = None) -> Layout:
+def compute_layout(
+    world: int,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int = 1,
+    ep: int = 1,
+    etp: int = 1,
+    sp: int = 1,
+    model: Any = None,
+    pp_layer_split: Optional[list[int]] = None,
+    backend: Optional[str] = None,
+) -> Layout:
     """Validate a layout for ``world`` ranks (and a model config, if given); return the derived sizes.
 
     Every check raises :class:`LayoutError` naming the numbers, before any process group exists:
@@ -66,72 +76,93 @@ def compute_layout(world: int, tp: int = 1, pp: int = 1, vpp: int = 1, ep: int =
             raise LayoutError(f"parallel.{name}={v} must be >= 1")
     denom = tp * pp * sp
     if world % denom:
-        raise LayoutError(f"world size {world} is not divisible by tp*pp*sp = {tp}*{pp}*{sp} = {denom}; "
-                          f"choose sizes whose product divides {world}")
+        raise LayoutError(
+            f"world size {world} is not divisible by tp*pp*sp = {tp}*{pp}*{sp} = {denom}; "
+            f"choose sizes whose product divides {world}"
+        )
     dp = world // denom
     if (world // pp) % (ep * etp):
-        raise LayoutError(f"ep*etp = {ep}*{etp} = {ep * etp} must divide world/pp = {world // pp} "
-                          f"(world {world}, pp {pp})")
+        raise LayoutError(
+            f"ep*etp = {ep}*{etp} = {ep * etp} must divide world/pp = {world // pp} (world {world}, pp {pp})"
+        )
     if vpp > 1 and pp == 1:
         raise LayoutError(f"parallel.vpp={vpp} needs pipeline parallelism (pp > 1)")
     if etp > 1 and backend == "gloo":
-        raise LayoutError(f"parallel.etp={etp} needs NCCL: gloo has no uneven all_gather for the expert-tensor-"
-                          f"parallel token dispatch (docs/STACK.md §3); use parallel.etp=1 on CPU")
+        raise LayoutError(
+            f"parallel.etp={etp} needs NCCL: gloo has no uneven all_gather for the expert-tensor-"
+            f"parallel token dispatch (docs/STACK.md §3); use parallel.etp=1 on CPU"
+        )
     if model is not None:
         if model.num_heads % tp:
             raise LayoutError(f"model.num_heads={model.num_heads} is not divisible by parallel.tp={tp}")
         if model.o_groups % tp:
-            raise LayoutError(f"model.o_groups={model.o_groups} is not divisible by parallel.tp={tp} "
-                              f"(the grouped output projection is split by groups)")
+            raise LayoutError(
+                f"model.o_groups={model.o_groups} is not divisible by parallel.tp={tp} "
+                f"(the grouped output projection is split by groups)"
+            )
         if model.n_routed_experts % ep:
-            raise LayoutError(f"model.n_routed_experts={model.n_routed_experts} is not divisible by "
-                              f"parallel.ep={ep}")
+            raise LayoutError(f"model.n_routed_experts={model.n_routed_experts} is not divisible by parallel.ep={ep}")
         if model.vocab_size % tp:
-            raise LayoutError(f"model.vocab_size={model.vocab_size} is not divisible by parallel.tp={tp} "
-                              f"(vocabulary-parallel embedding and head)")
+            raise LayoutError(
+                f"model.vocab_size={model.vocab_size} is not divisible by parallel.tp={tp} "
+                f"(vocabulary-parallel embedding and head)"
+            )
         if model.num_heads % (tp * sp):
-            raise LayoutError(f"model.num_heads={model.num_heads} is not divisible by tp*sp={tp * sp} "
-                              f"(Ulysses splits the local heads across sp ranks)")
+            raise LayoutError(
+                f"model.num_heads={model.num_heads} is not divisible by tp*sp={tp * sp} "
+                f"(Ulysses splits the local heads across sp ranks)"
+            )
         inter = getattr(model, "moe_intermediate_size", 0)
         if inter % etp:
-            raise LayoutError(f"model.moe_intermediate_size={inter} is not divisible by "
-                              f"parallel.etp={etp} (expert tensor parallelism splits the expert FFN width)")
+            raise LayoutError(
+                f"model.moe_intermediate_size={inter} is not divisible by "
+                f"parallel.etp={etp} (expert tensor parallelism splits the expert FFN width)"
+            )
         shared = inter * getattr(model, "n_shared_experts", 0)
         if shared % tp:
-            raise LayoutError(f"shared-expert width n_shared_experts*moe_intermediate_size = {shared} is not "
-                              f"divisible by parallel.tp={tp}")
+            raise LayoutError(
+                f"shared-expert width n_shared_experts*moe_intermediate_size = {shared} is not "
+                f"divisible by parallel.tp={tp}"
+            )
         stages = pp * vpp
         if pp_layer_split:
             if len(pp_layer_split) != stages:
-                raise LayoutError(f"parallel.pp_layer_split has {len(pp_layer_split)} entries; need "
-                                  f"pp*vpp = {stages}")
+                raise LayoutError(f"parallel.pp_layer_split has {len(pp_layer_split)} entries; need pp*vpp = {stages}")
             if sum(pp_layer_split) != model.num_layers or min(pp_layer_split) < 0:
-                raise LayoutError(f"parallel.pp_layer_split {pp_layer_split} sums to "
-                                  f"{sum(pp_layer_split)}, model.num_layers={model.num_layers}")
+                raise LayoutError(
+                    f"parallel.pp_layer_split {pp_layer_split} sums to "
+                    f"{sum(pp_layer_split)}, model.num_layers={model.num_layers}"
+                )
         elif model.num_layers % stages:
-            raise LayoutError(f"model.num_layers={model.num_layers} is not divisible by pp*vpp = {stages}; "
-                              f"give parallel.pp_layer_split explicitly")
+            raise LayoutError(
+                f"model.num_layers={model.num_layers} is not divisible by pp*vpp = {stages}; "
+                f"give parallel.pp_layer_split explicitly"
+            )
     return Layout(world=world, tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, sp=sp, dp=dp)
 
 
-def validate_batch(layout: Layout, global_batch: int, micro_batch: int, seq_len: int,
-                   model: Any = None) -> int:
+def validate_batch(layout: Layout, global_batch: int, micro_batch: int, seq_len: int, model: Any = None) -> int:
     """Check the batch shape against a layout; return the number of micro-batches per data-parallel rank.
 
     global_batch = micro_batch · dp · M; the interleaved schedule (vpp > 1) needs M divisible by pp; the MoE's
     sequence chunks under TP need seq_len divisible by tp, Ulysses by sp (and each sp shard by tp)."""
     per = micro_batch * layout.dp
     if global_batch % per:
-        raise LayoutError(f"train.global_batch={global_batch} is not divisible by micro_batch*dp = "
-                          f"{micro_batch}*{layout.dp} = {per}")
+        raise LayoutError(
+            f"train.global_batch={global_batch} is not divisible by micro_batch*dp = {micro_batch}*{layout.dp} = {per}"
+        )
     m = global_batch // per
     if layout.vpp > 1 and m % layout.pp:
-        raise LayoutError(f"interleaved pipeline (vpp={layout.vpp}): {m} micro-batches per data-parallel rank "
-                          f"(global_batch {global_batch} / (micro_batch {micro_batch} * dp {layout.dp})) must be "
-                          f"divisible by pp={layout.pp}")
+        raise LayoutError(
+            f"interleaved pipeline (vpp={layout.vpp}): {m} micro-batches per data-parallel rank "
+            f"(global_batch {global_batch} / (micro_batch {micro_batch} * dp {layout.dp})) must be "
+            f"divisible by pp={layout.pp}"
+        )
     if seq_len % (layout.sp * layout.tp):
-        raise LayoutError(f"train.seq_len={seq_len} is not divisible by sp*tp = {layout.sp}*{layout.tp} "
-                          f"(Ulysses shards the sequence over sp, the MoE chunks each shard over tp)")
+        raise LayoutError(
+            f"train.seq_len={seq_len} is not divisible by sp*tp = {layout.sp}*{layout.tp} "
+            f"(Ulysses shards the sequence over sp, the MoE chunks each shard over tp)"
+        )
     return m
 
 
@@ -164,23 +195,36 @@ def init_torch_distributed(backend: str = "auto", timeout_minutes: int = 30) -> 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         if world > 1:
-            raise LayoutError("MASTER_PORT is not set for a multi-rank run; launch with torchrun or srun "
-                              "through clusters/slurm (which exports it)")
+            raise LayoutError(
+                "MASTER_PORT is not set for a multi-rank run; launch with torchrun or srun "
+                "through clusters/slurm (which exports it)"
+            )
         os.environ["MASTER_PORT"] = str(free_port())
     be = pick_backend(backend)
     if be == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=be, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    dist.init_process_group(
+        backend=be, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
     return rank, world
 
 
 def megatron_cpu_flags() -> dict[str, Any]:
     """TransformerConfig flags needed without CUDA/apex/TE (docs/STACK.md §1)."""
-    return dict(use_cpu_initialization=True, gradient_accumulation_fusion=False, bias_dropout_fusion=False,
-                masked_softmax_fusion=False, bias_activation_fusion=False, apply_rope_fusion=False,
-                persist_layer_norm=False, moe_grouped_gemm=False, moe_permute_fusion=False,
-                moe_router_fusion=False, batch_p2p_comm=False, pipeline_dtype=torch.float32)
+    return dict(
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        batch_p2p_comm=False,
+        pipeline_dtype=torch.float32,
+    )
 
 
 def init_distributed(pcfg: Any, model_cfg: Any = None) -> Layout:
@@ -191,13 +235,24 @@ def init_distributed(pcfg: Any, model_cfg: Any = None) -> Layout:
     """
     _, world_env, _ = launcher_env()
     world = dist.get_world_size() if dist.is_initialized() else world_env
-    layout = compute_layout(world, pcfg.tp, pcfg.pp, pcfg.vpp, pcfg.ep, pcfg.etp, pcfg.sp,
-                            model=model_cfg, pp_layer_split=list(getattr(pcfg, "pp_layer_split", []) or []),
-                            backend=pick_backend(getattr(pcfg, "backend", "auto")))
+    layout = compute_layout(
+        world,
+        pcfg.tp,
+        pcfg.pp,
+        pcfg.vpp,
+        pcfg.ep,
+        pcfg.etp,
+        pcfg.sp,
+        model=model_cfg,
+        pp_layer_split=list(getattr(pcfg, "pp_layer_split", []) or []),
+        backend=pick_backend(getattr(pcfg, "backend", "auto")),
+    )
     from parallel import cpu_compat
+
     cpu_compat.apply()
     init_torch_distributed(getattr(pcfg, "backend", "auto"), getattr(pcfg, "timeout_minutes", 30))
     from megatron.core import parallel_state as ps
+
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
@@ -218,6 +273,7 @@ def teardown(barrier: bool = True) -> None:
     rank's traceback would wait for the process-group timeout before anyone sees it."""
     try:
         from megatron.core import parallel_state as ps
+
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
     except ImportError:

@@ -23,6 +23,7 @@ the global token count: loss_r = Σ_local / (N_global / sp)); megatron's DDP ave
 data × context parallel, so the gradient equals one process's. Exactness: the same terms are computed; only
 reduction orders differ (fp32 rounding).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,6 +35,7 @@ def sp_group() -> dist.ProcessGroup | None:
     if not (dist.is_available() and dist.is_initialized()):
         return None
     from megatron.core import parallel_state as ps
+
     if not ps.model_parallel_is_initialized() or ps.get_context_parallel_world_size() == 1:
         return None
     return ps.get_context_parallel_group()
@@ -100,9 +102,9 @@ def _deepspeed_comm() -> None:
     """DeepSpeed's collectives need its comm backend; wrap the existing torch.distributed group once.
     (On CPU its first initialisation JIT-builds a shared-memory op, ~30 s, cached in TORCH_EXTENSIONS_DIR.)"""
     import deepspeed.comm as dscomm
+
     if not dscomm.is_initialized():
-        dscomm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False,
-                                dist_init_required=False)
+        dscomm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False)
 
 
 def heads_to_seq(q: torch.Tensor) -> torch.Tensor:
@@ -111,6 +113,7 @@ def heads_to_seq(q: torch.Tensor) -> torch.Tensor:
     if g is None:
         return q
     from deepspeed.sequence.layer import _SeqAllToAll
+
     _deepspeed_comm()
     return _SeqAllToAll.apply(g, q.contiguous(), 2, 1, 0)
 
@@ -121,6 +124,7 @@ def seq_to_heads(o: torch.Tensor) -> torch.Tensor:
     if g is None:
         return o
     from deepspeed.sequence.layer import _SeqAllToAll
+
     _deepspeed_comm()
     return _SeqAllToAll.apply(g, o.contiguous(), 1, 2, 0)
 

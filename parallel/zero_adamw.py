@@ -48,6 +48,7 @@ flags over DP); the ``step`` scalar is saved by the owner of the first cell. Loa
 cells; torch_dist reshards, so checkpoints load under any DP size, with or without ``shard_adamw`` on either
 side, and into the replicated ``torch.optim.AdamW``.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -68,12 +69,22 @@ from parallel.param_meta import is_expert_param
 
 log = logging.getLogger(__name__)
 
-CELL_ELEMS = 1 << 20          # smallest cell of a split parameter (elements)
-ALIGN = 64                    # cell sizes and offsets inside a parameter: multiples of this (see Exactness)
-GATHER_ELEMS = 1 << 26        # received elements per all-gather round (256 MiB of fp32)
+CELL_ELEMS = 1 << 20  # smallest cell of a split parameter (elements)
+ALIGN = 64  # cell sizes and offsets inside a parameter: multiples of this (see Exactness)
+GATHER_ELEMS = 1 << 26  # received elements per all-gather round (256 MiB of fp32)
 STATE_FORMAT = "v4-zero-adamw/1"
-HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable", "differentiable",
-         "fused")
+HYPER = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "amsgrad",
+    "maximize",
+    "foreach",
+    "capturable",
+    "differentiable",
+    "fused",
+)
 
 
 def _divisors(n: int) -> list[int]:
@@ -97,6 +108,7 @@ def row_blocks(shape: Sequence[int], cell_elems: int = CELL_ELEMS, align: int = 
 @dataclass(frozen=True)
 class Cell:
     """Rows ``[row0, row0 + rows)`` of parameter ``pidx`` (block ``part`` of ``count``), kept by DP rank ``owner``."""
+
     index: int
     pidx: int
     part: int
@@ -111,7 +123,7 @@ class Cell:
 class ZeroPlan:
     cells: list[Cell]
     dp: int
-    load: list[int]                  # elements per DP rank
+    load: list[int]  # elements per DP rank
 
     def owned(self, d: int) -> list[Cell]:
         return [c for c in self.cells if c.owner == d]
@@ -122,10 +134,9 @@ class ZeroPlan:
         return max(self.load) / mean - 1.0 if mean > 0 else 0.0
 
 
-def plan_cells(shapes: Sequence[Sequence[int]], dp: int, cell_elems: int = CELL_ELEMS,
-               align: int = ALIGN) -> ZeroPlan:
+def plan_cells(shapes: Sequence[Sequence[int]], dp: int, cell_elems: int = CELL_ELEMS, align: int = ALIGN) -> ZeroPlan:
     """Cells of every parameter and their owners among ``dp`` ranks (deterministic; see the module doc)."""
-    raw: list[tuple[int, int, int, int, int, int]] = []      # pidx, part, count, row0, rows, numel
+    raw: list[tuple[int, int, int, int, int, int]] = []  # pidx, part, count, row0, rows, numel
     for i, shape in enumerate(shapes):
         g = row_blocks(shape, cell_elems, align)
         n = math.prod(shape)
@@ -151,8 +162,9 @@ def _rows(t: torch.Tensor, c: Cell) -> torch.Tensor:
 class _Bucket:
     """The cells of one set of parameters over one DP group (dense: data parallel; routed experts: expert DP)."""
 
-    def __init__(self, entries: list[tuple[str, torch.Tensor, int]], group: Group, cell_elems: int,
-                 gather_elems: int, label: str):
+    def __init__(
+        self, entries: list[tuple[str, torch.Tensor, int]], group: Group, cell_elems: int, gather_elems: int, label: str
+    ):
         self.entries, self.label = entries, label
         D = group_size(group)
         self.group = group if D > 1 else None
@@ -160,8 +172,10 @@ class _Bucket:
         self.gather_elems = gather_elems
         dtypes = {p.dtype for _, p, _ in entries}
         if len(dtypes) > 1:
-            raise ValueError(f"ZeroAdamW {label}: parameters of several dtypes {sorted(map(str, dtypes))}; "
-                             f"one flat all-gather needs one dtype")
+            raise ValueError(
+                f"ZeroAdamW {label}: parameters of several dtypes {sorted(map(str, dtypes))}; "
+                f"one flat all-gather needs one dtype"
+            )
         for name, p, _ in entries:
             if not p.is_contiguous():
                 raise ValueError(f"ZeroAdamW {label}: parameter '{name}' is not contiguous")
@@ -172,8 +186,10 @@ class _Bucket:
             seen: list[Any] = [None] * D
             dist.all_gather_object(seen, (shapes, str(self.dtype)), group=self.group)
             if any(s != seen[0] for s in seen):
-                raise ValueError(f"ZeroAdamW {label} parameters differ across data-parallel ranks; every DP "
-                                 f"replica must pass the same parameters in the same order")
+                raise ValueError(
+                    f"ZeroAdamW {label} parameters differ across data-parallel ranks; every DP "
+                    f"replica must pass the same parameters in the same order"
+                )
         self.plan = plan_cells(shapes, D, cell_elems)
         self.mine = self.plan.owned(self.rank)
         # per rank: its cells in plan order and their offsets in its packed buffer
@@ -187,8 +203,15 @@ class _Bucket:
             self.offsets.append(offs)
         self.views = {c.index: _rows(self.entries[c.pidx][1].detach(), c) for c in self.mine}
         if entries:
-            log.info("ZeroAdamW %s: %d parameters, %d cells over dp=%d, %d elements here (imbalance %.3f)", label,
-                     len(entries), len(self.plan.cells), D, self.plan.load[self.rank], self.plan.imbalance())
+            log.info(
+                "ZeroAdamW %s: %d parameters, %d cells over dp=%d, %d elements here (imbalance %.3f)",
+                label,
+                len(entries),
+                len(self.plan.cells),
+                D,
+                self.plan.load[self.rank],
+                self.plan.imbalance(),
+            )
 
     def param_rows(self, c: Cell) -> torch.Tensor:
         return _rows(self.entries[c.pidx][1].detach(), c)
@@ -204,7 +227,7 @@ class _Bucket:
         step = max(ALIGN, self.gather_elems // D)
         for lo in range(0, total, step):
             n = min(step, total - lo)
-            send = packed[lo:lo + n]
+            send = packed[lo : lo + n]
             if send.numel() < n:
                 send = torch.cat([send, send.new_zeros(n - send.numel())])
             recv = [torch.empty(n, dtype=self.dtype, device=self.device) for _ in range(D)]
@@ -219,18 +242,21 @@ class _Bucket:
                     a, b = max(off, lo), min(off + c.numel, lo + n)
                     if b > a:
                         out = dst(c).view(-1)
-                        out[a - off:b - off].copy_(recv[d][a - lo:b - lo])
+                        out[a - off : b - off].copy_(recv[d][a - lo : b - lo])
                     k += 1
 
     def main_flags(self, model_sharded: dict[str, Any]) -> list[tuple[bool, bool]]:
         """Collective: per parameter, (does this DP group hold its main replica, ... of its first shard)."""
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
         flags = []
         for name, _, _ in self.entries:
             sh = model_sharded.get(name)
             if not isinstance(sh, ShardedTensor):
-                raise KeyError(f"ZeroAdamW: no ShardedTensor for parameter '{name}' in the model's sharded state "
-                               f"(got {type(sh).__name__})")
+                raise KeyError(
+                    f"ZeroAdamW: no ShardedTensor for parameter '{name}' in the model's sharded state "
+                    f"(got {type(sh).__name__})"
+                )
             rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
             main = all(r == 0 for r in rid)
             flags.append([int(main), int(main and all(o == 0 for o in sh.global_offset))])
@@ -243,18 +269,31 @@ class _Bucket:
 def _cell_sharded(sh: Any, data: torch.Tensor, key: str, c: Cell, main: bool) -> Any:
     """The ShardedTensor of cell ``c`` of the parameter whose ShardedTensor is ``sh`` (rows of its first local dim)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
     rid = 0 if main else 1
     if c.count == 1:
         return dataclasses.replace(sh, key=key, data=data, dtype=data.dtype, replica_id=rid)
     P = sh.prepend_axis_num
     if sh.axis_fragmentations is None or sh.local_shape[0] != c.rows * c.count:
-        raise NotImplementedError(f"ZeroAdamW: cannot cut {sh.key} (local shape {sh.local_shape}, regular grid "
-                                  f"{sh.axis_fragmentations is not None}) into {c.count} row blocks")
+        raise NotImplementedError(
+            f"ZeroAdamW: cannot cut {sh.key} (local shape {sh.local_shape}, regular grid "
+            f"{sh.axis_fragmentations is not None}) into {c.count} row blocks"
+        )
     off, frag = list(sh.global_offset), list(sh.axis_fragmentations)
     off[P] += c.row0
     frag[P] *= c.count
-    return ShardedTensor(key, data, data.dtype, tuple(data.shape), sh.global_shape, tuple(off), tuple(frag), rid,
-                         P, sh.allow_shape_mismatch)
+    return ShardedTensor(
+        key,
+        data,
+        data.dtype,
+        tuple(data.shape),
+        sh.global_shape,
+        tuple(off),
+        tuple(frag),
+        rid,
+        P,
+        sh.allow_shape_mismatch,
+    )
 
 
 class ZeroAdamW(torch.optim.Optimizer):
@@ -267,12 +306,34 @@ class ZeroAdamW(torch.optim.Optimizer):
         cell_elems: smallest cell of a split parameter; gather_elems: received elements per all-gather round.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 foreach: bool | None = None, dp_group: Group = None, expert_dp_group: Group = None,
-                 cell_elems: int = CELL_ELEMS, gather_elems: int = GATHER_ELEMS):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        foreach=foreach, capturable=False, differentiable=False, fused=None)
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        dp_group: Group = None,
+        expert_dp_group: Group = None,
+        cell_elems: int = CELL_ELEMS,
+        gather_elems: int = GATHER_ELEMS,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=False,
+            differentiable=False,
+            fused=None,
+        )
         super().__init__(params, defaults)
         dense, expert, names = [], [], set()
         k = 0
@@ -284,10 +345,11 @@ class ZeroAdamW(torch.optim.Optimizer):
                 names.add(name)
                 (expert if is_expert_param(p) else dense).append((name, p, gi))
                 k += 1
-        self._buckets = [_Bucket(dense, dp_group, cell_elems, gather_elems, "dense"),
-                         _Bucket(expert, expert_dp_group, cell_elems, gather_elems, "expert")]
-        inner_groups: list[dict[str, Any]] = [
-            {"params": [], **{h: g[h] for h in HYPER}} for g in self.param_groups]
+        self._buckets = [
+            _Bucket(dense, dp_group, cell_elems, gather_elems, "dense"),
+            _Bucket(expert, expert_dp_group, cell_elems, gather_elems, "expert"),
+        ]
+        inner_groups: list[dict[str, Any]] = [{"params": [], **{h: g[h] for h in HYPER}} for g in self.param_groups]
         for b in self._buckets:
             for c in b.mine:
                 inner_groups[b.entries[c.pidx][2]]["params"].append(b.views[c.index])
@@ -297,8 +359,10 @@ class ZeroAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "_inner"):
-            raise NotImplementedError("ZeroAdamW plans its cells at construction (collectively); build a new "
-                                      "optimizer instead of adding parameter groups")
+            raise NotImplementedError(
+                "ZeroAdamW plans its cells at construction (collectively); build a new "
+                "optimizer instead of adding parameter groups"
+            )
         super().add_param_group(param_group)
 
     @property
@@ -312,8 +376,12 @@ class ZeroAdamW(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of the per-element state (the moments; not the ``step`` scalars) this rank holds."""
-        return sum(v.numel() * v.element_size() for st in self._inner.state.values() for k, v in st.items()
-                   if isinstance(v, torch.Tensor) and k != "step")
+        return sum(
+            v.numel() * v.element_size()
+            for st in self._inner.state.values()
+            for k, v in st.items()
+            if isinstance(v, torch.Tensor) and k != "step"
+        )
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -326,12 +394,12 @@ class ZeroAdamW(torch.optim.Optimizer):
                 ig[h] = g[h]
         for b, c, view in self._owned():
             p = b.entries[c.pidx][1]
-            view.data = b.param_rows(c)            # the parameter's storage, even if p.data was rebound
+            view.data = b.param_rows(c)  # the parameter's storage, even if p.data was rebound
             grad = grad_of(p)
             view.grad = None if grad is None else _rows(grad, c)
         self._inner.step()
         for _, _, view in self._owned():
-            view.grad = None                         # no reference to the gradient outlives the step
+            view.grad = None  # no reference to the gradient outlives the step
         for b in self._buckets:
             b.exchange(b.param_rows, b.param_rows)
         self._stepped = True
@@ -343,10 +411,13 @@ class ZeroAdamW(torch.optim.Optimizer):
         holds after a step (identical on every rank; empty before the first step, as for torch)."""
         if not self._stepped:
             return {}
-        scalar = "float64" if torch.get_default_dtype() == torch.float64 else "float32"   # torch's step dtype
+        scalar = "float64" if torch.get_default_dtype() == torch.float64 else "float32"  # torch's step dtype
         dtype = str(next((b.dtype for b in self._buckets if b.entries), torch.float32)).replace("torch.", "")
-        keys = {"step": {"kind": "scalar", "dtype": scalar}, "exp_avg": {"kind": "param", "dtype": dtype},
-                "exp_avg_sq": {"kind": "param", "dtype": dtype}}
+        keys = {
+            "step": {"kind": "scalar", "dtype": scalar},
+            "exp_avg": {"kind": "param", "dtype": dtype},
+            "exp_avg_sq": {"kind": "param", "dtype": dtype},
+        }
         if any(g["amsgrad"] for g in self.param_groups):
             keys["max_exp_avg_sq"] = {"kind": "param", "dtype": dtype}
         return keys
@@ -365,12 +436,17 @@ class ZeroAdamW(torch.optim.Optimizer):
                 else:
                     st[k] = 0
 
-    def sharded_state_dict(self, model_sharded: dict[str, Any], prefix: str = "optimizer.adamw.",
-                           keys: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    def sharded_state_dict(
+        self,
+        model_sharded: dict[str, Any],
+        prefix: str = "optimizer.adamw.",
+        keys: dict[str, dict[str, str]] | None = None,
+    ) -> dict[str, Any]:
         """megatron dist_checkpointing form of the owned cells (module doc). ``model_sharded`` maps parameter
         name -> its ShardedTensor; ``keys`` (for a load: the checkpoint's) defaults to
         :meth:`checkpoint_state_keys`. Collective over the DP groups."""
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
         keys = self.checkpoint_state_keys() if keys is None else keys
         self._ckpt_keys = dict(keys)
         out: dict[str, Any] = {}
@@ -387,13 +463,13 @@ class ZeroAdamW(torch.optim.Optimizer):
                 for k, spec in keys.items():
                     if spec["kind"] == "param":
                         out[f"{k}.{name}.{c.part}"] = _cell_sharded(sh, st[k], f"{prefix}{k}.{sh.key}", c, main)
-                    elif f"{k}.{name}" not in out:      # cells in index order: part 0 first if owned
+                    elif f"{k}.{name}" not in out:  # cells in index order: part 0 first if owned
                         v = st[k]
-                        data = (v if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
+                        data = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
                         data = data.detach().reshape(1).to(torch.float64).clone()
                         out[f"{k}.{name}"] = ShardedTensor.from_rank_offsets(
-                            f"{prefix}scalar.{k}.{sh.key}", data,
-                            replica_id=0 if (c.part == 0 and main_first) else 1)
+                            f"{prefix}scalar.{k}.{sh.key}", data, replica_id=0 if (c.part == 0 and main_first) else 1
+                        )
         return out
 
     def load_sharded_state(self, loaded: dict[str, Any]) -> None:
@@ -421,19 +497,23 @@ class ZeroAdamW(torch.optim.Optimizer):
         self._ensure_state(keys)
         state: dict[str, dict[str, Any]] = {}
         for b in self._buckets:
-            full = {k: [torch.zeros_like(p, dtype=getattr(torch, s["dtype"])) for _, p, _ in b.entries]
-                    for k, s in keys.items() if s["kind"] == "param"}
+            full = {
+                k: [torch.zeros_like(p, dtype=getattr(torch, s["dtype"])) for _, p, _ in b.entries]
+                for k, s in keys.items()
+                if s["kind"] == "param"
+            }
             for k, bufs in full.items():
                 for c in b.mine:
                     _rows(bufs[c.pidx], c).copy_(self._inner.state[b.views[c.index]][k])
-                b.exchange(lambda c, k=k: self._inner.state[b.views[c.index]][k],
-                           lambda c, bufs=bufs: _rows(bufs[c.pidx], c))
+                b.exchange(
+                    lambda c, k=k: self._inner.state[b.views[c.index]][k], lambda c, bufs=bufs: _rows(bufs[c.pidx], c)
+                )
             steps = torch.zeros(len(b.entries), dtype=torch.float64, device=b.device)
             for c in b.mine:
                 if c.part == 0 and "step" in keys:
                     steps[c.pidx] = float(self._inner.state[b.views[c.index]]["step"])
             if b.group is not None and steps.numel():
-                dist.all_reduce(steps, group=b.group)     # exactly one owner of cell 0 contributes
+                dist.all_reduce(steps, group=b.group)  # exactly one owner of cell 0 contributes
             for i, (name, _, _) in enumerate(b.entries):
                 if keys:
                     state[name] = {k: full[k][i] for k in full}
@@ -450,15 +530,17 @@ class ZeroAdamW(torch.optim.Optimizer):
         if state_dict.get("format") != STATE_FORMAT:
             raise ValueError(f"not a ZeroAdamW state dict (format {state_dict.get('format')!r})")
         if len(state_dict["param_groups"]) != len(self.param_groups):
-            raise ValueError(f"state dict has {len(state_dict['param_groups'])} param groups, optimizer "
-                             f"{len(self.param_groups)}")
+            raise ValueError(
+                f"state dict has {len(state_dict['param_groups'])} param groups, optimizer {len(self.param_groups)}"
+            )
         for g, saved in zip(self.param_groups, state_dict["param_groups"]):
             g.update({k: v for k, v in saved.items() if k not in ("params", "param_names")})
         saved_state = state_dict["state"]
         for b, c, view in self._owned():
             name = b.entries[c.pidx][0]
             if name in saved_state:
-                self._inner.state[view] = {k: (v.detach().reshape(()).clone() if k == "step" else
-                                               _rows(v, c).detach().clone().to(view.device))
-                                           for k, v in saved_state[name].items()}
+                self._inner.state[view] = {
+                    k: (v.detach().reshape(()).clone() if k == "step" else _rows(v, c).detach().clone().to(view.device))
+                    for k, v in saved_state[name].items()
+                }
         self._stepped = bool(saved_state)

@@ -19,6 +19,7 @@ Load: rank 0 checks the candidates newest first (``latest``'s target, then the o
 ``meta.json`` parses and every file in ``integrity.json`` has its recorded SHA-256. A checkpoint that fails
 is skipped with a warning naming the file and the reason; the choice is broadcast to all ranks.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,6 +75,7 @@ def step_dir_name(step: int) -> str:
 
 def _sha256(path: Path) -> str:
     import hashlib
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -118,11 +120,13 @@ def start_write_results_queue() -> None:
     import signal as _signal
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
     if getattr(fa, "_results_queue", None) is not None:
         return
     # multiprocessing's resource tracker, started lazily by the Manager, *unblocks* SIGINT/SIGTERM in the
     # parent after spawning itself: start it first so that it cannot undo our mask.
     from multiprocessing import resource_tracker
+
     resource_tracker.ensure_running()
     sigs = {_signal.SIGTERM, _signal.SIGUSR1, _signal.SIGINT}
     old = _signal.pthread_sigmask(_signal.SIG_BLOCK, sigs)
@@ -135,8 +139,7 @@ def start_write_results_queue() -> None:
 class CheckpointManager:
     """Saves and finds checkpoints of one run. All methods are collective (call on every rank)."""
 
-    def __init__(self, root: Path | str, keep_last: int = 2, keep_every: int = 0,
-                 async_save: bool = False) -> None:
+    def __init__(self, root: Path | str, keep_last: int = 2, keep_every: int = 0, async_save: bool = False) -> None:
         self.root = Path(root)
         self.keep_last = max(1, keep_last)
         self.keep_every = keep_every
@@ -148,10 +151,12 @@ class CheckpointManager:
         _barrier()
 
     # ------------------------------------------------------------------------------------------ save
-    def save(self, step: int, sharded_sd: dict[str, Any], meta: dict[str, Any],
-             on_done: Callable[[Path], None] | None = None) -> None:
+    def save(
+        self, step: int, sharded_sd: dict[str, Any], meta: dict[str, Any], on_done: Callable[[Path], None] | None = None
+    ) -> None:
         from megatron.core import dist_checkpointing
-        self.wait()                                   # at most one save in flight
+
+        self.wait()  # at most one save in flight
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + ".tmp")
         if global_rank() == 0:
@@ -169,14 +174,16 @@ class CheckpointManager:
                 on_done(final)
 
         start_write_results_queue()
-        req = dist_checkpointing.save(sharded_sd, str(tmp), async_sharded_save=self.async_save,
-                                      verify_integrity=True, async_strategy="mcore")
+        req = dist_checkpointing.save(
+            sharded_sd, str(tmp), async_sharded_save=self.async_save, verify_integrity=True, async_strategy="mcore"
+        )
         if req is None:
             finalize()
             return
         from megatron.core.dist_checkpointing.strategies.async_utils import (
             AsyncCallsQueue,
         )
+
         if self._queue is None:
             self._queue = AsyncCallsQueue(persistent=False)
         req.add_finalize_fn(finalize)
@@ -199,7 +206,7 @@ class CheckpointManager:
 
     def _finalize(self, tmp: Path, final: Path, meta: dict[str, Any], t0: float) -> None:
         rank = global_rank()
-        for f in tmp.iterdir():                       # each rank syncs the shard files it wrote
+        for f in tmp.iterdir():  # each rank syncs the shard files it wrote
             if f.is_file() and (f.name.startswith(f"__{rank}_") or (rank == 0 and not f.name.startswith("__"))):
                 fsync_path(f)
         _barrier()
@@ -237,7 +244,7 @@ class CheckpointManager:
 
     def _apply_retention(self) -> None:
         steps = self.steps_on_disk()
-        keep = set(steps[-self.keep_last:])
+        keep = set(steps[-self.keep_last :])
         if self.keep_every > 0:
             keep |= {s for s in steps if s % self.keep_every == 0}
         latest = self.read_latest()
@@ -267,14 +274,14 @@ class CheckpointManager:
         names = [step_dir_name(s) for s in reversed(self.steps_on_disk())]
         latest = self.read_latest()
         if latest is None and (self.root / "latest").exists():
-            log.warning("%s: unreadable 'latest' pointer; scanning the step directories instead",
-                        self.root / "latest")
+            log.warning("%s: unreadable 'latest' pointer; scanning the step directories instead", self.root / "latest")
         if latest in names:
             names.remove(latest)
             names.insert(0, latest)
         elif latest is not None:
-            log.warning("%s names %s, which does not exist; scanning the step directories instead",
-                        self.root / "latest", latest)
+            log.warning(
+                "%s names %s, which does not exist; scanning the step directories instead", self.root / "latest", latest
+            )
         failed = []
         for name in names:
             try:
@@ -287,26 +294,35 @@ class CheckpointManager:
                 log.warning("resuming from %s instead of %s (failed verification)", name, failed[0])
             return name
         if failed:
-            log.warning("no valid checkpoint in %s (all of %s failed verification); starting from scratch",
-                        self.root, failed)
+            log.warning(
+                "no valid checkpoint in %s (all of %s failed verification); starting from scratch", self.root, failed
+            )
         return None
 
     # ------------------------------------------------------------------------------------------ load
     @staticmethod
     def load_common(path: Path) -> dict[str, Any]:
         from megatron.core import dist_checkpointing
+
         return dist_checkpointing.load_common_state_dict(str(path))
 
     @staticmethod
-    def load(path: Path, sharded_sd: dict[str, Any], strict: bool = True,
-             validate_access: bool = True) -> dict[str, Any]:
+    def load(
+        path: Path, sharded_sd: dict[str, Any], strict: bool = True, validate_access: bool = True
+    ) -> dict[str, Any]:
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.validation import StrictHandling
+
         try:
             return dist_checkpointing.load(
-                sharded_sd, str(path), validate_access_integrity=validate_access,
-                strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_UNEXPECTED)
+                sharded_sd,
+                str(path),
+                validate_access_integrity=validate_access,
+                strict=StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_UNEXPECTED,
+            )
         except Exception as e:
-            raise CheckpointError(f"{path}: loading failed ({type(e).__name__}: {e}); the checkpoint does "
-                                  f"not match this model/optimizer. Point checkpoint.load at a compatible "
-                                  f"checkpoint or use a new run.dir") from e
+            raise CheckpointError(
+                f"{path}: loading failed ({type(e).__name__}: {e}); the checkpoint does "
+                f"not match this model/optimizer. Point checkpoint.load at a compatible "
+                f"checkpoint or use a new run.dir"
+            ) from e

@@ -18,6 +18,7 @@
   back into the same world size; with another layout the trainer reseeds the RNGs and takes the data-loader
   state of old rank 0 (the loader state is global: samples consumed so far).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,7 @@ def model_sharded_state_dict(model: Any) -> dict[str, Any]:
     ``sharded_state_dict()`` when it has one, else :func:`module_sharded_state_dict`."""
     out = {}
     for i, m in enumerate(_modules(model)):
-        out[f"chunk{i}"] = m.sharded_state_dict() if hasattr(m, "sharded_state_dict") else \
-            module_sharded_state_dict(m)
+        out[f"chunk{i}"] = m.sharded_state_dict() if hasattr(m, "sharded_state_dict") else module_sharded_state_dict(m)
     return out
 
 
@@ -77,17 +77,20 @@ def module_sharded_state_dict(module: torch.nn.Module, prefix: str = "") -> dict
         make_sharded_tensor_for_checkpoint,
         make_tp_sharded_tensor_for_checkpoint,
     )
+
     out: dict[str, Any] = {}
     if hasattr(module, "sharded_state_dict"):
-        sd = module.sharded_state_dict(prefix=prefix, sharded_offsets=(),
-                                       metadata=ensure_metadata_has_dp_cp_group(None))
+        sd = module.sharded_state_dict(
+            prefix=prefix, sharded_offsets=(), metadata=ensure_metadata_has_dp_cp_group(None)
+        )
         for k, v in sd.items():
             if isinstance(v, ShardedTensor) and getattr(v.data, "shared_embedding", False):
                 # the last pipeline stage's copy of the embedding (MTP input): the same tensor as
                 # embed_tokens.weight, stored once (a non-main replica), so any pp layout loads it
                 rid = v.replica_id if isinstance(v.replica_id, tuple) else (v.replica_id,)
-                v = dataclasses.replace(v, key=v.key.replace("mtp_embed_tokens.", "embed_tokens.", 1),
-                                        replica_id=(1,) + tuple(rid[1:]))
+                v = dataclasses.replace(
+                    v, key=v.key.replace("mtp_embed_tokens.", "embed_tokens.", 1), replica_id=(1,) + tuple(rid[1:])
+                )
             out[k] = v
         return out
     own: dict[str, torch.Tensor] = {}
@@ -120,10 +123,10 @@ def _is_main_first_shard(sh: ShardedTensor) -> bool:
 def _factory_is_main(p: torch.Tensor) -> bool:
     """Main replica of a parameter wrapped in a ShardedTensorFactory (megatron's fused GLU fc1)."""
     from megatron.core import parallel_state as ps
+
     if is_expert_param(p):
         return ps.get_expert_tensor_parallel_rank() == 0 and ps.get_expert_data_parallel_rank() == 0
-    return (ps.get_tensor_model_parallel_rank() == 0
-            and ps.get_data_parallel_rank(with_context_parallel=True) == 0)
+    return ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
 
 
 def _scalar_sharded(sh: Any, p: torch.Tensor, value: torch.Tensor, key: str) -> ShardedTensor:
@@ -144,9 +147,11 @@ def optimizer_state_keys(opt: torch.optim.Optimizer) -> dict[str, dict[str, str]
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
                 keys.setdefault(k, {"kind": "number", "dtype": type(v).__name__})
             else:
-                raise TypeError(f"optimizer {type(opt).__name__}: state '{k}' of shape "
-                                f"{getattr(v, 'shape', type(v))} is neither parameter-shaped nor a scalar; "
-                                f"it cannot be checkpointed with resharding")
+                raise TypeError(
+                    f"optimizer {type(opt).__name__}: state '{k}' of shape "
+                    f"{getattr(v, 'shape', type(v))} is neither parameter-shaped nor a scalar; "
+                    f"it cannot be checkpointed with resharding"
+                )
     return keys
 
 
@@ -169,13 +174,13 @@ def _entries(name: str, opt: torch.optim.Optimizer, model_sd: dict[str, Any]):
     id_map = get_param_id_to_sharded_param_map(model_sd, _params(opt))
     for i, p in enumerate(_params(opt)):
         if i not in id_map:
-            raise ValueError(f"optimizer '{name}': parameter #{i} {tuple(p.shape)} is not in the model's "
-                             f"sharded state dict")
+            raise ValueError(
+                f"optimizer '{name}': parameter #{i} {tuple(p.shape)} is not in the model's sharded state dict"
+            )
         yield p, id_map[i]
 
 
-def optimizer_sharded_state_dict(name: str, opt: torch.optim.Optimizer,
-                                 model_sd: dict[str, Any]) -> dict[str, Any]:
+def optimizer_sharded_state_dict(name: str, opt: torch.optim.Optimizer, model_sd: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     # dict keys carry the parameter's index: several parameters of a rank may share a sharded key (megatron's
     # layer-stacked tensors); the ShardedTensor keys (what the checkpoint stores) do not depend on it
@@ -189,14 +194,19 @@ def optimizer_sharded_state_dict(name: str, opt: torch.optim.Optimizer,
     return out
 
 
-def optimizer_entries(name: str, opt: torch.optim.Optimizer,
-                      model_sd: dict[str, Any]) -> list[tuple[torch.nn.Parameter, str]]:
+def optimizer_entries(
+    name: str, opt: torch.optim.Optimizer, model_sd: dict[str, Any]
+) -> list[tuple[torch.nn.Parameter, str]]:
     """(parameter, sharded key) pairs; compute before ``dist_checkpointing.load`` (it consumes model_sd)."""
     return [(p, f"{sh.key}.{i}") for i, (p, sh) in enumerate(_entries(name, opt, model_sd))]
 
 
-def restore_optimizer_state(opt: torch.optim.Optimizer, entries: list[tuple[torch.nn.Parameter, str]],
-                            loaded: dict[str, Any], keys: dict[str, dict[str, str]]) -> None:
+def restore_optimizer_state(
+    opt: torch.optim.Optimizer,
+    entries: list[tuple[torch.nn.Parameter, str]],
+    loaded: dict[str, Any],
+    keys: dict[str, dict[str, str]],
+) -> None:
     """Write the tensors ``dist_checkpointing.load`` returned back into ``opt.state``."""
     for p, key in entries:
         st = opt.state[p]
@@ -212,6 +222,7 @@ def restore_optimizer_state(opt: torch.optim.Optimizer, entries: list[tuple[torc
 
 def rng_state() -> dict[str, Any]:
     from megatron.core import tensor_parallel
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -221,6 +232,7 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -252,6 +264,7 @@ def _has_own_sharding(opt: torch.optim.Optimizer) -> bool:
 
 def _name_to_sharded(model: torch.nn.Module, model_sd: dict[str, Any]) -> dict[str, Any]:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
+
     by_id = {}
     for v in nested_values(model_sd):
         if isinstance(v, (ShardedTensor, ShardedTensorFactory)):
@@ -259,8 +272,13 @@ def _name_to_sharded(model: torch.nn.Module, model_sd: dict[str, Any]) -> dict[s
     return {n: by_id[id(p)] for m in _modules(model) for n, p in m.named_parameters() if id(p) in by_id}
 
 
-def _opt_sharded(name: str, opt: torch.optim.Optimizer, model: torch.nn.Module,
-                 model_sd: dict[str, Any], keys: dict[str, Any] | None = None) -> dict[str, Any]:
+def _opt_sharded(
+    name: str,
+    opt: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    model_sd: dict[str, Any],
+    keys: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """``keys``: for a load, the checkpoint's state keys (used by optimizers with ``checkpoint_state_keys``)."""
     if _has_own_sharding(opt):
         extra = {"keys": keys} if keys is not None and hasattr(opt, "checkpoint_state_keys") else {}
@@ -274,43 +292,63 @@ def _opt_keys(opt: torch.optim.Optimizer) -> dict[str, Any]:
     return {"__own__": {"kind": "own", "dtype": ""}} if _has_own_sharding(opt) else optimizer_state_keys(opt)
 
 
-def build_state(model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer], common: dict[str, Any],
-                rank_objects: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+def build_state(
+    model: torch.nn.Module,
+    optimizers: dict[str, torch.optim.Optimizer],
+    common: dict[str, Any],
+    rank_objects: dict[str, Any],
+    rank: int,
+    world: int,
+) -> dict[str, Any]:
     """The full sharded state dict to save: model, optimizers, common (rank-0) state, per-rank objects."""
     model_sd = model_sharded_state_dict(model)
-    common = dict(common, world=world, rank_keys=sorted(rank_objects),
-                  optimizer_keys={n: _opt_keys(o) for n, o in optimizers.items()})
-    sd: dict[str, Any] = {"model": model_sd, "common": common,
-                          "optimizer": {n: _opt_sharded(n, o, model, model_sd) for n, o in optimizers.items()}}
+    common = dict(
+        common,
+        world=world,
+        rank_keys=sorted(rank_objects),
+        optimizer_keys={n: _opt_keys(o) for n, o in optimizers.items()},
+    )
+    sd: dict[str, Any] = {
+        "model": model_sd,
+        "common": common,
+        "optimizer": {n: _opt_sharded(n, o, model, model_sd) for n, o in optimizers.items()},
+    }
     for k, v in rank_objects.items():
         sd[f"rank.{k}"] = per_rank_object(f"rank.{k}", v, rank, world)
     return sd
 
 
-def load_state(path: Any, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer], rank: int,
-               world: int) -> tuple[dict[str, Any], dict[str, Any], bool]:
+def load_state(
+    path: Any, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer], rank: int, world: int
+) -> tuple[dict[str, Any], dict[str, Any], bool]:
     """Load a checkpoint saved by :func:`build_state` into ``model`` and ``optimizers`` in place.
 
     Returns ``(common, rank_objects, same_world)``. With a different world size the per-rank objects are
     those of old rank 0 (the caller decides what to do with them, e.g. reseed the RNGs).
     """
     from pretrain.checkpoint import CheckpointError, CheckpointManager
+
     common = CheckpointManager.load_common(path).get("common")
     if not isinstance(common, dict) or "optimizer_keys" not in common:
-        raise CheckpointError(f"{path}: not a checkpoint written by this trainer (no 'common' state); point "
-                              f"checkpoint.load at a pretrain checkpoint directory")
+        raise CheckpointError(
+            f"{path}: not a checkpoint written by this trainer (no 'common' state); point "
+            f"checkpoint.load at a pretrain checkpoint directory"
+        )
     missing = sorted(set(common["optimizer_keys"]) ^ set(optimizers))
     if missing:
-        raise CheckpointError(f"{path}: optimizers {sorted(common['optimizer_keys'])} in the checkpoint, "
-                              f"{sorted(optimizers)} in this run")
+        raise CheckpointError(
+            f"{path}: optimizers {sorted(common['optimizer_keys'])} in the checkpoint, {sorted(optimizers)} in this run"
+        )
     own = {n for n, o in optimizers.items() if _has_own_sharding(o)}
     for n, o in optimizers.items():
         if n not in own:
             init_optimizer_state(o, common["optimizer_keys"][n])
     model_sd = model_sharded_state_dict(model)
     keys = common["optimizer_keys"]
-    sd: dict[str, Any] = {"model": model_sd,
-                          "optimizer": {n: _opt_sharded(n, o, model, model_sd, keys[n]) for n, o in optimizers.items()}}
+    sd: dict[str, Any] = {
+        "model": model_sd,
+        "optimizer": {n: _opt_sharded(n, o, model, model_sd, keys[n]) for n, o in optimizers.items()},
+    }
     old_world = int(common["world"])
     same_world = old_world == world
     for k in common["rank_keys"]:

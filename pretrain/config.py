@@ -8,6 +8,7 @@ The section and key names below are an interface other tools use (launch scripts
 the dry-run); keep them stable: ``parallel.tp|pp|vpp|ep|etp|sp``, ``train.steps|seed|global_batch|
 micro_batch|seq_len``, ``checkpoint.interval``, ``run.dir``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,38 +60,38 @@ class ModelConfig:
     """
 
     vocab_size: int = 129280
-    hidden_size: int = 4096                 # d
-    num_layers: int = 43                    # L (main stack)
-    num_heads: int = 64                     # n_h
-    head_dim: int = 512                     # c (q and the single shared K=V head)
-    rope_head_dim: int = 64                 # RoPE on the last rope_head_dim dims of every head
-    q_lora_rank: int = 1024                 # d_c
-    o_groups: int = 8                       # g
-    o_lora_rank: int = 1024                 # d_g
-    sliding_window: int = 128               # n_win
-    compress_rate_csa: int = 4              # m
-    compress_rate_hca: int = 128            # m'
-    index_n_heads: int = 64                 # n_h^I
-    index_head_dim: int = 128               # c^I
-    index_topk: int = 512                   # k
-    layer_types: list[LayerType] = field(default_factory=list)   # len == num_layers
+    hidden_size: int = 4096  # d
+    num_layers: int = 43  # L (main stack)
+    num_heads: int = 64  # n_h
+    head_dim: int = 512  # c (q and the single shared K=V head)
+    rope_head_dim: int = 64  # RoPE on the last rope_head_dim dims of every head
+    q_lora_rank: int = 1024  # d_c
+    o_groups: int = 8  # g
+    o_lora_rank: int = 1024  # d_g
+    sliding_window: int = 128  # n_win
+    compress_rate_csa: int = 4  # m
+    compress_rate_hca: int = 128  # m'
+    index_n_heads: int = 64  # n_h^I
+    index_head_dim: int = 128  # c^I
+    index_topk: int = 512  # k
+    layer_types: list[LayerType] = field(default_factory=list)  # len == num_layers
     mtp_layer_type: LayerType = "sliding"
-    n_routed_experts: int = 256             # N_r
-    n_shared_experts: int = 1               # N_s
-    num_experts_per_tok: int = 6            # K_r
+    n_routed_experts: int = 256  # N_r
+    n_shared_experts: int = 1  # N_s
+    num_experts_per_tok: int = 6  # K_r
     moe_intermediate_size: int = 2048
-    n_hash_layers: int = 3                  # first layers routed by the token->experts table
-    hash_seed: int = 0                      # seed of the tid2eid table (the paper's hash is UNKNOWN)
+    n_hash_layers: int = 3  # first layers routed by the token->experts table
+    hash_seed: int = 0  # seed of the tid2eid table (the paper's hash is UNKNOWN)
     routed_scaling_factor: float = 1.5
     swiglu_limit: float = 10.0
-    hc_mult: int = 4                        # n_hc mHC streams
-    hc_sinkhorn_iters: int = 20             # t_max
+    hc_mult: int = 4  # n_hc mHC streams
+    hc_sinkhorn_iters: int = 20  # t_max
     hc_eps: float = 1e-6
-    hc_init_gating: float = 0.01            # initial alpha of the mHC gates (MLM's choice; paper UNKNOWN)
+    hc_init_gating: float = 0.01  # initial alpha of the mHC gates (MLM's choice; paper UNKNOWN)
     rms_norm_eps: float = 1e-6
-    num_mtp_layers: int = 1                 # D
-    rope_theta: float = 10000.0             # sliding-only layers
-    compress_rope_theta: float = 160000.0   # CSA/HCA layers
+    num_mtp_layers: int = 1  # D
+    rope_theta: float = 10000.0  # sliding-only layers
+    compress_rope_theta: float = 160000.0  # CSA/HCA layers
     yarn: YarnConfig = field(default_factory=YarnConfig)
     max_position_embeddings: int = 1048576
     init_std: float = 0.02
@@ -99,12 +100,12 @@ class ModelConfig:
     ops_backend: Literal["auto", "reference", "blocked", "triton"] = "auto"
     # activation recomputation (pretrain.model.recompute): what the blocks keep for backward; the math is unchanged
     recompute: Literal["none", "selective", "full"] = "none"
-    recompute_num_layers: int = 0           # > 0: only the first N blocks of every pipeline chunk; 0 = all
+    recompute_num_layers: int = 0  # > 0: only the first N blocks of every pipeline chunk; 0 = all
 
     def __post_init__(self) -> None:
         if not self.layer_types:
             self.layer_types = default_layer_types(self.num_layers)
-        check_recompute_mode(self.recompute)    # YAML values are checked by the Literal; this is for code
+        check_recompute_mode(self.recompute)  # YAML values are checked by the Literal; this is for code
         if self.recompute_num_layers < 0:
             raise ValueError(f"model.recompute_num_layers={self.recompute_num_layers} must be >= 0 (0 = every block)")
 
@@ -122,11 +123,11 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1
-    vpp: int = 1                            # virtual pipeline stages per rank (interleaved 1F1B)
+    vpp: int = 1  # virtual pipeline stages per rank (interleaved 1F1B)
     ep: int = 1
     etp: int = 1
-    sp: int = 1                             # Ulysses sequence-parallel degree
-    pp_layer_split: list[int] = field(default_factory=list)   # layers per stage; empty = even
+    sp: int = 1  # Ulysses sequence-parallel degree
+    pp_layer_split: list[int] = field(default_factory=list)  # layers per stage; empty = even
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     timeout_minutes: int = 30
 
@@ -150,36 +151,36 @@ class TrainConfig:
     """
 
     steps: int = 1000
-    global_batch: int = 8                   # sequences per optimizer step
-    micro_batch: int = 1                    # sequences per forward pass per data-parallel rank
+    global_batch: int = 8  # sequences per optimizer step
+    micro_batch: int = 1  # sequences per forward pass per data-parallel rank
     seq_len: int = 256
     seed: int = 1234
     lr: float = 2.7e-4
-    min_lr_ratio: float = 0.1               # cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1  # cosine decay to min_lr_ratio * lr
     warmup_steps: int = 2000
-    decay_start: float = 0.8                # fraction of steps after which cosine decay starts
-    batch_ramp_steps: int = 0               # linear ramp of the global batch from batch_ramp_start
+    decay_start: float = 0.8  # fraction of steps after which cosine decay starts
+    batch_ramp_steps: int = 0  # linear ramp of the global batch from batch_ramp_start
     batch_ramp_start: int = 0
-    seq_len_stages: list[list[int]] = field(default_factory=list)   # [[start_step, seq_len], ...]
-    yarn_stages: list[list[float]] = field(default_factory=list)    # [[start_step, YaRN factor], ...] (<= 1: off)
-    dense_attention_steps: int = 0          # attention_mode=dense before this step
-    indexer_warmup_steps: int = 0           # then indexer warm-up (frozen LM, KL loss) for this many
+    seq_len_stages: list[list[int]] = field(default_factory=list)  # [[start_step, seq_len], ...]
+    yarn_stages: list[list[float]] = field(default_factory=list)  # [[start_step, YaRN factor], ...] (<= 1: off)
+    dense_attention_steps: int = 0  # attention_mode=dense before this step
+    indexer_warmup_steps: int = 0  # then indexer warm-up (frozen LM, KL loss) for this many
     mtp_lambda: float = 0.3
-    mtp_lambda_decay: float = 0.1           # lambda from the start of LR decay
-    bias_update_rate: float = 0.001         # gamma of the aux-loss-free expert bias
-    seq_aux_loss_coeff: float = 0.0001      # alpha of the sequence-wise balance loss
+    mtp_lambda_decay: float = 0.1  # lambda from the start of LR decay
+    bias_update_rate: float = 0.001  # gamma of the aux-loss-free expert bias
+    seq_aux_loss_coeff: float = 0.0001  # alpha of the sequence-wise balance loss
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    spike_threshold: float = 0.0            # >0: loss > threshold * running mean rolls back
-    spike_window: int = 20                  # accepted steps in the running mean of the spike detector
-    max_rollbacks: int = 3                  # spike rollbacks allowed per process
-    max_consecutive_skips: int = 10         # non-finite steps in a row before the run aborts
+    spike_threshold: float = 0.0  # >0: loss > threshold * running mean rolls back
+    spike_window: int = 20  # accepted steps in the running mean of the spike detector
+    max_rollbacks: int = 3  # spike rollbacks allowed per process
+    max_consecutive_skips: int = 10  # non-finite steps in a row before the run aborts
     fault_inject_nan_steps: list[int] = field(default_factory=list)  # testing: NaN loss at these steps
-    fault_inject_pause_step: int = 0        # testing: every rank stops after this step, to be killed (0 = off)
+    fault_inject_pause_step: int = 0  # testing: every rank stops after this step, to be killed (0 = off)
     log_interval: int = 1
     deterministic: bool = True
-    eval_interval: int = 0                  # validation every N steps and at the last step (0 = off)
-    eval_samples: int = 16                  # held-out samples per source per evaluation
+    eval_interval: int = 0  # validation every N steps and at the last step (0 = off)
+    eval_samples: int = 16  # held-out samples per source per evaluation
 
 
 @dataclass
@@ -193,15 +194,16 @@ class OptimConfig:
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
     muon_update_rms: float = 0.18
-    muon_ns_steps: list[list[float]] = field(default_factory=lambda: [
-        [8, 3.4445, -4.7750, 2.0315], [2, 2.0, -1.5, 0.5]])
+    muon_ns_steps: list[list[float]] = field(
+        default_factory=lambda: [[8, 3.4445, -4.7750, 2.0315], [2, 2.0, -1.5, 0.5]]
+    )
     muon_tp_mode: Literal["auto", "gather", "gram"] = "auto"
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-20
-    fp32_newton_schulz: bool = False        # exactness path; bf16 matmuls otherwise on GPU
-    shard_adamw: bool = True                # AdamW state sharded over data parallel (ZeRO-1)
+    fp32_newton_schulz: bool = False  # exactness path; bf16 matmuls otherwise on GPU
+    shard_adamw: bool = True  # AdamW state sharded over data parallel (ZeRO-1)
 
 
 @dataclass
@@ -218,15 +220,15 @@ class DataConfig:
     batches and the resume position are the same either way). ``num_workers`` is unused (kept for old configs)."""
 
     mixture: str = "data_pipeline/configs/default_mixture.yaml"
-    shards_dir: str = "runs/data"           # where the pipeline writes MDS shards + manifest
-    tokenizer: str = ""                     # path to tokenizer.json; empty = trained by the pipeline
-    vocab_size: int = 4096                  # for a trained tokenizer
-    num_workers: int = 0                    # unused; see prefetch
+    shards_dir: str = "runs/data"  # where the pipeline writes MDS shards + manifest
+    tokenizer: str = ""  # path to tokenizer.json; empty = trained by the pipeline
+    vocab_size: int = 4096  # for a trained tokenizer
+    num_workers: int = 0  # unused; see prefetch
     build_if_missing: bool = True
-    dataset: str = ""                       # built dataset (dir or s3://...) to train from; "" = build the mixture
-    cache_dir: str = ""                     # local cache of remote shards ("" = read into memory)
-    cache_limit_gb: float = 50.0            # size limit of cache_dir (GiB)
-    prefetch: int = 4                       # micro-batches read ahead in a background thread (0 = off)
+    dataset: str = ""  # built dataset (dir or s3://...) to train from; "" = build the mixture
+    cache_dir: str = ""  # local cache of remote shards ("" = read into memory)
+    cache_limit_gb: float = 50.0  # size limit of cache_dir (GiB)
+    prefetch: int = 4  # micro-batches read ahead in a background thread (0 = off)
 
     def __post_init__(self) -> None:
         if self.prefetch < 0:
@@ -243,9 +245,9 @@ class CheckpointConfig:
 
     interval: int = 100
     keep_last: int = 2
-    keep_every: int = 0                     # also keep every N-th step (0 = off)
-    async_save: bool = True                 # GPU only
-    load: str = ""                          # explicit checkpoint to start from (else run.dir/latest)
+    keep_every: int = 0  # also keep every N-th step (0 = off)
+    async_save: bool = True  # GPU only
+    load: str = ""  # explicit checkpoint to start from (else run.dir/latest)
 
 
 @dataclass
@@ -258,8 +260,8 @@ class RunConfig:
     tensorboard: bool = True
     plot: bool = True
     progress: bool = True
-    preempt_exit_code: int = 75             # exit status after a SIGTERM/SIGUSR1 checkpoint (EX_TEMPFAIL)
-    peak_tflops: float = 0.0                # per-rank peak for the MFU estimate; 0 = auto (GPU table/CPU probe)
+    preempt_exit_code: int = 75  # exit status after a SIGTERM/SIGUSR1 checkpoint (EX_TEMPFAIL)
+    peak_tflops: float = 0.0  # per-rank peak for the MFU estimate; 0 = auto (GPU table/CPU probe)
 
 
 @dataclass
@@ -279,6 +281,7 @@ class Config:
 # ----------------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------------
+
 
 def _suggest(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
@@ -352,8 +355,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"{where}: unknown key '{key}' in section '{where.split(':')[-1]}'; "
-                              f"{_suggest(key, names)}")
+            raise ConfigError(
+                f"{where}: unknown key '{key}' in section '{where.split(':')[-1]}'; {_suggest(key, names)}"
+            )
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     try:
         return cls(**kwargs)
@@ -381,8 +385,7 @@ def resolve_config_path(name: str) -> Path:
     known = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    raise ConfigError(f"config '{name}' not found (looked for {p} and {cand}); {hint}"
-                      f"available: {', '.join(known)}")
+    raise ConfigError(f"config '{name}' not found (looked for {p} and {cand}); {hint}available: {', '.join(known)}")
 
 
 def load_raw(name: str, _seen: Optional[set] = None) -> tuple[dict[str, Any], Path]:
@@ -452,31 +455,35 @@ def validate(cfg: Config, where: str = "config") -> None:
     """Checks that need no process group (the layout is validated against the world size later)."""
     m = cfg.model
     if len(m.layer_types) != m.num_layers:
-        raise ConfigError(f"{where}: model.layer_types has {len(m.layer_types)} entries but "
-                          f"model.num_layers={m.num_layers}; give one type per layer")
+        raise ConfigError(
+            f"{where}: model.layer_types has {len(m.layer_types)} entries but "
+            f"model.num_layers={m.num_layers}; give one type per layer"
+        )
     if m.rope_head_dim > m.head_dim or m.rope_head_dim % 2:
-        raise ConfigError(f"{where}: model.rope_head_dim={m.rope_head_dim} must be even and "
-                          f"<= head_dim={m.head_dim}")
+        raise ConfigError(f"{where}: model.rope_head_dim={m.rope_head_dim} must be even and <= head_dim={m.head_dim}")
     if m.num_heads % m.o_groups:
-        raise ConfigError(f"{where}: model.num_heads={m.num_heads} not divisible by "
-                          f"model.o_groups={m.o_groups}")
+        raise ConfigError(f"{where}: model.num_heads={m.num_heads} not divisible by model.o_groups={m.o_groups}")
     if m.num_experts_per_tok > m.n_routed_experts:
-        raise ConfigError(f"{where}: model.num_experts_per_tok={m.num_experts_per_tok} > "
-                          f"n_routed_experts={m.n_routed_experts}")
+        raise ConfigError(
+            f"{where}: model.num_experts_per_tok={m.num_experts_per_tok} > n_routed_experts={m.n_routed_experts}"
+        )
     if m.n_hash_layers > m.num_layers:
         raise ConfigError(f"{where}: model.n_hash_layers={m.n_hash_layers} > num_layers={m.num_layers}")
     t = cfg.train
     if t.global_batch % t.micro_batch:
-        raise ConfigError(f"{where}: train.global_batch={t.global_batch} not divisible by "
-                          f"train.micro_batch={t.micro_batch}")
+        raise ConfigError(
+            f"{where}: train.global_batch={t.global_batch} not divisible by train.micro_batch={t.micro_batch}"
+        )
     for k in ("steps", "global_batch", "micro_batch", "seq_len"):
         if getattr(t, k) <= 0:
             raise ConfigError(f"{where}: train.{k} must be positive, got {getattr(t, k)}")
     if t.eval_interval < 0:
         raise ConfigError(f"{where}: train.eval_interval={t.eval_interval} must be >= 0 (0 turns validation off)")
     if t.eval_interval > 0 and t.eval_samples <= 0:
-        raise ConfigError(f"{where}: train.eval_samples={t.eval_samples} must be positive when "
-                          f"train.eval_interval > 0 (held-out samples per source per evaluation)")
+        raise ConfigError(
+            f"{where}: train.eval_samples={t.eval_samples} must be positive when "
+            f"train.eval_interval > 0 (held-out samples per source per evaluation)"
+        )
     p = cfg.parallel
     for k in ("tp", "pp", "vpp", "ep", "etp", "sp"):
         if getattr(p, k) < 1:

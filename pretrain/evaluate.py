@@ -28,6 +28,7 @@ on the dataset the run recorded (``RUN/dataset.json``), at the sequence length a
 checkpoint's step, and prints a table and one JSON line (``--json``: only the JSON line).
 Exit status: 0 done, 2 a missing run/checkpoint/dataset/validation split (message on stderr), 1 other errors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,12 +48,13 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-DATASET_RECORD = "dataset.json"      # <run.dir>/dataset.json: {"manifests": {"<seq_len>": "<manifest path>"}}
+DATASET_RECORD = "dataset.json"  # <run.dir>/dataset.json: {"manifests": {"<seq_len>": "<manifest path>"}}
 
 
 # --------------------------------------------------------------------------------------------- batches
-def eval_microbatches(batches: dict[str, dict[str, np.ndarray]], micro_batch: int, dp_rank: int = 0, dp: int = 1,
-                      multiple_of: int = 1) -> list[tuple[int, dict[str, torch.Tensor], int]]:
+def eval_microbatches(
+    batches: dict[str, dict[str, np.ndarray]], micro_batch: int, dp_rank: int = 0, dp: int = 1, multiple_of: int = 1
+) -> list[tuple[int, dict[str, torch.Tensor], int]]:
     """This data-parallel rank's micro-batches: ``(source index, inputs, labelled tokens)`` in source order.
 
     Source s with n rows: rank r takes rows [r·R, (r+1)·R) (R = ⌈n/dp⌉), padded to M_s·micro_batch rows
@@ -72,8 +74,11 @@ def eval_microbatches(batches: dict[str, dict[str, np.ndarray]], micro_batch: in
         k = mine.stop - mine.start
         inp[:k], lab[:k], ids[:k] = tokens[mine, :-1], tokens[mine, 1:], doc[mine, :-1]
         for lo in range(0, rows, micro_batch):
-            mb = {"input_ids": inp[lo:lo + micro_batch], "labels": lab[lo:lo + micro_batch],
-                  "doc_ids": ids[lo:lo + micro_batch]}
+            mb = {
+                "input_ids": inp[lo : lo + micro_batch],
+                "labels": lab[lo : lo + micro_batch],
+                "doc_ids": ids[lo : lo + micro_batch],
+            }
             out.append((s, mb, int((mb["labels"] != IGNORE_INDEX).sum())))
     if not out:
         raise ValueError("eval_microbatches: no validation samples")
@@ -106,6 +111,7 @@ def _training_state_preserved(chunks: list[torch.nn.Module]) -> Iterator[None]:
 
     from parallel import pipeline
     from pretrain.ckpt_state import rng_state, set_rng_state
+
     rng = rng_state()
     flags = [(m, m.training) for c in chunks for m in c.modules()]
     sums = [(st, st.sums.clone()) for st in (pipeline.unwrap(c) for c in chunks)]
@@ -134,8 +140,14 @@ class Validator:
     """The trainer's validation: :meth:`losses` runs the held-out micro-batches forward through the pipeline
     schedule on ``chunks`` (collective over all ranks) and returns the one-process ``val_loss`` record."""
 
-    def __init__(self, chunks: list[torch.nn.Module], micro_batch: int, samples: int, device: torch.device,
-                 autocast: Callable[[], Any] = contextlib.nullcontext) -> None:
+    def __init__(
+        self,
+        chunks: list[torch.nn.Module],
+        micro_batch: int,
+        samples: int,
+        device: torch.device,
+        autocast: Callable[[], Any] = contextlib.nullcontext,
+    ) -> None:
         self.chunks, self.micro_batch, self.samples = chunks, micro_batch, samples
         self.device, self.autocast = device, autocast
         self._batches: dict[tuple[str, int], dict[str, dict[str, np.ndarray]]] = {}
@@ -143,6 +155,7 @@ class Validator:
     def batches(self, manifest: str | Path, seq_len: int) -> dict[str, dict[str, np.ndarray]]:
         """The held-out samples of ``manifest`` (read once, then cached)."""
         from data_pipeline.validation import validation_batches
+
         key = (str(manifest), seq_len)
         if key not in self._batches:
             self._batches[key] = validation_batches(manifest, seq_len, self.samples)
@@ -157,11 +170,17 @@ class Validator:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from parallel import pipeline
+
         batches = self.batches(manifest, seq_len)
         names = list(batches)
         pp = ps.get_pipeline_model_parallel_world_size()
-        mbs = eval_microbatches(batches, self.micro_batch, ps.get_data_parallel_rank(),
-                                ps.get_data_parallel_world_size(), pp if len(self.chunks) > 1 else 1)
+        mbs = eval_microbatches(
+            batches,
+            self.micro_batch,
+            ps.get_data_parallel_rank(),
+            ps.get_data_parallel_world_size(),
+            pp if len(self.chunks) > 1 else 1,
+        )
         mbs = [(s, {k: v.to(self.device) for k, v in mb.items()}, n) for s, mb, n in mbs]
         sums = torch.zeros(len(names), dtype=torch.float64)
         lm = pipeline.LOSS_KEYS.index("lm_loss")
@@ -174,7 +193,7 @@ class Validator:
             st = pipeline.unwrap(model)
             st.sums.zero_()
             out = model(batch, mtp_lambda=0.0)
-            if st.post_process and src >= 0:        # this micro-batch's token-mean LM loss × its token count
+            if st.post_process and src >= 0:  # this micro-batch's token-mean LM loss × its token count
                 sums[src] += st.sums[lm] * count
             return out, loss_func
 
@@ -182,15 +201,20 @@ class Validator:
             iters = [iter(mbs) for _ in self.chunks]
             b, s = mbs[0][1]["input_ids"].shape
             get_forward_backward_func()(
-                forward_step_func=step, data_iterator=iters if len(self.chunks) > 1 else iters[0],
-                model=self.chunks if len(self.chunks) > 1 else self.chunks[0], num_microbatches=len(mbs),
-                seq_length=s, micro_batch_size=b, forward_only=True)
+                forward_step_func=step,
+                data_iterator=iters if len(self.chunks) > 1 else iters[0],
+                model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                num_microbatches=len(mbs),
+                seq_length=s,
+                micro_batch_size=b,
+                forward_only=True,
+            )
         if dist.is_initialized() and dist.get_world_size() > 1:
             dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else sums.device
             sums = sums.to(dev)
             dist.all_reduce(sums, group=ps.get_data_parallel_group(with_context_parallel=True))
-            sums /= ps.get_context_parallel_world_size()        # each Ulysses rank holds sp × its shard's sum
-            dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())   # only the last stage is non-zero
+            sums /= ps.get_context_parallel_world_size()  # each Ulysses rank holds sp × its shard's sum
+            dist.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())  # only the last stage is non-zero
             sums = sums.cpu()
         return loss_record(names, sums, token_counts(batches))
 
@@ -209,6 +233,7 @@ class EvaluateError(RuntimeError):
 def run_root(run_dir: str | Path) -> Path:
     """The run.dir of a run directory, its ``checkpoints`` directory or one ``step_*`` directory."""
     from pretrain.checkpoint import STEP_RE
+
     p = Path(run_dir)
     if STEP_RE.match(p.name):
         p = p.parent
@@ -225,34 +250,41 @@ def run_manifest(run_dir: str | Path, cfg: Any, seq_len: int) -> Path:
         if str(seq_len) in manifests:
             return Path(manifests[str(seq_len)])
         if manifests:
-            raise EvaluateError(f"{record}: no dataset recorded for seq_len {seq_len} (recorded: "
-                                f"{', '.join(sorted(manifests))})")
+            raise EvaluateError(
+                f"{record}: no dataset recorded for seq_len {seq_len} (recorded: {', '.join(sorted(manifests))})"
+            )
     from data_pipeline.api import dataset_dir
+
     d = cfg.data
     path = dataset_dir(d.shards_dir, d.mixture, d.vocab_size, seq_len, d.tokenizer) / "manifest.json"
     if not path.is_file():
-        raise EvaluateError(f"the run {run_root(run_dir)} has no {DATASET_RECORD} and its dataset {path} does not "
-                            f"exist: run from the directory the training started in (data.shards_dir="
-                            f"{d.shards_dir} is relative to it)")
+        raise EvaluateError(
+            f"the run {run_root(run_dir)} has no {DATASET_RECORD} and its dataset {path} does not "
+            f"exist: run from the directory the training started in (data.shards_dir="
+            f"{d.shards_dir} is relative to it)"
+        )
     return path
 
 
 def checkpoint_step(path: Path) -> int:
     from pretrain.checkpoint import STEP_RE
+
     m = STEP_RE.match(path.name)
     if not m:
         raise EvaluateError(f"{path}: not a step_* checkpoint directory")
     return int(m.group(1))
 
 
-def evaluate_checkpoint(run_dir: str | Path, step: Optional[int] = None, samples: Optional[int] = None,
-                        device: str = "cpu") -> dict[str, Any]:
+def evaluate_checkpoint(
+    run_dir: str | Path, step: Optional[int] = None, samples: Optional[int] = None, device: str = "cpu"
+) -> dict[str, Any]:
     """Validation losses of checkpoint ``step`` (default: newest valid) of ``run_dir`` in this process."""
     from data_pipeline.manifest import ManifestError
     from data_pipeline.validation import validation_batches
     from pretrain import step_utils as su
     from pretrain.model.export import ExportError, find_checkpoint, load_checkpoint_model
     from pretrain.schedules import Schedules
+
     try:
         path = find_checkpoint(run_dir, step)
         model, cfg = load_checkpoint_model(path)
@@ -275,20 +307,28 @@ def evaluate_checkpoint(run_dir: str | Path, step: Optional[int] = None, samples
             mb = {k: v.to(device) for k, v in mb.items()}
             out = model(mb["input_ids"], doc_ids=mb["doc_ids"], labels=mb["labels"])
             sums[src] += out["lm_loss"].double().cpu() * count
-    rec = {"step": step, "checkpoint": str(path), "seq_len": sched.seq_len,
-           "samples": {n: int(b["tokens"].shape[0]) for n, b in batches.items()}}
+    rec = {
+        "step": step,
+        "checkpoint": str(path),
+        "seq_len": sched.seq_len,
+        "samples": {n: int(b["tokens"].shape[0]) for n, b in batches.items()},
+    }
     rec.update(loss_record(names, sums, token_counts(batches)))
     rec["seconds"] = time.monotonic() - t0
     return rec
 
 
 def table(rec: dict[str, Any]) -> str:
-    rows = [(k.split("/", 1)[1], rec["samples"][k.split("/", 1)[1]], v) for k, v in rec.items()
-            if k.startswith("val_loss/")]
+    rows = [
+        (k.split("/", 1)[1], rec["samples"][k.split("/", 1)[1]], v) for k, v in rec.items() if k.startswith("val_loss/")
+    ]
     rows.append(("all", sum(rec["samples"].values()), rec["val_loss"]))
     w = max(len(r[0]) for r in rows)
-    lines = [f"validation loss of {rec['checkpoint']} (step {rec['step']}, seq_len {rec['seq_len']})",
-             f"{'source':<{w}}  samples  val_loss", f"{'-' * w}  -------  --------"]
+    lines = [
+        f"validation loss of {rec['checkpoint']} (step {rec['step']}, seq_len {rec['seq_len']})",
+        f"{'source':<{w}}  samples  val_loss",
+        f"{'-' * w}  -------  --------",
+    ]
     lines += [f"{n:<{w}}  {s:7d}  {v:8.4f}" for n, s, v in rows]
     return "\n".join(lines)
 
@@ -297,19 +337,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", required=True, help="run.dir of a training run (or its checkpoints/ or a step_* dir)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest valid checkpoint)")
-    ap.add_argument("--samples", type=int, default=None,
-                    help="held-out samples per source (default: the run's train.eval_samples)")
+    ap.add_argument(
+        "--samples", type=int, default=None, help="held-out samples per source (default: the run's train.eval_samples)"
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING if args.json else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import warnings
+
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     from parallel.process_groups import teardown
+
     try:
         rec = evaluate_checkpoint(args.run_dir, args.step, args.samples, args.device)
     except EvaluateError as e:
@@ -323,5 +370,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":   # the guard matters: dist_checkpointing may spawn a multiprocessing Manager
+if __name__ == "__main__":  # the guard matters: dist_checkpointing may spawn a multiprocessing Manager
     sys.exit(main())

@@ -24,6 +24,7 @@ the blocked/flash attention recomputes q·k in its backward (forward 2 units, ba
 the top-k selection has no backward, and the streamed KL recomputes scores and mass (scores 1 + 3, mass 1 + 1).
 ``model.recompute=full`` runs every block's forward once more, ``selective`` the attention core's.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,14 +35,16 @@ __all__ = ["StepFlops", "step_flops", "visible_sum", "window_sum"]
 
 def visible_sum(S: int, m: int, cap: int | None = None) -> int:
     """Σ_{t=0}^{S-1} min(cap, floor((t + 1)/m)) (cap None = no cap): entries seen by all queries of a sequence."""
-    def F(U: int) -> int:              # Σ_{u=1}^{U} floor(u / m)
+
+    def F(U: int) -> int:  # Σ_{u=1}^{U} floor(u / m)
         if U <= 0:
             return 0
         q, r = divmod(U, m)
         return m * q * (q - 1) // 2 + q * (r + 1)
+
     if cap is None:
         return F(S)
-    edge = cap * m - 1                 # floor(u/m) < cap  <=>  u <= cap·m - 1
+    edge = cap * m - 1  # floor(u/m) < cap  <=>  u <= cap·m - 1
     return F(min(S, edge)) + cap * max(0, S - edge)
 
 
@@ -84,8 +87,9 @@ def _linear_per_token(cfg: Any, layer_type: str) -> float:
     return 2.0 * f
 
 
-def step_flops(cfg: Any, seq_len: int, batch: int = 1, attention_mode: str | None = None,
-               recompute: str | None = None) -> StepFlops:
+def step_flops(
+    cfg: Any, seq_len: int, batch: int = 1, attention_mode: str | None = None, recompute: str | None = None
+) -> StepFlops:
     """FLOPs of one forward + backward over ``batch`` sequences of ``seq_len`` tokens (see the module docstring).
 
     ``cfg``: a ``ModelConfig``; ``attention_mode`` / ``recompute`` default to the config's."""

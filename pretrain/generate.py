@@ -19,6 +19,7 @@ Output: the prompt and its continuation; ``--json``: one line ``{"prompt_ids": [
 ``text`` their decoding (special tokens skipped). Exit status: 0 done, 2 a missing run/checkpoint/dataset or a
 bad argument (message on stderr), 1 other errors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,13 @@ class GenerateError(RuntimeError):
 
 
 @torch.no_grad()
-def greedy(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, eos_id: Optional[int] = None,
-           device: str | torch.device = "cpu") -> list[int]:
+def greedy(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    eos_id: Optional[int] = None,
+    device: str | torch.device = "cpu",
+) -> list[int]:
     """The greedy continuation of ``prompt_ids`` (at most ``max_new_tokens``, ending after ``eos_id``)."""
     if not prompt_ids:
         raise GenerateError("the prompt encodes to no tokens; give a non-empty --prompt")
@@ -62,6 +68,7 @@ def load_run(run_dir: str | Path, step: Optional[int] = None, device: str = "cpu
     from pretrain.evaluate import EvaluateError, checkpoint_step, run_manifest
     from pretrain.model.export import ExportError, find_checkpoint, load_checkpoint_model
     from pretrain.schedules import Schedules
+
     try:
         path = find_checkpoint(run_dir, step)
         model, cfg = load_checkpoint_model(path)
@@ -81,8 +88,9 @@ def encode_prompt(tokenizer: Any, manifest: dict, prompt: str) -> list[int]:
     return [int(manifest["special_tokens"]["bos"])] + ids if add_bos else ids
 
 
-def generate(run_dir: str | Path, prompt: str, max_new_tokens: int, step: Optional[int] = None,
-             device: str = "cpu") -> dict[str, Any]:
+def generate(
+    run_dir: str | Path, prompt: str, max_new_tokens: int, step: Optional[int] = None, device: str = "cpu"
+) -> dict[str, Any]:
     """``{"prompt_ids", "output_ids", "text"}`` for ``prompt`` from checkpoint ``step`` of ``run_dir``."""
     if max_new_tokens < 1:
         raise GenerateError(f"--max-new-tokens {max_new_tokens}: give at least 1")
@@ -90,8 +98,10 @@ def generate(run_dir: str | Path, prompt: str, max_new_tokens: int, step: Option
     prompt_ids = encode_prompt(tokenizer, manifest, prompt)
     limit = model.cfg.max_position_embeddings
     if len(prompt_ids) + max_new_tokens > limit:
-        raise GenerateError(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
-                            f"model's max_position_embeddings={limit}; shorten one of them")
+        raise GenerateError(
+            f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {max_new_tokens} exceeds the "
+            f"model's max_position_embeddings={limit}; shorten one of them"
+        )
     log.info("generating from %s: %d prompt tokens, up to %d new", path, len(prompt_ids), max_new_tokens)
     out = greedy(model, prompt_ids, max_new_tokens, int(manifest["special_tokens"]["eos"]), device)
     return {"prompt_ids": prompt_ids, "output_ids": out, "text": tokenizer.decode(out, skip_special_tokens=True)}
@@ -106,14 +116,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", action="store_true", help="print one JSON line {prompt_ids, output_ids, text}")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING if args.json else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import warnings
+
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     from parallel.process_groups import teardown
+
     try:
         res = generate(args.run_dir, args.prompt, args.max_new_tokens, args.step, args.device)
     except GenerateError as e:
@@ -128,5 +144,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":   # the guard matters: dist_checkpointing may spawn a multiprocessing Manager
+if __name__ == "__main__":  # the guard matters: dist_checkpointing may spawn a multiprocessing Manager
     sys.exit(main())

@@ -10,6 +10,7 @@
   at most ``train.max_rollbacks`` rollbacks per process.
 Both decisions use globally reduced values, so every rank decides the same.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,13 @@ class NonFiniteError(RuntimeError):
 
 
 class Guards:
-    def __init__(self, spike_threshold: float = 0.0, spike_window: int = 20, max_consecutive_skips: int = 10,
-                 max_rollbacks: int = 3) -> None:
+    def __init__(
+        self,
+        spike_threshold: float = 0.0,
+        spike_window: int = 20,
+        max_consecutive_skips: int = 10,
+        max_rollbacks: int = 3,
+    ) -> None:
         self.spike_threshold = spike_threshold
         self.window: deque[float] = deque(maxlen=max(1, spike_window))
         self.max_consecutive_skips = max_consecutive_skips
@@ -44,24 +50,28 @@ class Guards:
         self.skipped_total += 1
         self.consecutive += 1
         if self.consecutive > self.max_consecutive_skips:
-            raise NonFiniteError(f"step {step}: {self.consecutive} consecutive steps with a non-finite loss or "
-                                 f"gradient (loss={loss}, grad_norm={grad_norm}); lower train.lr or resume from "
-                                 f"an earlier checkpoint (checkpoint.load=...)")
+            raise NonFiniteError(
+                f"step {step}: {self.consecutive} consecutive steps with a non-finite loss or "
+                f"gradient (loss={loss}, grad_norm={grad_norm}); lower train.lr or resume from "
+                f"an earlier checkpoint (checkpoint.load=...)"
+            )
         return True
 
     def is_spike(self, loss: float) -> bool:
         """True = roll back. Call for accepted (finite) steps only; records the loss otherwise."""
-        if (self.spike_threshold > 0 and len(self.window) == self.window.maxlen
-                and loss > self.spike_threshold * (sum(self.window) / len(self.window))
-                and self.rollbacks < self.max_rollbacks):
+        if (
+            self.spike_threshold > 0
+            and len(self.window) == self.window.maxlen
+            and loss > self.spike_threshold * (sum(self.window) / len(self.window))
+            and self.rollbacks < self.max_rollbacks
+        ):
             self.rollbacks += 1
             return True
         self.window.append(loss)
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_total": self.skipped_total, "consecutive": self.consecutive,
-                "window": list(self.window)}
+        return {"skipped_total": self.skipped_total, "consecutive": self.consecutive, "window": list(self.window)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.skipped_total = int(sd.get("skipped_total", 0))

@@ -14,6 +14,7 @@ terms exact) / (world · peak · MFU) × the 1F1B bubble (1 + (pp − 1)/M), wit
 data-parallel rank (global batch = M · dp sequences), peak = 989 TFLOP/s (H200 dense bf16) and an assumed
 MFU (default 0.4; an assumption, not a measurement).
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,11 +37,11 @@ class Proposal:
     seq_len: int
     layout: str
     recompute: str
-    peak_gib: float            # per GPU, the peak pipeline rank
+    peak_gib: float  # per GPU, the peak pipeline rank
     free_gib: float
-    global_batch: int          # sequences
+    global_batch: int  # sequences
     step_s: float
-    quadratic_share: float     # of the step's FLOPs
+    quadratic_share: float  # of the step's FLOPs
     fits: bool
 
 
@@ -49,14 +50,16 @@ def _sp_candidates(cfg: Any, tp: int) -> list[int]:
     return [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= heads and heads % s == 0]
 
 
-def propose(config: str, world: int, par: dict, seq_len: int, gpu_gb: float = 141.0, mfu: float = 0.4,
-            reserve_gib: float = 10.0) -> Proposal:
+def propose(
+    config: str, world: int, par: dict, seq_len: int, gpu_gb: float = 141.0, mfu: float = 0.4, reserve_gib: float = 10.0
+) -> Proposal:
     """The first (sp, recompute) that fits, or the best that does not (see the module docstring)."""
     from parallel.layout_plan import GiB
     from parallel.process_groups import LayoutError
     from pretrain.config import load_config
     from pretrain.dry_run import plan
     from pretrain.flop_model import step_flops
+
     best: Proposal | None = None
     for sp in _sp_candidates(load_config(config).model, par.get("tp", 1)):
         ov = [f"parallel.{k}={v}".replace(" ", "") for k, v in par.items()] + [f"parallel.sp={sp}"]
@@ -68,8 +71,9 @@ def propose(config: str, world: int, par: dict, seq_len: int, gpu_gb: float = 14
         M = 2 * pp
         gb = M * dp
         try:
-            layout, rows = plan(cfg.model, world, cfg.parallel, 1, seq_len, gb, settings=list(SETTING_ORDER),
-                                optim=cfg.optim)
+            layout, rows = plan(
+                cfg.model, world, cfg.parallel, 1, seq_len, gb, settings=list(SETTING_ORDER), optim=cfg.optim
+            )
         except LayoutError as e:
             log.info("%s on %d, sp=%d: %s", config, world, sp, e)
             continue
@@ -78,8 +82,19 @@ def propose(config: str, world: int, par: dict, seq_len: int, gpu_gb: float = 14
             free = gpu_gb * 1e9 - peak
             fl = step_flops(cfg.model, seq_len, batch=gb, recompute=setting[0])
             step = fl.total / (world * H200_PEAK_FLOPS * mfu) * (1 + (pp - 1) / M)
-            prop = Proposal(config, world, seq_len, f"tp{tp} pp{pp} sp{sp} ep{cfg.parallel.ep} dp{dp}", setting[0],
-                            peak / GiB, free / GiB, gb, step, fl.quadratic / fl.total, free / GiB >= reserve_gib)
+            prop = Proposal(
+                config,
+                world,
+                seq_len,
+                f"tp{tp} pp{pp} sp{sp} ep{cfg.parallel.ep} dp{dp}",
+                setting[0],
+                peak / GiB,
+                free / GiB,
+                gb,
+                step,
+                fl.quadratic / fl.total,
+                free / GiB >= reserve_gib,
+            )
             if prop.fits:
                 return prop
             if best is None or prop.free_gib > best.free_gib:
@@ -91,11 +106,38 @@ def propose(config: str, world: int, par: dict, seq_len: int, gpu_gb: float = 14
 
 def render_proposals(props: list[Proposal], gpu_gb: float, mfu: float) -> str:
     from parallel.layout_plan import format_table
-    header = ["model", "GPUs", "tokens", "proposed layout", "recompute", "peak GiB/GPU", f"free of {gpu_gb:g} GB",
-              "global batch (seq)", "step s", "quadratic FLOP share", "fits"]
-    body = [[p.config, str(p.world), f"{p.seq_len // 1024}K", p.layout, p.recompute, f"{p.peak_gib:.1f}",
-             f"{p.free_gib:.1f}", str(p.global_batch), f"{p.step_s:.1f}", f"{100 * p.quadratic_share:.0f}%",
-             "yes" if p.fits else "NO"] for p in props]
-    title = (f"What fits at long context (H200 {gpu_gb:g} GB; step time at {mfu:.0%} MFU of 989 TFLOP/s, an "
-             f"assumption; micro-batch 1 × S, 2·pp micro-batches per dp rank)")
+
+    header = [
+        "model",
+        "GPUs",
+        "tokens",
+        "proposed layout",
+        "recompute",
+        "peak GiB/GPU",
+        f"free of {gpu_gb:g} GB",
+        "global batch (seq)",
+        "step s",
+        "quadratic FLOP share",
+        "fits",
+    ]
+    body = [
+        [
+            p.config,
+            str(p.world),
+            f"{p.seq_len // 1024}K",
+            p.layout,
+            p.recompute,
+            f"{p.peak_gib:.1f}",
+            f"{p.free_gib:.1f}",
+            str(p.global_batch),
+            f"{p.step_s:.1f}",
+            f"{100 * p.quadratic_share:.0f}%",
+            "yes" if p.fits else "NO",
+        ]
+        for p in props
+    ]
+    title = (
+        f"What fits at long context (H200 {gpu_gb:g} GB; step time at {mfu:.0%} MFU of 989 TFLOP/s, an "
+        f"assumption; micro-batch 1 × S, 2·pp micro-batches per dp rank)"
+    )
     return format_table(title, header, body)

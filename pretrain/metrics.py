@@ -20,6 +20,7 @@ Also: TensorBoard scalars under ``<run.dir>/tensorboard``, a progress bar (tqdm 
 every ``train.log_interval`` steps otherwise; a validation is always logged), and ``<run.dir>/loss.png`` at the
 end (training and validation curves). TensorBoard tags: ``train/<key>``, ``val/loss``, ``val/<source>``.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,22 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TB_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "indexer_loss", "lr", "grad_norm", "tokens_per_s",
-           "mfu", "expert_load_max_over_mean", "expert_load_cv", "global_batch", "seq_len", "mtp_lambda")
+TB_KEYS = (
+    "loss",
+    "lm_loss",
+    "mtp_loss",
+    "balance_loss",
+    "indexer_loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "mfu",
+    "expert_load_max_over_mean",
+    "expert_load_cv",
+    "global_batch",
+    "seq_len",
+    "mtp_lambda",
+)
 
 
 def read_metrics(path: Path | str) -> list[dict[str, Any]]:
@@ -47,7 +62,7 @@ def read_metrics(path: Path | str) -> list[dict[str, Any]]:
         if line:
             try:
                 out.append(json.loads(line))
-            except ValueError:      # a line torn by a kill -9: ignore it
+            except ValueError:  # a line torn by a kill -9: ignore it
                 continue
     return out
 
@@ -66,8 +81,15 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, tensorboard: bool = True,
-                 progress: bool = True, log_interval: int = 1) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        total_steps: int,
+        tensorboard: bool = True,
+        progress: bool = True,
+        log_interval: int = 1,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.total_steps = total_steps
@@ -88,18 +110,22 @@ class MetricsLogger:
         if self._want_tb:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step + 1)
-            except ImportError as e:   # tensorboard missing: keep going with jsonl
+            except ImportError as e:  # tensorboard missing: keep going with jsonl
                 log.warning("TensorBoard disabled (%s)", e)
         if self._want_bar and sys.stderr.isatty():
             from tqdm import tqdm
+
             self._bar = tqdm(total=self.total_steps, initial=resume_step, dynamic_ncols=True, unit="step")
 
     def log(self, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        rec = {k: (None if isinstance(v, float) and not math.isfinite(v) and k == "grad_norm" else v)
-               for k, v in rec.items()}
+        rec = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) and k == "grad_norm" else v)
+            for k, v in rec.items()
+        }
         self._fh.write(json.dumps(rec, allow_nan=True) + "\n")
         step = rec["step"]
         if self._tb is not None:
@@ -118,6 +144,7 @@ class MetricsLogger:
             log.info("step %d/%d %s", step, self.total_steps, line)
         if "val_loss" in rec:
             from pretrain.evaluate import format_losses
+
             msg = f"step {step} validation: val_loss {format_losses(rec)} ({rec.get('val_time_s', 0):.1f} s)"
             if self._bar is not None:
                 self._bar.write(msg)
@@ -129,8 +156,13 @@ class MetricsLogger:
         eta = rec.get("eta_s")
         eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if isinstance(eta, (int, float)) else "?"
         mfu = rec.get("mfu")
-        parts = [f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}", f"{rec.get('tokens_per_s', 0):.0f} tok/s",
-                 f"mfu {100 * mfu:.1f}%" if isinstance(mfu, float) else "mfu ?", f"eta {eta_s}"]
+        parts = [
+            f"loss {rec['loss']:.4f}",
+            f"lr {rec['lr']:.2e}",
+            f"{rec.get('tokens_per_s', 0):.0f} tok/s",
+            f"mfu {100 * mfu:.1f}%" if isinstance(mfu, float) else "mfu ?",
+            f"eta {eta_s}",
+        ]
         if isinstance(rec.get("val_loss"), (int, float)):
             parts.insert(1, f"val {rec['val_loss']:.4f}")
         if rec.get("skipped"):
@@ -156,8 +188,10 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     if not recs:
         return None
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     steps = [r["step"] for r in recs]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(steps, [r["loss"] for r in recs], label="loss (objective)", lw=1.2)

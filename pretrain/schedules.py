@@ -22,6 +22,7 @@ detect a changed schedule on resume.
 - Expert-bias update rate gamma (0.001) and sequence-balance coefficient alpha (0.0001): constant, but the
   bias is not updated while the main model is frozen (indexer warm-up).
 """
+
 from __future__ import annotations
 
 import math
@@ -33,13 +34,13 @@ from typing import Any
 class StepSchedule:
     step: int
     lr: float
-    phase: str                  # "warmup" | "constant" | "decay"
+    phase: str  # "warmup" | "constant" | "decay"
     global_batch: int
-    micro_batches: int          # micro-batches per data-parallel rank for this step
+    micro_batches: int  # micro-batches per data-parallel rank for this step
     seq_len: int
-    seq_stage: int              # index into the stage list (0 = train.seq_len before any stage)
-    yarn_factor: float | None   # YaRN factor of this step's stage (None: the model config's yarn)
-    attention_mode: str         # "dense" | "indexer_warmup" | "sparse"
+    seq_stage: int  # index into the stage list (0 = train.seq_len before any stage)
+    yarn_factor: float | None  # YaRN factor of this step's stage (None: the model config's yarn)
+    attention_mode: str  # "dense" | "indexer_warmup" | "sparse"
     mtp_lambda: float
     bias_update_rate: float
     seq_aux_loss_coeff: float
@@ -65,8 +66,10 @@ class Schedules:
         self.yarn_stages = sorted((int(a), float(b)) for a, b in (getattr(train, "yarn_stages", None) or []))
         unit = train.micro_batch * dp
         if train.global_batch % unit:
-            raise ValueError(f"train.global_batch={train.global_batch} is not divisible by micro_batch*dp = "
-                             f"{train.micro_batch}*{dp} = {unit}; choose a multiple of {unit}")
+            raise ValueError(
+                f"train.global_batch={train.global_batch} is not divisible by micro_batch*dp = "
+                f"{train.micro_batch}*{dp} = {unit}; choose a multiple of {unit}"
+            )
         self.decay_start_step = math.floor(train.decay_start * train.steps)
 
     # ---------------------------------------------------------------------------------------------
@@ -123,11 +126,20 @@ class Schedules:
         mode = self.attention_mode(s)
         lam = t.mtp_lambda_decay if phase == "decay" else t.mtp_lambda
         gamma = 0.0 if mode == "indexer_warmup" else t.bias_update_rate
-        return StepSchedule(step=s, lr=lr, phase=phase, global_batch=gb,
-                            micro_batches=gb // (t.micro_batch * self.dp), seq_len=seq_len, seq_stage=stage,
-                            yarn_factor=self.yarn_factor(s),
-                            attention_mode=mode, mtp_lambda=lam, bias_update_rate=gamma,
-                            seq_aux_loss_coeff=t.seq_aux_loss_coeff)
+        return StepSchedule(
+            step=s,
+            lr=lr,
+            phase=phase,
+            global_batch=gb,
+            micro_batches=gb // (t.micro_batch * self.dp),
+            seq_len=seq_len,
+            seq_stage=stage,
+            yarn_factor=self.yarn_factor(s),
+            attention_mode=mode,
+            mtp_lambda=lam,
+            bias_update_rate=gamma,
+            seq_aux_loss_coeff=t.seq_aux_loss_coeff,
+        )
 
     def tokens_through(self, s: int) -> int:
         """Tokens consumed by steps 0..s-1 (for logs and the ETA)."""
@@ -137,10 +149,26 @@ class Schedules:
         return total
 
     # ---------------------------------------------------------------------------------------------
-    _KEYS = ("steps", "lr", "min_lr_ratio", "warmup_steps", "decay_start", "global_batch", "micro_batch",
-             "batch_ramp_steps", "batch_ramp_start", "seq_len", "seq_len_stages", "yarn_stages", "dense_attention_steps",
-             "indexer_warmup_steps", "mtp_lambda", "mtp_lambda_decay", "bias_update_rate",
-             "seq_aux_loss_coeff")
+    _KEYS = (
+        "steps",
+        "lr",
+        "min_lr_ratio",
+        "warmup_steps",
+        "decay_start",
+        "global_batch",
+        "micro_batch",
+        "batch_ramp_steps",
+        "batch_ramp_start",
+        "seq_len",
+        "seq_len_stages",
+        "yarn_stages",
+        "dense_attention_steps",
+        "indexer_warmup_steps",
+        "mtp_lambda",
+        "mtp_lambda_decay",
+        "bias_update_rate",
+        "seq_aux_loss_coeff",
+    )
 
     def state_dict(self) -> dict[str, Any]:
         return {k: getattr(self.t, k, []) for k in self._KEYS}

@@ -8,6 +8,7 @@ reached one rank stops all of them at the same step), saves a checkpoint, writes
 Slurm template turns into ``scontrol requeue`` (or list it in slurm.conf ``RequeueExit``). Rerunning the
 same command resumes from that checkpoint.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,10 @@ class PreemptionHandler:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is None:
-            log.warning("received %s: checkpointing at the next step boundary, then exiting for requeue",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: checkpointing at the next step boundary, then exiting for requeue",
+                signal.Signals(signum).name,
+            )
         self.signum = signum
 
     def requested(self, collective: bool = True) -> bool:

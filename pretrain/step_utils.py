@@ -10,6 +10,7 @@
 - :func:`activated_params` (the whole model's, summed over the model-parallel ranks) and :func:`peak_flops`
   for the MFU estimate.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,10 @@ def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[st
     tokens = torch.as_tensor(batch["tokens"]).to(device, torch.long, non_blocking=True)
     doc = torch.as_tensor(batch["doc_ids"]).to(device, non_blocking=True)
     if tokens.dim() != 2 or tokens.shape[1] < 3 or doc.shape != tokens.shape:
-        raise ValueError(f"loader batch: tokens {tuple(tokens.shape)} / doc_ids {tuple(doc.shape)}; expected "
-                         f"equal [B, seq_len + 1] shapes (docs/CONTRACTS.md)")
+        raise ValueError(
+            f"loader batch: tokens {tuple(tokens.shape)} / doc_ids {tuple(doc.shape)}; expected "
+            f"equal [B, seq_len + 1] shapes (docs/CONTRACTS.md)"
+        )
     mtp = torch.full_like(tokens[:, 1:], IGNORE_INDEX)
     mtp[:, :-1] = tokens[:, 2:]
     return {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "mtp_labels": mtp, "doc_ids": doc[:, :-1]}
@@ -51,7 +54,8 @@ def _model_sum(params: Iterable[torch.nn.Parameter], value) -> float:
     rank 0); the last stage's copy of the embedding (``shared_embedding``) is skipped. ``value`` returns a
     float64 scalar tensor or None (skip). Collective over the model-parallel groups."""
     from megatron.core import parallel_state as ps
-    dev = _collective_device()            # summed where the values are: one host sync at the end, not per tensor
+
+    dev = _collective_device()  # summed where the values are: one host sync at the end, not per tensor
     dense = torch.zeros((), dtype=torch.float64, device=dev)
     expert = torch.zeros((), dtype=torch.float64, device=dev)
     tp_rank = ps.get_tensor_model_parallel_rank()
@@ -77,8 +81,7 @@ def _model_sum(params: Iterable[torch.nn.Parameter], value) -> float:
 
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
     """Global 2-norm of ``p.grad`` (after the data-parallel reduction)."""
-    return math.sqrt(_model_sum(params, lambda p: None if p.grad is None else
-                                p.grad.detach().double().pow(2).sum()))
+    return math.sqrt(_model_sum(params, lambda p: None if p.grad is None else p.grad.detach().double().pow(2).sum()))
 
 
 def clip_(params: Iterable[torch.nn.Parameter], norm: float, max_norm: float) -> None:
@@ -94,14 +97,19 @@ def load_stats(loads: torch.Tensor | None) -> dict[str, float | None]:
     """Mean over all learned routers of the model (every pipeline stage: collective over the pipeline group)
     of max/mean and the coefficient of variation of the per-expert loads of the global batch."""
     from megatron.core import parallel_state as ps
+
     dev = _collective_device()
-    acc = torch.zeros(3, dtype=torch.float64, device=dev)     # Σ max/mean, Σ cv, number of routers
+    acc = torch.zeros(3, dtype=torch.float64, device=dev)  # Σ max/mean, Σ cv, number of routers
     if loads is not None and loads.sum() > 0:
         loads = loads.to(dev, torch.float64)
         mean = loads.mean(dim=1).clamp(min=1e-9)
-        acc += torch.stack([(loads.max(dim=1).values / mean).sum(),
-                            (loads.std(dim=1, unbiased=False) / mean).sum(),
-                            torch.tensor(float(loads.shape[0]), dtype=torch.float64, device=dev)])
+        acc += torch.stack(
+            [
+                (loads.max(dim=1).values / mean).sum(),
+                (loads.std(dim=1, unbiased=False) / mean).sum(),
+                torch.tensor(float(loads.shape[0]), dtype=torch.float64, device=dev),
+            ]
+        )
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(acc, group=ps.get_pipeline_model_parallel_group())
     if acc[2] == 0:
@@ -124,8 +132,9 @@ def activated_params(params: Iterable[torch.nn.Parameter], n_routed: int, top_k:
     """Parameters of the whole model one token touches (routed experts count K_r / N_r of their size),
     summed over the model-parallel ranks (collective)."""
     factor = top_k / n_routed
-    return _model_sum(params, lambda p: torch.tensor(p.numel() * (factor if is_expert_param(p) else 1.0),
-                                                     dtype=torch.float64))
+    return _model_sum(
+        params, lambda p: torch.tensor(p.numel() * (factor if is_expert_param(p) else 1.0), dtype=torch.float64)
+    )
 
 
 _GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40": 181e12, "A10": 125e12}
@@ -149,7 +158,7 @@ def peak_flops(configured_tflops: float = 0.0) -> float:
     for _ in range(n):
         a @ b
     dt = max(time.perf_counter() - t0, 1e-6)
-    return 2 * 256 ** 3 * n / dt
+    return 2 * 256**3 * n / dt
 
 
 def router_autocast_safe() -> None:
@@ -158,6 +167,7 @@ def router_autocast_safe() -> None:
     multiplies a bf16 grad with an fp32 weight (``expected mat1 and mat2 to have the same dtype``). Run it
     with autocast off (inputs are cast to the router dtype inside anyway). Idempotent."""
     from megatron.core.transformer.moe import router
+
     fn = router.router_gating_linear
     if getattr(fn, "_autocast_safe", False):
         return

@@ -18,6 +18,7 @@ and ``kill_tagged`` removes whatever is left, so nothing survives a test, even a
 
 Every Slurm/Ray client call runs under ``timeout`` (clients retry for minutes when a daemon is unreachable).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,11 +38,20 @@ from pathlib import Path
 log = logging.getLogger("cluster_fixtures")
 
 REPO = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent          # the interpreter running the tests (the project's .venv)
+VENV_BIN = Path(sys.executable).parent  # the interpreter running the tests (the project's .venv)
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 TAG_VAR = "V4_CLUSTER_TAG"
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                   "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 class HeadFailed(RuntimeError):
@@ -70,6 +80,7 @@ def free_ports(n: int) -> list[int]:
 def free_port_range(width: int, lo: int = 20000, hi: int = 60000) -> tuple[int, int]:
     """A run of ``width`` consecutive ports that are all free now (Ray's worker port range)."""
     import random
+
     rng = random.Random(os.getpid() ^ time.time_ns())
     for _ in range(200):
         start = rng.randrange(lo, hi - width)
@@ -98,7 +109,7 @@ def tagged_pids(tag: str) -> list[int]:
             if needle not in (d / "environ").read_bytes().split(b"\0"):
                 continue
             stat = (d / "stat").read_text()
-        except OSError:           # gone, or not ours to read
+        except OSError:  # gone, or not ours to read
             continue
         state = stat.rsplit(")", 1)[1].split()[0]
         if state not in ("Z", "X"):
@@ -169,8 +180,9 @@ def stop_process(proc: subprocess.Popen, name: str, grace: float = 10.0) -> None
             proc.wait(10)
 
 
-def client(argv: list[str], env: dict[str, str], timeout: float = 20, check: bool = True,
-           cwd: Path | None = None) -> subprocess.CompletedProcess:
+def client(
+    argv: list[str], env: dict[str, str], timeout: float = 20, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run a cluster client command under ``timeout`` (and a Python-side timeout as a second guard)."""
     full = ["timeout", "-k", "5", str(int(timeout))] + argv
     r = subprocess.run(full, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout + 15, check=False)
@@ -211,8 +223,10 @@ def ensure_slurm_installed() -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", PATH=SBIN_PATH)
     t0 = time.monotonic()
     lock = ["-o", "DPkg::Lock::Timeout=300"]
-    for argv in (["apt-get", "update", "-qq"],
-                 ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *lock, *SLURM_PACKAGES]):
+    for argv in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *lock, *SLURM_PACKAGES],
+    ):
         r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed (rc {r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
@@ -278,9 +292,8 @@ class SlurmCluster:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         ctld_port, d_port = free_ports(2)
         self.ports = {"ctld": ctld_port, "d": d_port}
-        self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=f"{VENV_BIN}:{SBIN_PATH}",
-                        **{TAG_VAR: self.tag})
-        for k in list(self.env):     # a Slurm job running these tests must not leak its job into ours
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf), PATH=f"{VENV_BIN}:{SBIN_PATH}", **{TAG_VAR: self.tag})
+        for k in list(self.env):  # a Slurm job running these tests must not leak its job into ours
             if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF":
                 del self.env[k]
 
@@ -294,13 +307,30 @@ class SlurmCluster:
         key = b / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
-        self.conf.write_text(SLURM_CONF.format(
-            host=self.host, base=b, ctld_port=self.ports["ctld"], d_port=self.ports["d"],
-            cpus=os.cpu_count() or 1, mem=max(512, _mem_available_mb() // 2)))
+        self.conf.write_text(
+            SLURM_CONF.format(
+                host=self.host,
+                base=b,
+                ctld_port=self.ports["ctld"],
+                d_port=self.ports["d"],
+                cpus=os.cpu_count() or 1,
+                mem=max(512, _mem_available_mb() // 2),
+            )
+        )
         t0 = time.monotonic()
-        self._spawn("munged", [_which("munged"), "-F", "--force", f"--socket={b}/munge/sock",
-                               f"--key-file={key}", f"--pid-file={b}/munge/munged.pid",
-                               f"--log-file={b}/log/munged.log", f"--seed-file={b}/munge/seed"])
+        self._spawn(
+            "munged",
+            [
+                _which("munged"),
+                "-F",
+                "--force",
+                f"--socket={b}/munge/sock",
+                f"--key-file={key}",
+                f"--pid-file={b}/munge/munged.pid",
+                f"--log-file={b}/log/munged.log",
+                f"--seed-file={b}/munge/seed",
+            ],
+        )
         poll(lambda: (b / "munge" / "sock").exists(), 20, 0.1, "the munge socket")
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-f", str(self.conf)])
         self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf)])
@@ -309,14 +339,16 @@ class SlurmCluster:
             self._check_daemons()
             r = client(["sinfo", "-h", "-n", self.host, "-o", "%T"], self.env, timeout=5, check=False)
             return r.stdout.strip() == "idle"
+
         poll(idle, ready_timeout, 0.2, "the Slurm node to become idle")
         log.info("Slurm up in %.1f s (%s, ports %s)", time.monotonic() - t0, b, self.ports)
         return self
 
     def _spawn(self, name: str, argv: list) -> None:
-        with open(self.base / "log" / f"{name}.stderr", "ab") as f:     # the child keeps its own descriptor
-            p = subprocess.Popen([str(a) for a in argv], env=self.env, stdout=f, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL)
+        with open(self.base / "log" / f"{name}.stderr", "ab") as f:  # the child keeps its own descriptor
+            p = subprocess.Popen(
+                [str(a) for a in argv], env=self.env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         self.procs.append((name, p))
 
     def _check_daemons(self) -> None:
@@ -360,10 +392,12 @@ class SlurmCluster:
 
     def wait_done(self, jid: int, timeout: float) -> dict[str, str]:
         """Poll until the job reaches a terminal state; returns its record."""
+
         def done():
             self._check_daemons()
             j = self.job(jid)
             return j if j.get("JobState") in TERMINAL_STATES else None
+
         return poll(done, timeout, 0.5, f"Slurm job {jid} to finish")  # type: ignore[return-value]
 
     def wait_state(self, jid: int, states: set[str], timeout: float) -> dict[str, str]:
@@ -371,6 +405,7 @@ class SlurmCluster:
             self._check_daemons()
             j = self.job(jid)
             return j if j.get("JobState") in states else None
+
         return poll(hit, timeout, 0.3, f"Slurm job {jid} to reach {states}")  # type: ignore[return-value]
 
     def requeue(self, jid: int) -> None:
@@ -389,6 +424,7 @@ def without_ray_auth(env: dict[str, str] | os._Environ) -> dict[str, str]:
 def write_token_file(path: Path) -> Path:
     """A fresh random token (as Ray's generator makes: 32 random bytes, hex) in ``path`` (0600, directory 0700)."""
     import secrets
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path.parent, 0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -403,7 +439,7 @@ def files_containing(needle: str, roots: Iterable[Path], skip: Iterable[Path] = 
     data = needle.encode()
     hits = []
     for root in roots:
-        for f in ([root] if root.is_file() else sorted(root.rglob("*"))):
+        for f in [root] if root.is_file() else sorted(root.rglob("*")):
             try:
                 if f.is_file() and not f.is_symlink() and f.resolve() not in skipped and data in f.read_bytes():
                     hits.append(f)
@@ -412,7 +448,7 @@ def files_containing(needle: str, roots: Iterable[Path], skip: Iterable[Path] = 
     return hits
 
 
-UNAUTHENTICATED_JOB = "touch /tmp/v4-unauthenticated-job-ran"    # what a refused submission would have run
+UNAUTHENTICATED_JOB = "touch /tmp/v4-unauthenticated-job-ran"  # what a refused submission would have run
 
 
 def submit_job_http(dashboard: str, headers: dict[str, str]) -> tuple[int | None, str]:
@@ -420,9 +456,11 @@ def submit_job_http(dashboard: str, headers: dict[str, str]) -> tuple[int | None
     (HTTP status, body), or (None, reason) when nothing answers on that port."""
     import urllib.error
     import urllib.request
+
     body = json.dumps({"entrypoint": UNAUTHENTICATED_JOB}).encode()
-    req = urllib.request.Request(f"{dashboard}/api/jobs/", data=body, method="POST",
-                                 headers={"Content-Type": "application/json", **headers})
+    req = urllib.request.Request(
+        f"{dashboard}/api/jobs/", data=body, method="POST", headers={"Content-Type": "application/json", **headers}
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, r.read().decode(errors="replace")
@@ -435,8 +473,7 @@ def submit_job_http(dashboard: str, headers: dict[str, str]) -> tuple[int | None
 class RayCluster:
     """A head plus ``workers`` worker nodes on this host, each a ``ray start --block`` child process."""
 
-    def __init__(self, base: Path, workers: int = 1, cpus_per_node: int = 1,
-                 object_store_bytes: int = 300_000_000):
+    def __init__(self, base: Path, workers: int = 1, cpus_per_node: int = 1, object_store_bytes: int = 300_000_000):
         self.base = base
         self.workers = workers
         self.cpus = cpus_per_node
@@ -444,9 +481,14 @@ class RayCluster:
         self.tag = f"ray-{uuid.uuid4().hex[:12]}"
         self.nodes: list[tuple[str, subprocess.Popen, Path]] = []
         self.token_file = write_token_file(base / "auth" / "token")
-        self.env = dict(without_ray_auth(os.environ), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_file),
-                        RAY_USAGE_STATS_ENABLED="0", PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-                        **{TAG_VAR: self.tag})
+        self.env = dict(
+            without_ray_auth(os.environ),
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(self.token_file),
+            RAY_USAGE_STATS_ENABLED="0",
+            PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+            **{TAG_VAR: self.tag},
+        )
         self.env.pop("RAY_ADDRESS", None)
         self._pick_ports()
 
@@ -463,18 +505,31 @@ class RayCluster:
     def _node_args(self) -> list[str]:
         nm, om, metrics, agent_http, agent_grpc, renv = free_ports(6)
         lo, hi = free_port_range(40)
-        return [f"--num-cpus={self.cpus}", f"--object-store-memory={self.store}", "--disable-usage-stats",
-                f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--metrics-export-port={metrics}",
-                f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                f"--runtime-env-agent-port={renv}", f"--min-worker-port={lo}", f"--max-worker-port={hi}"]
+        return [
+            f"--num-cpus={self.cpus}",
+            f"--object-store-memory={self.store}",
+            "--disable-usage-stats",
+            f"--node-manager-port={nm}",
+            f"--object-manager-port={om}",
+            f"--metrics-export-port={metrics}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={renv}",
+            f"--min-worker-port={lo}",
+            f"--max-worker-port={hi}",
+        ]
 
     def _start_node(self, name: str, argv: list[str]) -> None:
         tmp = self.base / name
         tmp.mkdir(parents=True, exist_ok=True)
         with open(self.base / f"{name}.log", "ab") as f:
-            p = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", f"--temp-dir={tmp}", *argv,
-                                  *self._node_args()], env=self.env, stdout=f, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL)
+            p = subprocess.Popen(
+                [str(VENV_BIN / "ray"), "start", "--block", f"--temp-dir={tmp}", *argv, *self._node_args()],
+                env=self.env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         self.nodes.append((name, p, tmp))
 
     def start(self, timeout: float = 120, attempts: int = 3) -> RayCluster:
@@ -493,29 +548,50 @@ class RayCluster:
 
     def _start(self, timeout: float) -> RayCluster:
         t0 = time.monotonic()
-        self._start_node("head", ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
-                                  "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                                  f"--ray-client-server-port={self.client_port}"])
+        self._start_node(
+            "head",
+            [
+                "--head",
+                f"--port={self.gcs_port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={self.client_port}",
+            ],
+        )
         poll(lambda: self._check() and self.alive_nodes() >= 1, timeout, 1.0, "the Ray head")
         for i in range(self.workers):
             self._start_node(f"worker{i}", [f"--address={self.address}"])
-        poll(lambda: self._check() and self.alive_nodes() == 1 + self.workers, timeout, 1.0,
-             f"{1 + self.workers} live Ray nodes")
+        poll(
+            lambda: self._check() and self.alive_nodes() == 1 + self.workers,
+            timeout,
+            1.0,
+            f"{1 + self.workers} live Ray nodes",
+        )
         poll(self._jobs_api_up, timeout, 1.0, "the Ray job server")
-        log.info("Ray up in %.1f s (%s, gcs %s, dashboard %s)", time.monotonic() - t0, self.base,
-                 self.address, self.dashboard)
+        log.info(
+            "Ray up in %.1f s (%s, gcs %s, dashboard %s)",
+            time.monotonic() - t0,
+            self.base,
+            self.address,
+            self.dashboard,
+        )
         return self
 
     def _check(self) -> bool:
         for name, p, _ in self.nodes:
             if p.poll() is not None and name == "head":
-                raise HeadFailed(f"ray head exited with {p.returncode}:\n"
-                                   f"{(self.base / 'head.log').read_text(errors='replace')[-3000:]}")
+                raise HeadFailed(
+                    f"ray head exited with {p.returncode}:\n"
+                    f"{(self.base / 'head.log').read_text(errors='replace')[-3000:]}"
+                )
         return True
 
     def nodes_info(self) -> list[dict]:
-        code = (f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
-                "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive']} for n in ray.nodes()]))")
+        code = (
+            f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
+            "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive']} for n in ray.nodes()]))"
+        )
         r = client([sys.executable, "-c", code], self.env, timeout=60, check=False)
         if r.returncode != 0:
             return []
@@ -531,6 +607,7 @@ class RayCluster:
     def raylet_pid(self, node: str) -> int:
         """PID of the raylet of node ``node`` (``head``, ``worker0``, ...): a descendant of its ``ray start``."""
         import psutil
+
         tmp = next(t for n, _, t in self.nodes if n == node)
         _, p, _ = next(x for x in self.nodes if x[0] == node)
         for c in psutil.Process(p.pid).children(recursive=True):
@@ -542,18 +619,25 @@ class RayCluster:
         raise RuntimeError(f"no raylet found under ray start pid {p.pid} ({tmp})")
 
     def job_status(self, job_id: str) -> str:
-        r = client([str(VENV_BIN / "ray"), "job", "status", "--address", self.dashboard, job_id], self.env,
-                   30, check=False)
+        r = client(
+            [str(VENV_BIN / "ray"), "job", "status", "--address", self.dashboard, job_id], self.env, 30, check=False
+        )
         m = re.search(r"Job '[^']+' (succeeded|failed|stopped|is running|is pending)", r.stdout)
         if m:
-            return {"succeeded": "SUCCEEDED", "failed": "FAILED", "stopped": "STOPPED",
-                    "is running": "RUNNING", "is pending": "PENDING"}[m.group(1)]
+            return {
+                "succeeded": "SUCCEEDED",
+                "failed": "FAILED",
+                "stopped": "STOPPED",
+                "is running": "RUNNING",
+                "is pending": "PENDING",
+            }[m.group(1)]
         m = re.search(r"Status for job '[^']+': (\w+)", r.stdout)
         return m.group(1) if m else "UNKNOWN"
 
     def job_logs(self, job_id: str) -> str:
-        r = client([str(VENV_BIN / "ray"), "job", "logs", "--address", self.dashboard, job_id], self.env,
-                   60, check=False)
+        r = client(
+            [str(VENV_BIN / "ray"), "job", "logs", "--address", self.dashboard, job_id], self.env, 60, check=False
+        )
         return r.stdout + r.stderr
 
     def stop(self) -> list[int]:
@@ -579,6 +663,7 @@ def write_small_mixture(path: Path, source: str = "python_docs") -> Path:
     79 documents), so that the pipeline runs in seconds; everything else (clean, dedup, tokenizer, pack settings)
     stays as the data pipeline defines it."""
     import yaml
+
     mix = yaml.safe_load((REPO / "data_pipeline/configs/default_mixture.yaml").read_text())
     mix["name"] = "cluster-test"
     mix["sources"] = [dict(s, weight=1.0) for s in mix["sources"] if s["name"] == source]

@@ -5,6 +5,7 @@ with 2 CPUs and a 300 MB object store, Ray's token authentication on (``start_lo
 this process) and usage stats off, and shut down at the end of the module. If Ray is already running in this
 process it is reused and left running.
 """
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ killed by PID (never left behind). ``fn`` must be a module-level function (spawn
 output; afterwards its whole process tree is killed (``process_tree`` / ``kill_process_tree``): torchrun's
 workers (own sessions) and dist_checkpointing's Manager processes would otherwise outlive it and hold its pipes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,13 +32,21 @@ class RankFailure(RuntimeError):
     pass
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, q: Any,
-            env: dict[str, str]) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, q: Any, env: dict[str, str]) -> None:
     os.environ.update(env)
-    os.environ.update(dict(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                           LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+    os.environ.update(
+        dict(
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+    )
     import torch
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -48,6 +57,7 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
     finally:
         try:
             from parallel.process_groups import teardown
+
             teardown()
         except Exception:
             pass
@@ -78,12 +88,17 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_command(cmd: list[str], timeout: float = 400, env: dict[str, str] | None = None
-                ) -> subprocess.CompletedProcess:
+def run_command(cmd: list[str], timeout: float = 400, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``cmd`` in the repository with captured text output; its process tree is killed afterwards.
     ``env``: variables set on top of :func:`subprocess_env`."""
-    p = subprocess.Popen(cmd, cwd=REPO, env={**subprocess_env(), **(env or {})}, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**subprocess_env(), **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = p.communicate(timeout=timeout)
     finally:
@@ -100,14 +115,17 @@ def _kill_tree(procs: list[mp.Process]) -> None:
         p.join(timeout=10)
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0,
-              env: dict[str, str] | None = None) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 180.0, env: dict[str, str] | None = None
+) -> list[Any]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = free_port()
     child_env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, q, child_env), daemon=False)
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, q, child_env), daemon=False)
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -117,13 +135,18 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         while len(results) + len(errors) < world_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise RankFailure(f"timeout after {timeout:.0f}s: ranks {sorted(set(range(world_size)) - set(results) - set(errors))} "
-                                  f"did not finish; errors so far: {errors}")
+                raise RankFailure(
+                    f"timeout after {timeout:.0f}s: ranks {sorted(set(range(world_size)) - set(results) - set(errors))} "
+                    f"did not finish; errors so far: {errors}"
+                )
             try:
                 rank, status, payload = q.get(timeout=min(remaining, 1.0))
             except queue.Empty:
-                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)
-                        and i not in results and i not in errors]
+                dead = [
+                    i
+                    for i, p in enumerate(procs)
+                    if p.exitcode not in (None, 0) and i not in results and i not in errors
+                ]
                 if dead:
                     time.sleep(0.5)  # let a last message arrive
                     try:

@@ -8,6 +8,7 @@ free port as a subprocess, waits until it answers, sets ``AWS_ENDPOINT_URL`` and
 the end restores the environment and kills the server by its PID. ``s3_prefix``: a fresh ``s3://bucket/<id>``
 prefix per test.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,9 +27,18 @@ import pytest
 
 from parallel.process_groups import free_port
 
-AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS",
-            "AWS_RETRY_MODE")
+AWS_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
+)
 START_TIMEOUT_S = 60
 
 
@@ -37,7 +47,7 @@ class S3Server:
     endpoint: str
     bucket: str
     pid: int
-    secret: str              # the dummy secret key in use (tests check it never shows up in logs or errors)
+    secret: str  # the dummy secret key in use (tests check it never shows up in logs or errors)
 
     @property
     def url(self) -> str:
@@ -63,14 +73,22 @@ def local_s3_server(enforce_auth: bool = False) -> Iterator[S3Server]:
     endpoint = f"http://127.0.0.1:{port}"
     log_file = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
     env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if enforce_auth else {})}
-    proc = subprocess.Popen([_moto_server(), "-H", "127.0.0.1", "-p", str(port)], stdout=log_file,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    proc = subprocess.Popen(
+        [_moto_server(), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+    )
     saved = {k: os.environ.get(k) for k in AWS_VARS}
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if proc.poll() is not None:
-                raise S3ServerError(f"moto_server exited with {proc.returncode}: {Path(log_file.name).read_text()[-2000:]}")
+                raise S3ServerError(
+                    f"moto_server exited with {proc.returncode}: {Path(log_file.name).read_text()[-2000:]}"
+                )
             try:
                 urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).read()
                 break
@@ -81,8 +99,12 @@ def local_s3_server(enforce_auth: bool = False) -> Iterator[S3Server]:
         for k in AWS_VARS:
             os.environ.pop(k, None)
         secret = "test-secret-" + uuid.uuid4().hex
-        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="AKIATESTKEY" + uuid.uuid4().hex[:8].upper(),
-                          AWS_SECRET_ACCESS_KEY=secret, AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID="AKIATESTKEY" + uuid.uuid4().hex[:8].upper(),
+            AWS_SECRET_ACCESS_KEY=secret,
+            AWS_DEFAULT_REGION="us-east-1",
+        )
         bucket = "test-" + uuid.uuid4().hex[:12]
         from data_pipeline import storage
 

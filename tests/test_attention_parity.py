@@ -5,6 +5,7 @@ Tiny shapes as in docs/MODEL.md §15.3. HF zero-initialises ``sinks`` and ``posi
 norms with weight 1, which would leave those code paths untested, so every HF tensor is overwritten with
 seeded random values before the weights are copied (by name, no renaming) into our module.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -16,32 +17,71 @@ from pretrain.model.attention import V4Attention
 hf_mod = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
 from transformers import DeepseekV4Config  # noqa: E402
 
-HF_TYPES = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention",
-            "hca": "heavily_compressed_attention"}
+HF_TYPES = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
 LAYERS = ["sliding", "csa", "hca"]
 YARN = dict(factor=4.0, original_max_position=64, beta_fast=32.0, beta_slow=1.0)
 
 
 def make_configs(yarn: bool, index_topk: int, mode: str = "sparse") -> tuple[ModelConfig, DeepseekV4Config]:
-    ours = ModelConfig(vocab_size=256, hidden_size=64, num_layers=3, num_heads=4, head_dim=32, rope_head_dim=8,
-                       q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=8, compress_rate_csa=4,
-                       compress_rate_hca=8, index_n_heads=2, index_head_dim=16, index_topk=index_topk,
-                       layer_types=list(LAYERS), rope_theta=10000.0, compress_rope_theta=160000.0,
-                       yarn=YarnConfig(enabled=yarn, **YARN), max_position_embeddings=256, attention_mode=mode)
+    ours = ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        num_layers=3,
+        num_heads=4,
+        head_dim=32,
+        rope_head_dim=8,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=16,
+        sliding_window=8,
+        compress_rate_csa=4,
+        compress_rate_hca=8,
+        index_n_heads=2,
+        index_head_dim=16,
+        index_topk=index_topk,
+        layer_types=list(LAYERS),
+        rope_theta=10000.0,
+        compress_rope_theta=160000.0,
+        yarn=YarnConfig(enabled=yarn, **YARN),
+        max_position_embeddings=256,
+        attention_mode=mode,
+    )
     rope = None
     if yarn:
-        rope = {"rope_type": "yarn", "factor": YARN["factor"],
-                "original_max_position_embeddings": YARN["original_max_position"],
-                "beta_fast": YARN["beta_fast"], "beta_slow": YARN["beta_slow"]}
-    hf = DeepseekV4Config(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          num_key_value_heads=1, head_dim=32, partial_rotary_factor=8 / 32, q_lora_rank=32,
-                          o_groups=2, o_lora_rank=16, n_routed_experts=8, num_experts_per_tok=2,
-                          moe_intermediate_size=32, index_n_heads=2, index_head_dim=16, index_topk=index_topk,
-                          sliding_window=8,
-                          compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
-                          layer_types=[HF_TYPES[t] for t in LAYERS], mlp_layer_types=["moe"] * 3,
-                          max_position_embeddings=256, rope_theta=10000.0, compress_rope_theta=160000.0,
-                          rope_parameters=rope, attention_dropout=0.0)
+        rope = {
+            "rope_type": "yarn",
+            "factor": YARN["factor"],
+            "original_max_position_embeddings": YARN["original_max_position"],
+            "beta_fast": YARN["beta_fast"],
+            "beta_slow": YARN["beta_slow"],
+        }
+    hf = DeepseekV4Config(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        partial_rotary_factor=8 / 32,
+        q_lora_rank=32,
+        o_groups=2,
+        o_lora_rank=16,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        index_n_heads=2,
+        index_head_dim=16,
+        index_topk=index_topk,
+        sliding_window=8,
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+        layer_types=[HF_TYPES[t] for t in LAYERS],
+        mlp_layer_types=["moe"] * 3,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        compress_rope_theta=160000.0,
+        rope_parameters=rope,
+        attention_dropout=0.0,
+    )
     hf._attn_implementation = "eager"
     return ours, hf
 
@@ -84,7 +124,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("yarn", [False, True], ids=["plain-rope", "yarn"])
 @pytest.mark.parametrize("layer_type", LAYERS)
-@pytest.mark.parametrize("seq_len", [21, 37])      # not multiples of m=4 or m'=8
+@pytest.mark.parametrize("seq_len", [21, 37])  # not multiples of m=4 or m'=8
 def test_attention_matches_hf(layer_type: str, yarn: bool, seq_len: int) -> None:
     # index_topk >= S/m: the selection is every visible entry, so HF's tie order cannot matter (§15.5 #3)
     ours_cfg, hf_cfg = make_configs(yarn, index_topk=16)
@@ -109,8 +149,9 @@ def test_attention_matches_hf(layer_type: str, yarn: bool, seq_len: int) -> None
         assert rel_err(out, ref) < 1e-5, f"{layer_type}/{mode}: max rel err {rel_err(out, ref):.2e}"
 
 
-def _tie_aware_same_topk(ours_idx: torch.Tensor, hf_idx: torch.Tensor, scores: torch.Tensor,
-                         visible: torch.Tensor, k: int, tol: float) -> None:
+def _tie_aware_same_topk(
+    ours_idx: torch.Tensor, hf_idx: torch.Tensor, scores: torch.Tensor, visible: torch.Tensor, k: int, tol: float
+) -> None:
     """Both index lists must be valid top-k sets of ``scores`` over the visible entries: same size, every
     entry strictly above the k-th score present in both, and any disagreement only among entries whose
     score equals the k-th score (ties)."""
@@ -134,7 +175,7 @@ def _tie_aware_same_topk(ours_idx: torch.Tensor, hf_idx: torch.Tensor, scores: t
 
 @pytest.mark.parametrize("yarn", [False, True], ids=["plain-rope", "yarn"])
 def test_indexer_scores_and_topk_match_hf(yarn: bool) -> None:
-    k = 3                                   # fewer than the visible entries (up to 9 at S=37)
+    k = 3  # fewer than the visible entries (up to 9 at S=37)
     ours_cfg, hf_cfg = make_configs(yarn, index_topk=k)
     hf_idx = hf_mod.DeepseekV4Indexer(hf_cfg).eval()
     randomize_(hf_idx, seed=5)
@@ -153,6 +194,7 @@ def test_indexer_scores_and_topk_match_hf(yarn: bool) -> None:
     hook.remove()
     from ops.compressor import compressed_layout
     from ops.indexer import indexer_topk
+
     layout = compressed_layout(torch.zeros(B, S, dtype=torch.long), pos, 4)
     with torch.no_grad():
         scores = indexer(x, q_latent, pos, layout, ours_attn.rotary)
@@ -172,29 +214,32 @@ def test_indexer_scores_and_topk_match_hf(yarn: bool) -> None:
 # packed documents
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layer_type,mode", [("sliding", "sparse"), ("hca", "sparse"), ("csa", "dense"),
-                                             ("csa", "indexer_warmup"), ("csa", "sparse")])
+
+@pytest.mark.parametrize(
+    "layer_type,mode",
+    [("sliding", "sparse"), ("hca", "sparse"), ("csa", "dense"), ("csa", "indexer_warmup"), ("csa", "sparse")],
+)
 def test_packed_documents_equal_separate_runs(layer_type: str, mode: str) -> None:
     # index_topk=2 < visible entries, so the sparse selection itself must be document-local too
     cfg, _ = make_configs(yarn=True, index_topk=2, mode=mode)
     torch.manual_seed(3)
     attn = V4Attention(cfg, layer_type, 0)
     randomize_(attn, seed=9)
-    lens = [19, 5, 26]                       # boundaries 19 and 24: not multiples of 4 or 8
+    lens = [19, 5, 26]  # boundaries 19 and 24: not multiples of 4 or 8
     S = sum(lens)
     x = torch.randn(1, S, 64, requires_grad=True)
     doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)]).unsqueeze(0)
     packed = attn(x, doc_ids=doc_ids)
     start = 0
     for n in lens:
-        alone = attn(x[:, start:start + n].detach())
+        alone = attn(x[:, start : start + n].detach())
         # identical arithmetic per query except the size of masked reductions: float32 rounding only
-        assert rel_err(packed[:, start:start + n].detach(), alone.detach()) < 1e-5, (layer_type, mode, start)
+        assert rel_err(packed[:, start : start + n].detach(), alone.detach()) < 1e-5, (layer_type, mode, start)
         start += n
     # no leakage: the last document's outputs do not depend on the earlier documents' inputs at all
-    packed[:, lens[0] + lens[1]:].sum().backward()
-    assert torch.count_nonzero(x.grad[:, :lens[0] + lens[1]]) == 0
-    assert torch.count_nonzero(x.grad[:, lens[0] + lens[1]:]) > 0
+    packed[:, lens[0] + lens[1] :].sum().backward()
+    assert torch.count_nonzero(x.grad[:, : lens[0] + lens[1]]) == 0
+    assert torch.count_nonzero(x.grad[:, lens[0] + lens[1] :]) > 0
 
 
 def test_doc_ids_single_document_equals_none() -> None:
@@ -206,19 +251,21 @@ def test_doc_ids_single_document_equals_none() -> None:
         with torch.no_grad():
             a = attn(x)
             b = attn(x, doc_ids=torch.full((2, 29), 4))
-        assert torch.equal(a, b), lt           # the same computation: bit-identical
+        assert torch.equal(a, b), lt  # the same computation: bit-identical
 
 
 # ----------------------------------------------------------------------------------------------------
 # tensor parallelism: tp=2 shards equal the single-rank module
 # ----------------------------------------------------------------------------------------------------
 
+
 def _tp2_worker(rank: int, world: int, layer_types: list[str]) -> dict:
     from parallel.process_groups import init_distributed
     from pretrain.config import ParallelConfig
+
     cfg, _ = make_configs(yarn=True, index_topk=2, mode="sparse")
     torch.manual_seed(0)
-    fulls = {lt: V4Attention(cfg, lt, 0) for lt in layer_types}    # megatron not initialised yet: tp = 1
+    fulls = {lt: V4Attention(cfg, lt, 0) for lt in layer_types}  # megatron not initialised yet: tp = 1
     init_distributed(ParallelConfig(tp=world), cfg)
     return {lt: _compare_tp_shard(cfg, fulls[lt], lt, rank, world) for lt in layer_types}
 
@@ -228,8 +275,12 @@ def _compare_tp_shard(cfg: ModelConfig, full: V4Attention, layer_type: str, rank
     part = V4Attention(cfg, layer_type, 0)
     assert part.tp_size == world
     H, c, g, dg = cfg.num_heads, cfg.head_dim, cfg.o_groups, cfg.o_lora_rank
-    rows = {"q_b_proj.weight": (0, H * c // world), "o_a_proj.weight": (0, g * dg // world),
-            "o_b_proj.weight": (1, g * dg // world), "sinks": (0, H // world)}
+    rows = {
+        "q_b_proj.weight": (0, H * c // world),
+        "o_a_proj.weight": (0, g * dg // world),
+        "o_b_proj.weight": (1, g * dg // world),
+        "sinks": (0, H // world),
+    }
     full_sd = {k: v for k, v in full.state_dict().items() if not k.endswith("_extra_state")}
     shard = {}
     for k, v in full_sd.items():
@@ -267,6 +318,7 @@ def test_tensor_parallel_two_ranks_match_single_rank() -> None:
     """Output, input gradient, indexer loss and every parameter gradient (sharded ones against the
     matching slice) of a tp=2 CSA and HCA layer equal the tp=1 layer with the same full weights."""
     from tests.harness import run_ranks
+
     for per_rank in run_ranks(_tp2_worker, 2, ["csa", "hca"], timeout=400):
         for layer_type, err in per_rank.items():
             assert "grad:kv_proj.weight" in err and "out" in err

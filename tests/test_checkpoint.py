@@ -4,6 +4,7 @@ fallback from a corrupt latest checkpoint, and resharding TP2 -> TP1 (fewer rank
 The model here is a two-layer megatron tensor-parallel MLP (a checkpointing fixture, not the V4 model);
 the V4 end-to-end resume tests are in tests/test_train_resume.py.
 """
+
 import logging
 import random
 
@@ -27,10 +28,18 @@ def _mlp(seed: int):
     class MLP(MegatronModule):
         def __init__(self):
             super().__init__(cfg)
-            self.fc1 = ColumnParallelLinear(8, 16, config=cfg, init_method=torch.nn.init.normal_, bias=True,
-                                            gather_output=False)
-            self.fc2 = RowParallelLinear(16, 8, config=cfg, init_method=torch.nn.init.normal_, bias=False,
-                                         input_is_parallel=True, skip_bias_add=True)
+            self.fc1 = ColumnParallelLinear(
+                8, 16, config=cfg, init_method=torch.nn.init.normal_, bias=True, gather_output=False
+            )
+            self.fc2 = RowParallelLinear(
+                16,
+                8,
+                config=cfg,
+                init_method=torch.nn.init.normal_,
+                bias=False,
+                input_is_parallel=True,
+                skip_bias_add=True,
+            )
             self.register_buffer("expert_bias", torch.zeros(4))
 
         def forward(self, x):
@@ -54,6 +63,7 @@ def _mlp(seed: int):
 
 def _train_steps(m, opt, x, n):
     from megatron.core import parallel_state as ps
+
     for _ in range(n):
         opt.zero_grad()
         loss = m(x).pow(2).mean()
@@ -81,8 +91,7 @@ def _save(rank, world, root, tp):
     _train_steps(m, opt, x, 3)
     m.expert_bias.copy_(torch.arange(4.0))
     random.seed(123 + rank)
-    state = build_state(m, {"adamw": opt}, {"step": 7}, {"rng": rng_state(), "loader": {"pos": 10 + rank}},
-                        rank, world)
+    state = build_state(m, {"adamw": opt}, {"step": 7}, {"rng": rng_state(), "loader": {"pos": 10 + rank}}, rank, world)
     CheckpointManager(root, keep_last=2).save(7, state, meta={"layout": f"tp{tp}"})
     ref_next = [random.random() for _ in range(3)]
     return _train_steps(m, opt, x, 2), ref_next
@@ -99,7 +108,7 @@ def _load(rank, world, root, tp):
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     torch.manual_seed(0)
     x = torch.randn(5, 8)
-    m = _mlp(seed=99)                                   # different init: everything must come from disk
+    m = _mlp(seed=99)  # different init: everything must come from disk
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     path = CheckpointManager(root).find_latest_valid()
     common, objs, same_world = load_state(path, m, {"adamw": opt}, rank, world)
@@ -116,15 +125,15 @@ def test_roundtrip_same_layout_is_bit_exact(tmp_path):
     ref = run_ranks(_save, 2, root, 2, timeout=300)
     got = run_ranks(_load, 2, root, 2, timeout=300)
     for r in range(2):
-        assert got[r][0] == ref[r][0]                   # same layout, same fp32 math: identical loss
-        assert got[r][1] == ref[r][1]                   # per-rank Python RNG stream restored
+        assert got[r][0] == ref[r][0]  # same layout, same fp32 math: identical loss
+        assert got[r][1] == ref[r][1]  # per-rank Python RNG stream restored
         assert got[r][2] is True and got[r][3] == {"pos": 10 + r}
     assert (tmp_path / "ck" / "latest").read_text().strip() == "step_00000007"
     assert (tmp_path / "ck" / "step_00000007" / "meta.json").exists()
     assert not list((tmp_path / "ck").glob("*.tmp"))
     # reshard: saved at TP=2 on 2 ranks, loaded at TP=1 on 1 rank (model and AdamW moments)
-    (loss, _, same_world, loader), = run_ranks(_load, 1, root, 1, timeout=300)
-    assert not same_world and loader == {"pos": 10}     # the old rank 0's loader state
+    ((loss, _, same_world, loader),) = run_ranks(_load, 1, root, 1, timeout=300)
+    assert not same_world and loader == {"pos": 10}  # the old rank 0's loader state
     # TP=2 sums the row-parallel output in another order: fp32 rounding only (~1e-7 relative)
     assert loss == pytest.approx(ref[0][0], rel=1e-5)
 
@@ -163,9 +172,8 @@ def _retention_and_fallback(rank, world, root):
 
 
 def test_retention_and_corrupt_latest_falls_back_with_warning(tmp_path):
-    (kept, found, found2, found3, msgs), = run_ranks(_retention_and_fallback, 1, str(tmp_path / "ck"),
-                                                     timeout=300)
-    assert kept == [3, 5, 6]                           # last 2 plus every 3rd
+    ((kept, found, found2, found3, msgs),) = run_ranks(_retention_and_fallback, 1, str(tmp_path / "ck"), timeout=300)
+    assert kept == [3, 5, 6]  # last 2 plus every 3rd
     assert found == "step_00000005"
     assert found2 == "step_00000003" and found3 == "step_00000003"
     assert any("step_00000006" in m and "SHA-256 mismatch" in m for m in msgs)

@@ -13,6 +13,7 @@ set it up, bounded object stores, every port explicit, the dashboard / job serve
    submitter's output, the pipeline's output (manifest included).
 Nothing is left running afterwards (the cluster is stopped by PID, never with the machine-wide `ray stop`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,7 +50,6 @@ from cluster_fixtures import (
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
 
 
-
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[RayCluster]:
     # a short base path: Ray's unix socket paths (inside the session dir) must stay under 108 bytes
@@ -68,14 +68,26 @@ def ray_cluster() -> Iterator[RayCluster]:
 
 def submit(cluster: RayCluster, mixture: Path, output: Path, **settings: str) -> subprocess.CompletedProcess:
     """clusters/ray/submit_data.sh against the test cluster (what `make ray-data` runs)."""
-    env = dict(cluster.env, RAY_ADDRESS=cluster.dashboard, RAY_BIN=str(VENV_BIN / "ray"), MIXTURE=str(mixture),
-               OUTPUT=str(output), **settings)
-    r = subprocess.run(["timeout", "1200", str(REPO / "clusters/ray/submit_data.sh"), "--seq-len", "32",
-                        "--vocab-size", "4096"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1260,
-                       check=False)
-    with open(cluster.base / "client.log", "a") as f:        # collected for the token check
+    env = dict(
+        cluster.env,
+        RAY_ADDRESS=cluster.dashboard,
+        RAY_BIN=str(VENV_BIN / "ray"),
+        MIXTURE=str(mixture),
+        OUTPUT=str(output),
+        **settings,
+    )
+    r = subprocess.run(
+        ["timeout", "1200", str(REPO / "clusters/ray/submit_data.sh"), "--seq-len", "32", "--vocab-size", "4096"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1260,
+        check=False,
+    )
+    with open(cluster.base / "client.log", "a") as f:  # collected for the token check
         f.write(r.stdout + r.stderr)
-    assert "[ray-data] " in r.stdout and " job submit " in r.stdout, r.stdout   # it prints what it submits
+    assert "[ray-data] " in r.stdout and " job submit " in r.stdout, r.stdout  # it prints what it submits
     return r
 
 
@@ -113,8 +125,10 @@ def running_task_on(cluster: RayCluster, node: str) -> str:
 
 
 CONNECT = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); print('CONNECTED', len(ray.nodes()))"
-RAY_SESSION = ("import ray; from data_pipeline.ray_session import ray_session\n"
-               "with ray_session():\n    print('CONNECTED', len(ray.nodes()))")
+RAY_SESSION = (
+    "import ray; from data_pipeline.ray_session import ray_session\n"
+    "with ray_session():\n    print('CONNECTED', len(ray.nodes()))"
+)
 
 
 def test_ray_cluster_refuses_clients_without_the_token(ray_cluster: RayCluster) -> None:
@@ -129,21 +143,37 @@ def test_ray_cluster_refuses_clients_without_the_token(ray_cluster: RayCluster) 
     # 2. GCS clients, in parallel (each refusal takes Ray's ~20 s of connection retries): a plain ray.init without
     # any token, and the pipeline's ray_session with a wrong token file (RAY_AUTH_MODE implied by the file)
     wrong = write_token_file(ray_cluster.base / "wrong-auth" / "token")
-    no_token_env = dict(without_ray_auth(ray_cluster.env), HOME=str(ray_cluster.base))   # no ~/.ray/auth_token
+    no_token_env = dict(without_ray_auth(ray_cluster.env), HOME=str(ray_cluster.base))  # no ~/.ray/auth_token
     wrong_env = dict(no_token_env, RAY_ADDRESS=ray_cluster.address, RAY_AUTH_TOKEN_PATH=str(wrong))
     right_env = dict(wrong_env, RAY_AUTH_TOKEN_PATH=str(ray_cluster.token_file))
-    wait_nodes = [sys.executable, str(REPO / "clusters/ray/wait_nodes.py"), "--address", ray_cluster.address,
-                  "--nodes", "2", "--timeout", "120"]
-    submit_env = dict(wrong_env, RAY_ADDRESS=ray_cluster.dashboard, RAY_BIN=str(VENV_BIN / "ray"),
-                      MIXTURE=str(REPO / "data_pipeline/configs/default_mixture.yaml"), OUTPUT=str(ray_cluster.base))
+    wait_nodes = [
+        sys.executable,
+        str(REPO / "clusters/ray/wait_nodes.py"),
+        "--address",
+        ray_cluster.address,
+        "--nodes",
+        "2",
+        "--timeout",
+        "120",
+    ]
+    submit_env = dict(
+        wrong_env,
+        RAY_ADDRESS=ray_cluster.dashboard,
+        RAY_BIN=str(VENV_BIN / "ray"),
+        MIXTURE=str(REPO / "data_pipeline/configs/default_mixture.yaml"),
+        OUTPUT=str(ray_cluster.base),
+    )
     submit_data = [str(REPO / "clusters/ray/submit_data.sh"), "--seq-len", "32", "--vocab-size", "64"]
-    runs = {name: subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True)
-            for name, argv, env in [("no token", [sys.executable, "-c", CONNECT, ray_cluster.address], no_token_env),
-                                    ("wrong token", [sys.executable, "-c", RAY_SESSION], wrong_env),
-                                    ("right token", [sys.executable, "-c", RAY_SESSION], right_env),
-                                    ("wait_nodes, wrong token", wait_nodes, wrong_env),
-                                    ("ray job submit, wrong token", submit_data, submit_env)]}
+    runs = {
+        name: subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, argv, env in [
+            ("no token", [sys.executable, "-c", CONNECT, ray_cluster.address], no_token_env),
+            ("wrong token", [sys.executable, "-c", RAY_SESSION], wrong_env),
+            ("right token", [sys.executable, "-c", RAY_SESSION], right_env),
+            ("wait_nodes, wrong token", wait_nodes, wrong_env),
+            ("ray job submit, wrong token", submit_data, submit_env),
+        ]
+    }
     out = {}
     for name, p in runs.items():
         try:
@@ -160,14 +190,15 @@ def test_ray_cluster_refuses_clients_without_the_token(ray_cluster: RayCluster) 
     assert rc != 0 and "CONNECTED" not in text, text[-3000:]
     assert "RayAuthError" in text and f"RAY_AUTH_TOKEN_PATH={wrong}" in text, text[-3000:]
     assert "Set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the cluster's token file" in text, text[-3000:]
-    rc, text = out["right token"]                       # the control: the same client with the cluster's token
+    rc, text = out["right token"]  # the control: the same client with the cluster's token
     assert rc == 0 and "CONNECTED 2" in text, text[-3000:]
-    rc, text = out["wait_nodes, wrong token"]           # data.sbatch's wait: stops at once, naming the variable
+    rc, text = out["wait_nodes, wrong token"]  # data.sbatch's wait: stops at once, naming the variable
     assert rc == 2 and "refused this process's authentication token" in text and "RAY_AUTH_TOKEN_PATH" in text, text
-    rc, text = out["ray job submit, wrong token"]       # `make ray-data`: the job server says 403, nothing runs
+    rc, text = out["ray job submit, wrong token"]  # `make ray-data`: the job server says 403, nothing runs
     assert rc != 0 and "Invalid authentication token" in text, text[-3000:]
-    assert f"this client used RAY_AUTH_TOKEN_PATH={wrong}; set RAY_AUTH_TOKEN_PATH to the cluster's token file" \
-        in text, text[-3000:]
+    assert (
+        f"this client used RAY_AUTH_TOKEN_PATH={wrong}; set RAY_AUTH_TOKEN_PATH to the cluster's token file" in text
+    ), text[-3000:]
     jobs = client([str(VENV_BIN / "ray"), "job", "list", "--address", ray_cluster.dashboard], ray_cluster.env, 60)
     assert "-m data_pipeline run" not in jobs.stdout, jobs.stdout
 
@@ -191,7 +222,7 @@ def test_ray_data_job_survives_killing_the_worker_raylet(ray_cluster: RayCluster
     r = submit(ray_cluster, mixture, tmp_path / "fault", NO_WAIT="1", SUBMISSION_ID=job_id)
     assert r.returncode == 0, r.stdout + r.stderr
     task, deadline, next_status = "", time.monotonic() + 600, 0.0
-    while not task:                                        # cheap process-table polls; the job status rarely
+    while not task:  # cheap process-table polls; the job status rarely
         task = running_task_on(ray_cluster, "worker0")
         if not task and time.monotonic() > next_status:
             status = ray_cluster.job_status(job_id)
@@ -204,14 +235,20 @@ def test_ray_data_job_survives_killing_the_worker_raylet(ray_cluster: RayCluster
     os.kill(raylet, signal.SIGKILL)
     print(f"killed the worker raylet (pid {raylet}) while it ran {task}")
 
-    status = poll(lambda: (s := ray_cluster.job_status(job_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s,
-                  900, 2.0, f"job {job_id} to end")
+    status = poll(
+        lambda: (s := ray_cluster.job_status(job_id)) in ("SUCCEEDED", "FAILED", "STOPPED") and s,
+        900,
+        2.0,
+        f"job {job_id} to end",
+    )
     logs = ray_cluster.job_logs(job_id)
     assert status == "SUCCEEDED", logs[-5000:]
-    assert ray_cluster.alive_nodes() == 1                  # the worker node is dead: the head finished the job
-    assert output_digest(tmp_path / "fault") == ref        # same output as without the fault
-    print(f"undisturbed run {t_ref:.0f} s; with the fault: killed at a task of {task}, "
-          f"job finished {time.monotonic() - t_kill:.0f} s later")
+    assert ray_cluster.alive_nodes() == 1  # the worker node is dead: the head finished the job
+    assert output_digest(tmp_path / "fault") == ref  # same output as without the fault
+    print(
+        f"undisturbed run {t_ref:.0f} s; with the fault: killed at a task of {task}, "
+        f"job finished {time.monotonic() - t_kill:.0f} s later"
+    )
 
 
 def test_the_token_appears_in_no_collected_log(ray_cluster: RayCluster) -> None:
@@ -219,9 +256,9 @@ def test_the_token_appears_in_no_collected_log(ray_cluster: RayCluster) -> None:
     logs with the job drivers' output, the submitters' output, the pipeline's output and manifest)."""
     roots = [ray_cluster.base]
     n_files = sum(1 for r in roots for f in r.rglob("*") if f.is_file())
-    assert n_files > 50, n_files                         # the logs are there to be searched
+    assert n_files > 50, n_files  # the logs are there to be searched
     assert (ray_cluster.base / "client.log").read_text().count("CONNECTED") >= 1
-    assert files_containing(ray_cluster.token, [ray_cluster.token_file]) == [ray_cluster.token_file]   # it finds
+    assert files_containing(ray_cluster.token, [ray_cluster.token_file]) == [ray_cluster.token_file]  # it finds
     hits = files_containing(ray_cluster.token, roots, skip=[ray_cluster.token_file])
     assert not hits, f"the cluster's token was written to {hits}"
     assert oct(ray_cluster.token_file.stat().st_mode & 0o777) == "0o600"

@@ -13,6 +13,7 @@ In order, sharing one cluster (module scope):
    requeues itself, and the restart resumes from that checkpoint.
 Every client call runs under `timeout`; the daemons are stopped by PID and nothing tagged is left running.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,11 +47,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1800)]
 
 STEPS = 12
 # the tiny model with tiny overrides; 2 CPU ranks with expert parallelism (as `make pretrain`)
-TINY = ["train.seq_len=32", "train.global_batch=4", "train.micro_batch=2", "train.warmup_steps=3",
-        "run.tensorboard=false", "run.progress=false", "run.plot=false", "parallel.ep=2"]
+TINY = [
+    "train.seq_len=32",
+    "train.global_batch=4",
+    "train.micro_batch=2",
+    "train.warmup_steps=3",
+    "run.tensorboard=false",
+    "run.progress=false",
+    "run.plot=false",
+    "parallel.ep=2",
+]
 RANKS = 2
-RESUMED = re.compile(r"resumed from \S+ at step (\d+)")     # the trainer's log line on resume
-
+RESUMED = re.compile(r"resumed from \S+ at step (\d+)")  # the trainer's log line on resume
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +71,7 @@ def slurm() -> Iterator[SlurmCluster]:
         try:
             cluster.start()
         except ClusterUnavailable as e:
-            if os.environ.get("CI"):   # CI runs as root with apt-get: a missing Slurm there is a failure
+            if os.environ.get("CI"):  # CI runs as root with apt-get: a missing Slurm there is a failure
                 pytest.fail(f"local Slurm cluster unavailable on CI: {e}")
             pytest.skip(str(e))
         yield cluster
@@ -82,8 +90,9 @@ def job_processes(cluster: SlurmCluster) -> list[int]:
     """Live processes started by jobs: tagged, minus the daemons, their helpers (slurmctld's slurmscriptd) and
     slurmd's step daemons (which exit on their own once the step has been cleaned up)."""
     daemons = {p.pid for _, p in cluster.procs}
-    return [p for p in tagged_pids(cluster.tag)
-            if p not in daemons and _ppid(p) not in daemons and _name(p) != "slurmstepd"]
+    return [
+        p for p in tagged_pids(cluster.tag) if p not in daemons and _ppid(p) not in daemons and _name(p) != "slurmstepd"
+    ]
 
 
 def _name(pid: int) -> str:
@@ -103,10 +112,17 @@ def _ppid(pid: int) -> int:
 def submit(script: str, cluster: SlurmCluster, settings: dict[str, str], args: list[str]) -> int:
     """Run a real submit script (clusters/slurm/submit_*.sh) against the test cluster; returns the job id."""
     env = dict(cluster.env, **settings)
-    r = subprocess.run(["timeout", "60", str(REPO / "clusters/slurm" / script), *args], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=90, check=False)
+    r = subprocess.run(
+        ["timeout", "60", str(REPO / "clusters/slurm" / script), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
     assert r.returncode == 0, f"{script} failed:\n{r.stdout}\n{r.stderr}"
-    assert re.search(r"^\[slurm-\w+\] env .* sbatch ", r.stdout, re.MULTILINE), r.stdout   # it prints what it submits
+    assert re.search(r"^\[slurm-\w+\] env .* sbatch ", r.stdout, re.MULTILINE), r.stdout  # it prints what it submits
     return int(re.search(r"submitted job (\d+)", r.stdout).group(1))
 
 
@@ -142,8 +158,16 @@ def node_logs(run_dir: Path, jid: int) -> dict[int, str]:
 
 
 def pretrain_settings(cluster: SlurmCluster, run_dir: Path, **extra: str) -> dict[str, str]:
-    return {"CONFIG": "tiny", "NODES": "1", "GPUS": str(RANKS), "DEVICE": "cpu", "RUN_DIR": str(run_dir),
-            "V4_RDZV_PORT": str(free_ports(1)[0]), "OMP_NUM_THREADS": "1", **extra}
+    return {
+        "CONFIG": "tiny",
+        "NODES": "1",
+        "GPUS": str(RANKS),
+        "DEVICE": "cpu",
+        "RUN_DIR": str(run_dir),
+        "V4_RDZV_PORT": str(free_ports(1)[0]),
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
 
 
 # ------------------------------------------------------------------------------------------------- 1. data
@@ -156,19 +180,34 @@ def data_job(slurm: SlurmCluster) -> Iterator[dict]:
     gcs, dash, client_port, nm, om, metrics, agent, agent_grpc, renv = free_ports(9)
     lo, hi = free_port_range(40)
     # every Ray port explicit: other Ray sessions may run on this host
-    start_args = (f"--ray-client-server-port={client_port} --node-manager-port={nm} --object-manager-port={om} "
-                  f"--metrics-export-port={metrics} --dashboard-agent-listen-port={agent} "
-                  f"--dashboard-agent-grpc-port={agent_grpc} --runtime-env-agent-port={renv} "
-                  f"--min-worker-port={lo} --max-worker-port={hi}")
-    ray_tmp = Path(f"/tmp/v4ray-{slurm.tag[-8:]}")      # short: Ray's socket paths must stay under 108 bytes
+    start_args = (
+        f"--ray-client-server-port={client_port} --node-manager-port={nm} --object-manager-port={om} "
+        f"--metrics-export-port={metrics} --dashboard-agent-listen-port={agent} "
+        f"--dashboard-agent-grpc-port={agent_grpc} --runtime-env-agent-port={renv} "
+        f"--min-worker-port={lo} --max-worker-port={hi}"
+    )
+    ray_tmp = Path(f"/tmp/v4ray-{slurm.tag[-8:]}")  # short: Ray's socket paths must stay under 108 bytes
     t0 = time.monotonic()
-    stale_token = uuid.uuid4().hex                      # a submitting shell's leftovers, which the job must not use
-    jid = submit("submit_data.sh", slurm, {
-        "NODES": "1", "CPUS": str(os.cpu_count() or 1), "MIXTURE": str(mixture), "OUTPUT": str(out),
-        "LOG_DIR": str(logs), "V4_RAY_PORT": str(gcs), "V4_RAY_DASHBOARD_PORT": str(dash),
-        "V4_RAY_TMP": str(ray_tmp), "V4_RAY_OBJECT_STORE_BYTES": str(300_000_000),
-        "V4_RAY_START_ARGS": start_args, "RAY_AUTH_TOKEN": stale_token, "RAY_AUTH_MODE": "disabled"},
-        ["--seq-len", "32", "--vocab-size", "4096"])
+    stale_token = uuid.uuid4().hex  # a submitting shell's leftovers, which the job must not use
+    jid = submit(
+        "submit_data.sh",
+        slurm,
+        {
+            "NODES": "1",
+            "CPUS": str(os.cpu_count() or 1),
+            "MIXTURE": str(mixture),
+            "OUTPUT": str(out),
+            "LOG_DIR": str(logs),
+            "V4_RAY_PORT": str(gcs),
+            "V4_RAY_DASHBOARD_PORT": str(dash),
+            "V4_RAY_TMP": str(ray_tmp),
+            "V4_RAY_OBJECT_STORE_BYTES": str(300_000_000),
+            "V4_RAY_START_ARGS": start_args,
+            "RAY_AUTH_TOKEN": stale_token,
+            "RAY_AUTH_MODE": "disabled",
+        },
+        ["--seq-len", "32", "--vocab-size", "4096"],
+    )
     # While the job runs: its token file, and what its job server answers to clients without the token. The job's
     # driver takes far longer to start than these probes (a few HTTP requests every 0.3 s).
     token_file = logs / f"slurm-{jid}" / "ray-auth" / "token"
@@ -185,7 +224,8 @@ def data_job(slurm: SlurmCluster) -> Iterator[dict]:
                 seen["no token"] = (status, text)
                 seen["wrong token"] = submit_job_http(dashboard, {"Authorization": f"Bearer {uuid.uuid4().hex}"})
                 return True
-        return slurm.job(jid).get("JobState") in TERMINAL_STATES      # ended before the probes: seen says so
+        return slurm.job(jid).get("JobState") in TERMINAL_STATES  # ended before the probes: seen says so
+
     poll(probed, 900, 0.3, "the data job's token file and job server")
     job = slurm.wait_done(jid, timeout=900)
     seconds = time.monotonic() - t0
@@ -195,9 +235,19 @@ def data_job(slurm: SlurmCluster) -> Iterator[dict]:
         left = []
     except TimeoutError:
         left = job_processes(slurm)
-    yield {"jid": jid, "job": job, "shards": out, "mixture": mixture, "logs": logs, "seconds": seconds,
-           "left": describe(left), "ray_tmp": ray_tmp, "auth": seen, "token_file": token_file,
-           "stale_token": stale_token}
+    yield {
+        "jid": jid,
+        "job": job,
+        "shards": out,
+        "mixture": mixture,
+        "logs": logs,
+        "seconds": seconds,
+        "left": describe(left),
+        "ray_tmp": ray_tmp,
+        "auth": seen,
+        "token_file": token_file,
+        "stale_token": stale_token,
+    }
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -218,7 +268,7 @@ def test_slurm_data_job_runs_the_pipeline_on_ray_inside_the_allocation(data_job:
 def test_slurm_data_job_ray_refuses_clients_without_its_token(slurm: SlurmCluster, data_job: dict) -> None:
     jid, logs, auth = data_job["jid"], data_job["logs"], data_job["auth"]
     text = log_of(jid, logs)
-    assert data_job["job"]["JobState"] == "COMPLETED", text     # the pipeline ran with the token
+    assert data_job["job"]["JobState"] == "COMPLETED", text  # the pipeline ran with the token
     assert "token" in auth, f"the job's token file {data_job['token_file']} never appeared:\n{text}"
     token = auth["token"]
     assert len(token) == 64 and token != data_job["stale_token"]
@@ -228,7 +278,7 @@ def test_slurm_data_job_ray_refuses_clients_without_its_token(slurm: SlurmCluste
     assert auth["wrong token"][0] == 403, auth["wrong token"]
     assert "Ray token authentication on" in text and f"RAY_AUTH_TOKEN_PATH={data_job['token_file']}" in text
     assert not Path("/tmp/v4-unauthenticated-job-ran").exists()
-    assert not data_job["token_file"].parent.exists()          # the token died with the cluster
+    assert not data_job["token_file"].parent.exists()  # the token died with the cluster
     # the token is in none of the logs and outputs: the batch log, the Ray node logs, Ray's session logs (the
     # driver's included), the Slurm daemons' logs, the shards and their manifest
     roots = [logs, data_job["ray_tmp"], data_job["shards"], slurm.base / "log"]
@@ -249,8 +299,12 @@ def data_args(data_job: dict) -> list[str]:
 @pytest.fixture(scope="module")
 def reference_run(slurm: SlurmCluster, data_args: list[str]) -> dict:
     run_dir = workdir(slurm, "reference") / "run"
-    jid = submit("submit_pretrain.sh", slurm, pretrain_settings(slurm, run_dir),
-                 [*TINY, *data_args, f"train.steps={STEPS}", "checkpoint.interval=2"])
+    jid = submit(
+        "submit_pretrain.sh",
+        slurm,
+        pretrain_settings(slurm, run_dir),
+        [*TINY, *data_args, f"train.steps={STEPS}", "checkpoint.interval=2"],
+    )
     job = slurm.wait_done(jid, timeout=900)
     return {"jid": jid, "job": job, "run_dir": run_dir}
 
@@ -276,16 +330,23 @@ def test_slurm_pretrain_job_cpu_mode(reference_run: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- 3. requeue
-def test_slurm_requeue_resumes_and_matches_the_uninterrupted_run(slurm: SlurmCluster, data_args: list[str],
-                                                                 reference_run: dict) -> None:
+def test_slurm_requeue_resumes_and_matches_the_uninterrupted_run(
+    slurm: SlurmCluster, data_args: list[str], reference_run: dict
+) -> None:
     ref = losses(reference_run["run_dir"])
     assert sorted(ref) == list(range(1, STEPS + 1)), "the reference run did not finish"
     run_dir = workdir(slurm, "requeue") / "run"
-    jid = submit("submit_pretrain.sh", slurm, pretrain_settings(slurm, run_dir),
-                 [*TINY, *data_args, f"train.steps={STEPS}", "checkpoint.interval=2"])
+    jid = submit(
+        "submit_pretrain.sh",
+        slurm,
+        pretrain_settings(slurm, run_dir),
+        [*TINY, *data_args, f"train.steps={STEPS}", "checkpoint.interval=2"],
+    )
+
     # requeue as soon as the first checkpoint exists (the run is then mid-way)
     def checkpoint_or_ended() -> bool:
         return latest_checkpoint(run_dir) is not None or slurm.job(jid)["JobState"] not in ("PENDING", "RUNNING")
+
     poll(checkpoint_or_ended, 600, 0.2, "the first checkpoint")
     first_ckpt = latest_checkpoint(run_dir)
     assert first_ckpt is not None and first_ckpt < STEPS, log_of(jid, run_dir / "logs")
@@ -295,7 +356,7 @@ def test_slurm_requeue_resumes_and_matches_the_uninterrupted_run(slurm: SlurmClu
     text = log_of(jid, run_dir / "logs")
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", text
     assert job["Restarts"] == "1", text
-    assert f"job {jid} restart 1:" in text                         # SLURM_RESTART_COUNT=1 on the second run
+    assert f"job {jid} restart 1:" in text  # SLURM_RESTART_COUNT=1 on the second run
     logs = node_logs(run_dir, jid)
     assert set(logs) == {0, 1}
     resumed = [int(m) for m in RESUMED.findall(logs[1])]
@@ -311,30 +372,36 @@ def test_slurm_requeue_resumes_and_matches_the_uninterrupted_run(slurm: SlurmClu
 
 
 # ------------------------------------------------------------------------------------------------- 4. signal
-def test_slurm_pre_deadline_signal_checkpoints_before_the_time_limit(slurm: SlurmCluster,
-                                                                    data_args: list[str]) -> None:
+def test_slurm_pre_deadline_signal_checkpoints_before_the_time_limit(slurm: SlurmCluster, data_args: list[str]) -> None:
     run_dir = workdir(slurm, "signal") / "run"
     # 3 min limit, SIGUSR1 150 s before: due 30 s after the start (Slurm's timer adds up to ~30 s), which leaves
     # time for the trainer's start on a loaded machine. No periodic checkpoints: the only checkpoint is the one
     # the signal asks for.
-    jid = submit("submit_pretrain.sh", slurm, pretrain_settings(slurm, run_dir, TIME="3", SIGNAL_LEAD="150"),
-                 [*TINY, *data_args, "train.steps=100000", "checkpoint.interval=0"])
+    jid = submit(
+        "submit_pretrain.sh",
+        slurm,
+        pretrain_settings(slurm, run_dir, TIME="3", SIGNAL_LEAD="150"),
+        [*TINY, *data_args, "train.steps=100000", "checkpoint.interval=0"],
+    )
     slurm.wait_state(jid, {"RUNNING"}, 120)
     start = slurm.job(jid)["StartTime"]
+
     # the job requeues itself after the checkpoint
     def requeued_or_ended() -> dict | None:
         j = slurm.job(jid)
         return j if j.get("Restarts") == "1" or j["JobState"] in ("FAILED", "TIMEOUT", "COMPLETED") else None
+
     job = poll(requeued_or_ended, 240, 1.0, "the job to requeue itself")
     text = log_of(jid, run_dir / "logs")
     assert job["Restarts"] == "1", text + str(node_logs(run_dir, jid))
     pre = json.loads((run_dir / "preempted.json").read_text())
-    assert pre["signal"] == 10 and pre["exit_code"] == 75              # SIGUSR1 -> checkpoint -> requeue status
+    assert pre["signal"] == 10 and pre["exit_code"] == 75  # SIGUSR1 -> checkpoint -> requeue status
     step = pre["step"]
     ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
     assert (ckpt / "meta.json").exists()
     # written before the time limit (StartTime + 180 s)
     import datetime as dt
+
     t_start = dt.datetime.fromisoformat(start).timestamp()
     assert (ckpt / "meta.json").stat().st_mtime < t_start + 180
     assert pre["time"] < t_start + 180

@@ -1,4 +1,5 @@
 """Typed config loading: every shipped config loads; unknown keys, wrong types and bad files fail clearly."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,8 +24,9 @@ def test_flash_and_pro_numbers_match_the_reference():
 
 
 def test_overrides_apply_with_types():
-    cfg = load_config("tiny", ["train.steps=7", "parallel.tp=2", "model.yarn.enabled=false",
-                               "run.dir=/tmp/x", "train.lr=1e-3"])
+    cfg = load_config(
+        "tiny", ["train.steps=7", "parallel.tp=2", "model.yarn.enabled=false", "run.dir=/tmp/x", "train.lr=1e-3"]
+    )
     assert cfg.train.steps == 7 and cfg.parallel.tp == 2 and cfg.model.yarn.enabled is False
     assert cfg.run.dir == "/tmp/x" and cfg.train.lr == pytest.approx(1e-3)
 

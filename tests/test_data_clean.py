@@ -1,4 +1,5 @@
 """Clean stage: normalisation and each quality filter on crafted documents (no Ray needed)."""
+
 from __future__ import annotations
 
 import zlib
@@ -10,7 +11,36 @@ from data_pipeline.clean import CleanResult, clean_document, normalize, quality_
 from data_pipeline.config import CleanConfig, DataConfigError, mixture_from_dict
 from data_pipeline.multilingual_corpus import SENTENCES
 
-WORDS = ["the", "river", "runs", "past", "old", "stone", "walls", "and", "green", "fields", "where", "farmers", "work", "with", "patient", "hands", "to", "bring", "in", "the", "harvest", "that", "will", "feed", "the", "town", "through", "winter"]
+WORDS = [
+    "the",
+    "river",
+    "runs",
+    "past",
+    "old",
+    "stone",
+    "walls",
+    "and",
+    "green",
+    "fields",
+    "where",
+    "farmers",
+    "work",
+    "with",
+    "patient",
+    "hands",
+    "to",
+    "bring",
+    "in",
+    "the",
+    "harvest",
+    "that",
+    "will",
+    "feed",
+    "the",
+    "town",
+    "through",
+    "winter",
+]
 
 
 def prose(rng: np.random.Generator, n: int) -> str:
@@ -34,19 +64,30 @@ def test_good_prose_passes_default_filters():
         assert quality_reason(normalize(prose(rng, 120)), CleanConfig()) == ""
 
 
-@pytest.mark.parametrize("make,reason", [
-    (lambda r: "the and of " * 5, "too_short"),
-    (lambda r: " ".join(["a"] * 60) + " the and", "mean_word_length"),
-    (lambda r: prose(r, 60) + " " + "# " * 20, "symbol_ratio"),
-    (lambda r: "\n".join("- " + line for line in prose(r, 80).split("\n")), "bullet_lines"),
-    # two sentences per line keep '...' under the symbol-ratio limit (1 per ~22 words)
-    (lambda r: "\n".join(a + " " + b + "..." for a, b in zip(*[iter(prose(r, 160).split("\n"))] * 2)),
-     "ellipsis_lines"),
-    (lambda r: prose(r, 60) + " " + " ".join(str(10**5 + 7 * i) for i in range(200)), "alpha_words"),
-    (lambda r: " ".join(w for w in prose(r, 120).split() if w.lower().strip(".") not in
-                        {"the", "and", "to", "with", "that", "of", "be", "have"}), "stop_words"),
-    (lambda r: "\n".join([prose(r, 60)] + ["the farmers work with patient hands."] * 12), "dup_lines"),
-])
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (lambda r: "the and of " * 5, "too_short"),
+        (lambda r: " ".join(["a"] * 60) + " the and", "mean_word_length"),
+        (lambda r: prose(r, 60) + " " + "# " * 20, "symbol_ratio"),
+        (lambda r: "\n".join("- " + line for line in prose(r, 80).split("\n")), "bullet_lines"),
+        # two sentences per line keep '...' under the symbol-ratio limit (1 per ~22 words)
+        (
+            lambda r: "\n".join(a + " " + b + "..." for a, b in zip(*[iter(prose(r, 160).split("\n"))] * 2)),
+            "ellipsis_lines",
+        ),
+        (lambda r: prose(r, 60) + " " + " ".join(str(10**5 + 7 * i) for i in range(200)), "alpha_words"),
+        (
+            lambda r: " ".join(
+                w
+                for w in prose(r, 120).split()
+                if w.lower().strip(".") not in {"the", "and", "to", "with", "that", "of", "be", "have"}
+            ),
+            "stop_words",
+        ),
+        (lambda r: "\n".join([prose(r, 60)] + ["the farmers work with patient hands."] * 12), "dup_lines"),
+    ],
+)
 def test_each_filter_names_its_reason(make, reason):
     rng = np.random.default_rng(zlib.crc32(reason.encode()))
     assert quality_reason(normalize(make(rng)), CleanConfig()) == reason
@@ -70,8 +111,9 @@ def test_mixture_config_errors_name_the_key():
         mixture_from_dict({"sources": [{"name": "a", "input": {"kind": "csv", "path": "x"}}]})
     with pytest.raises(DataConfigError, match="sources"):
         mixture_from_dict({"name": "x"})
-    cfg = mixture_from_dict({"sources": [{"name": "a", "weight": 3, "input": {"path": "x"}},
-                                         {"name": "b", "input": {"path": "y"}}]})
+    cfg = mixture_from_dict(
+        {"sources": [{"name": "a", "weight": 3, "input": {"path": "x"}}, {"name": "b", "input": {"path": "y"}}]}
+    )
     assert cfg.weights() == {"a": 0.75, "b": 0.25}
 
 
@@ -116,6 +158,7 @@ def test_word_languages_pass_and_fail_with_their_own_stop_words(lang):
     assert clean_document(text, CleanConfig()).reason == ""
     assert quality_reason(text, CleanConfig(), "en") == "stop_words" or lang == "ko"
     from data_pipeline.clean import STOP_WORDS
+
     if lang in STOP_WORDS:
         stripped = " ".join(w for w in text.split() if w.lower().strip(".,،") not in STOP_WORDS[lang])
         assert quality_reason(stripped, CleanConfig(), lang) == "stop_words"
@@ -127,13 +170,22 @@ def test_by_language_overrides_merge_over_defaults():
     assert clean_document(ko, CleanConfig()).reason == ""
     # without the Korean default the Gopher minimum mean word length (3) drops Korean wholesale
     assert clean_document(ko, CleanConfig(by_language={"ko": {"min_mean_word_len": 3.0}})).reason == "mean_word_length"
-    cfg = mixture_from_dict({"sources": [{"name": "a", "input": {"path": "x"}}],
-                             "clean": {"by_language": {"de": {"min_words": 500}}, "stop_words": {"ko": ["은", "는"]}}}).clean
+    cfg = mixture_from_dict(
+        {
+            "sources": [{"name": "a", "input": {"path": "x"}}],
+            "clean": {"by_language": {"de": {"min_words": 500}}, "stop_words": {"ko": ["은", "는"]}},
+        }
+    ).clean
     assert cfg.by_language["ko"] == {"min_mean_word_len": 1.5} and cfg.by_language["de"] == {"min_words": 500}
     assert clean_document(" ".join(sentences(rng, "de", 8)), cfg).reason == "too_short"
     with pytest.raises(DataConfigError, match="did you mean 'min_words'"):
-        mixture_from_dict({"sources": [{"name": "a", "input": {"path": "x"}}],
-                           "clean": {"by_language": {"de": {"min_word": 5}}}})
+        mixture_from_dict(
+            {"sources": [{"name": "a", "input": {"path": "x"}}], "clean": {"by_language": {"de": {"min_word": 5}}}}
+        )
     with pytest.raises(DataConfigError, match="by_language.de.min_words"):
-        mixture_from_dict({"sources": [{"name": "a", "input": {"path": "x"}}],
-                           "clean": {"by_language": {"de": {"min_words": "many"}}}})
+        mixture_from_dict(
+            {
+                "sources": [{"name": "a", "input": {"path": "x"}}],
+                "clean": {"by_language": {"de": {"min_words": "many"}}},
+            }
+        )

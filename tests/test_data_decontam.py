@@ -1,4 +1,5 @@
 """Decontamination: planted evaluation passages found in training documents (words and CJK characters)."""
+
 from __future__ import annotations
 
 import gzip
@@ -28,8 +29,7 @@ def _eval_files(tmp_path, rng):
     cjk = list(rng.choice(SENTENCES["zh"], 4, replace=False)) + list(rng.choice(SENTENCES["ja"], 4, replace=False))
     (tmp_path / "cjk.txt").write_text("\n\n".join(cjk) + "\n")
     files = [str(tmp_path / "en.jsonl"), str(tmp_path / "de.jsonl.gz"), str(tmp_path / "cjk.txt")]
-    return files, {"en": [r["question"] for r in en], "de": [r["question"] for r in de],
-                   "zh": cjk[:4], "ja": cjk[4:]}
+    return files, {"en": [r["question"] for r in en], "de": [r["question"] for r in de], "zh": cjk[:4], "ja": cjk[4:]}
 
 
 def test_planted_passages_are_found_and_clean_documents_are_not(tmp_path, corpus):
@@ -37,7 +37,7 @@ def test_planted_passages_are_found_and_clean_documents_are_not(tmp_path, corpus
     files, evals = _eval_files(tmp_path, rng)
     cfg = DecontamConfig(files=files, text_fields=["question", "choices"])
     dc = Decontaminator.from_config(cfg)
-    assert dc.texts == 5 + 5 + 8            # "yes"/"no" are below min_tokens and not indexed
+    assert dc.texts == 5 + 5 + 8  # "yes"/"no" are below min_tokens and not indexed
     for lang, passages in evals.items():
         docs = [d for d in corpus.documents if d.lang == lang and d.kind == "unique"]
         clean = [d for d in docs if not any(p in d.text for p in passages)]
@@ -50,16 +50,16 @@ def test_planted_passages_are_found_and_clean_documents_are_not(tmp_path, corpus
 
 
 def test_ngram_boundary_words_and_characters():
-    en = " ".join(SENTENCES["en"][:2])              # > 13 words
+    en = " ".join(SENTENCES["en"][:2])  # > 13 words
     words = en.split()
     dc = Decontaminator([en], ngram=13, min_tokens=8)
-    assert dc.matches("unrelated start " + " ".join(words[3:16]) + " unrelated end") == 1      # one 13-gram
-    assert dc.matches("unrelated start " + " ".join(words[3:15]) + " unrelated end") == 0      # 12 words
+    assert dc.matches("unrelated start " + " ".join(words[3:16]) + " unrelated end") == 1  # one 13-gram
+    assert dc.matches("unrelated start " + " ".join(words[3:15]) + " unrelated end") == 0  # 12 words
     # case, punctuation and digits are simplified away, as in MinHash
     assert dc.matches(" ".join(words[:14]).upper().replace(",", " ;")) == 2
     zh = SENTENCES["zh"][0] + SENTENCES["zh"][1]
     dc = Decontaminator([zh], char_ngram=20)
-    chars = shingle_tokens(zh)[0]                   # punctuation is not a token
+    chars = shingle_tokens(zh)[0]  # punctuation is not a token
     assert dc.matches("今天我们" + "".join(chars[5:25]) + "天气很好") == 1
     assert dc.matches("今天我们" + "".join(chars[5:24]) + "天气很好") == 0
     # a short evaluation text (>= min_tokens, < n) matches only whole

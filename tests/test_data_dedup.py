@@ -2,6 +2,7 @@
 single task == a reference union-find), a 100,000-member duplicate cluster, resume, Ray, and bad input.
 
 Every test writes its own Parquet partitions (doc_id uint64 ascending, text) the way ingest does."""
+
 from __future__ import annotations
 
 import json
@@ -34,12 +35,20 @@ def write_partitions(docs: list[dict], root, parts: int) -> tuple[list[tuple[int
     partitions, names = [], {}
     bounds = np.linspace(0, len(docs), parts + 1).astype(int)
     for f in range(parts):
-        chunk = docs[bounds[f]:bounds[f + 1]]
+        chunk = docs[bounds[f] : bounds[f + 1]]
         key = partition_key(0, f)
         ids = make_doc_ids(key, np.arange(len(chunk)))
         url = str(root / f"part-{f:05d}.parquet")
-        pq.write_table(pa.table({"doc_id": pa.array(ids, pa.uint64()), "text": [d["text"] for d in chunk],
-                                 "other": [d["id"] for d in chunk]}), url)
+        pq.write_table(
+            pa.table(
+                {
+                    "doc_id": pa.array(ids, pa.uint64()),
+                    "text": [d["text"] for d in chunk],
+                    "other": [d["id"] for d in chunk],
+                }
+            ),
+            url,
+        )
         partitions.append((key, url))
         names.update(zip(ids.tolist(), (d["id"] for d in chunk)))
     return partitions, names
@@ -62,6 +71,7 @@ def stage_bytes(stage) -> dict[str, bytes]:
 
 # ------------------------------------------------------------------------------------------------- kernels
 
+
 def test_batched_signatures_equal_the_formula():
     rng = fresh_rng()
     h = MinHasher(5, 4, 3, seed=int(rng.integers(1 << 30)))
@@ -69,8 +79,14 @@ def test_batched_signatures_equal_the_formula():
     sets += [rng.integers(0, 2**63, size=5000, dtype=np.uint64), np.zeros(0, dtype=np.uint64)]  # > one chunk
     got = h.signatures(sets)
     with np.errstate(over="ignore"):
-        ref = np.stack([((s[:, None] * h.a[None, :] + h.c[None, :]) >> np.uint64(32)).min(axis=0).astype(np.uint32)
-                        if len(s) else np.full(len(h.a), 0xFFFFFFFF, dtype=np.uint32) for s in sets])
+        ref = np.stack(
+            [
+                ((s[:, None] * h.a[None, :] + h.c[None, :]) >> np.uint64(32)).min(axis=0).astype(np.uint32)
+                if len(s)
+                else np.full(len(h.a), 0xFFFFFFFF, dtype=np.uint32)
+                for s in sets
+            ]
+        )
     np.testing.assert_array_equal(got, ref)
     keys = h.band_keys_batch(got)
     assert keys.shape == (len(sets), 4)
@@ -96,6 +112,7 @@ def test_removal_mask_keeps_the_partition_order():
 
 
 # ---------------------------------------------------------------------------------------- components
+
 
 def reference_components(u: np.ndarray, v: np.ndarray) -> dict[int, int]:
     parent: dict[int, int] = {}
@@ -145,15 +162,15 @@ def random_graph(rng, n_nodes: int) -> tuple[np.ndarray, np.ndarray]:
     for chain in np.array_split(ids[:q], 5):
         u.append(chain[:-1])
         v.append(chain[1:])
-    for star in np.array_split(ids[q:2 * q], 20):
+    for star in np.array_split(ids[q : 2 * q], 20):
         u.append(np.full(len(star) - 1, star[0]))
         v.append(star[1:])
-    rest = ids[2 * q:]
+    rest = ids[2 * q :]
     m = len(rest)
     u.append(rest[rng.integers(0, m, size=m // 2)])
     v.append(rest[rng.integers(0, m, size=m // 2)])
     u, v = np.concatenate(u), np.concatenate(v)
-    dup = rng.integers(0, len(u), size=len(u) // 5)           # repeated and reversed edges, as several bands give
+    dup = rng.integers(0, len(u), size=len(u) // 5)  # repeated and reversed edges, as several bands give
     return np.concatenate([u, v[dup]]), np.concatenate([v, u[dup]])
 
 
@@ -171,7 +188,7 @@ def test_distributed_components_equal_single_task_on_random_graphs(tmp_path, tri
     sizes = np.unique(np.array(list(expected.values()), dtype=np.uint64), return_counts=True)[1]
     assert rs.largest_cluster == rd.largest_cluster == int(sizes.max()) + 1
     assert rs.edges == rd.edges == len({(max(a, b), min(a, b)) for a, b in zip(u.tolist(), v.tolist())})
-    assert rd.rounds >= 2      # the shuffled chains need more than one round
+    assert rd.rounds >= 2  # the shuffled chains need more than one round
 
 
 def test_components_of_a_hub_with_150k_members(tmp_path):
@@ -200,6 +217,7 @@ def test_components_of_a_hub_with_150k_members(tmp_path):
 
 # --------------------------------------------------------------------------------------------- the stage
 
+
 @pytest.fixture(scope="module")
 def planted():
     # 1,200 bases, each with one variant; targets cover exact copies, J >= 0.9 and J <= 0.5
@@ -224,7 +242,7 @@ def check_quality(planted, removed_ids: dict[int, int], names: dict[int, str], s
     assert summary["removed"] == len(removed_ids) == summary["exact"] + summary["near"]
     assert summary["exact"] == s["pairs_exact"]
     assert summary["documents"] == len(docs)
-    assert summary["largest_cluster"] == 2      # planted groups are pairs
+    assert summary["largest_cluster"] == 2  # planted groups are pairs
 
 
 def test_quality_on_planted_corpus(tmp_path, planted):
@@ -233,16 +251,20 @@ def test_quality_on_planted_corpus(tmp_path, planted):
     check_quality(planted, read_removed(tmp_path / "dedup", partitions), names, summary)
     assert summary["cc_mode"] == "single"
     assert summary["tasks"]["bands"]["tasks"] == 28 and summary["tasks"]["sign"]["tasks"] == 5
-    assert summary["tasks"]["sign"]["signed"] == len(planted[0]) - summary["exact"]   # exact copies not MinHashed
+    assert summary["tasks"]["sign"]["signed"] == len(planted[0]) - summary["exact"]  # exact copies not MinHashed
 
 
 def test_distributed_settings_give_the_same_removal_lists(tmp_path, planted):
     docs = planted[0][:800]
     partitions, _ = write_partitions(docs, tmp_path, parts=3)
     a = dedup_stage(Runner(use_ray=False), partitions, str(tmp_path / "a"), DedupConfig())
-    b = dedup_stage(Runner(use_ray=False), partitions, str(tmp_path / "b"),
-                    DedupConfig(band_ranges=3, exact_ranges=2, cc_partitions=3, partitions_per_collect=2),
-                    cc_mode="distributed")
+    b = dedup_stage(
+        Runner(use_ray=False),
+        partitions,
+        str(tmp_path / "b"),
+        DedupConfig(band_ranges=3, exact_ranges=2, cc_partitions=3, partitions_per_collect=2),
+        cc_mode="distributed",
+    )
     assert b["cc_mode"] == "distributed" and a["removed"] == b["removed"] > 0
     ra, rb = stage_bytes(str(tmp_path / "a")), stage_bytes(str(tmp_path / "b"))
     assert [os.path.basename(f) for f in ra] == [os.path.basename(f) for f in rb]
@@ -265,14 +287,15 @@ def test_resume_skips_finished_tasks_and_ends_identical(tmp_path, planted):
     storage.remove(os.path.join(stage, "removed", os.path.basename(removed_url(stage, partitions[0][0]))))
     storage.remove(os.path.join(stage, "collect", "_done", "00000.json"))
     storage.remove(os.path.join(stage, "sign", "000-000"))
-    storage.remove(os.path.join(stage, "sign", "_done"))      # every sign task reruns: the band files return
+    storage.remove(os.path.join(stage, "sign", "_done"))  # every sign task reruns: the band files return
     second = dedup_stage(Runner(use_ray=False), partitions, stage, cfg)
     ran = sum(s["tasks"] - s["skipped"] for s in second["tasks"].values())
     assert 0 < ran < total
     assert second["tasks"]["exact"]["skipped"] == second["tasks"]["exact"]["tasks"]
     assert stage_bytes(stage) == before
-    assert {k: v for k, v in second.items() if k not in ("tasks", "seconds")} == \
-           {k: v for k, v in first.items() if k not in ("tasks", "seconds")}
+    assert {k: v for k, v in second.items() if k not in ("tasks", "seconds")} == {
+        k: v for k, v in first.items() if k not in ("tasks", "seconds")
+    }
     third = dedup_stage(Runner(use_ray=False), partitions, stage, cfg)
     assert all(s["skipped"] == s["tasks"] for s in third["tasks"].values())
 
@@ -281,7 +304,8 @@ def boilerplate_corpus(rng, members: int, others: int) -> list[dict]:
     """``members`` near-identical documents (one 120-word template, one word replaced by a unique token in
     each: about 5 of ~116 shingles differ from the template, J ~ 0.92 between two members; every 50th an exact
     copy of the template) mixed with ``others`` unrelated documents."""
-    def word(i: int) -> str:                                  # letters only: simplify() maps digits to 0
+
+    def word(i: int) -> str:  # letters only: simplify() maps digits to 0
         return "".join(chr(97 + int(c, 26)) for c in np.base_repr(i, 26).lower())
 
     vocab = [word(i) + "q" for i in rng.choice(200_000, size=20_000, replace=False)]
@@ -319,13 +343,16 @@ def test_one_cluster_of_100k_boilerplate_documents(tmp_path):
 def test_bad_partition_is_named(tmp_path):
     key = partition_key(0, 0)
     url = str(tmp_path / "bad.parquet")
-    pq.write_table(pa.table({"doc_id": pa.array(make_doc_ids(key, np.array([2, 1])), pa.uint64()),
-                             "text": ["a b c", "d e f"]}), url)
+    pq.write_table(
+        pa.table({"doc_id": pa.array(make_doc_ids(key, np.array([2, 1])), pa.uint64()), "text": ["a b c", "d e f"]}),
+        url,
+    )
     with pytest.raises(Exception, match="bad.parquet.*ascending"):
         dedup_stage(Runner(use_ray=False), [(key, url)], str(tmp_path / "d"), DedupConfig())
     url2 = str(tmp_path / "wrongkey.parquet")
-    pq.write_table(pa.table({"doc_id": pa.array(make_doc_ids(key + 1, np.array([0])), pa.uint64()),
-                             "text": ["a b c"]}), url2)
+    pq.write_table(
+        pa.table({"doc_id": pa.array(make_doc_ids(key + 1, np.array([0])), pa.uint64()), "text": ["a b c"]}), url2
+    )
     with pytest.raises(Exception, match="wrongkey.parquet.*partition key"):
         dedup_stage(Runner(use_ray=False), [(key, url2)], str(tmp_path / "e"), DedupConfig())
     assert issubclass(DedupInputError, ValueError)
@@ -345,8 +372,9 @@ def test_on_ray_equals_in_process(tmp_path, planted):
     if started:
         start_local_ray(num_cpus=2, object_store_mb=200)
     try:
-        on_ray = dedup_stage(Runner(use_ray=True), partitions, str(tmp_path / "ray"), DedupConfig(),
-                             cc_mode="distributed")
+        on_ray = dedup_stage(
+            Runner(use_ray=True), partitions, str(tmp_path / "ray"), DedupConfig(), cc_mode="distributed"
+        )
     finally:
         if started:
             ray.shutdown()

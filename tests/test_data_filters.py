@@ -1,4 +1,5 @@
 """Metadata filters: domain/URL blocklists, dates and required fields on planted metadata."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,11 @@ def test_blocklist_domains_subdomains_and_lookalikes(tmp_path):
     rng = np.random.default_rng(21)
     blocked = [f"spam{i}.example" for i in rng.integers(0, 10_000, size=5)]
     (tmp_path / "block.txt").write_text("# ads\n" + "\n".join(blocked[2:]) + "  # farm\n\nexample.org/ads/\n")
-    f = MetadataFilter(MetadataFilterConfig(blocklist=blocked[:2] + ["*.Bücher.Example"],
-                                            blocklist_files=[str(tmp_path / "block.txt")]))
+    f = MetadataFilter(
+        MetadataFilterConfig(
+            blocklist=blocked[:2] + ["*.Bücher.Example"], blocklist_files=[str(tmp_path / "block.txt")]
+        )
+    )
     assert f.active
     for d in blocked:
         for url in (f"https://{d}/a", f"http://www.{d}:8080/x?y=1", f"HTTPS://A.B.{d.upper()}/", f"{d}/page"):
@@ -36,7 +40,7 @@ def test_dates_and_required_fields():
     assert f.reason({"url": "https://a.example/", "date": "2017-12-31T23:59:00Z"}) == "date"
     assert f.reason({"url": "https://a.example/", "date": "2024-01-01"}) == "date"
     assert f.reason({"url": "https://a.example/", "date": "2019-06-30"}) == ""
-    assert f.reason({"url": "https://a.example/", "date": "unknown"}) == ""     # unparseable: not judged
+    assert f.reason({"url": "https://a.example/", "date": "unknown"}) == ""  # unparseable: not judged
     assert f.reason({"date": "2019-06-30"}) == "missing_metadata"
     with pytest.raises(DataConfigError, match="min_date"):
         MetadataFilter(MetadataFilterConfig(min_date="last year"))
@@ -56,9 +60,14 @@ def test_planted_domains_in_the_multilingual_corpus():
 
 
 def test_config_sections_and_source_fields():
-    cfg = mixture_from_dict({"sources": [{"name": "web", "languages": ["zh", "en"],
-                                          "input": {"path": "x", "metadata_fields": ["url", "date"]}}],
-                             "filters": {"blocklist": ["spam.example"], "min_date": "2020-01-01"}})
+    cfg = mixture_from_dict(
+        {
+            "sources": [
+                {"name": "web", "languages": ["zh", "en"], "input": {"path": "x", "metadata_fields": ["url", "date"]}}
+            ],
+            "filters": {"blocklist": ["spam.example"], "min_date": "2020-01-01"},
+        }
+    )
     assert cfg.sources[0].languages == ["zh", "en"] and cfg.sources[0].input.metadata_fields == ["url", "date"]
     assert cfg.filters.blocklist == ["spam.example"]
     with pytest.raises(DataConfigError, match="did you mean 'blocklist'"):
@@ -66,5 +75,6 @@ def test_config_sections_and_source_fields():
     with pytest.raises(DataConfigError, match="languages"):
         mixture_from_dict({"sources": [{"name": "a", "languages": ["Chinese"], "input": {"path": "x"}}]})
     with pytest.raises(DataConfigError, match="langid"):
-        mixture_from_dict({"sources": [{"name": "a", "languages": ["zh"], "input": {"path": "x"}}],
-                           "clean": {"langid": False}})
+        mixture_from_dict(
+            {"sources": [{"name": "a", "languages": ["zh"], "input": {"path": "x"}}], "clean": {"langid": False}}
+        )

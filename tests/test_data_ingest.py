@@ -1,5 +1,6 @@
 """Ingest: every kind of bad input is quarantined with its reason and location, and the job completes;
 Parquet and ``datasets`` directories are read with a configurable text field and kept ids."""
+
 from __future__ import annotations
 
 import gzip
@@ -24,8 +25,10 @@ def ingest(sources: list[SourceConfig], out) -> tuple[list[dict], dict[str, int]
     rows = []
     for key in sorted(urls):
         d = read_docs(urls[key], ["doc_id", "id", "text", "loc"])
-        rows += [{"doc_id": int(i), "id": str(n), "text": str(t), "loc": str(loc)}
-                 for i, n, t, loc in zip(d["doc_id"], d["id"], d["text"], d["loc"])]
+        rows += [
+            {"doc_id": int(i), "id": str(n), "text": str(t), "loc": str(loc)}
+            for i, n, t, loc in zip(d["doc_id"], d["id"], d["text"], d["loc"])
+        ]
     quarantine: dict[str, int] = {}
     for s in summaries:
         for k, v in s["quarantine"].items():
@@ -48,12 +51,12 @@ def bad_corpus(tmp_path_factory):
     lines[2] = b'{"id": "m", "text": "unterminated'
     lines[4] = b'{"id": "u", "text": "caf\xe9 latin-1 bytes"}'
     lines[6] = b'{"id": "t", "body": "no text field"}'
-    lines[8] = b'[1, 2, 3]'
+    lines[8] = b"[1, 2, 3]"
     (d / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     (d / "empty.jsonl").write_bytes(b"")
     full = ("\n".join(good_lines(rng, 400, "gz")) + "\n").encode()
     gz = gzip.compress(full)
-    (d / "cut.jsonl.gz").write_bytes(gz[: len(gz) // 2])          # truncated in the middle of the stream
+    (d / "cut.jsonl.gz").write_bytes(gz[: len(gz) // 2])  # truncated in the middle of the stream
     zs = zstandard.ZstdCompressor().compress(full)
     (d / "cut.jsonl.zst").write_bytes(zs[: len(zs) // 2])
     (d / "fine.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(("\n".join(ok[10:]) + "\n").encode()))
@@ -78,7 +81,7 @@ def test_bad_inputs_are_quarantined_and_the_job_completes(bad_corpus, tmp_path):
     # the 6 good lines of mixed.jsonl, the 10 of fine.jsonl.zst, and a prefix of each truncated file
     assert {f"ok{i}" for i in (0, 1, 3, 5, 7, 9)} <= ids and {f"ok{i}" for i in range(10, 20)} <= ids
     n_gz = sum(1 for i in ids if i.startswith("gz"))
-    assert 0 < n_gz < 800      # both truncated files gave the lines before the cut (400 each at most)
+    assert 0 < n_gz < 800  # both truncated files gave the lines before the cut (400 each at most)
     # integer ids: (source 0, file index in sorted order, row among the file's documents), unique
     files = sorted(p.name for p in bad_corpus.iterdir() if p.name.endswith((".jsonl", ".gz", ".zst")))
     by_id = {r["id"]: describe(r["doc_id"]) for r in good}
@@ -98,12 +101,14 @@ def test_parquet_and_datasets_inputs(tmp_path):
     datasets.Dataset.from_dict({"body": texts[10:20]}).save_to_disk(str(tmp_path / "hf"))
     (tmp_path / "files").mkdir()
     (tmp_path / "files" / "t.csv").write_text("body\n" + "\n".join(texts[20:]) + "\n")
-    sources = [SourceConfig(name="pq", input=SourceInput(kind="parquet", path=str(tmp_path / "*.parquet"),
-                                                          text_field="content", id_field="doc")),
-               SourceConfig(name="disk", input=SourceInput(kind="hf_disk", path=str(tmp_path / "hf"),
-                                                            text_field="body")),
-               SourceConfig(name="files", input=SourceInput(kind="hf_files", path=str(tmp_path / "files"),
-                                                             text_field="body"))]
+    sources = [
+        SourceConfig(
+            name="pq",
+            input=SourceInput(kind="parquet", path=str(tmp_path / "*.parquet"), text_field="content", id_field="doc"),
+        ),
+        SourceConfig(name="disk", input=SourceInput(kind="hf_disk", path=str(tmp_path / "hf"), text_field="body")),
+        SourceConfig(name="files", input=SourceInput(kind="hf_files", path=str(tmp_path / "files"), text_field="body")),
+    ]
     rows, quarantine = ingest(sources, tmp_path / "out")
     for r in rows:
         r["source"] = ("pq", "disk", "files")[describe(r["doc_id"])[0]]
@@ -111,7 +116,7 @@ def test_parquet_and_datasets_inputs(tmp_path):
     assert by_source["pq"] == sorted(texts[:10] + ["x y z"])
     assert by_source["disk"] == sorted(texts[10:20]) and by_source["files"] == sorted(texts[20:])
     assert {r["id"] for r in rows if r["source"] == "pq"} >= {f"p{i}" for i in range(10)}
-    assert quarantine == {"missing_text_field": 1}       # the null text in nulls.parquet
+    assert quarantine == {"missing_text_field": 1}  # the null text in nulls.parquet
 
 
 def test_docs_stage_carries_metadata_and_applies_filters_and_decontamination(tmp_path):
@@ -124,19 +129,25 @@ def test_docs_stage_carries_metadata_and_applies_filters_and_decontamination(tmp
     rng = np.random.default_rng()
     scenes = [d["text"] for d in shakespeare_documents()]
     picked = [scenes[i] for i in rng.choice(len(scenes), size=12, replace=False)]
-    eval_text = " ".join(picked[0].split()[200:260])              # 60 words of one scene
+    eval_text = " ".join(picked[0].split()[200:260])  # 60 words of one scene
     (tmp_path / "eval.jsonl").write_text(json.dumps({"text": eval_text}) + "\n")
     hosts = ["example.org", "spam.test", "www.spam.test", "example.org", "news.example.com"] + ["example.org"] * 7
-    lines = [json.dumps({"id": f"d{i}", "text": t, "url": f"https://{h}/p/{i}", "date": f"2024-0{1 + i % 9}-01"})
-             for i, (t, h) in enumerate(zip(picked, hosts))]
+    lines = [
+        json.dumps({"id": f"d{i}", "text": t, "url": f"https://{h}/p/{i}", "date": f"2024-0{1 + i % 9}-01"})
+        for i, (t, h) in enumerate(zip(picked, hosts))
+    ]
     (tmp_path / "web").mkdir()
     (tmp_path / "web" / "a.jsonl").write_text("\n".join(lines) + "\n")
     cfg = MixtureConfig(
-        sources=[SourceConfig(name="web", input=SourceInput(kind="jsonl", path=str(tmp_path / "web"),
-                                                            metadata_fields=["url", "date"]))],
+        sources=[
+            SourceConfig(
+                name="web", input=SourceInput(kind="jsonl", path=str(tmp_path / "web"), metadata_fields=["url", "date"])
+            )
+        ],
         clean=CleanConfig(enabled=False, langid=False),
         filters=MetadataFilterConfig(blocklist=["spam.test"]),
-        decontam=DecontamConfig(files=[str(tmp_path / "eval.jsonl")]))
+        decontam=DecontamConfig(files=[str(tmp_path / "eval.jsonl")]),
+    )
     b = Build(cfg, str(tmp_path / "out"), None, Runner(use_ray=False))
     _, urls, rows = b.docs(list_inputs(cfg, b.work))
     assert rows[0]["filtered"] == {"blocked_domain": 2, "decontam": 1}

@@ -1,4 +1,5 @@
 """Mixture, packing and the resumable loader, on small MDS datasets written here (no Ray needed)."""
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def source_of(tokens: np.ndarray) -> np.ndarray:
-    body = np.where(tokens >= 3, tokens, 10**6).min(axis=-1)    # any non-special token names the source
+    body = np.where(tokens >= 3, tokens, 10**6).min(axis=-1)  # any non-special token names the source
     return body // 100
 
 
@@ -38,7 +39,7 @@ def test_pack_tokens_doc_boundaries():
     samples, starts, dropped = pack.pack_tokens(docs, 33, eos=2)
     stream = np.concatenate([np.append(d, 2) for d in docs])
     assert dropped == len(stream) - samples.size and 0 <= dropped < 33
-    np.testing.assert_array_equal(samples.ravel(), stream[:samples.size])
+    np.testing.assert_array_equal(samples.ravel(), stream[: samples.size])
     ends = np.cumsum([len(d) + 1 for d in docs])
     for s, (row, st) in enumerate(zip(samples, starts)):
         ids = pack.doc_ids_from_starts(st, 33)
@@ -54,7 +55,7 @@ def test_pack_tokens_doc_boundaries():
 def test_feistel_is_a_bijection(n):
     perm = feistel_permute(np.arange(n), n, key=n * 31 + 1)
     assert sorted(perm.tolist()) == list(range(n))
-    if n > 64:   # a keyed shuffle, not the identity: at most a few fixed points (expected 1)
+    if n > 64:  # a keyed shuffle, not the identity: at most a few fixed points (expected 1)
         assert (perm == np.arange(n)).sum() < n // 20
 
 
@@ -62,8 +63,8 @@ def test_source_order_epochs_visit_every_sample_once():
     n, block = 1000, 128
     order = source_order(np.arange(3 * n), n, block, seed=3, source=1)
     for e in range(3):
-        assert sorted(order[e * n:(e + 1) * n].tolist()) == list(range(n))
-    assert not np.array_equal(order[:n], order[n:2 * n])
+        assert sorted(order[e * n : (e + 1) * n].tolist()) == list(range(n))
+    assert not np.array_equal(order[:n], order[n : 2 * n])
 
 
 def test_interleave_proportions_within_1pct_and_prefix_bound():
@@ -87,7 +88,7 @@ def test_loader_mixture_proportions_over_10k_samples(dataset):
     src = np.concatenate([source_of(next(loader)["tokens"]) for _ in range(200)])
     share = np.bincount(src, minlength=3) / len(src)
     assert len(src) == 10_000
-    assert np.abs(share - [0.6, 0.3, 0.1]).max() < 0.01     # the issue's 1% over 10,000 samples
+    assert np.abs(share - [0.6, 0.3, 0.1]).max() < 0.01  # the issue's 1% over 10,000 samples
 
 
 def test_streaming_dataset_of_streams_proportions(dataset):
@@ -112,13 +113,13 @@ def test_resume_is_exact_at_arbitrary_points(dataset):
     rng = np.random.default_rng(21)
     gb, mb, dp = 12, 2, 2
     ref = [build_loader(dataset, None, SEQ, gb, mb, r, dp, 9) for r in range(dp)]
-    stream = [[next(ld) for _ in range(120)] for ld in ref]     # 40 optimizer steps per rank
-    for cut in rng.choice(np.arange(1, 110), size=8, replace=False):   # mid-step and step-boundary cuts
+    stream = [[next(ld) for _ in range(120)] for ld in ref]  # 40 optimizer steps per rank
+    for cut in rng.choice(np.arange(1, 110), size=8, replace=False):  # mid-step and step-boundary cuts
         for r in range(dp):
             ld = build_loader(dataset, None, SEQ, gb, mb, r, dp, 9)
             for _ in range(cut):
                 next(ld)
-            state = json.loads(json.dumps(ld.state_dict()))          # must survive a JSON checkpoint
+            state = json.loads(json.dumps(ld.state_dict()))  # must survive a JSON checkpoint
             resumed = build_loader(dataset, None, SEQ, gb, mb, r, dp, 9)
             resumed.load_state_dict(state)
             for k in range(cut, cut + 10):

@@ -1,6 +1,7 @@
 """Multilingual per-document functions on the multilingual test corpus: language id, per-language cleaning,
 and MinHash near-duplicate detection for every script (function level: the real MinHasher's signatures and
 band keys, candidate pairs grouped by band key in a dict, clusters by union-find)."""
+
 from __future__ import annotations
 
 import collections
@@ -43,7 +44,9 @@ def test_corpus_has_real_sentences_and_planted_truth(corpus):
         assert d.kind == "exact" or 0.8 <= d.jaccard < 1.0
     # deterministic in the seed
     again = make_corpus(20, languages=("en", "zh"), seed=3)
-    assert [d.text for d in again.documents] == [d.text for d in make_corpus(20, languages=("en", "zh"), seed=3).documents]
+    assert [d.text for d in again.documents] == [
+        d.text for d in make_corpus(20, languages=("en", "zh"), seed=3).documents
+    ]
 
 
 def test_language_id_counts_match_the_truth(corpus, cleaned):
@@ -73,8 +76,10 @@ def test_every_language_keeps_a_share_like_english(corpus, cleaned):
 
 def test_the_old_english_rules_would_drop_other_languages(corpus):
     # guard that the test above can fail: English stop words / word counts for every document
-    cfg = CleanConfig(stop_words={lang: sorted({"the", "be", "to", "of", "and", "that", "have", "with"})
-                                  for lang in LANGUAGES}, min_chars=None)
+    cfg = CleanConfig(
+        stop_words={lang: sorted({"the", "be", "to", "of", "and", "that", "have", "with"}) for lang in LANGUAGES},
+        min_chars=None,
+    )
     for lang in ("de", "ru", "zh"):
         good = corpus.of(lang, "unique")[:20]
         assert sum(clean_document(d.text, cfg).reason == "stop_words" for d in good) >= 18, lang
@@ -129,10 +134,14 @@ def test_near_duplicate_recall_and_unrelated_in_every_script(corpus):
         unrelated = corpus.of(lang, "unique", "base")
         per_root = collections.Counter(root[d.id] for d in unrelated)
         removed = sum(k - 1 for k in per_root.values())
-        table[lang] = dict(pairs=len(pairs), recall=round(float(np.mean(list(hit.values()))), 3),
-                           recall_j085=round(float(np.mean([hit[d.id] for d in high])), 3),
-                           unrelated=len(unrelated), unrelated_removed=round(removed / len(unrelated), 4),
-                           clusters=sum(v > 1 for v in size.values()))
+        table[lang] = dict(
+            pairs=len(pairs),
+            recall=round(float(np.mean(list(hit.values()))), 3),
+            recall_j085=round(float(np.mean([hit[d.id] for d in high])), 3),
+            unrelated=len(unrelated),
+            unrelated_removed=round(removed / len(unrelated), 4),
+            clusters=sum(v > 1 for v in size.values()),
+        )
     print(table)
     for lang, row in table.items():
         # 14 x 8 bands: P(candidate | J) = 1 - (1 - J^8)^14 is 0.924 at J = 0.8 and 0.988 at 0.85, so
@@ -185,5 +194,5 @@ def test_langid_short_and_unsure_are_und():
 def test_langid_samples_long_documents():
     text = " ".join(SENTENCES["fr"]) * 20
     s = langid.sample(text, 900)
-    assert len(s) <= 900 + 2 and s.split("\n")[0] == text[:len(s.split("\n")[0])]
+    assert len(s) <= 900 + 2 and s.split("\n")[0] == text[: len(s.split("\n")[0])]
     assert langid.detect(text)[0] == "fr"

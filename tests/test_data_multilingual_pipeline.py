@@ -10,6 +10,7 @@ Per language, from the ground truth of ``data_pipeline.multilingual_corpus``:
   a pair of J = 0.8 with probability 0.924, of J = 0.85 with 0.975), and unique documents removed as
   duplicates <= 1%.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,12 +40,21 @@ def built(tmp_path_factory):
         with open(root / "raw" / f"part-{f}.jsonl", "w", encoding="utf-8") as fh:
             for i in order[f::4]:
                 d = docs[i]
-                fh.write(json.dumps({"id": d.id, "text": d.text, "url": d.url, "date": d.date},
-                                    ensure_ascii=False) + "\n")
+                fh.write(
+                    json.dumps({"id": d.id, "text": d.text, "url": d.url, "date": d.date}, ensure_ascii=False) + "\n"
+                )
     split = SplitConfig(val_fraction=0.02)
-    cfg = MixtureConfig(name="multi", sources=[SourceConfig(name="web", input=SourceInput(
-        kind="jsonl", path=str(root / "raw"), metadata_fields=["url", "date"]))],
-        tokenizer=TokenizerConfig(vocab_size=1024, sample_bytes=400_000), pack=PackConfig(seq_len=64), split=split)
+    cfg = MixtureConfig(
+        name="multi",
+        sources=[
+            SourceConfig(
+                name="web", input=SourceInput(kind="jsonl", path=str(root / "raw"), metadata_fields=["url", "date"])
+            )
+        ],
+        tokenizer=TokenizerConfig(vocab_size=1024, sample_bytes=400_000),
+        pack=PackConfig(seq_len=64),
+        split=split,
+    )
     manifest = json.loads(Path(run_pipeline(cfg, root / "ds", runner=Runner(use_ray=False))).read_text())
     work = root / "ds" / "work"
     ids: dict[int, str] = {}

@@ -1,5 +1,6 @@
 """End to end: ``ensure_dataset`` called by two processes at once builds one dataset (real Ray, real text),
 which the loader, the tokenizer API and ``verify`` then use."""
+
 from __future__ import annotations
 
 import gzip
@@ -35,8 +36,7 @@ def _ensure(args: tuple[str, str]) -> tuple[str, float]:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    os.environ.update(RAY_USAGE_STATS_ENABLED="0", DATA_PIPELINE_PROGRESS="0",
-                      TOKENIZERS_PARALLELISM="false")
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", DATA_PIPELINE_PROGRESS="0", TOKENIZERS_PARALLELISM="false")
     root = tmp_path_factory.mktemp("e2e")
     rng = np.random.default_rng(41)
     scenes = list(shakespeare_documents())[:80]
@@ -53,15 +53,30 @@ def built(tmp_path_factory):
     with gzip.open(root / "plays.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     mixture = root / "mix.yaml"
-    mixture.write_text(yaml.safe_dump({
-        "name": "e2e", "seed": 3,
-        "sources": [{"name": "plays", "weight": 0.7, "input": {"kind": "jsonl", "path": str(root / "plays.jsonl.gz")}},
-                    {"name": "pydocs", "weight": 0.3, "input": {"kind": "embedded", "path": "python_docs"}}],
-        "clean": {"min_words": 20, "max_symbol_word_ratio": 0.3, "min_alpha_word_frac": 0.5,
-                  "max_dup_line_frac": 0.5, "max_dup_line_char_frac": 0.5,
-                  "max_top_ngram_char_frac": {2: 0.3}, "max_dup_ngram_char_frac": {5: 0.5}},
-        "tokenizer": {"sample_bytes": 2_000_000}, "split": {"val_fraction": 0.05, "min_val_docs_per_file": 1},
-        "ray": {"num_cpus": 2, "object_store_mb": 300}}))
+    mixture.write_text(
+        yaml.safe_dump(
+            {
+                "name": "e2e",
+                "seed": 3,
+                "sources": [
+                    {"name": "plays", "weight": 0.7, "input": {"kind": "jsonl", "path": str(root / "plays.jsonl.gz")}},
+                    {"name": "pydocs", "weight": 0.3, "input": {"kind": "embedded", "path": "python_docs"}},
+                ],
+                "clean": {
+                    "min_words": 20,
+                    "max_symbol_word_ratio": 0.3,
+                    "min_alpha_word_frac": 0.5,
+                    "max_dup_line_frac": 0.5,
+                    "max_dup_line_char_frac": 0.5,
+                    "max_top_ngram_char_frac": {2: 0.3},
+                    "max_dup_ngram_char_frac": {5: 0.5},
+                },
+                "tokenizer": {"sample_bytes": 2_000_000},
+                "split": {"val_fraction": 0.05, "min_val_docs_per_file": 1},
+                "ray": {"num_cpus": 2, "object_store_mb": 300},
+            }
+        )
+    )
     shards = root / "shards"
     with mp.get_context("spawn").Pool(2) as pool:
         results = pool.map(_ensure, [(str(shards), str(mixture))] * 2)
@@ -77,13 +92,14 @@ def test_concurrent_ensure_dataset_builds_once(built):
     # one build root holding the stage caches and this sequence length's dataset, no temporary leftovers
     assert [p.name for p in shards.iterdir()] == [final.parent.name]
     assert sorted(p.name for p in final.parent.iterdir() if not p.name.endswith(".lock")) == sorted(
-        ["work", final.name])
+        ["work", final.name]
+    )
     t0 = time.time()
-    assert str(ensure_dataset(str(shards), str(mixture), VOCAB, SEQ)) == p1      # cached: no rebuild
+    assert str(ensure_dataset(str(shards), str(mixture), VOCAB, SEQ)) == p1  # cached: no rebuild
     assert time.time() - t0 < 10
     import ray
 
-    assert not ray.is_initialized()     # the cached call started no Ray
+    assert not ray.is_initialized()  # the cached call started no Ray
 
 
 def test_manifest_counts_quarantine_and_dedup(built):
@@ -138,4 +154,4 @@ def test_loader_and_tokenizer_on_built_dataset(built):
     change = np.diff(dids, axis=1) == 1
     assert (toks[:, :-1][change] == ids["eos"]).all()
     text = tok.decode(toks[0].tolist())
-    assert len(text) > SEQ      # byte-level BPE on English: several characters per token
+    assert len(text) > SEQ  # byte-level BPE on English: several characters per token

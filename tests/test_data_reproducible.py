@@ -11,6 +11,7 @@ The corpus is sized so that order matters: the plays come in several input files
 any order), each source packs into several parts (``part_tokens``), and the tokenizer sample is smaller
 than the corpus, so a stage that followed task completion order would show up as a difference.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -30,8 +31,18 @@ pytestmark = pytest.mark.slow
 
 RUN_RECORD_KEYS = ("seconds", "docs_per_s", "mb_per_s", "worker_peak_rss_mb")
 # files in the order the pipeline writes them, so that the first difference points at the earliest stage
-WRITE_ORDER = ("work/docs-", "quarantine.jsonl", "work/dedup-", "work/tokenizer-", "tokenizer.json", "work/tokens-",
-               "shards/", "val/", "report.", "manifest.json")
+WRITE_ORDER = (
+    "work/docs-",
+    "quarantine.jsonl",
+    "work/dedup-",
+    "work/tokenizer-",
+    "tokenizer.json",
+    "work/tokens-",
+    "shards/",
+    "val/",
+    "report.",
+    "manifest.json",
+)
 
 
 def _write_mixture(root: Path) -> Path:
@@ -48,22 +59,32 @@ def _write_mixture(root: Path) -> Path:
         with gzip.open(root / "plays" / f"plays-{i}.jsonl.gz", "wt", encoding="utf-8") as f:
             f.write("\n".join(lines[i::3]) + "\n")
     mixture = root / "mix.yaml"
-    mixture.write_text(yaml.safe_dump({
-        "name": "repro", "seed": 5,
-        "sources": [{"name": "plays", "weight": 0.6, "input": {"kind": "jsonl", "path": str(root / "plays")}},
-                    {"name": "pydocs", "weight": 0.4, "input": {"kind": "embedded", "path": "python_docs"}}],
-        "clean": {"min_words": 20, "max_symbol_word_ratio": 0.3, "min_alpha_word_frac": 0.5},
-        "tokenizer": {"vocab_size": 512, "sample_bytes": 300_000},
-        "pack": {"seq_len": 64, "part_tokens": 20_000},
-        "split": {"val_fraction": 0.05, "min_val_docs_per_file": 1},
-        "ray": {"num_cpus": 1, "object_store_mb": 200}}))
+    mixture.write_text(
+        yaml.safe_dump(
+            {
+                "name": "repro",
+                "seed": 5,
+                "sources": [
+                    {"name": "plays", "weight": 0.6, "input": {"kind": "jsonl", "path": str(root / "plays")}},
+                    {"name": "pydocs", "weight": 0.4, "input": {"kind": "embedded", "path": "python_docs"}},
+                ],
+                "clean": {"min_words": 20, "max_symbol_word_ratio": 0.3, "min_alpha_word_frac": 0.5},
+                "tokenizer": {"vocab_size": 512, "sample_bytes": 300_000},
+                "pack": {"seq_len": 64, "part_tokens": 20_000},
+                "split": {"val_fraction": 0.05, "min_val_docs_per_file": 1},
+                "ray": {"num_cpus": 1, "object_store_mb": 200},
+            }
+        )
+    )
     return mixture
 
 
 def _build(mixture: Path, out: Path, hash_seed: int) -> None:
-    r = run_command([sys.executable, "-m", "data_pipeline", "run", "--mixture", str(mixture), "--output", str(out)],
-                    timeout=300, env={"PYTHONHASHSEED": str(hash_seed), "DATA_PIPELINE_PROGRESS": "0",
-                                      "RAY_USAGE_STATS_ENABLED": "0"})
+    r = run_command(
+        [sys.executable, "-m", "data_pipeline", "run", "--mixture", str(mixture), "--output", str(out)],
+        timeout=300,
+        env={"PYTHONHASHSEED": str(hash_seed), "DATA_PIPELINE_PROGRESS": "0", "RAY_USAGE_STATS_ENABLED": "0"},
+    )
     assert r.returncode == 0, f"build into {out} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
 
 
@@ -75,9 +96,13 @@ def _comparable(path: Path, rel: str) -> bytes:
         m["created"] = m["seconds"] = ""
         m["stages"] = [{k: (None if k in RUN_RECORD_KEYS else v) for k, v in st.items()} for st in m["stages"]]
         return json.dumps(m, indent=1).encode()
-    if rel == "report.md":      # stage rows: | name | seconds | tasks | skipped | documents | MB | docs/s | MB/s |
-        text = re.sub(r"^\| ([\w-]+) \| [\d.]+ \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \| \d+ \| [\d.]+ \|$",
-                      r"| \1 | - | \2 | \3 | \4 | \5 | - | - |", data.decode(), flags=re.MULTILINE)
+    if rel == "report.md":  # stage rows: | name | seconds | tasks | skipped | documents | MB | docs/s | MB/s |
+        text = re.sub(
+            r"^\| ([\w-]+) \| [\d.]+ \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \| \d+ \| [\d.]+ \|$",
+            r"| \1 | - | \2 | \3 | \4 | \5 | - | - |",
+            data.decode(),
+            flags=re.MULTILINE,
+        )
         return text.encode()
     return data
 
@@ -93,7 +118,7 @@ def _write_order(name: str) -> tuple[int, str]:
 def test_two_builds_are_byte_identical(tmp_path: Path) -> None:
     mixture = _write_mixture(tmp_path)
     outs = [tmp_path / "a", tmp_path / "b"]
-    with ThreadPoolExecutor(2) as pool:         # two independent processes, each with its own Ray
+    with ThreadPoolExecutor(2) as pool:  # two independent processes, each with its own Ray
         list(pool.map(_build, [mixture] * 2, outs, [1, 2]))
     a, b = _outputs(outs[0]), _outputs(outs[1])
     assert any(k.startswith("shards/plays/") for k in a) and "tokenizer.json" in a
@@ -102,9 +127,10 @@ def test_two_builds_are_byte_identical(tmp_path: Path) -> None:
     if differing:
         first = differing[0]
         how = "content differs" if first in a and first in b else f"only in build {'a' if first in a else 'b'}"
-        pytest.fail(f"first differing file: {first} ({how}); {len(differing)} of {len(names)} files differ: "
-                    f"{differing[:8]}")
+        pytest.fail(
+            f"first differing file: {first} ({how}); {len(differing)} of {len(names)} files differ: {differing[:8]}"
+        )
     manifest = json.loads(a["manifest.json"])
     assert manifest["counts"]["dedup"]["removed"] >= 2 and manifest["counts"]["ingest"]["quarantined"] == 1
-    assert manifest["sources"]["plays"]["parts"] >= 2                       # several pack tasks per source
+    assert manifest["sources"]["plays"]["parts"] >= 2  # several pack tasks per source
     assert manifest["validation"] and manifest["counts"]["validation"] >= 3

@@ -8,6 +8,7 @@ quarantine, the stage caches under work/) must equal A's byte for byte; the mani
 the run record (times, and the per-stage count of tasks skipped); the rerun's manifest must show skipped
 tasks in every stage that finished before the kill. Completion records (``_done/``) are outputs too.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,21 +34,27 @@ def _corpus(root: Path) -> Path:
     scenes = list(shakespeare_documents())[:240]
     (root / "raw").mkdir()
     for f in range(8):
-        part = scenes[f * 30:(f + 1) * 30]
+        part = scenes[f * 30 : (f + 1) * 30]
         lines = [json.dumps({"id": d["id"], "text": d["text"]}) for d in part]
-        lines.append(json.dumps({"id": f"copy-{f}", "text": scenes[(f * 37) % 240]["text"]}))    # exact copies
+        lines.append(json.dumps({"id": f"copy-{f}", "text": scenes[(f * 37) % 240]["text"]}))  # exact copies
         if f == 3:
             lines.insert(4, '{"id": "broken", "text": ')
         (root / "raw" / f"part-{f}.jsonl").write_text("\n".join(lines) + "\n")
     mixture = root / "mix.yaml"
-    mixture.write_text(yaml.safe_dump({
-        "name": "resume", "seed": 5,
-        "sources": [{"name": "plays", "weight": 1.0, "input": {"kind": "jsonl", "path": str(root / "raw")}}],
-        "clean": {"min_words": 20, "max_symbol_word_ratio": 0.3, "min_alpha_word_frac": 0.5},
-        "tokenizer": {"vocab_size": 512, "sample_bytes": 300_000},
-        "pack": {"seq_len": 64, "part_tokens": 20_000},
-        "split": {"val_fraction": 0.05, "min_val_docs_per_file": 1},
-        "ray": {"num_cpus": 1, "object_store_mb": 200}}))
+    mixture.write_text(
+        yaml.safe_dump(
+            {
+                "name": "resume",
+                "seed": 5,
+                "sources": [{"name": "plays", "weight": 1.0, "input": {"kind": "jsonl", "path": str(root / "raw")}}],
+                "clean": {"min_words": 20, "max_symbol_word_ratio": 0.3, "min_alpha_word_frac": 0.5},
+                "tokenizer": {"vocab_size": 512, "sample_bytes": 300_000},
+                "pack": {"seq_len": 64, "part_tokens": 20_000},
+                "split": {"val_fraction": 0.05, "min_val_docs_per_file": 1},
+                "ray": {"num_cpus": 1, "object_store_mb": 200},
+            }
+        )
+    )
     return mixture
 
 
@@ -108,7 +115,7 @@ def test_killed_build_resumes_byte_identical(tmp_path: Path) -> None:
     r = run_command(_command(mixture, b), timeout=600, env=ENV)
     assert r.returncode == 0, r.stderr[-4000:]
     fa, fb = _files(a), _files(b)
-    assert sorted(fa) == sorted(fb), (set(fa) ^ set(fb))
+    assert sorted(fa) == sorted(fb), set(fa) ^ set(fb)
     differing = [k for k in fa if fa[k] != fb[k]]
     assert not differing, f"{len(differing)} files differ after the resume: {differing[:5]}"
 
@@ -118,10 +125,10 @@ def test_killed_build_resumes_byte_identical(tmp_path: Path) -> None:
             m.pop(k)
     assert ma == mb
     stages = {s["name"]: s for s in json.loads((b / "manifest.json").read_text())["stages"]}
-    assert stages["docs"]["skipped"] == stages["docs"]["tasks"] == 8         # nothing re-read from raw text
+    assert stages["docs"]["skipped"] == stages["docs"]["tasks"] == 8  # nothing re-read from raw text
     assert stages["tokens"]["skipped"] >= killed_at["tokens"]
-    assert stages["tokens"]["skipped"] < stages["tokens"]["tasks"]           # the rest ran after the kill
-    assert any(k.startswith("shards/plays/part-000001/") for k in fb)       # several parts were packed
+    assert stages["tokens"]["skipped"] < stages["tokens"]["tasks"]  # the rest ran after the kill
+    assert any(k.startswith("shards/plays/part-000001/") for k in fb)  # several parts were packed
 
 
 def test_new_seq_len_or_weights_rebuild_nothing_but_the_packing(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ samples per source so that the rows split unevenly over two data-parallel ranks 
 
 The dataset with its held-out split comes from tests/validation_split.py (the pipeline's own split).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,13 +43,27 @@ STEPS = 3
 EVAL_STEPS = (2, 3)
 SAMPLES = 5
 TOL = 1e-5
-BASE = ["train.seq_len=32", "train.global_batch=4", "train.micro_batch=2", "train.warmup_steps=2",
-        f"train.steps={STEPS}", "train.eval_interval=0", "checkpoint.interval=0", "run.tensorboard=false", "run.progress=false",
-        "run.plot=false"]
+BASE = [
+    "train.seq_len=32",
+    "train.global_batch=4",
+    "train.micro_batch=2",
+    "train.warmup_steps=2",
+    f"train.steps={STEPS}",
+    "train.eval_interval=0",
+    "checkpoint.interval=0",
+    "run.tensorboard=false",
+    "run.progress=false",
+    "run.plot=false",
+]
 EVAL = ["train.eval_interval=2", f"train.eval_samples={SAMPLES}"]
-TWO_RANK = {"tp2": ["parallel.tp=2", *EVAL], "pp2": ["parallel.pp=2", *EVAL],
-            "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2", *EVAL], "pp2_vpp2_off": ["parallel.pp=2", "parallel.vpp=2"],
-            "ep2": ["parallel.ep=2", *EVAL], "sp2": ["parallel.sp=2", *EVAL]}
+TWO_RANK = {
+    "tp2": ["parallel.tp=2", *EVAL],
+    "pp2": ["parallel.pp=2", *EVAL],
+    "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2", *EVAL],
+    "pp2_vpp2_off": ["parallel.pp=2", "parallel.vpp=2"],
+    "ep2": ["parallel.ep=2", *EVAL],
+    "sp2": ["parallel.sp=2", *EVAL],
+}
 ONE_RANK = {"one": [*EVAL, "checkpoint.interval=3", "run.plot=true"], "one_off": []}
 TRAIN_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "expert_load_cv", "skipped")
 
@@ -57,32 +72,38 @@ TRAIN_KEYS = ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "exper
 def _write_source(path: Path, rows: np.ndarray, starts: list[np.ndarray]) -> None:
     from data_pipeline.pack import MDS_COLUMNS
     from data_pipeline.streaming_compat import import_streaming
+
     streaming = import_streaming()
-    with streaming.MDSWriter(out=str(path), columns=MDS_COLUMNS, compression="zstd", hashes=["xxh64"],
-                             size_limit=1 << 12) as w:      # small shards: samples span several of them
+    with streaming.MDSWriter(
+        out=str(path), columns=MDS_COLUMNS, compression="zstd", hashes=["xxh64"], size_limit=1 << 12
+    ) as w:  # small shards: samples span several of them
         for r, s in zip(rows, starts):
             w.write({"tokens": r.astype(np.int32), "doc_starts": s.astype(np.int32)})
 
 
 def _dataset(tmp_path: Path, rng: np.random.Generator, seq_len: int, sizes: dict[str, int], split: bool = True):
     from data_pipeline.manifest import MANIFEST_VERSION, write_manifest
+
     written = {}
     for name, n in sizes.items():
         rows = rng.integers(0, 500, size=(n, seq_len + 1))
-        starts = [np.unique(np.concatenate([[0], rng.integers(1, seq_len + 1, size=rng.integers(0, 4))]))
-                  for _ in range(n)]
+        starts = [
+            np.unique(np.concatenate([[0], rng.integers(1, seq_len + 1, size=rng.integers(0, 4))])) for _ in range(n)
+        ]
         _write_source(tmp_path / "validation" / name, rows, starts)
         written[name] = (rows, starts)
     m = {"version": MANIFEST_VERSION, "seq_len": seq_len, "sample_len": seq_len + 1, "sources": {}}
     if split:
-        m["validation"] = {n: {"dir": f"validation/{n}", "samples": k, "documents": 0, "tokens": 0}
-                           for n, k in sizes.items()}
+        m["validation"] = {
+            n: {"dir": f"validation/{n}", "samples": k, "documents": 0, "tokens": 0} for n, k in sizes.items()
+        }
     return write_manifest(tmp_path, m), written
 
 
 def test_validation_batches_are_the_first_samples_in_order(tmp_path):
     from data_pipeline.pack import doc_ids_from_starts
     from data_pipeline.validation import validation_batches
+
     seed = int(np.random.SeedSequence().entropy % 2**32)
     rng = np.random.default_rng(seed)
     seq_len = int(rng.integers(8, 40))
@@ -93,13 +114,13 @@ def test_validation_batches_are_the_first_samples_in_order(tmp_path):
     assert list(got) == ["a", "b"], seed
     for name, b in got.items():
         rows, starts = written[name]
-        n = min(want, sizes[name])                  # "b" has fewer: all of them
+        n = min(want, sizes[name])  # "b" has fewer: all of them
         assert b["tokens"].dtype == np.int64 and b["doc_ids"].dtype == np.int32
         assert b["tokens"].shape == b["doc_ids"].shape == (n, seq_len + 1), seed
         np.testing.assert_array_equal(b["tokens"], rows[:n])
         for i in range(n):
             np.testing.assert_array_equal(b["doc_ids"][i], doc_ids_from_starts(starts[i], seq_len + 1))
-    again = validation_batches(tmp_path, seq_len, want)          # a directory works too; fixed samples
+    again = validation_batches(tmp_path, seq_len, want)  # a directory works too; fixed samples
     for name in got:
         np.testing.assert_array_equal(again[name]["tokens"], got[name]["tokens"])
     with pytest.raises(ValueError, match=f"seq_len {seq_len}"):
@@ -108,6 +129,7 @@ def test_validation_batches_are_the_first_samples_in_order(tmp_path):
 
 def test_dataset_without_a_validation_split_is_a_clear_error(tmp_path):
     from data_pipeline.validation import NoValidationSplit, validation_batches
+
     manifest, _ = _dataset(tmp_path, np.random.default_rng(), 8, {"a": 4}, split=False)
     with pytest.raises(NoValidationSplit) as e:
         validation_batches(manifest, 8, 4)
@@ -118,14 +140,19 @@ def test_eval_microbatches_cover_every_row_once():
     import torch
 
     from pretrain.evaluate import IGNORE_INDEX, eval_microbatches, token_counts
+
     seed = int(np.random.SeedSequence().entropy % 2**32)
     rng = np.random.default_rng(seed)
     for _ in range(20):
         L = int(rng.integers(3, 12))
         sizes = rng.integers(1, 12, size=int(rng.integers(1, 4)))
-        batches = {f"s{i}": {"tokens": rng.integers(0, 100, size=(n, L)),
-                             "doc_ids": np.sort(rng.integers(0, 3, size=(n, L)), axis=1).astype(np.int32)}
-                   for i, n in enumerate(sizes)}
+        batches = {
+            f"s{i}": {
+                "tokens": rng.integers(0, 100, size=(n, L)),
+                "doc_ids": np.sort(rng.integers(0, 3, size=(n, L)), axis=1).astype(np.int32),
+            }
+            for i, n in enumerate(sizes)
+        }
         dp, mb, mult = int(rng.integers(1, 5)), int(rng.integers(1, 4)), int(rng.integers(1, 4))
         per_rank = [eval_microbatches(batches, mb, r, dp, mult) for r in range(dp)]
         assert len({len(x) for x in per_rank}) == 1 and len(per_rank[0]) % mult == 0, seed
@@ -140,8 +167,11 @@ def test_eval_microbatches_cover_every_row_once():
                     assert ((mbatch["labels"] == IGNORE_INDEX).all(dim=1) | real).all()
                     assert n == int(real.sum()) * (L - 1)
                     count += n
-                    rows += [(torch.cat([mbatch["input_ids"][i], mbatch["labels"][i, -1:]]), mbatch["doc_ids"][i])
-                             for i in range(mb) if real[i]]
+                    rows += [
+                        (torch.cat([mbatch["input_ids"][i], mbatch["labels"][i, -1:]]), mbatch["doc_ids"][i])
+                        for i in range(mb)
+                        if real[i]
+                    ]
             assert torch.equal(torch.stack([t for t, _ in rows]), torch.as_tensor(b["tokens"])), (seed, name)
             assert torch.equal(torch.stack([d for _, d in rows]), torch.as_tensor(b["doc_ids"][:, :-1])), seed
             assert count == token_counts(batches)[s]
@@ -149,6 +179,7 @@ def test_eval_microbatches_cover_every_row_once():
 
 def test_eval_config_keys_are_checked():
     from pretrain.config import ConfigError, load_config
+
     cfg = load_config("tiny", ["train.eval_interval=7", "train.eval_samples=3"])
     assert (cfg.train.eval_interval, cfg.train.eval_samples) == (7, 3)
     with pytest.raises(ConfigError, match="eval_interval"):
@@ -161,18 +192,21 @@ def test_eval_config_keys_are_checked():
 
 def test_loss_plot_shows_the_validation_curve(tmp_path):
     from pretrain.metrics import plot_losses
+
     rng = np.random.default_rng()
     recs = [{"step": s, "loss": float(rng.uniform(2, 9)), "lm_loss": float(rng.uniform(2, 9))} for s in range(1, 11)]
     for r in recs[4::5]:
         r.update({"val_loss": float(rng.uniform(2, 9)), "val_loss/a": 1.0, "val_loss/b": 2.0})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     import matplotlib.pyplot as plt
+
     created = []
     orig = plt.Axes.plot
 
     def spy(self, *a, **k):
         created.append(k.get("label"))
         return orig(self, *a, **k)
+
     plt.Axes.plot = spy
     try:
         assert plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png") == tmp_path / "loss.png"
@@ -188,20 +222,26 @@ def train_runs(rank: int, world: int, root: str, shards: str, runs: list[tuple[s
     from parallel.process_groups import init_distributed
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
+
     out = {}
     for key, over in runs:
         t0 = time.monotonic()
         cfg = load_config("tiny", [*BASE, f"data.shards_dir={shards}", f"run.dir={Path(root) / key}", *over])
         res = Trainer(cfg, init_distributed(cfg.parallel, cfg.model)).fit()
         recs = [json.loads(x) for x in (Path(root) / key / "metrics.jsonl").read_text().splitlines()]
-        out[key] = {"exit": res.exit_code, "records": {r["step"]: r for r in recs} if rank == 0 else None,
-                    "last_val": res.last_val, "seconds": time.monotonic() - t0}
+        out[key] = {
+            "exit": res.exit_code,
+            "records": {r["step"]: r for r in recs} if rank == 0 else None,
+            "last_val": res.last_val,
+            "seconds": time.monotonic() - t0,
+        }
     return out
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     from tests.validation_split import shards_dir_with_validation
+
     return str(shards_dir_with_validation(tmp_path_factory.mktemp("val_shards")))
 
 
@@ -219,6 +259,7 @@ def runs(tmp_path_factory, shards) -> dict:
 
 def _sources(shards: str) -> list[str]:
     from data_pipeline.manifest import read_manifest
+
     (manifest,) = Path(shards).glob("*/s32-*/manifest.json")
     return list(read_manifest(manifest)[1]["validation"])
 
@@ -237,7 +278,7 @@ def test_val_loss_present_finite_and_per_source(runs, shards):
         assert all(math.isfinite(v) and 0 < v < 20 for v in [r["val_loss"], *per]), r
         # equal samples per source: the token mean over all of them is the mean of the sources' losses
         assert r["val_loss"] == pytest.approx(sum(per) / len(per), rel=1e-12)
-    assert recs[3]["val_loss"] != recs[2]["val_loss"]             # the weights changed in between
+    assert recs[3]["val_loss"] != recs[2]["val_loss"]  # the weights changed in between
     assert runs["one"]["last_val"]["step"] == STEPS
     assert runs["one"]["last_val"]["val_loss"] == recs[STEPS]["val_loss"]
     assert (Path(runs["root"]) / "one" / "loss.png").is_file()
@@ -271,12 +312,16 @@ def test_layout_val_loss_equals_one_process(runs, shards, layout):
 @pytest.mark.slow
 def test_evaluate_command_matches_the_trainers_value(runs):
     run = Path(runs["root"]) / "one"
-    r = run_command([sys.executable, "-m", "pretrain.evaluate", "--run-dir", str(run), "--step", str(STEPS)],
-                    timeout=300)
+    r = run_command(
+        [sys.executable, "-m", "pretrain.evaluate", "--run-dir", str(run), "--step", str(STEPS)], timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads(r.stdout.strip().splitlines()[-1])
-    assert "source" in r.stdout and rec["step"] == STEPS and rec["samples"] == {k.split("/", 1)[1]: SAMPLES
-                                                                              for k in rec if k.startswith("val_loss/")}
+    assert (
+        "source" in r.stdout
+        and rec["step"] == STEPS
+        and rec["samples"] == {k.split("/", 1)[1]: SAMPLES for k in rec if k.startswith("val_loss/")}
+    )
     want = runs["one"]["records"][STEPS]
     for k, v in rec.items():
         if k.startswith("val_loss"):
@@ -288,18 +333,30 @@ def test_evaluate_command_matches_the_trainers_value(runs):
 @pytest.mark.slow
 def test_kill9_resume_is_bit_exact_with_evaluation_two_ranks(tmp_path, shards):
     from tests.test_train_resume import _cmd, _start_and_signal
-    extra = ["train.steps=6", "checkpoint.interval=2", "parallel.ep=2", "train.eval_interval=2",
-             f"train.eval_samples={SAMPLES}"]
+
+    extra = [
+        "train.steps=6",
+        "checkpoint.interval=2",
+        "parallel.ep=2",
+        "train.eval_interval=2",
+        f"train.eval_samples={SAMPLES}",
+    ]
 
     def records(run: Path) -> dict[int, dict]:
         return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
     ref = tmp_path / "ref"
     r = run_command(_cmd(ref, shards, extra, 2))
     assert r.returncode == 0, r.stderr[-4000:]
-    assert "val loss" in r.stderr                                # the end-of-run summary
+    assert "val loss" in r.stderr  # the end-of-run summary
     run = tmp_path / "killed"
-    code, out = _start_and_signal(_cmd(run, shards, [*extra, "train.fault_inject_pause_step=3"], 2), run,
-                                  signal.SIGKILL, after_step=3, need_ckpt=True)
+    code, out = _start_and_signal(
+        _cmd(run, shards, [*extra, "train.fault_inject_pause_step=3"], 2),
+        run,
+        signal.SIGKILL,
+        after_step=3,
+        need_ckpt=True,
+    )
     assert code in (-signal.SIGKILL, 128 + signal.SIGKILL), out[-3000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     r = run_command(_cmd(run, shards, extra, 2))

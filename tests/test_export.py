@@ -6,6 +6,7 @@ the last stage's MTP embedding copy is stored once), exports the step-2 checkpoi
 HF ``from_pretrained`` and compares HF's logits with our model loaded from the same checkpoint (fp32, 1e-5
 relative). Clear errors (exit 2) for a missing run directory, a run without checkpoints and a missing step.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -32,10 +33,23 @@ def _export(*args: str) -> subprocess.CompletedProcess:
 
 
 def _train(run: Path, ranks: int, extra: list[str]) -> Path:
-    args = ["-m", "pretrain", "--config", "tiny", f"run.dir={run}",
-            f"data.shards_dir={REPO / 'runs' / 'data' / 'tiny'}", "train.steps=2", "checkpoint.interval=2",
-            "train.seq_len=32", "train.global_batch=2", "train.micro_batch=1", "train.warmup_steps=1",
-            "run.tensorboard=false", "run.progress=false", *extra]
+    args = [
+        "-m",
+        "pretrain",
+        "--config",
+        "tiny",
+        f"run.dir={run}",
+        f"data.shards_dir={REPO / 'runs' / 'data' / 'tiny'}",
+        "train.steps=2",
+        "checkpoint.interval=2",
+        "train.seq_len=32",
+        "train.global_batch=2",
+        "train.micro_batch=1",
+        "train.warmup_steps=1",
+        "run.tensorboard=false",
+        "run.progress=false",
+        *extra,
+    ]
     if ranks > 1:
         args = ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={free_port()}", *args]
     r = _run(args)
@@ -68,15 +82,14 @@ def test_export_loads_in_hf_with_our_logits(run_fixture, request, tmp_path):
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors"))
 
     ckpt = find_checkpoint(trained_run, 2)
-    assert ckpt.name == "step_00000002" and find_checkpoint(trained_run) == ckpt   # latest = step 2
+    assert ckpt.name == "step_00000002" and find_checkpoint(trained_run) == ckpt  # latest = step 2
     try:
         ours, cfg = load_checkpoint_model(ckpt)
         # the trained weights, not the init: the routers' expert bias moved during the 2 steps
         assert any(b.abs().sum() > 0 for n, b in ours.named_buffers() if n.endswith("expert_bias"))
-        hf = DeepseekV4ForCausalLM.from_pretrained(str(out), attn_implementation="eager",
-                                                   dtype=torch.float32).eval()
+        hf = DeepseekV4ForCausalLM.from_pretrained(str(out), attn_implementation="eager", dtype=torch.float32).eval()
         seq = 32
-        assert cfg.model.index_topk >= seq // cfg.model.compress_rate_csa   # top-k selects every entry (ties)
+        assert cfg.model.index_topk >= seq // cfg.model.compress_rate_csa  # top-k selects every entry (ties)
         ids = torch.randint(0, cfg.model.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             got = ours(ids)
@@ -85,6 +98,7 @@ def test_export_loads_in_hf_with_our_logits(run_fixture, request, tmp_path):
         assert rel < 1e-5, rel
         # every tensor HF holds is the checkpoint's (no drift through the conversion)
         from pretrain.model.hf import hf_state_dict
+
         ours_sd = {k: v for k, v in hf_state_dict(ours).items() if not k.startswith("mtp.")}
         hf_sd = hf.state_dict()
         assert set(ours_sd) == set(hf_sd)

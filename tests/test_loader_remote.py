@@ -1,4 +1,5 @@
 """The loader's prefetch and its reads from object storage (the local moto S3 server, tests/s3_server.py)."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,9 @@ SIZES = {"a": 260, "b": 180, "c": 50}
 
 @pytest.fixture(scope="module")
 def local_ds(tmp_path_factory) -> Path:
-    return dataset_writer.make_dataset(tmp_path_factory.mktemp("ds"), SIZES, seed=int(np.random.default_rng().integers(1 << 30)))
+    return dataset_writer.make_dataset(
+        tmp_path_factory.mktemp("ds"), SIZES, seed=int(np.random.default_rng().integers(1 << 30))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def test_prefetch_on_off_identical(local_ds, gb, mb, dp):
         on = build_loader(local_ds, None, SEQ, gb, mb, r, dp, 9, prefetch=depth)
         n = int(rng.integers(30, 80))
         assert_same(take(on, n), take(off, n))
-        assert on.state_dict() == off.state_dict()      # the state counts what was taken, not what was read ahead
+        assert on.state_dict() == off.state_dict()  # the state counts what was taken, not what was read ahead
         on.close()
 
 
@@ -67,7 +70,7 @@ def test_resume_exact_with_prefetch(local_ds):
             ld.close()
             resumed = build_loader(local_ds, None, SEQ, gb, mb, r, dp, 9, prefetch=3)
             resumed.load_state_dict(state)
-            assert_same(take(resumed, 10), ref[r][cut:cut + 10])
+            assert_same(take(resumed, 10), ref[r][cut : cut + 10])
             # load_state_dict on a running prefetcher drops what it read ahead and restarts at the new position
             resumed.load_state_dict(json.loads(json.dumps({**state, "consumed_samples": 0, "micro_step": 0})))
             assert_same(take(resumed, 3), ref[r][:3])
@@ -77,7 +80,7 @@ def test_resume_exact_with_prefetch(local_ds):
 def test_remote_reads_match_local_with_cache_and_without(local_ds, remote_ds, tmp_path):
     n = 60
     want = take(build_loader(local_ds, None, SEQ, 12, 2, 1, 2, 5), n)
-    direct = build_loader(remote_ds, None, SEQ, 12, 2, 1, 2, 5)               # fsspec into memory, no cache
+    direct = build_loader(remote_ds, None, SEQ, 12, 2, 1, 2, 5)  # fsspec into memory, no cache
     assert_same(take(direct, n), want)
     cached = build_loader(remote_ds, None, SEQ, 12, 2, 1, 2, 5, prefetch=3, cache_dir=tmp_path / "cache")
     assert_same(take(cached, n), want)
@@ -92,7 +95,7 @@ def test_source_opens_only_what_it_reads(remote_ds, tmp_path):
     src = SourceShards(storage.join(remote_ds, m["sources"]["a"]["dir"]), cache_dir=tmp_path / "c")
     assert src.num_parts == m["sources"]["a"]["parts"] > 3 and len(src) == m["sources"]["a"]["samples"]
     assert not src._parts and not list((tmp_path / "c").rglob("*.mds*"))
-    i = int(np.random.default_rng().integers(src.cum[2], src.cum[3]))      # a sample in part 2
+    i = int(np.random.default_rng().integers(src.cum[2], src.cum[3]))  # a sample in part 2
     sample = src[i]
     assert sample["tokens"].shape == (SEQ + 1,)
     assert list(src._parts) == [2]
@@ -119,7 +122,7 @@ def test_cache_limit_evicts_lru_and_is_shared_by_ranks(local_ds, remote_ds, tmp_
                 np.testing.assert_array_equal(got["tokens"], ref["tokens"])
                 np.testing.assert_array_equal(got["doc_starts"], ref["doc_starts"])
                 sizes.append(src.cache.size_bytes())
-        except BaseException as e:     # reported below
+        except BaseException as e:  # reported below
             errors.append(e)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
@@ -128,10 +131,10 @@ def test_cache_limit_evicts_lru_and_is_shared_by_ranks(local_ds, remote_ds, tmp_
     for t in threads:
         t.join()
     assert not errors, errors
-    assert max(sizes) <= limit + 2 * shard_bytes    # at most one fresh shard per rank above the limit
+    assert max(sizes) <= limit + 2 * shard_bytes  # at most one fresh shard per rank above the limit
     n_shards = len(list((local_ds.parent / rel).rglob("*.mds.zstd")))
-    assert len(list(cache.rglob("*.mds.zstd"))) < n_shards          # eviction happened
-    assert not [p for p in cache.rglob("*") if ".tmp-" in p.name]   # no partial download left
+    assert len(list(cache.rglob("*.mds.zstd"))) < n_shards  # eviction happened
+    assert not [p for p in cache.rglob("*") if ".tmp-" in p.name]  # no partial download left
 
 
 def test_corrupt_or_missing_remote_object_named(local_ds, s3_server, tmp_path):
@@ -182,10 +185,15 @@ def test_verify_cli_names_the_corrupt_object(local_ds, s3_server, tmp_path):
 def test_trainer_data_keys_are_typed_and_checked():
     from pretrain.config import ConfigError, load_config
 
-    cfg = load_config("tiny", ["data.dataset=s3://bucket/ds", "data.cache_dir=/tmp/c", "data.prefetch=2",
-                               "data.cache_limit_gb=0.5"])
+    cfg = load_config(
+        "tiny", ["data.dataset=s3://bucket/ds", "data.cache_dir=/tmp/c", "data.prefetch=2", "data.cache_limit_gb=0.5"]
+    )
     assert (cfg.data.dataset, cfg.data.cache_dir, cfg.data.prefetch, cfg.data.cache_limit_gb) == (
-        "s3://bucket/ds", "/tmp/c", 2, 0.5)
+        "s3://bucket/ds",
+        "/tmp/c",
+        2,
+        0.5,
+    )
     with pytest.raises(ConfigError, match="data.prefetch=-1 must be >= 0"):
         load_config("tiny", ["data.prefetch=-1"])
     with pytest.raises(ConfigError, match="did you mean 'cache_limit_gb'"):

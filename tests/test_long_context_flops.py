@@ -1,5 +1,6 @@
 """The FLOP model of a step (pretrain/flop_model.py): closed-form sums against brute force, the quadratic terms'
 scaling, and the recompute accounting."""
+
 from __future__ import annotations
 
 import random
@@ -20,12 +21,14 @@ def test_closed_form_sums_equal_brute_force():
 def test_quadratic_terms_scale_with_s_squared_and_recompute_adds_a_forward():
     cfg = load_config("tiny").model
     a, b = step_flops(cfg, 1 << 16), step_flops(cfg, 1 << 17)
-    assert 3.9 < b.quadratic / a.quadratic < 4.0          # Σ floor((t+1)/m) = S²/2m - O(S)
+    assert 3.9 < b.quadratic / a.quadratic < 4.0  # Σ floor((t+1)/m) = S²/2m - O(S)
     lin_a = a.total - a.quadratic
     assert abs((b.total - b.quadratic) / lin_a - 2.0) < 1e-12
     full = step_flops(cfg, 1 << 16, recompute="full")
     # full: one more forward of every block = (total - head) / 3 for the 3x-counted terms, less for attention
     assert a.total < full.total < a.total * 4 / 3
     dense = step_flops(cfg, 1 << 16, attention_mode="dense")
-    assert "indexer scores (top-k)" not in dense.terms and dense.terms["compressed attention (CSA)"] > \
-        a.terms["compressed attention (CSA)"]
+    assert (
+        "indexer scores (top-k)" not in dense.terms
+        and dense.terms["compressed attention (CSA)"] > a.terms["compressed attention (CSA)"]
+    )

@@ -7,6 +7,7 @@ peak RSS over the RSS before the step is compared. Linear memory gives a ratio o
 (measured at 4K -> 16K; ``ops_backend=reference``, which this test also checks at 1K -> 4K to prove the
 measurement can fail). Bound 5.5: 4 + a margin for allocator granularity.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -40,10 +41,19 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base))
 
 
 def _growth_mib(S: int, mode: str, backend: str) -> float:
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(S), mode, backend], cwd=REPO, capture_output=True,
-                       text=True, timeout=600, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-                                                    "MALLOC_MMAP_THRESHOLD_": "65536",
-                                                    "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(S), mode, backend],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1",
+            "MALLOC_MMAP_THRESHOLD_": "65536",
+            "PATH": "/usr/bin:/bin",
+        },
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return float(r.stdout.strip().splitlines()[-1])
 

@@ -9,6 +9,7 @@
   streamed form KL = A/M − log M − B/M + L cancels terms of size O(log N), so 1e-10 leaves ~5 digits of margin
   over float64 rounding); float32: 2e-5 relative (the same cancellation at float32's 6e-8 epsilon).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -30,7 +31,7 @@ def tiny_tiles(monkeypatch):
 
 def _layout(B: int, S: int, m: int, packed: bool, g: torch.Generator):
     if packed:
-        cuts = torch.randint(1, 4, (B, S), generator=g).cumsum(1) // 9      # segments of ~18 tokens
+        cuts = torch.randint(1, 4, (B, S), generator=g).cumsum(1) // 9  # segments of ~18 tokens
         seg = segment_starts(cuts, B, S)
     else:
         seg = torch.zeros(B, S, dtype=torch.long)
@@ -59,7 +60,7 @@ def test_select_equals_reference_with_ties(seed, packed, tiny_tiles):
         got = blocked_indexer_select(q, k, w, lay.visible_lo, lay.visible_hi, kk)
         assert torch.equal(got, want), (kk, (got != want).nonzero()[:5])
     scores = indexer_scores(q, k, w)
-    assert (scores == 0).sum() > S          # the case this test exists for: many exact ties
+    assert (scores == 0).sum() > S  # the case this test exists for: many exact ties
 
 
 def test_select_float64_random_and_dispatch(tiny_tiles):
@@ -114,10 +115,14 @@ def test_kl_equals_reference_with_gradients(dtype, tol, sparse, packed, tiny_til
 def test_kl_float64_gradcheck(tiny_tiles):
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     lay, (q_i, k_i, w_i, q, ck, lse, scale) = _kl_inputs(torch.float64, g, B=1, S=14, m=2)
-    for idx in (None, blocked_indexer_select(q_i.detach(), k_i.detach(), w_i.detach(), lay.visible_lo,
-                                             lay.visible_hi, 3)):
+    for idx in (
+        None,
+        blocked_indexer_select(q_i.detach(), k_i.detach(), w_i.detach(), lay.visible_lo, lay.visible_hi, 3),
+    ):
+
         def f(a, b, c, idx=idx):
             return blocked_indexer_attention_kl(a, b, c, q, ck, lse, scale, lay.visible_lo, lay.visible_hi, idx)[0]
+
         assert torch.autograd.gradcheck(f, (q_i, k_i, w_i))
 
 
@@ -125,9 +130,10 @@ def test_kl_no_qualifying_row_is_zero_and_attached():
     q_i = torch.randn(1, 3, 2, 4, requires_grad=True)
     k_i = torch.randn(1, 1, 4)
     w_i = torch.randn(1, 3, 2)
-    lo = hi = torch.zeros(1, 3, dtype=torch.long)          # nothing visible
-    loss, rows = blocked_indexer_attention_kl(q_i, k_i, w_i, torch.randn(1, 3, 2, 4), torch.randn(1, 1, 4),
-                                              torch.zeros(1, 3, 2), 0.5, lo, hi, None)
+    lo = hi = torch.zeros(1, 3, dtype=torch.long)  # nothing visible
+    loss, rows = blocked_indexer_attention_kl(
+        q_i, k_i, w_i, torch.randn(1, 3, 2, 4), torch.randn(1, 1, 4), torch.zeros(1, 3, 2), 0.5, lo, hi, None
+    )
     assert float(loss) == 0.0 and int(rows) == 0
     loss.backward()
     assert torch.count_nonzero(q_i.grad) == 0

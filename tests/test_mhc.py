@@ -1,5 +1,6 @@
 """mHC reference ops (ops/mhc.py): float64 gradcheck, Sinkhorn properties, agreement with HF's modules, and the
 hand-written Sinkhorn backward (``sinkhorn``) against its plain-autograd definition (``sinkhorn_autograd``)."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,7 @@ def _inputs(seed: int, t: int = 3, n: int = 2, d: int = 4, dtype=torch.float64):
 
 
 def test_gradcheck_sinkhorn():
-    logits = torch.randn(3, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64,
-                         requires_grad=True)
+    logits = torch.randn(3, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
     # gradcheck's default tolerances (atol 1e-5, rtol 1e-3 on finite differences) are right for fp64
     assert torch.autograd.gradcheck(lambda l: sinkhorn(l, 5, 1e-6), (logits,))
 
@@ -81,6 +81,7 @@ def test_mhc_post_applies_comb_transposed():
 def test_matches_hf_hyper_connection_and_head(n):
     from transformers import DeepseekV4Config
     from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection, DeepseekV4HyperHead
+
     d = 16
     cfg = DeepseekV4Config(hidden_size=d, hc_mult=n, num_hidden_layers=1, vocab_size=32)
     torch.manual_seed(7 + n)
@@ -90,15 +91,17 @@ def test_matches_hf_hyper_connection_and_head(n):
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 5, n, d)
     post_hf, comb_hf, x_in_hf = hc(x)
-    x_in, post, comb = dispatch.call("mhc_pre", x.view(-1, n, d), hc.fn, hc.base, hc.scale,
-                                     cfg.rms_norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters)
+    x_in, post, comb = dispatch.call(
+        "mhc_pre", x.view(-1, n, d), hc.fn, hc.base, hc.scale, cfg.rms_norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters
+    )
     # fp32, same formulas with a different order of the RMS scaling (before vs after the matmul):
     # differences are rounding-level, 1e-5 relative covers them
     torch.testing.assert_close(x_in, x_in_hf.view(-1, d), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(post, post_hf.view(-1, n), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(comb, comb_hf.view(-1, n, n), rtol=1e-5, atol=1e-5)
-    y = dispatch.call("hc_head", x.view(-1, n, d), head.hc_fn, head.hc_base, head.hc_scale,
-                      cfg.rms_norm_eps, cfg.hc_eps)
+    y = dispatch.call(
+        "hc_head", x.view(-1, n, d), head.hc_fn, head.hc_base, head.hc_scale, cfg.rms_norm_eps, cfg.hc_eps
+    )
     torch.testing.assert_close(y, head(x).view(-1, d), rtol=1e-5, atol=1e-5)
 
 
@@ -123,8 +126,7 @@ def _logits(seed: int, t: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor
     # scale 3: rows of softmax(L) far from doubly stochastic, so every iteration changes M (and some
     # entries are ~e^-10, where the +eps matters); an upstream gradient with no structure
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(t, n, n, generator=g, dtype=dtype) * 3,
-            torch.randn(t, n, n, generator=g, dtype=dtype))
+    return (torch.randn(t, n, n, generator=g, dtype=dtype) * 3, torch.randn(t, n, n, generator=g, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -134,7 +136,7 @@ def test_sinkhorn_function_matches_autograd(iters, n, dtype):
     logits, grad_out = _logits(10 + n + iters, 37, n, dtype)
     ref, ref_grad = _sinkhorn_fwd_bwd(lambda l: sinkhorn_autograd(l, iters, 1e-6), logits, grad_out)
     out, grad = _sinkhorn_fwd_bwd(lambda l: sinkhorn(l, iters, 1e-6), logits, grad_out)
-    assert type(out.grad_fn).__name__ == "_SinkhornFnBackward"     # one autograd node, not ~6 per step
+    assert type(out.grad_fn).__name__ == "_SinkhornFnBackward"  # one autograd node, not ~6 per step
     # forward: the same ops on the same values (the softmax in [T, n, n], sums of n <= 4 terms add in the
     # same order in both layouts, IEEE division) -> bit-for-bit, also on the no-grad path
     assert out.dtype == ref.dtype and out.is_contiguous()
@@ -149,8 +151,7 @@ def test_sinkhorn_function_matches_autograd(iters, n, dtype):
     assert rel(grad, ref_grad) <= tol
     assert (grad - ref_grad).abs().max() <= tol * ref_grad.abs().max()
     if dtype == torch.float32:
-        _, grad64 = _sinkhorn_fwd_bwd(lambda l: sinkhorn_autograd(l, iters, 1e-6), logits.double(),
-                                      grad_out.double())
+        _, grad64 = _sinkhorn_fwd_bwd(lambda l: sinkhorn_autograd(l, iters, 1e-6), logits.double(), grad_out.double())
         assert rel(grad, grad64) <= 1e-6 and rel(ref_grad, grad64) <= 1e-6
 
 
@@ -168,7 +169,7 @@ def test_sinkhorn_function_keeps_input_dtype_and_refuses_double_backward():
     # bf16 logits: fp32 math, gradient rounded once to bf16 in both; ≤ 1 bf16 ulp apart (2^-8 relative)
     assert out.dtype == torch.float32 and grad.dtype == torch.bfloat16
     assert torch.equal(out, ref)
-    assert rel(grad, ref_grad) <= 2 ** -8
+    assert rel(grad, ref_grad) <= 2**-8
     leaf = logits.double().requires_grad_()
     (g,) = torch.autograd.grad(sinkhorn(leaf, 3, 1e-6).square().sum(), leaf, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
@@ -178,7 +179,7 @@ def test_sinkhorn_function_keeps_input_dtype_and_refuses_double_backward():
 def test_mhc_pre_grads_unchanged_by_sinkhorn_function(monkeypatch):
     t, n, d = 24, 4, 16
     x, fn, base, scale = _inputs(40, t=t, n=n, d=d, dtype=torch.float32)
-    base[2 * n:] *= 6                           # comb logits ~N(0, 3): the iterations matter
+    base[2 * n :] *= 6  # comb logits ~N(0, 3): the iterations matter
     g = torch.Generator().manual_seed(41)
     grads_out = (torch.randn(t, d, generator=g), torch.randn(t, n, generator=g), torch.randn(t, n, n, generator=g))
 

@@ -5,6 +5,7 @@ biases, mHC base/scale, expert bias, hash table tid2eid, norm weights) with rand
 (a) HF save_pretrained -> model_from_hf -> our logits, (b) our save_hf -> HF from_pretrained -> HF logits.
 index_topk >= S/m so the CSA top-k selects every visible entry (docs/MODEL.md §15.5 pitfall 3: ties).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -14,24 +15,59 @@ from pretrain.config import ModelConfig, YarnConfig
 
 CASES = {
     # every layer type, 4 streams, YaRN, 2 hash layers, S not a multiple of 4 or 8
-    "all_types_hc4_yarn": dict(cfg=dict(layer_types=["sliding", "csa", "hca", "csa"], n_hash_layers=2, hc_mult=4,
-                                        yarn=YarnConfig(enabled=True, factor=4.0, original_max_position=32)),
-                               seq=37),
+    "all_types_hc4_yarn": dict(
+        cfg=dict(
+            layer_types=["sliding", "csa", "hca", "csa"],
+            n_hash_layers=2,
+            hc_mult=4,
+            yarn=YarnConfig(enabled=True, factor=4.0, original_max_position=32),
+        ),
+        seq=37,
+    ),
     # HCA first (Pro pattern), 2 streams, no YaRN, one hash layer
-    "hca_first_hc2_plain_rope": dict(cfg=dict(layer_types=["hca", "csa", "sliding"], n_hash_layers=1, hc_mult=2,
-                                              yarn=YarnConfig(enabled=False)), seq=29),
+    "hca_first_hc2_plain_rope": dict(
+        cfg=dict(layer_types=["hca", "csa", "sliding"], n_hash_layers=1, hc_mult=2, yarn=YarnConfig(enabled=False)),
+        seq=29,
+    ),
     # 3 streams, no hash layer, CSA only, rates 4/8
-    "csa_hc3_no_hash": dict(cfg=dict(layer_types=["csa", "csa"], n_hash_layers=0, hc_mult=3,
-                                     yarn=YarnConfig(enabled=True, factor=2.0, original_max_position=16)), seq=23),
+    "csa_hc3_no_hash": dict(
+        cfg=dict(
+            layer_types=["csa", "csa"],
+            n_hash_layers=0,
+            hc_mult=3,
+            yarn=YarnConfig(enabled=True, factor=2.0, original_max_position=16),
+        ),
+        seq=23,
+    ),
 }
 
 
 def small_config(**over) -> ModelConfig:
-    base = dict(vocab_size=97, hidden_size=32, num_layers=len(over["layer_types"]), num_heads=4, head_dim=16,
-                rope_head_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=12, sliding_window=8,
-                compress_rate_csa=4, compress_rate_hca=8, index_n_heads=2, index_head_dim=16, index_topk=16,
-                n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=20,
-                routed_scaling_factor=1.5, max_position_embeddings=256, num_mtp_layers=1, hash_seed=3)
+    base = dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_layers=len(over["layer_types"]),
+        num_heads=4,
+        head_dim=16,
+        rope_head_dim=8,
+        q_lora_rank=24,
+        o_groups=2,
+        o_lora_rank=12,
+        sliding_window=8,
+        compress_rate_csa=4,
+        compress_rate_hca=8,
+        index_n_heads=2,
+        index_head_dim=16,
+        index_topk=16,
+        n_routed_experts=6,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=20,
+        routed_scaling_factor=1.5,
+        max_position_embeddings=256,
+        num_mtp_layers=1,
+        hash_seed=3,
+    )
     base.update(over)
     return ModelConfig(**base)
 
@@ -43,7 +79,7 @@ def randomise_hf_constants(hf_model, seed: int) -> None:
     with torch.no_grad():
         for name, t in list(hf_model.named_parameters()) + list(hf_model.named_buffers()):
             if name.endswith("tid2eid"):
-                t.copy_(torch.stack([torch.randperm(n_exp, generator=g)[:t.shape[1]] for _ in range(t.shape[0])]))
+                t.copy_(torch.stack([torch.randperm(n_exp, generator=g)[: t.shape[1]] for _ in range(t.shape[0])]))
             elif name.endswith(("sinks", "position_bias", ".base", "hc_base", "e_score_correction_bias")):
                 t.copy_(torch.randn(t.shape, generator=g) * 0.5)
             elif name.endswith((".scale", "hc_scale")):

@@ -1,4 +1,5 @@
 """V4 MoE on megatron's MoELayer: parity with HF's sparse MoE block, hash table, balance loss, expert-bias step."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,10 +9,24 @@ from pretrain.config import ModelConfig
 
 
 def _cfg(**over) -> ModelConfig:
-    base = dict(vocab_size=50, hidden_size=24, num_layers=2, layer_types=["sliding", "sliding"], num_heads=2,
-                head_dim=8, rope_head_dim=4, q_lora_rank=8, o_groups=1, o_lora_rank=8, n_routed_experts=6,
-                num_experts_per_tok=3, moe_intermediate_size=10, n_hash_layers=1, routed_scaling_factor=2.5,
-                swiglu_limit=0.5)   # a small clamp so that the SwiGLU clamps are active for unit-scale inputs
+    base = dict(
+        vocab_size=50,
+        hidden_size=24,
+        num_layers=2,
+        layer_types=["sliding", "sliding"],
+        num_heads=2,
+        head_dim=8,
+        rope_head_dim=4,
+        q_lora_rank=8,
+        o_groups=1,
+        o_lora_rank=8,
+        n_routed_experts=6,
+        num_experts_per_tok=3,
+        moe_intermediate_size=10,
+        n_hash_layers=1,
+        routed_scaling_factor=2.5,
+        swiglu_limit=0.5,
+    )  # a small clamp so that the SwiGLU clamps are active for unit-scale inputs
     base.update(over)
     return ModelConfig(**base)
 
@@ -22,6 +37,7 @@ def test_matches_hf_sparse_moe_block(is_hash, one_rank):
 
     from pretrain.model.hf import hf_config_from_model_config
     from pretrain.model.moe import V4MoE, megatron_moe_config
+
     cfg = _cfg()
     torch.manual_seed(11 + is_hash)
     hf = DeepseekV4SparseMoeBlock(hf_config_from_model_config(cfg), 0 if is_hash else 1).eval()
@@ -56,20 +72,22 @@ def test_matches_hf_sparse_moe_block(is_hash, one_rank):
 
 def test_hash_table_deterministic_distinct_balanced():
     from pretrain.model.moe import make_hash_table
+
     t = make_hash_table(129280, 256, 6, seed=0)
     assert t.shape == (129280, 6) and t.dtype == torch.int64
     assert torch.equal(t, make_hash_table(129280, 256, 6, seed=0))
     assert not torch.equal(t, make_hash_table(129280, 256, 6, seed=1))
-    assert (t.sort(dim=1).values.diff(dim=1) > 0).all()            # K distinct experts per token
+    assert (t.sort(dim=1).values.diff(dim=1) > 0).all()  # K distinct experts per token
     loads = torch.bincount(t.flatten(), minlength=256).float()
     # ideal 129280·6/256 = 3030; leftovers of each permutation are random, so a few % spread (measured ~1%)
     assert loads.max() / loads.min() < 1.05
     exact = torch.bincount(make_hash_table(4096, 8, 2, seed=3).flatten(), minlength=8)
-    assert (exact == 4096 * 2 // 8).all()                          # K | N_r: exactly balanced
+    assert (exact == 4096 * 2 // 8).all()  # K | N_r: exactly balanced
 
 
 def test_balance_loss_is_v4_sequence_formula(one_rank):
     from pretrain.model.moe import V4MoE, megatron_moe_config
+
     cfg = _cfg()
     alpha = 0.3
     torch.manual_seed(3)
@@ -77,10 +95,10 @@ def test_balance_loss_is_v4_sequence_formula(one_rank):
     b, s = 3, 9
     x = torch.randn(b, s, cfg.hidden_size)
     moe(x, None)
-    logits = x @ moe.router.weight.t()                                      # [B, S, E]
+    logits = x @ moe.router.weight.t()  # [B, S, E]
     aff = torch.nn.functional.softplus(logits).sqrt()
     p = aff / aff.sum(-1, keepdim=True)
-    top = aff.topk(cfg.num_experts_per_tok, dim=-1).indices                # unbiased top-k (V3 / megatron)
+    top = aff.topk(cfg.num_experts_per_tok, dim=-1).indices  # unbiased top-k (V3 / megatron)
     f = torch.zeros(b, cfg.n_routed_experts).scatter_add_(1, top.reshape(b, -1), torch.ones(b, s * 3))
     f = f * cfg.n_routed_experts / (cfg.num_experts_per_tok * s)
     expect = alpha * (f * p.mean(1)).sum(-1).mean()
@@ -90,6 +108,7 @@ def test_balance_loss_is_v4_sequence_formula(one_rank):
 
 def test_expert_bias_update_moves_towards_balance(one_rank):
     from pretrain.model.moe import V4MoE, megatron_moe_config, update_expert_bias
+
     cfg = _cfg()
     torch.manual_seed(4)
     model = torch.nn.Module()
@@ -109,10 +128,11 @@ def test_expert_bias_update_moves_towards_balance(one_rank):
 def test_parameter_metadata(one_rank):
     from parallel.optimizer_groups import optimizer_of
     from pretrain.model.moe import V4MoE, megatron_moe_config
+
     cfg = _cfg()
     moe = V4MoE(cfg, 2, False, megatron_moe_config(cfg))
     for name, p in moe.named_parameters():
-        assert optimizer_of(f"layers.2.mlp.{name}", p) == "muon", name    # its name inside the model
+        assert optimizer_of(f"layers.2.mlp.{name}", p) == "muon", name  # its name inside the model
         if "local_experts" in name:
             assert p.v4_expert
         if "linear_fc1" in name:
@@ -121,6 +141,7 @@ def test_parameter_metadata(one_rank):
 
 def test_hash_layer_requires_token_ids(one_rank):
     from pretrain.model.moe import V4MoE, megatron_moe_config
+
     cfg = _cfg()
     moe = V4MoE(cfg, 1, True, megatron_moe_config(cfg))
     with pytest.raises(ValueError, match="input_ids"):

@@ -5,6 +5,7 @@ Tolerances: float64 paths are compared at rtol 1e-10 -- the library and the refe
 polynomials in a different association order (baddbmm vs explicit products), which in float64 differs
 by ~1e-15 per operation, amplified at most ~1e3x over 10 NS iterations (measured: < 1e-13).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,9 @@ def test_muon_matches_reference_float64(nesterov):
     W0 = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
     grads = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES] for _ in range(3)]
     params = [torch.nn.Parameter(w.clone()) for w in W0]
-    opt = Muon(params, lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=0.1, update_rms=0.18,
-               fp32_newton_schulz=True)
+    opt = Muon(
+        params, lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=0.1, update_rms=0.18, fp32_newton_schulz=True
+    )
     ref_w = [w.clone() for w in W0]
     ref_m = [torch.zeros_like(w) for w in W0]
     for step in range(3):
@@ -78,7 +80,7 @@ def test_muon_update_rms_is_gamma():
     p.grad = torch.randn(64, 256, generator=gen)
     opt.step()
     rms = (w0 - p.detach()).pow(2).mean().sqrt().item()
-    assert abs(rms - 0.18) < 0.18 * 2e-3   # NS singular values are 1 +- 6e-4 (measured), so RMS within 0.2%
+    assert abs(rms - 0.18) < 0.18 * 2e-3  # NS singular values are 1 +- 6e-4 (measured), so RMS within 0.2%
 
 
 def test_ns_variants_agree_and_approximate_polar():
@@ -87,8 +89,8 @@ def test_ns_variants_agree_and_approximate_polar():
         G = torch.randn(shape, generator=gen, dtype=torch.float64)
         plain, gram = newton_schulz(G, V4_NS_STEPS, True), newton_schulz_gram(G, V4_NS_STEPS, True)
         ref = torch.stack([ref_ns(g) for g in G]) if G.dim() == 3 else ref_ns(G)
-        assert rel(plain, ref) < 1e-10          # see module doc
-        assert rel(gram, ref) < 1e-10           # same polynomial, different association
+        assert rel(plain, ref) < 1e-10  # see module doc
+        assert rel(gram, ref) < 1e-10  # same polynomial, different association
         # float32: plain and Gram-with-restarts vs float64 (measured <= 1.3e-6 and <= 6e-6 at these sizes)
         assert rel(newton_schulz(G.float(), V4_NS_STEPS, True), ref) < 1e-5
         assert rel(newton_schulz_gram(G.float(), V4_NS_STEPS, True), ref) < 3e-5
@@ -104,10 +106,10 @@ def test_ns_batched_equals_loop_and_bf16_close():
     G = torch.randn(5, 16, 48, generator=gen)
     batched = newton_schulz(G, V4_NS_STEPS, True)
     loop = torch.stack([newton_schulz(g, V4_NS_STEPS, True) for g in G])
-    assert rel(batched, loop) < 1e-6     # fp32, bmm vs per-matrix mm: summation order only
+    assert rel(batched, loop) < 1e-6  # fp32, bmm vs per-matrix mm: summation order only
     bf = newton_schulz(G, V4_NS_STEPS, False)
     assert bf.dtype == G.dtype
-    assert rel(bf, batched) < 5e-2       # bf16 matmuls (8-bit mantissa, 2^-8 = 4e-3 per op, 10 iterations)
+    assert rel(bf, batched) < 5e-2  # bf16 matmuls (8-bit mantissa, 2^-8 = 4e-3 per op, 10 iterations)
 
 
 def test_ns_gram_restart_needed_for_square_fp32():
@@ -158,8 +160,9 @@ def test_expert_stack_is_per_expert_and_blocks_apply_per_expert():
         opt.step()
         for e in range(E):
             for j in range(2):
-                ref[e][j], mom[e][j] = ref_step(ref[e][j], mom[e][j], g[e, 8 * j:8 * j + 8], 0.03, 0.95, 0.1,
-                                                0.18, True)
+                ref[e][j], mom[e][j] = ref_step(
+                    ref[e][j], mom[e][j], g[e, 8 * j : 8 * j + 8], 0.03, 0.95, 0.1, 0.18, True
+                )
     want = torch.stack([torch.cat(r) for r in ref])
     assert rel(p.detach(), want) < 1e-10
     assert opt.plans["expert"].summary()["units"] == E * 2
@@ -178,7 +181,7 @@ def test_state_dict_round_trip_and_lr_change():
     ps, opt = make(W0)
     for k in range(3):
         if k == 2:
-            opt.param_groups[0]["lr"] = 0.005   # what an LR scheduler does
+            opt.param_groups[0]["lr"] = 0.005  # what an LR scheduler does
         for p, g in zip(ps, grads[k]):
             p.grad = g.clone()
         opt.step()
@@ -199,7 +202,7 @@ def test_state_dict_round_trip_and_lr_change():
         p.grad = g.clone()
     opt3.step()
     for a, b in zip(ps, ps3):
-        assert torch.equal(a.detach(), b.detach())   # same ops on the same values: bit-identical
+        assert torch.equal(a.detach(), b.detach())  # same ops on the same values: bit-identical
 
 
 def test_param_without_grad_is_untouched():
@@ -228,7 +231,7 @@ def test_split_and_build_optimizers():
             self.norm = torch.nn.RMSNorm(8)
             self.head = torch.nn.Linear(8, 10, bias=False)
             self.sink = torch.nn.Parameter(torch.randn(4))
-            self.fn = torch.nn.Parameter(torch.randn(6, 8))     # routed by the custom table below
+            self.fn = torch.nn.Parameter(torch.randn(6, 8))  # routed by the custom table below
             self.experts = torch.nn.Parameter(torch.randn(3, 8, 8))
 
     m = M()
@@ -236,7 +239,7 @@ def test_split_and_build_optimizers():
     mu, ad = split_params(m, routes)
     assert {n for n, _ in mu} == {"proj.weight", "experts"}
     assert {n for n, _ in ad} == {"embed.weight", "proj.bias", "norm.weight", "head.weight", "sink", "fn"}
-    assert {n for n, _ in split_params(m)[0]} == {"proj.weight", "experts", "fn"}     # default table: shape rule
+    assert {n for n, _ in split_params(m)[0]} == {"proj.weight", "experts", "fn"}  # default table: shape rule
     muon, adamw = build_optimizers(m, Cfg(), lr=1e-3, routes=routes)
     assert muon.param_groups[0]["momentum"] == 0.95 and muon.param_groups[0]["update_rms"] == 0.18
     assert adamw.param_groups[0]["eps"] == 1e-20 and adamw.param_groups[0]["betas"] == (0.9, 0.95)
@@ -252,6 +255,7 @@ def test_split_and_build_optimizers():
 
 def _info(name, shape, pdim=None, blocks=None):
     from parallel.muon_sharding import ParamInfo
+
     return ParamInfo(name, tuple(shape), pdim is not None, pdim, tuple(blocks or (shape[-2],)))
 
 
@@ -259,18 +263,24 @@ def test_plan_modes_cost_model_and_owner_balance():
     """Planner on hand-written TP-rank metadata (no processes): gram only where the sharded dim is the
     long one; auto follows the cost model; LPT owners balance equal experts exactly."""
     from parallel.muon_sharding import CostModel, plan
+
     T = 2
-    infos = [[_info("long_cols", (512, 16384 // T), pdim=1),    # aspect 32, long dim sharded
-              _info("square", (2048, 2048 // T), pdim=1),
-              _info("short_rows", (256 // T, 4096), pdim=0),      # short dim sharded: gram impossible
-              _info("fused", (2 * 64, 32), pdim=0, blocks=[64, 64])] for _ in range(T)]
+    infos = [
+        [
+            _info("long_cols", (512, 16384 // T), pdim=1),  # aspect 32, long dim sharded
+            _info("square", (2048, 2048 // T), pdim=1),
+            _info("short_rows", (256 // T, 4096), pdim=0),  # short dim sharded: gram impossible
+            _info("fused", (2 * 64, 32), pdim=0, blocks=[64, 64]),
+        ]
+        for _ in range(T)
+    ]
     auto = {u.full_shape: u.mode for u in plan(infos, dp=1, tp_mode="auto", cost=CostModel()).units}
     # gather moves n*m, plain-NS gram moves 10 s^2: the crossover is near aspect 10
     assert auto[(512, 16384)] == "gram" and auto[(2048, 2048)] == "gather"
     assert auto[(256, 4096)] == "gather"
     forced = plan(infos, dp=1, tp_mode="gram").units
     assert [u.mode for u in forced] == ["gram", "gram", "gather", "gram", "gram"]
-    assert {u.full_shape for u in forced if u.pidx == 3} == {(128, 32)}     # two full blocks of [64*T, 32]
+    assert {u.full_shape for u in forced if u.pidx == 3} == {(128, 32)}  # two full blocks of [64*T, 32]
     # 16 equal experts over dp 4 x tp 2 workers: 2 each, zero estimated imbalance
     experts = [[_info("e", (16, 64, 32))] for _ in range(T)]
     pl = plan(experts, dp=4, tp_mode="auto")
@@ -285,6 +295,7 @@ def test_checkpoint_keys_without_the_unit_format_are_refused():
     """A load whose recorded state keys carry no ``format`` (momentum in the parameters' layout, never released)
     fails with an error naming the format this code reads."""
     from parallel.muon import CKPT_FORMAT
+
     p = torch.nn.Parameter(torch.randn(8, 8))
     opt = Muon([("w", p)], lr=1e-3)
     assert opt.checkpoint_state_keys()["__own__"]["format"] == CKPT_FORMAT

@@ -19,6 +19,7 @@ Memory: per rank, the bytes of the tensors in Muon's sharded state dict are the 
 (16 equal matrices: exactly total / dp at dp2 and dp4, the saved tensors ARE the live momentum buffers).
 (Recorded state keys without the unit format are refused: tests/test_muon.py.)
 """
+
 from __future__ import annotations
 
 import pytest
@@ -48,6 +49,7 @@ def _model_sharded(params):
     prepended axes, replica id, the expert offset of a 3-D stack."""
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing import ShardedTensor
+
     T, t, ep, e = _coords()
     d, edp = ps.get_data_parallel_rank(), ps.get_expert_data_parallel_rank()
     out = {}
@@ -56,8 +58,9 @@ def _model_sharded(params):
         if kind == "expert":
             out[name] = ShardedTensor.from_rank_offsets(key, p.detach(), (0, e, ep), replica_id=edp)
         elif kind == "replicated":
-            out[name] = ShardedTensor.from_rank_offsets(key, p.detach(), (0, 0, 1), replica_id=(t, d),
-                                                        prepend_axis_num=1)
+            out[name] = ShardedTensor.from_rank_offsets(
+                key, p.detach(), (0, 0, 1), replica_id=(t, d), prepend_axis_num=1
+            )
         else:
             out[name] = ShardedTensor.from_rank_offsets(key, p.detach(), replica_id=d)
     return out
@@ -65,11 +68,13 @@ def _model_sharded(params):
 
 def _nbytes(sd) -> int:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
+
     return sum(v.data.numel() * v.data.element_size() for v in nested_values(sd))
 
 
 def _train(tp_mode, steps=2):
     from parallel.muon import Muon
+
     T, t, ep, e = _coords()
     params = _make_local(NAMES, T, t, ep, e)
     opt = Muon.from_parallel_state(params, **HYPER, tp_mode=tp_mode)
@@ -81,6 +86,7 @@ def _train(tp_mode, steps=2):
 
 def _save(path, tp_mode):
     from megatron.core import dist_checkpointing as dc
+
     params, opt = _train(tp_mode)
     dc.save(opt.sharded_state_dict(_model_sharded(params)), path)
     return params, opt
@@ -88,6 +94,7 @@ def _save(path, tp_mode):
 
 def _load(opt, params, path):
     from megatron.core import dist_checkpointing as dc
+
     keys = opt.checkpoint_state_keys()
     opt.load_sharded_state(dc.load(opt.sharded_state_dict(_model_sharded(params), keys=keys), path))
 
@@ -96,6 +103,7 @@ def _resume(label, path, tp_mode="auto"):
     """Fresh Muon at the current layout, the 2-step reference weights, momentum from ``path``; step 3.
     Returns (label, loaded momentum bit-identical, {name: rel err of step 3 vs the 3-step reference})."""
     from parallel.muon import Muon
+
     T, t, ep, e = _coords()
     ref2, ref2_opt = _reference(NAMES, 2)
     params = _make_local(NAMES, T, t, ep, e)
@@ -104,8 +112,9 @@ def _resume(label, path, tp_mode="auto"):
     opt = Muon.from_parallel_state(params, **HYPER, tp_mode=tp_mode)
     _load(opt, params, path)
     got, want = opt.state_dict()["state"], ref2_opt.state_dict()["state"]
-    exact = {n: torch.equal(got[n]["momentum_buffer"], _slice(n, want[n]["momentum_buffer"], T, t, ep, e))
-             for n in NAMES}
+    exact = {
+        n: torch.equal(got[n]["momentum_buffer"], _slice(n, want[n]["momentum_buffer"], T, t, ep, e)) for n in NAMES
+    }
     _set_grads(params, 2, T, t, ep, e)
     opt.step()
     ref3, _ = _reference(NAMES, 3)
@@ -120,6 +129,7 @@ def _same_layout_bitwise(path):
     """tp2 x dp2 (gram): save after 2 steps, continue 1 step; a fresh optimizer on copies of the weights
     loads and steps: bit-identical."""
     from parallel.muon import Muon
+
     T, t, ep, e = _coords()
     params, opt = _save(path, "gram")
     copies = _copy_params(params)
@@ -140,6 +150,7 @@ def _memory():
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
     from parallel.muon import Muon
+
     gen = torch.Generator().manual_seed(7)
     params = [(f"w{i}", torch.nn.Parameter(torch.randn(32, 32, generator=gen))) for i in range(16)]
     opt = Muon(params, **HYPER, dp_group=dist.group.WORLD)
@@ -156,12 +167,12 @@ def _memory():
 
 def _four(rank, world, root):
     out, mem = [], {}
-    _init(tp=2, ep=2)                      # dense tp2 x dp2, experts ep2 x expert-dp2
+    _init(tp=2, ep=2)  # dense tp2 x dp2, experts ep2 x expert-dp2
     same = _same_layout_bitwise(f"{root}/same")
     _save(f"{root}/s1", "gram")
-    _init(tp=1)                            # dp4, experts expert-dp4
+    _init(tp=1)  # dp4, experts expert-dp4
     out.append(_resume("tp2xdp2xep2(gram) -> dp4", f"{root}/s1"))
-    _init(tp=1, ep=4)                      # dp4, one expert per rank
+    _init(tp=1, ep=4)  # dp4, one expert per rank
     _save(f"{root}/s2", "auto")
     mem["dp4"] = _memory()
     _init(tp=2, ep=2)
@@ -171,14 +182,13 @@ def _four(rank, world, root):
 
 def _one(rank, world, root):
     _init()
-    out = [_resume("tp2xdp2xep2(gram) -> 1 process", f"{root}/s1"),
-           _resume("dp4xep4 -> 1 process", f"{root}/s2")]
+    out = [_resume("tp2xdp2xep2(gram) -> 1 process", f"{root}/s1"), _resume("dp4xep4 -> 1 process", f"{root}/s2")]
     _save(f"{root}/s3", "auto")
     return out
 
 
 def _two(rank, world, root):
-    _init(tp=1)                            # dp2
+    _init(tp=1)  # dp2
     out = [_resume("1 process -> dp2", f"{root}/s3")]
     mem = {"dp2": _memory()}
     _init(tp=2)
@@ -209,7 +219,7 @@ def test_muon_checkpoint_reshards_and_saves_owned_momentum_only(tmp_path):
     for dp, results in ((4, [m for _, m, _ in four]), (2, [m for _, m in two])):
         per_rank = [m[f"dp{dp}"] for m in results]
         total = per_rank[0][1]
-        assert sum(new for new, _, _, _ in per_rank) == total            # every unit saved exactly once
+        assert sum(new for new, _, _, _ in per_rank) == total  # every unit saved exactly once
         for new, _, is_live, count in per_rank:
-            assert new == total // dp and count == 16 // dp            # balanced: 16 / dp units per rank
-            assert is_live                                             # no copy: the live momentum buffers
+            assert new == total // dp and count == 16 // dp  # balanced: 16 / dp units per rank
+            assert is_live  # no copy: the live momentum buffers

@@ -12,6 +12,7 @@ matmuls whose summation order differs between the gathered full matrix, the all-
 measured ~1e-7..1e-6 (the plain-vs-fp64 NS error in test_muon.py is <= 1.3e-6). Owner/gather paths that
 do the same arithmetic as the reference are bit-identical and checked with the same bound.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -26,20 +27,21 @@ I_FUSED = 24
 # name: (kind, full shape). Shapes chosen so both TP strategies are valid where expected:
 # gram needs the sharded dim to be the long one.
 SPECS = {
-    "col": ("column", (48, 16)),        # ColumnParallelLinear [out, in], rows sharded, tall -> gram ok
-    "col_wide": ("column", (16, 40)),   # rows sharded but the short dim -> always gather
-    "row": ("row", (16, 48)),           # RowParallelLinear, columns sharded, wide -> gram ok
-    "fused": ("fused", (2 * I_FUSED, 16)),   # [gate; up] column-parallel, v4_blocks per rank
-    "uneven_rows": ("uneven0", (21, 6)),     # 21 rows split 11/10 (megatron can't), tall
-    "uneven_cols": ("uneven1", (5, 13)),     # 13 columns split 7/6, wide
-    "rep": ("replicated", (12, 20)),         # not TP-sharded
-    "experts": ("expert", (4, 12, 8)),       # 4 experts [out, in], split over EP
+    "col": ("column", (48, 16)),  # ColumnParallelLinear [out, in], rows sharded, tall -> gram ok
+    "col_wide": ("column", (16, 40)),  # rows sharded but the short dim -> always gather
+    "row": ("row", (16, 48)),  # RowParallelLinear, columns sharded, wide -> gram ok
+    "fused": ("fused", (2 * I_FUSED, 16)),  # [gate; up] column-parallel, v4_blocks per rank
+    "uneven_rows": ("uneven0", (21, 6)),  # 21 rows split 11/10 (megatron can't), tall
+    "uneven_cols": ("uneven1", (5, 13)),  # 13 columns split 7/6, wide
+    "rep": ("replicated", (12, 20)),  # not TP-sharded
+    "experts": ("expert", (4, 12, 8)),  # 4 experts [out, in], split over EP
 }
 HYPER = dict(lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.1, update_rms=0.18, fp32_newton_schulz=True)
 
 
 def _init(tp=1, pp=1, ep=1):
     from parallel.process_groups import init_distributed
+
     return init_distributed(SimpleNamespace(tp=tp, pp=pp, vpp=1, ep=ep, etp=1, sp=1))
 
 
@@ -72,8 +74,10 @@ def _make_local(names, T, t, ep, e):
     """This rank's parameters (with megatron's / our attributes), values = slices of the full weights."""
     from megatron.core import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    cfg = ModelParallelConfig(tensor_model_parallel_size=T, use_cpu_initialization=True,
-                              gradient_accumulation_fusion=False)
+
+    cfg = ModelParallelConfig(
+        tensor_model_parallel_size=T, use_cpu_initialization=True, gradient_accumulation_fusion=False
+    )
     init = torch.nn.init.zeros_
     params = []
     for name in names:
@@ -82,8 +86,9 @@ def _make_local(names, T, t, ep, e):
         if kind in ("column", "fused"):
             p = ColumnParallelLinear(shape[1], shape[0], config=cfg, init_method=init, bias=False).weight
         elif kind == "row":
-            p = RowParallelLinear(shape[1], shape[0], config=cfg, init_method=init, bias=False,
-                                  input_is_parallel=True, skip_bias_add=True).weight
+            p = RowParallelLinear(
+                shape[1], shape[0], config=cfg, init_method=init, bias=False, input_is_parallel=True, skip_bias_add=True
+            ).weight
         else:
             p = torch.nn.Parameter(torch.empty_like(local))
             if kind.startswith("uneven"):
@@ -94,13 +99,14 @@ def _make_local(names, T, t, ep, e):
         assert tuple(p.shape) == tuple(local.shape), (name, p.shape, local.shape)
         p.data.copy_(local)
         if kind == "fused":
-            p.v4_blocks = _chunks(I_FUSED, T)[t:t + 1] * 2
+            p.v4_blocks = _chunks(I_FUSED, T)[t : t + 1] * 2
         params.append((name, p))
     return params
 
 
 def _reference(names, steps=3, ns_impl="plain"):
     from parallel.muon import Muon
+
     params = []
     for name in names:
         p = torch.nn.Parameter(_full(name).clone())
@@ -124,13 +130,19 @@ def _set_grads(params, k, T, t, ep, e):
 
 def _coords():
     from megatron.core import parallel_state as ps
-    return (ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank(),
-            ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank())
+
+    return (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_model_parallel_rank(),
+    )
 
 
 def _run_case(label, names, tp_mode="auto", ns_impl="plain", steps=3, groups=None):
     """Distributed run on the current parallel_state layout; returns (label, {name: rel err}, plans)."""
     from parallel.muon import Muon
+
     T, t, ep, e = _coords()
     params = _make_local(names, T, t, ep, e)
     kw = dict(HYPER, tp_mode=tp_mode, ns_impl=ns_impl)
@@ -153,20 +165,21 @@ def _world2(rank, world):
     for mode in ("gather", "gram", "auto"):
         out.append(_run_case(f"tp2-{mode}", dense, tp_mode=mode))
     out.append(_run_case("tp2-gram-gramNS", dense, tp_mode="gram", ns_impl="gram"))
-    _init(tp=1)                       # dp2
+    _init(tp=1)  # dp2
     out.append(_run_case("dp2", dense))
-    _init(tp=1, ep=2)                 # dense dp2, experts ep2 (expert dp 1)
+    _init(tp=1, ep=2)  # dense dp2, experts ep2 (expert dp 1)
     out.append(_run_case("ep2", ["experts", "rep", "col"]))
     return out
 
 
 def _world4(rank, world):
     out = []
-    _init(tp=2, ep=2)                 # tp2 x dp2 for dense; experts ep2 x expert-dp2
+    _init(tp=2, ep=2)  # tp2 x dp2 for dense; experts ep2 x expert-dp2
     for mode in ("gather", "gram"):
         out.append(_run_case(f"tp2xdp2-{mode}", list(SPECS), tp_mode=mode))
-    _init(tp=1, pp=2)                 # pp2 x dp2: each stage has its own parameters
+    _init(tp=1, pp=2)  # pp2 x dp2: each stage has its own parameters
     from megatron.core import parallel_state as ps
+
     stage = ps.get_pipeline_model_parallel_rank()
     names = ["col", "fused", "rep"] if stage == 0 else ["row", "uneven_rows", "col_wide", "rep"]
     out.append(_run_case(f"pp2xdp2-stage{stage}", names))
@@ -191,7 +204,7 @@ def test_muon_distributed_four_ranks():
     _check(results, expect_labels={"tp2xdp2-gather", "tp2xdp2-gram", "pp2xdp2-stage0", "pp2xdp2-stage1"})
     plans = {label: p for r in results for label, _, p in r}
     assert plans["tp2xdp2-gram"]["dense"]["tp"] == 2 and plans["tp2xdp2-gram"]["dense"]["dp"] == 2
-    assert plans["tp2xdp2-gram"]["expert"]["dp"] == 2      # experts: 2 local per EP rank, 2 expert-DP owners
+    assert plans["tp2xdp2-gram"]["expert"]["dp"] == 2  # experts: 2 local per EP rank, 2 expert-DP owners
 
 
 def _check(results, expect_labels):
@@ -218,19 +231,23 @@ def _copy_params(params):
 def _finish_from_state(label, params, sd, names, groups, T, t, ep, e, tp_mode="auto"):
     """Load ``sd`` into a fresh Muon over ``groups``, run step 3, compare with the 3-step reference."""
     from parallel.muon import Muon
+
     opt = Muon(params, **HYPER, tp_mode=tp_mode, **groups)
     opt.load_state_dict(sd)
     _set_grads(params, 2, T, t, ep, e)
     opt.step()
     ref, _ = _reference(names, 3)
-    errs = {n: ((p.detach() - _slice(n, ref[n], T, t, ep, e)).norm()
-                / _slice(n, ref[n], T, t, ep, e).norm()).item() for n, p in params}
+    errs = {
+        n: ((p.detach() - _slice(n, ref[n], T, t, ep, e)).norm() / _slice(n, ref[n], T, t, ep, e).norm()).item()
+        for n, p in params
+    }
     return label, errs, {k: v.summary() for k, v in opt.plans.items()}
 
 
 def _model_sharded(params, T, t, d):
     """Hand-made model sharded_state_dict entries (what a megatron model's sharded_state_dict gives)."""
     from megatron.core.dist_checkpointing import ShardedTensor
+
     out = {}
     for name, p in params:
         kind = SPECS[name][0]
@@ -248,6 +265,7 @@ def _dist_ckpt_tp2_to_tp1(ckpt_dir):
     from megatron.core import parallel_state as ps
 
     from parallel.muon import Muon
+
     names = ["col", "row", "rep", "experts"]
     _init(tp=2)
     T, t, ep, e = _coords()
@@ -262,7 +280,7 @@ def _dist_ckpt_tp2_to_tp1(ckpt_dir):
     ref2, _ = _reference(names, 2)
     params = _make_local(names, T, t, ep, e)
     for name, p in params:
-        p.data.copy_(ref2[name])           # the weights after 2 steps (distributed == reference, < 1e-7)
+        p.data.copy_(ref2[name])  # the weights after 2 steps (distributed == reference, < 1e-7)
     opt = Muon.from_parallel_state(params, **HYPER)
     loaded = dc.load(opt.sharded_state_dict(_model_sharded(params, T, t, ps.get_data_parallel_rank())), ckpt_dir)
     opt.load_sharded_state(loaded)
@@ -278,6 +296,7 @@ def _state_world4(rank, world, ckpt_dir):
     from megatron.core import parallel_state as ps
 
     from parallel.muon import Muon
+
     out = []
     names = list(SPECS)
     # --- tp1: save at dp2 (two groups of 2 ranks), load at dp4 and dp1 ---------------------------
@@ -293,12 +312,20 @@ def _state_world4(rank, world, ckpt_dir):
     sd = opt.state_dict()
     _, ref_opt = _reference(names, 2)
     ref_sd = ref_opt.state_dict()
-    mom_err = {n: ((sd["state"][n]["momentum_buffer"] - ref_sd["state"][n]["momentum_buffer"]).norm()
-                   / ref_sd["state"][n]["momentum_buffer"].norm()).item() for n in names}
+    mom_err = {
+        n: (
+            (sd["state"][n]["momentum_buffer"] - ref_sd["state"][n]["momentum_buffer"]).norm()
+            / ref_sd["state"][n]["momentum_buffer"].norm()
+        ).item()
+        for n in names
+    }
     out.append(("dp2-saved-momentum", mom_err, {}))
     world_g = dist.group.WORLD
-    out.append(_finish_from_state("dp2->dp4", _copy_params(params), sd, names,
-                                  dict(dp_group=world_g, expert_dp_group=world_g), T, t, ep, e))
+    out.append(
+        _finish_from_state(
+            "dp2->dp4", _copy_params(params), sd, names, dict(dp_group=world_g, expert_dp_group=world_g), T, t, ep, e
+        )
+    )
     out.append(_finish_from_state("dp2->dp1", _copy_params(params), sd, names, {}, T, t, ep, e))
     # --- tp2: save at tp2 x dp2 (gather), load at tp2 x dp1 (gram) ---------------------------------
     _init(tp=2)
@@ -309,8 +336,20 @@ def _state_world4(rank, world, ckpt_dir):
         _set_grads(params, k, T, t, ep, e)
         opt.step()
     sd = opt.state_dict()
-    out.append(_finish_from_state("tp2xdp2->tp2xdp1", _copy_params(params), sd, names,
-                                  dict(tp_group=ps.get_tensor_model_parallel_group()), T, t, ep, e, "gram"))
+    out.append(
+        _finish_from_state(
+            "tp2xdp2->tp2xdp1",
+            _copy_params(params),
+            sd,
+            names,
+            dict(tp_group=ps.get_tensor_model_parallel_group()),
+            T,
+            t,
+            ep,
+            e,
+            "gram",
+        )
+    )
     out.append(_dist_ckpt_tp2_to_tp1(ckpt_dir))
     return out
 
@@ -321,5 +360,7 @@ def test_muon_state_restores_under_other_dp_size(tmp_path):
     megatron dist_checkpointing: tp2 x dp2 -> tp1 x dp4 (a TP change, through sharded_state_dict)."""
     (tmp_path / "ckpt").mkdir()
     results = run_ranks(_state_world4, 4, str(tmp_path / "ckpt"), timeout=550)
-    _check(results, expect_labels={"dp2-saved-momentum", "dp2->dp4", "dp2->dp1", "tp2xdp2->tp2xdp1",
-                                   "dist_ckpt tp2xdp2->tp1xdp4"})
+    _check(
+        results,
+        expect_labels={"dp2-saved-momentum", "dp2->dp4", "dp2->dp1", "tp2xdp2->tp2xdp1", "dist_ckpt tp2xdp2->tp1xdp4"},
+    )

@@ -34,6 +34,7 @@ Layouts: tp2 (tp_mode auto -> gather), tp2 with tp_mode gram (Gram-form all-redu
 rank 0 holds only the first stage's Muon tensors, the gathered updates and gradients cover all of them).
 About 2 minutes on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,12 +55,17 @@ from tests.test_parallel_layouts import (
 )
 
 LR = 1e-2
-E2E_TOL = 1e-3          # check 3 (see the module doc)
+E2E_TOL = 1e-3  # check 3 (see the module doc)
 GRAD_ATOL = 1e-10
 CONTROL = "tp2_no_whole_blocks"
-LAYOUTS = {"tp2": {"tp": 2}, "tp2_gram": {"tp": 2, "tp_mode": "gram"}, "dp2": {}, "ep2": {"ep": 2},
-           CONTROL: {"tp": 2, "untag_o_a": True}}
-LAYOUTS_4 = {"tp2_dp2": {"tp": 2}, "pp2_dp2": {"pp": 2}}     # 4 ranks: dp2 from the world size
+LAYOUTS = {
+    "tp2": {"tp": 2},
+    "tp2_gram": {"tp": 2, "tp_mode": "gram"},
+    "dp2": {},
+    "ep2": {"ep": 2},
+    CONTROL: {"tp": 2, "untag_o_a": True},
+}
+LAYOUTS_4 = {"tp2_dp2": {"tp": 2}, "pp2_dp2": {"pp": 2}}  # 4 ranks: dp2 from the world size
 log = logging.getLogger(__name__)
 
 
@@ -69,6 +75,7 @@ def _is_mhc(name: str) -> bool:
 
 def _optim_cfg(tp_mode: str | None = None):
     from pretrain.config import load_config
+
     oc = load_config("tiny").optim
     oc.fp32_newton_schulz = True
     oc.weight_decay = 0.0
@@ -105,13 +112,13 @@ def muon_step(rank: int, world: int, layouts: dict, batches, other_grads: dict |
         init = gather_full_state(chunks, cfg.n_routed_experts)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         per = GLOBAL_BATCH // dp
-        mbs = [split_batch(b, torch.device("cpu")) for b in batches[0][dp_rank * per:(dp_rank + 1) * per]]
+        mbs = [split_batch(b, torch.device("cpu")) for b in batches[0][dp_rank * per : (dp_rank + 1) * per]]
         pipeline.zero_grads(chunks)
         loss = pipeline.forward_backward(chunks, mbs, mtp_lambda=0.3)
         pipeline.finalize_grads(chunks)
         params = [p for c in chunks for p in c.parameters()]
         kept = [p.data for p in params]
-        for p in params:       # gather the gradients with the parameters' own gather (TP / EP aware)
+        for p in params:  # gather the gradients with the parameters' own gather (TP / EP aware)
             p.data = (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
         grads = gather_full_state(chunks, cfg.n_routed_experts)
         for p, d in zip(params, kept):
@@ -119,9 +126,14 @@ def muon_step(rank: int, world: int, layouts: dict, batches, other_grads: dict |
         muon, _ = build_optimizers(named, oc, LR, groups="parallel_state" if world > 1 else None)
         muon.step()
         final = gather_full_state(chunks, cfg.n_routed_experts)
-        res = {"loss": loss["loss"], "grads": _np(grads), "delta": _np({k: final[k] - init[k] for k in final}),
-               "muon": [canonical_name(n) for n, _ in split_params(named)[0]], "on_grads": {}}
-        if other_grads:        # single process: Muon (fresh, from the same init) on each layout's gradients
+        res = {
+            "loss": loss["loss"],
+            "grads": _np(grads),
+            "delta": _np({k: final[k] - init[k] for k in final}),
+            "muon": [canonical_name(n) for n, _ in split_params(named)[0]],
+            "on_grads": {},
+        }
+        if other_grads:  # single process: Muon (fresh, from the same init) on each layout's gradients
             by_name = {canonical_name(n): p for c in chunks for n, p in c.named_parameters()}
             for tag, gs in other_grads.items():
                 for k, p in by_name.items():
@@ -143,10 +155,13 @@ def _rel(a, b) -> float:
 @pytest.fixture(scope="module")
 def runs():
     batches = make_batches()
-    dist = {**run_ranks(muon_step, 2, LAYOUTS, batches, timeout=600)[0],
-            **run_ranks(muon_step, 4, LAYOUTS_4, batches, timeout=600)[0]}
-    ref = run_ranks(muon_step, 1, {"single": {}}, batches, {k: v["grads"] for k, v in dist.items()},
-                    timeout=600)[0]["single"]
+    dist = {
+        **run_ranks(muon_step, 2, LAYOUTS, batches, timeout=600)[0],
+        **run_ranks(muon_step, 4, LAYOUTS_4, batches, timeout=600)[0],
+    }
+    ref = run_ranks(muon_step, 1, {"single": {}}, batches, {k: v["grads"] for k, v in dist.items()}, timeout=600)[0][
+        "single"
+    ]
     return ref, dist
 
 
@@ -155,7 +170,7 @@ def runs():
 def test_muon_one_step_per_tensor(runs, layout):
     ref, dist = runs
     got, same_grads = dist[layout], ref["on_grads"][layout]
-    assert ref["muon"] and set(got["muon"]) <= set(ref["muon"])    # rank 0's names (ep2: its experts only)
+    assert ref["muon"] and set(got["muon"]) <= set(ref["muon"])  # rank 0's names (ep2: its experts only)
     assert abs(got["loss"] - ref["loss"]) <= TOL * abs(ref["loss"])
     worst = {}
     for k in ref["muon"]:
@@ -163,10 +178,12 @@ def test_muon_one_step_per_tensor(runs, layout):
         g_err = float(abs(got["grads"][k] - ref["grads"][k]).max())
         e2e = _rel(got["delta"][k], ref["delta"][k])
         worst[k] = (exact, g_err / max(float(abs(ref["grads"][k]).max()), 1e-30), e2e)
-        assert exact <= TOL, f"{layout}: Muon update of {k} differs from one process on the same gradients " \
-                             f"by {exact:.2e} relative"
-        assert g_err <= TOL * float(abs(ref["grads"][k]).max()) + GRAD_ATOL, \
+        assert exact <= TOL, (
+            f"{layout}: Muon update of {k} differs from one process on the same gradients by {exact:.2e} relative"
+        )
+        assert g_err <= TOL * float(abs(ref["grads"][k]).max()) + GRAD_ATOL, (
             f"{layout}: gradient of {k} differs from one process by {g_err:.2e}"
+        )
         if not _is_mhc(k):
             assert e2e <= E2E_TOL, f"{layout}: Muon update of {k} differs from one process by {e2e:.2e} relative"
     for i, what in enumerate(("muon(same grads)", "grads", "update vs one process")):

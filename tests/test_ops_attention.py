@@ -4,6 +4,7 @@ attention-mode / indexer-loss behaviour of V4Attention.
 Every check compares against an independent brute-force formulation (Python loops over queries / entries)
 or HF's own helpers, on fresh seeded random inputs; gradients are checked with float64 gradcheck.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,12 +18,13 @@ from ops.indexer import indexer_kl_loss, indexer_scores, indexer_topk
 from ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from ops.sparse_attention import compressed_attention_mass, compressed_entry_mask, hybrid_attention
 
-DOCS = torch.tensor([[0] * 7 + [1] * 2 + [2] * 9, [5] * 18])     # row 0: three documents, row 1: one
+DOCS = torch.tensor([[0] * 7 + [1] * 2 + [2] * 9, [5] * 18])  # row 0: three documents, row 1: one
 
 
 # ----------------------------------------------------------------------------------------------------
 # RoPE
 # ----------------------------------------------------------------------------------------------------
+
 
 def test_rope_inverse_and_relative_position() -> None:
     torch.manual_seed(0)
@@ -31,42 +33,57 @@ def test_rope_inverse_and_relative_position() -> None:
     pos = torch.randint(0, 500, (3, 5))
     cos, sin = rope_cos_sin(pos, inv, dtype=torch.float64)
     y = apply_rope(x, cos, sin)
-    assert torch.equal(y[..., :4], x[..., :4])                      # nope dims untouched
+    assert torch.equal(y[..., :4], x[..., :4])  # nope dims untouched
     torch.testing.assert_close(apply_rope(y, cos, sin, inverse=True), x, rtol=0, atol=1e-12)
     # <R_p a, R_s b> depends only on p - s: shift both positions by 37
     a, b = torch.randn(12, dtype=torch.float64), torch.randn(12, dtype=torch.float64)
+
     def dot(p, s):
         cp, sp = rope_cos_sin(torch.tensor(p), inv, dtype=torch.float64)
         cs, ss = rope_cos_sin(torch.tensor(s), inv, dtype=torch.float64)
         return (apply_rope(a, cp, sp) * apply_rope(b, cs, ss)).sum()
-    torch.testing.assert_close(dot(50, 20), dot(87, 57), rtol=0, atol=1e-10)   # float64 rounding only
+
+    torch.testing.assert_close(dot(50, 20), dot(87, 57), rtol=0, atol=1e-10)  # float64 rounding only
 
 
 def test_rope_matches_hf_interleaved_and_yarn() -> None:
     hf = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
     from transformers import DeepseekV4Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    cfg = DeepseekV4Config(hidden_size=64, num_attention_heads=4, head_dim=32, partial_rotary_factor=0.25,
-                           rope_parameters={"rope_type": "yarn", "factor": 16.0, "beta_fast": 32, "beta_slow": 1,
-                                            "original_max_position_embeddings": 64},
-                           compress_rope_theta=160000.0, max_position_embeddings=1024)
+
+    cfg = DeepseekV4Config(
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=32,
+        partial_rotary_factor=0.25,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 16.0,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "original_max_position_embeddings": 64,
+        },
+        compress_rope_theta=160000.0,
+        max_position_embeddings=1024,
+    )
     hf_inv, att = ROPE_INIT_FUNCTIONS["yarn"](cfg, None, layer_type="compress")
     assert att == 1.0
     ours = torch.tensor(rope_inv_freq(8, 160000.0, 16.0, 64, 32.0, 1.0))
     # HF forms the frequencies in float32: 1 ulp of float32 relative
     torch.testing.assert_close(ours.float(), hf_inv, rtol=2e-7, atol=0)
     torch.manual_seed(1)
-    x = torch.randn(2, 3, 6, 32)                                     # [B, H, S, D] as HF applies it
+    x = torch.randn(2, 3, 6, 32)  # [B, H, S, D] as HF applies it
     pos = torch.arange(6).expand(2, 6)
     cos, sin = rope_cos_sin(pos, hf_inv.tolist())
     ref = hf.apply_rotary_pos_emb(x, cos, sin)
     got = apply_rope(x, cos[:, None], sin[:, None])
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)           # same fp32 formula, op order differs
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)  # same fp32 formula, op order differs
 
 
 # ----------------------------------------------------------------------------------------------------
 # compressed layout and pooling
 # ----------------------------------------------------------------------------------------------------
+
 
 def brute_layout(doc_row: list[int], rate: int):
     """Per document, blocks [j*m, (j+1)*m) of its local positions; entries listed by end token."""
@@ -82,7 +99,7 @@ def brute_layout(doc_row: list[int], rate: int):
             prev_ok.append(j > 0)
             pos.append(j * rate)
         t = e
-    lo, hi = [], []          # None where the query sees no entry (then any empty range lo == hi is fine)
+    lo, hi = [], []  # None where the query sees no entry (then any empty range lo == hi is fine)
     for q in range(S):
         vis = [n for n, s in enumerate(starts) if s + rate - 1 <= q and doc_row[s] == doc_row[q]]
         lo.append(vis[0] if vis else None)
@@ -145,9 +162,8 @@ def test_compressor_pool_matches_brute_force(overlap: bool) -> None:
     out = compressor_pool(kv, gate, bias, lay.block_start, lay.prev_valid if overlap else None)
     for b in range(B):
         for n in range(lay.num_slots):
-            ref = brute_pool(kv[b], gate[b], bias, lay.block_start[b, n].item(), lay.prev_valid[b, n].item(),
-                             overlap)
-            torch.testing.assert_close(out[b, n], ref, rtol=1e-12, atol=1e-12)   # float64, same formula
+            ref = brute_pool(kv[b], gate[b], bias, lay.block_start[b, n].item(), lay.prev_valid[b, n].item(), overlap)
+            torch.testing.assert_close(out[b, n], ref, rtol=1e-12, atol=1e-12)  # float64, same formula
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["hca", "csa"])
@@ -169,6 +185,7 @@ def test_compressor_pool_gradcheck(overlap: bool) -> None:
 # hybrid attention
 # ----------------------------------------------------------------------------------------------------
 
+
 def brute_attention(q, kv, sinks, scale, window, doc_row, comp_kv, entry_sets):
     """Python loop: for each query build the key list (window of its document ∪ its entry set)."""
     S, H, D = q.shape
@@ -179,7 +196,7 @@ def brute_attention(q, kv, sinks, scale, window, doc_row, comp_kv, entry_sets):
         keys += [comp_kv[n] for n in entry_sets[t]]
         K = torch.stack(keys)
         for h in range(H):
-            z = torch.cat([K @ q[t, h] * scale, sinks[h:h + 1]])
+            z = torch.cat([K @ q[t, h] * scale, sinks[h : h + 1]])
             lse[t, h] = torch.logsumexp(z, 0)
             p = torch.softmax(z, 0)[:-1]
             out[t, h] = p @ K
@@ -198,7 +215,7 @@ def _attention_case(seed: int, sparse: bool):
     comp = torch.randn(B, N, D, dtype=torch.float64)
     sinks = torch.randn(H, dtype=torch.float64)
     idx = None
-    if sparse:   # top-2 of random scores among each query's visible entries, padded with -1
+    if sparse:  # top-2 of random scores among each query's visible entries, padded with -1
         scores = torch.randn(B, S, N, dtype=torch.float64)
         idx = indexer_topk(scores, lay.visible_lo, lay.visible_hi, 2)
     return q, kv, sinks, comp, seg, lay, idx, W
@@ -213,7 +230,7 @@ def test_hybrid_attention_matches_brute_force(sparse: bool) -> None:
     for b in range(q.shape[0]):
         sets = [mask[b, t].nonzero().flatten().tolist() for t in range(q.shape[1])]
         ro, rl = brute_attention(q[b], kv[b], sinks, scale, W, DOCS[b].tolist(), comp[b], sets)
-        torch.testing.assert_close(o[b], ro, rtol=1e-12, atol=1e-12)      # float64; same math
+        torch.testing.assert_close(o[b], ro, rtol=1e-12, atol=1e-12)  # float64; same math
         torch.testing.assert_close(lse[b], rl, rtol=1e-12, atol=1e-12)
     # the target mass of the indexer loss equals the brute-force probabilities summed over heads
     mass = compressed_attention_mass(q, comp, lse, scale, mask)
@@ -239,12 +256,14 @@ def test_hybrid_attention_gradcheck(sparse: bool) -> None:
     def fn(q_, kv_, sinks_, comp_):
         o, lse = hybrid_attention(q_, kv_, sinks_, 0.5, W, seg, comp_, lay.visible_lo, lay.visible_hi, idx)
         return o, lse
+
     assert torch.autograd.gradcheck(fn, args)
 
 
 # ----------------------------------------------------------------------------------------------------
 # indexer
 # ----------------------------------------------------------------------------------------------------
+
 
 def test_indexer_scores_formula() -> None:
     torch.manual_seed(7)
@@ -255,15 +274,16 @@ def test_indexer_scores_formula() -> None:
     for b in range(B):
         for t in range(S):
             for s in range(N):
-                ref[b, t, s] = sum(w[b, t, h] / math.sqrt(H) * torch.relu(q[b, t, h] @ keys[b, s]) / math.sqrt(c)
-                                   for h in range(H))
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)       # fp32, different summation order
+                ref[b, t, s] = sum(
+                    w[b, t, h] / math.sqrt(H) * torch.relu(q[b, t, h] @ keys[b, s]) / math.sqrt(c) for h in range(H)
+                )
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)  # fp32, different summation order
 
 
 def test_indexer_topk_breaks_ties_by_lower_index() -> None:
     torch.manual_seed(8)
     B, S, N, k = 2, 30, 12, 4
-    scores = torch.relu(torch.randn(B, S, N)).round()                 # many exact ties (0, 1, 2)
+    scores = torch.relu(torch.randn(B, S, N)).round()  # many exact ties (0, 1, 2)
     lo = torch.randint(0, 4, (B, S))
     hi = torch.minimum(lo + torch.randint(0, 9, (B, S)), torch.tensor(N))
     got = indexer_topk(scores, lo, hi, k)
@@ -280,7 +300,7 @@ def test_indexer_kl_loss_matches_direct_formula() -> None:
     scores = torch.randn(B, S, N, dtype=torch.float64, requires_grad=True)
     mass = torch.rand(B, S, N, dtype=torch.float64)
     mask = torch.rand(B, S, N) < 0.6
-    mask[0, 0] = False                                                 # a query with an empty set
+    mask[0, 0] = False  # a query with an empty set
     loss = indexer_kl_loss(scores, mass, mask)
     terms = []
     for b in range(B):
@@ -297,8 +317,15 @@ def test_indexer_kl_loss_matches_direct_formula() -> None:
 
 def test_ops_are_registered() -> None:
     names = dispatch.registered()
-    for op in ("compressor_pool", "indexer_topk", "indexer_scores", "hybrid_attention", "apply_rope",
-               "indexer_kl_loss", "compressed_attention_mass"):
+    for op in (
+        "compressor_pool",
+        "indexer_topk",
+        "indexer_scores",
+        "hybrid_attention",
+        "apply_rope",
+        "indexer_kl_loss",
+        "compressed_attention_mass",
+    ):
         assert "reference" in names[op], op
 
 
@@ -306,16 +333,33 @@ def test_ops_are_registered() -> None:
 # attention modes and the indexer loss (module level)
 # ----------------------------------------------------------------------------------------------------
 
+
 def _csa_module(mode: str):
     from pretrain.config import ModelConfig, YarnConfig
     from pretrain.model.attention import V4Attention
-    cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=4, head_dim=16, rope_head_dim=4, q_lora_rank=16,
-                      o_groups=2, o_lora_rank=8, sliding_window=4, compress_rate_csa=4, compress_rate_hca=8,
-                      index_n_heads=2, index_head_dim=8, index_topk=2, layer_types=["csa"],
-                      yarn=YarnConfig(factor=4.0, original_max_position=32), attention_mode=mode)
+
+    cfg = ModelConfig(
+        hidden_size=32,
+        num_layers=1,
+        num_heads=4,
+        head_dim=16,
+        rope_head_dim=4,
+        q_lora_rank=16,
+        o_groups=2,
+        o_lora_rank=8,
+        sliding_window=4,
+        compress_rate_csa=4,
+        compress_rate_hca=8,
+        index_n_heads=2,
+        index_head_dim=8,
+        index_topk=2,
+        layer_types=["csa"],
+        yarn=YarnConfig(factor=4.0, original_max_position=32),
+        attention_mode=mode,
+    )
     torch.manual_seed(10)
     attn = V4Attention(cfg, "csa", 0)
-    with torch.no_grad():     # non-trivial sinks / biases / indexer weights
+    with torch.no_grad():  # non-trivial sinks / biases / indexer weights
         attn.sinks.normal_()
         attn.compressor.position_bias.normal_()
         attn.compressor.indexer.position_bias.normal_()
@@ -334,7 +378,7 @@ def test_indexer_loss_trains_only_the_indexer(mode: str) -> None:
     loss = attn.indexer_loss
     assert loss is not None and loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
     loss.backward()
-    assert x.grad is None or torch.count_nonzero(x.grad) == 0           # indexer inputs are detached
+    assert x.grad is None or torch.count_nonzero(x.grad) == 0  # indexer inputs are detached
     for name, p in attn.named_parameters():
         if name.startswith("compressor.indexer."):
             assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
@@ -357,12 +401,12 @@ def test_dense_mode_has_no_indexer_loss_and_sparse_with_full_topk_equals_dense()
         a = dense(x)
         assert dense.indexer_loss is None
         dense.attention_mode = "sparse"
-        dense.index_topk = 64                                            # >= every visible set: all selected
+        dense.index_topk = 64  # >= every visible set: all selected
         b = dense(x)
         assert dense.indexer_loss is not None
-        dense.index_topk = 1                                             # a real selection changes the output
+        dense.index_topk = 1  # a real selection changes the output
         c = dense(x)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)              # same entries; fp32 summation order
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # same entries; fp32 summation order
     assert (a - c).abs().max() > 1e-4
 
 
@@ -380,7 +424,7 @@ def test_sequences_shorter_than_the_compression_rate(mode: str) -> None:
     x = torch.randn(2, 3, 32)
     with torch.no_grad():
         with_compressor = attn(x)
-        attn.compressor, saved = None, attn.compressor     # same layer without compressed entries
+        attn.compressor, saved = None, attn.compressor  # same layer without compressed entries
         window_only = attn(x)
         attn.compressor = saved
-    assert torch.equal(with_compressor, window_only)     # identical computation when N = 0
+    assert torch.equal(with_compressor, window_only)  # identical computation when N = 0

@@ -7,6 +7,7 @@ window block). Outputs (o, lse) and the gradients of q, kv, sinks, comp_kv under
 BOTH outputs. Tolerances: fp32 ≤ 1e-5 relative (same fp32 arithmetic, different summation order: observed
 ~1e-7); float64 ≤ 1e-12 absolute against the reference, plus a float64 gradcheck of the hand-written backward.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -20,14 +21,28 @@ from ops.sparse_attention import hybrid_attention
 from ops.triton.testing import attention_fwd_bwd, rel
 
 
-def _case(seed: int, mode: str, dtype: torch.dtype, topk: int = 2, B: int = 2, S: int = 37, H: int = 3,
-          D: int = 8, window: int = 5, rate: int = 2):
+def _case(
+    seed: int,
+    mode: str,
+    dtype: torch.dtype,
+    topk: int = 2,
+    B: int = 2,
+    S: int = 37,
+    H: int = 3,
+    D: int = 8,
+    window: int = 5,
+    rate: int = 2,
+):
     g = torch.Generator().manual_seed(seed)
-    doc_ids = torch.stack([(torch.arange(S) >= 11).long() + (torch.arange(S) >= 20).long(),
-                           torch.zeros(S, dtype=torch.long)])[:B]
+    doc_ids = torch.stack(
+        [(torch.arange(S) >= 11).long() + (torch.arange(S) >= 20).long(), torch.zeros(S, dtype=torch.long)]
+    )[:B]
     seg = segment_starts(doc_ids, B, S)
-    args = [torch.randn(B, S, H, D, generator=g, dtype=dtype), torch.randn(B, S, D, generator=g, dtype=dtype),
-            torch.randn(H, generator=g, dtype=dtype)]
+    args = [
+        torch.randn(B, S, H, D, generator=g, dtype=dtype),
+        torch.randn(B, S, D, generator=g, dtype=dtype),
+        torch.randn(H, generator=g, dtype=dtype),
+    ]
     kw: dict = dict(seg_start=seg)
     if mode != "window":
         lay = compressed_layout(seg, document_positions(seg), rate)
@@ -36,7 +51,7 @@ def _case(seed: int, mode: str, dtype: torch.dtype, topk: int = 2, B: int = 2, S
         if mode == "topk":
             scores = torch.randn(B, S, lay.num_slots, generator=g, dtype=dtype)
             kw["comp_idx"] = indexer_topk(scores, lay.visible_lo, lay.visible_hi, topk)
-    return args, kw, window, D ** -0.5
+    return args, kw, window, D**-0.5
 
 
 def _run(fn, args, kw, window, scale, seed):
@@ -54,18 +69,21 @@ def gather_flags(monkeypatch):
         def __init__(self, *a):
             super().__init__(*a)
             flags.append(self.gather)
+
     monkeypatch.setattr(blocked_attention, "_Compressed", Spy)
     return flags
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunk-per-block"])
-@pytest.mark.parametrize("mode,topk,path", [("window", 0, None), ("range", 0, False), ("topk", 2, True),
-                                            ("topk", 2, False)],
-                         ids=["sliding", "range", "topk-gather", "topk-dense-span"])
+@pytest.mark.parametrize(
+    "mode,topk,path",
+    [("window", 0, None), ("range", 0, False), ("topk", 2, True), ("topk", 2, False)],
+    ids=["sliding", "range", "topk-gather", "topk-dense-span"],
+)
 def test_matches_reference_fp32(mode, topk, path, chunked, gather_flags, monkeypatch) -> None:
     if chunked:
         monkeypatch.setattr(blocked_attention, "CHUNK_ELEMENTS", 1)
-    if path is not None:     # the cost model's switch, forced each way at these small shapes
+    if path is not None:  # the cost model's switch, forced each way at these small shapes
         monkeypatch.setattr(blocked_attention, "GATHER_COST", 1 if path else 10**9)
     args, kw, window, scale = _case(11 + topk, mode, torch.float32, topk=topk)
     ref = _run(hybrid_attention, args, kw, window, scale, seed=3)
@@ -75,14 +93,15 @@ def test_matches_reference_fp32(mode, topk, path, chunked, gather_flags, monkeyp
         assert x.dtype == r.dtype and x.shape == r.shape, name
         err = rel(x, r)
         assert err <= 1e-5, f"{mode}: {name} relative error {err:.2e}"
-    if path is not None:     # (early chunks see few entries: a dense span there is the cheaper choice)
+    if path is not None:  # (early chunks see few entries: a dense span there is the cheaper choice)
         assert gather_flags and any(gather_flags) == path, gather_flags
     if chunked:
         assert len(gather_flags) > 2 or mode == "window"
 
 
-@pytest.mark.parametrize("mode,cost", [("range", 64), ("topk", 1), ("topk", 10**9)],
-                         ids=["range", "topk-gather", "topk-dense-span"])
+@pytest.mark.parametrize(
+    "mode,cost", [("range", 64), ("topk", 1), ("topk", 10**9)], ids=["range", "topk-gather", "topk-dense-span"]
+)
 def test_float64_equals_reference_and_gradcheck(mode, cost, monkeypatch) -> None:
     monkeypatch.setattr(blocked_attention, "GATHER_COST", cost)
     args, kw, window, scale = _case(21, mode, torch.float64, topk=2, B=2, S=13, H=2, D=4, window=3)
@@ -95,12 +114,13 @@ def test_float64_equals_reference_and_gradcheck(mode, cost, monkeypatch) -> None
 
     def fn(q, kv, sinks, comp_kv):
         return blocked_hybrid_attention(q, kv, sinks, scale, window, comp_kv=comp_kv, **fixed)
+
     assert torch.autograd.gradcheck(fn, leaves)
 
 
 def test_window_longer_than_sequence_and_no_selected_entries() -> None:
     args, kw, _, scale = _case(31, "topk", torch.float64, topk=2, S=6, window=64)
-    kw["comp_idx"] = torch.full_like(kw["comp_idx"], -1)           # nothing selected anywhere
+    kw["comp_idx"] = torch.full_like(kw["comp_idx"], -1)  # nothing selected anywhere
     ref = _run(hybrid_attention, args, kw, 64, scale, seed=7)
     got = _run(blocked_hybrid_attention, args, kw, 64, scale, seed=7)
     for r, x in zip(ref, got):
@@ -112,14 +132,17 @@ def test_auto_backend_uses_blocked_on_cpu_and_bad_shapes_are_named() -> None:
     assert dispatch.get("hybrid_attention", q) is blocked_hybrid_attention
     with dispatch.backend("reference"):
         assert dispatch.get("hybrid_attention", q) is hybrid_attention
-    with dispatch.backend("blocked"):      # ops without a blocked path fall back to their reference
+    with dispatch.backend("blocked"):  # ops without a blocked path fall back to their reference
         assert dispatch.get("indexer_topk", q).__module__ == "ops.indexer"
     with pytest.raises(ValueError, match="sinks must be"):
         blocked_hybrid_attention(q, torch.randn(1, 4, 8), torch.randn(3), 0.3, 2)
 
 
-@pytest.mark.parametrize("mode,cost", [("window", 64), ("range", 64), ("topk", 1), ("topk", 10**9)],
-                         ids=["sliding", "range", "topk-gather", "topk-dense-span"])
+@pytest.mark.parametrize(
+    "mode,cost",
+    [("window", 64), ("range", 64), ("topk", 1), ("topk", 10**9)],
+    ids=["sliding", "range", "topk-gather", "topk-dense-span"],
+)
 def test_bf16_products_match_reference(mode, cost, monkeypatch) -> None:
     """bf16 inputs: products in bf16 (``BF16_PRODUCTS``), softmax statistics in fp32, against the reference
     (fp32 inside from the same bf16 inputs, outputs rounded to bf16): ≤ 1e-2 relative, i.e. 2–3 bf16 ulps

@@ -13,6 +13,7 @@ gradcheck of each hand-written backward; RoPE and the RMSNorm forward are bit-id
 formula); bf16 head + CE and bf16 RMSNorm gradients ≤ 2e-2 (rounded to bf16 at another point of the chain —
 before the scalar scale, or after an fp32 instead of a bf16 product: about one bf16 ulp, 2^-8).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -82,9 +83,9 @@ def test_compressed_attention_mass_matches_reference(dtype, tol, small_chunks):
     ck = torch.randn(B, N, D, generator=g, dtype=dtype)
     lse = torch.randn(B, S, H, generator=g, dtype=dtype) + 2.0
     t, n = torch.arange(S), torch.arange(N)
-    visible = (n[None, :] < (t[:, None] + 1) // 3)[None].expand(B, S, N)      # causal, as CSA's rate-3 entries
+    visible = (n[None, :] < (t[:, None] + 1) // 3)[None].expand(B, S, N)  # causal, as CSA's rate-3 entries
     mask = visible & (torch.rand(B, S, N, generator=g) < 0.6)
-    mask[1, 20:] = False                                                        # rows and chunks with no entry
+    mask[1, 20:] = False  # rows and chunks with no entry
     ref = compressed_attention_mass(q, ck, lse, 0.4, mask)
     got = blocked_compressed_attention_mass(q, ck, lse, 0.4, mask)
     assert got.dtype == ref.dtype and got.shape == ref.shape
@@ -117,13 +118,13 @@ def test_linear_cross_entropy_matches_reference(dtype, tol, small_chunks):
     w = torch.randn(V, d, generator=g).to(dtype).requires_grad_()
     y = torch.randint(0, V, (T,), generator=g)
     y[[3, 10, 22]] = -100
-    ref = lce.linear_cross_entropy(h, w, y) * 0.37          # a scale as the token mean gives
+    ref = lce.linear_cross_entropy(h, w, y) * 0.37  # a scale as the token mean gives
     got = lce.blocked_linear_cross_entropy(h, w, y) * 0.37
     assert got.dtype == ref.dtype
     assert rel(got, ref) <= min(tol, 1e-5)
     for a, b in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(ref, (h, w))):
         assert a.dtype == b.dtype and rel(a.float(), b.float()) <= tol
-    with torch.no_grad():                                    # loss only: no gradient work, same value
+    with torch.no_grad():  # loss only: no gradient work, same value
         assert rel(lce.blocked_linear_cross_entropy(h, w, y), ref / 0.37) <= min(tol, 1e-5)
     y[:] = -100
     assert float(lce.blocked_linear_cross_entropy(h, w, y)) == 0.0
@@ -152,7 +153,8 @@ def test_rms_norm_matches_reference(dtype, tol, weighted):
         assert a.dtype == b.dtype and rel(a.float(), b.float()) <= tol
     x64 = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
     w64 = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True) if weighted else None
-    assert torch.autograd.gradcheck(lambda a, *b: rms_norm_fused(a, b[0] if b else None, 1e-6),
-                                    (x64, w64) if weighted else (x64,))
+    assert torch.autograd.gradcheck(
+        lambda a, *b: rms_norm_fused(a, b[0] if b else None, 1e-6), (x64, w64) if weighted else (x64,)
+    )
     with pytest.raises(ValueError, match="must be"):
         rms_norm_fused(x, torch.ones(5), 1e-6)

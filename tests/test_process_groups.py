@@ -1,4 +1,5 @@
 """Process groups on CPU/gloo: megatron-core layouts, tensor-parallel layers, layout validation, CPU compat."""
+
 from __future__ import annotations
 
 import subprocess
@@ -37,6 +38,7 @@ def _layouts_worker(rank, world):
         )
         # the group must actually communicate: sum of ranks over the TP group
         import torch
+
         t = torch.tensor([float(rank)])
         dist.all_reduce(t, group=ps.get_tensor_model_parallel_group())
         out[name]["tp_sum"] = t.item()
@@ -74,17 +76,29 @@ def _tp_linear_worker(rank, world, seed):
     w2 = torch.randn(d_out, d_hid, generator=g)
     x = torch.randn(n, d_in, generator=g)
     gy = torch.randn(n, d_out, generator=g)
-    cfg = ModelParallelConfig(tensor_model_parallel_size=2, use_cpu_initialization=True,
-                              gradient_accumulation_fusion=False, params_dtype=torch.float32)
-    col = ColumnParallelLinear(d_in, d_hid, config=cfg, init_method=torch.nn.init.zeros_, bias=False,
-                               gather_output=False, skip_bias_add=True)
-    row = RowParallelLinear(d_hid, d_out, config=cfg, init_method=torch.nn.init.zeros_, bias=False,
-                            input_is_parallel=True, skip_bias_add=True)
+    cfg = ModelParallelConfig(
+        tensor_model_parallel_size=2,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        params_dtype=torch.float32,
+    )
+    col = ColumnParallelLinear(
+        d_in, d_hid, config=cfg, init_method=torch.nn.init.zeros_, bias=False, gather_output=False, skip_bias_add=True
+    )
+    row = RowParallelLinear(
+        d_hid,
+        d_out,
+        config=cfg,
+        init_method=torch.nn.init.zeros_,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=True,
+    )
     tp_rank = ps.get_tensor_model_parallel_rank()
     h = d_hid // 2
     with torch.no_grad():
-        col.weight.copy_(w1[tp_rank * h:(tp_rank + 1) * h])
-        row.weight.copy_(w2[:, tp_rank * h:(tp_rank + 1) * h])
+        col.weight.copy_(w1[tp_rank * h : (tp_rank + 1) * h])
+        row.weight.copy_(w2[:, tp_rank * h : (tp_rank + 1) * h])
     xp = x.clone().requires_grad_(True)
     y = row(torch.nn.functional.gelu(col(xp)[0]))[0]
     (y * gy).sum().backward()
@@ -94,7 +108,8 @@ def _tp_linear_worker(rank, world, seed):
 @pytest.mark.slow
 def test_column_row_parallel_linear_equal_nn_linear():
     import torch
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())   # fresh inputs every run
+
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh inputs every run
     res = run_ranks(_tp_linear_worker, 2, seed, timeout=180)
     g = torch.Generator().manual_seed(seed)
     d_in, d_hid, d_out, n = 12, 16, 10, 5
@@ -111,8 +126,8 @@ def test_column_row_parallel_linear_equal_nn_linear():
         k = r["tp_rank"]
         torch.testing.assert_close(r["y"], y.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r["dx"], x.grad, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(r["dw1"], w1.grad[k * h:(k + 1) * h], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(r["dw2"], w2.grad[:, k * h:(k + 1) * h], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["dw1"], w1.grad[k * h : (k + 1) * h], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["dw2"], w2.grad[:, k * h : (k + 1) * h], rtol=1e-5, atol=1e-5)
 
 
 def test_layout_validation_messages():

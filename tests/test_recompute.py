@@ -16,6 +16,7 @@
   gives the same gradients, losses and expert loads as none under that layout (bit-identical).
 * The config rejects an unknown mode, naming it and the allowed ones.
 """
+
 from __future__ import annotations
 
 import collections
@@ -34,8 +35,12 @@ from tests.harness import run_ranks
 
 log = logging.getLogger(__name__)
 
-MODES = {"none": ["model.recompute=none"], "selective": ["model.recompute=selective"],
-         "full": ["model.recompute=full"], "full_first2": ["model.recompute=full", "model.recompute_num_layers=2"]}
+MODES = {
+    "none": ["model.recompute=none"],
+    "selective": ["model.recompute=selective"],
+    "full": ["model.recompute=full"],
+    "full_first2": ["model.recompute=full", "model.recompute_num_layers=2"],
+}
 B, S = 2, 64
 BALANCE_COEFF = 1e-2
 
@@ -60,7 +65,7 @@ def _batch(vocab: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed + 1)
     tokens = torch.randint(0, vocab, (B, S + 2), generator=g)
     doc = torch.zeros(B, S, dtype=torch.int32)
-    doc[:, S // 3:] = 1                                   # two documents per row
+    doc[:, S // 3 :] = 1  # two documents per row
     return {"input_ids": tokens[:, :-2], "labels": tokens[:, 1:-1], "mtp_labels": tokens[:, 2:], "doc_ids": doc}
 
 
@@ -69,14 +74,20 @@ def _step(mode: str, state: dict, batch: dict) -> dict:
     from pretrain.model.attention import V4Attention
     from pretrain.model.mhc import HyperConnection
     from pretrain.model.transformer import DeepSeekV4Model
+
     model = DeepSeekV4Model(_tiny(MODES[mode]), balance_loss_coeff=BALANCE_COEFF).train()
     model.load_state_dict(state)
     calls: collections.Counter = collections.Counter()
-    with contextlib.ExitStack() as stack:         # count the forwards of the regions (recomputes included)
+    with contextlib.ExitStack() as stack:  # count the forwards of the regions (recomputes included)
         for cls, name in ((V4Attention, "forward"), (V4Attention, "_core_attention"), (HyperConnection, "pre")):
             stack.enter_context(_counting(cls, name, calls))
-        out = model(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"],
-                    mtp_labels=batch["mtp_labels"], mtp_lambda=0.3)
+        out = model(
+            batch["input_ids"],
+            doc_ids=batch["doc_ids"],
+            labels=batch["labels"],
+            mtp_labels=batch["mtp_labels"],
+            mtp_lambda=0.3,
+        )
         out["loss"].backward()
     routers = dict(model.routers())
     return {
@@ -85,13 +96,19 @@ def _step(mode: str, state: dict, batch: dict) -> dict:
         "losses": {k: v.detach().clone() for k, v in out.items()},
         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
         "no_grad": sorted(n for n, p in model.named_parameters() if p.grad is None),
-        "counters": {n: r.local_tokens_per_expert.clone() for n, r in routers.items()
-                     if getattr(r, "local_tokens_per_expert", None) is not None},
+        "counters": {
+            n: r.local_tokens_per_expert.clone()
+            for n, r in routers.items()
+            if getattr(r, "local_tokens_per_expert", None) is not None
+        },
         "topk": {n: r.topk for n, r in routers.items()},
         "loads": {n: r.tokens_per_expert.clone() for n, r in routers.items()},
         "balance": {n: r.balance_loss.detach().clone() for n, r in routers.items() if r.balance_loss is not None},
-        "indexer": {i: blk.self_attn.indexer_loss.detach().clone() for i, blk in enumerate(_blocks(model))
-                    if blk.self_attn.indexer_loss is not None},
+        "indexer": {
+            i: blk.self_attn.indexer_loss.detach().clone()
+            for i, blk in enumerate(_blocks(model))
+            if blk.self_attn.indexer_loss is not None
+        },
     }
 
 
@@ -101,6 +118,7 @@ def _counting(cls: type, name: str, calls: collections.Counter):
     def wrapper(self, *args, **kwargs):
         calls[name] += 1
         return orig(self, *args, **kwargs)
+
     return mock.patch.object(cls, name, wrapper)
 
 
@@ -116,6 +134,7 @@ def _assert_same(got: dict, ref: dict, what: str) -> None:
 
 def test_same_loss_grads_and_loads(one_rank_per_test):
     from pretrain.model.transformer import DeepSeekV4Model
+
     seed = int.from_bytes(os.urandom(4), "little")
     log.info("test_same_loss_grads_and_loads: seed %d (set it here to replay a failure)", seed)
     cfg = _tiny(MODES["none"])
@@ -128,8 +147,8 @@ def test_same_loss_grads_and_loads(one_rank_per_test):
     n_blocks = cfg.num_layers + cfg.num_mtp_layers
     assert ref["no_grad"] == [] and len(ref["grads"]) > 100
     assert ref["losses"]["balance_loss"] > 0 and ref["losses"]["indexer_loss"] > 0
-    assert len(ref["counters"]) == 4 and len(ref["indexer"]) == 2     # learned: layers 1-3 + MTP; CSA: 1, 3
-    for name, c in ref["counters"].items():      # exactly one count per routed token copy
+    assert len(ref["counters"]) == 4 and len(ref["indexer"]) == 2  # learned: layers 1-3 + MTP; CSA: 1, 3
+    for name, c in ref["counters"].items():  # exactly one count per routed token copy
         assert int(c.sum()) == B * S * ref["topk"][name], f"{name}: {int(c.sum())} loads for {B * S} tokens"
     assert res["none"]["modes"] == ["none"] * n_blocks
     assert res["selective"]["modes"] == ["selective"] * n_blocks
@@ -152,6 +171,7 @@ def test_same_loss_grads_and_loads(one_rank_per_test):
 def _saved_bytes(mode: str, state: dict, batch: dict) -> int:
     """Bytes of the distinct storages the forward saves for backward (parameters and buffers excluded)."""
     from pretrain.model.transformer import DeepSeekV4Model
+
     model = DeepSeekV4Model(_tiny(MODES[mode]), balance_loss_coeff=BALANCE_COEFF).train()
     model.load_state_dict(state)
     weights = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
@@ -164,21 +184,28 @@ def _saved_bytes(mode: str, state: dict, batch: dict) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"],
-                    mtp_labels=batch["mtp_labels"], mtp_lambda=0.3)
-    out["loss"].backward()                      # the graph is usable (and frees what it holds)
+        out = model(
+            batch["input_ids"],
+            doc_ids=batch["doc_ids"],
+            labels=batch["labels"],
+            mtp_labels=batch["mtp_labels"],
+            mtp_lambda=0.3,
+        )
+    out["loss"].backward()  # the graph is usable (and frees what it holds)
     return sum(storages.values())
 
 
 def test_saved_bytes_full_lt_selective_lt_none(one_rank_per_test):
     from pretrain.model.transformer import DeepSeekV4Model
+
     cfg = _tiny(MODES["none"])
     torch.manual_seed(11)
     state = DeepSeekV4Model(cfg, balance_loss_coeff=BALANCE_COEFF).state_dict()
     batch = _batch(cfg.vocab_size, 11)
     got = {m: _saved_bytes(m, state, batch) for m in ("none", "selective", "full")}
-    print("saved for backward, tiny B=%d S=%d: " % (B, S)
-          + ", ".join(f"{m} {v / 2 ** 20:.2f} MiB" for m, v in got.items()))
+    print(
+        "saved for backward, tiny B=%d S=%d: " % (B, S) + ", ".join(f"{m} {v / 2**20:.2f} MiB" for m, v in got.items())
+    )
     log.info("saved bytes: %s", got)
     assert got["selective"] < 0.8 * got["none"], got
     assert got["full"] < 0.5 * got["selective"], got
@@ -195,8 +222,11 @@ def test_config_rejects_unknown_mode():
 
 
 # ------------------------------------------------------------------------------------------------ 2 ranks
-LAYOUTS = {"pp2": ({"pp": 2}, ("none", "full")), "tp2": ({"tp": 2}, ("none", "full")),
-           "sp2": ({"sp": 2}, ("none", "selective", "full"))}
+LAYOUTS = {
+    "pp2": ({"pp": 2}, ("none", "full")),
+    "tp2": ({"tp": 2}, ("none", "full")),
+    "sp2": ({"sp": 2}, ("none", "selective", "full")),
+}
 
 
 def _rank_grads(rank: int, world: int, layouts: dict) -> dict:
@@ -231,8 +261,9 @@ def _rank_grads(rank: int, world: int, layouts: dict) -> dict:
             seen[mode] = {
                 "losses": {k: torch.tensor(v, dtype=torch.float64) for k, v in losses.items()},
                 "grads": {n: p.grad.clone() for c in chunks for n, p in c.named_parameters() if p.grad is not None},
-                "loads": {n: b.clone() for c in chunks for n, b in c.named_buffers()
-                          if n.endswith("local_tokens_per_expert")},
+                "loads": {
+                    n: b.clone() for c in chunks for n, b in c.named_buffers() if n.endswith("local_tokens_per_expert")
+                },
                 "modes": sorted({m.recompute for c in chunks for m in c.modules() if isinstance(m, V4Block)}),
             }
         bad = []
@@ -247,8 +278,9 @@ def _rank_grads(rank: int, world: int, layouts: dict) -> dict:
                     continue
                 for k, v in ref[key].items():
                     if not torch.equal(got[key][k], v):
-                        bad.append(f"{mode} {key} {k}: max |diff| "
-                                   f"{float((got[key][k].double() - v.double()).abs().max()):.3e}")
+                        bad.append(
+                            f"{mode} {key} {k}: max |diff| {float((got[key][k].double() - v.double()).abs().max()):.3e}"
+                        )
         out[name] = {"bad": bad, "n_grads": len(ref["grads"]), "seconds": time.monotonic() - t0}
         ps.destroy_model_parallel()
     return out
@@ -275,13 +307,16 @@ def test_dry_run_accounts_for_recompute():
     from pretrain.config import ParallelConfig
     from pretrain.dry_run import COMPARE, layer_activation_bytes_per_token, plan, render, render_comparison
     from tests.test_parallel_layouts import model_config
+
     cfg = model_config()
-    per = {m: layer_activation_bytes_per_token(cfg, "csa", 1, 1, cfg.index_topk, m) for m in ("none", "selective", "full")}
-    assert per["full"] == 4 * cfg.hc_mult * cfg.hidden_size                  # the fp32 stream state X only
+    per = {
+        m: layer_activation_bytes_per_token(cfg, "csa", 1, 1, cfg.index_topk, m) for m in ("none", "selective", "full")
+    }
+    assert per["full"] == 4 * cfg.hc_mult * cfg.hidden_size  # the fp32 stream state X only
     assert per["full"] < per["selective"] < per["none"]
     cfg = dataclasses.replace(cfg, recompute="full", recompute_num_layers=1)
     layout, rows = plan(cfg, 2, ParallelConfig(pp=2), micro_batch=1, seq_len=32, global_batch=4, settings=COMPARE)
-    for r in rows:     # rank 0 holds 2 micro-batches at its peak, the last rank 1: its recompute saves nothing
+    for r in rows:  # rank 0 holds 2 micro-batches at its peak, the last rank 1: its recompute saves nothing
         act = {s[0] if not s[1] else "first1": v for s, v in r.act.items()}
         assert act["full"] < act["first1"] and act["selective"] < act["none"], act
         assert act["first1"] < act["none"] if r.pp_rank == 0 else act["first1"] <= act["none"], act

@@ -1,4 +1,5 @@
 """V4 schedules: LR warm-up/constant/cosine, batch ramp, seq-len stages, attention phases, MTP lambda."""
+
 import math
 import random
 
@@ -9,8 +10,7 @@ from pretrain.schedules import Schedules
 
 
 def _cfg(**kw):
-    base = dict(steps=100, lr=1e-3, min_lr_ratio=0.1, warmup_steps=10, decay_start=0.6, global_batch=16,
-                micro_batch=2)
+    base = dict(steps=100, lr=1e-3, min_lr_ratio=0.1, warmup_steps=10, decay_start=0.6, global_batch=16, micro_batch=2)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -21,8 +21,8 @@ def test_lr_warmup_constant_cosine_endpoints():
     assert s.lr(9) == (pytest.approx(1e-3), "warmup")
     assert s.lr(10) == (pytest.approx(1e-3), "constant")
     assert s.lr(59) == (pytest.approx(1e-3), "constant")
-    assert s.lr(60) == (pytest.approx(1e-3), "decay")          # cosine starts at the peak
-    assert s.lr(99) == (pytest.approx(1e-4), "decay")          # ... and ends at 0.1x at the last step
+    assert s.lr(60) == (pytest.approx(1e-3), "decay")  # cosine starts at the peak
+    assert s.lr(99) == (pytest.approx(1e-4), "decay")  # ... and ends at 0.1x at the last step
     mid = 60 + (99 - 60) / 2
     assert s.lr(int(mid))[0] < 1e-3
     # cosine is monotone non-increasing during decay and matches the closed form
@@ -48,8 +48,10 @@ def test_batch_ramp_rounds_to_micro_batch_times_dp():
 
 
 def test_seq_len_stages_and_attention_phases():
-    s = Schedules(_cfg(seq_len=64, seq_len_stages=[[50, 256], [20, 128]], dense_attention_steps=30,
-                       indexer_warmup_steps=5), default_attention_mode="sparse")
+    s = Schedules(
+        _cfg(seq_len=64, seq_len_stages=[[50, 256], [20, 128]], dense_attention_steps=30, indexer_warmup_steps=5),
+        default_attention_mode="sparse",
+    )
     assert s.seq_len(0) == (64, 0) and s.seq_len(20) == (128, 1) and s.seq_len(49) == (128, 1)
     assert s.seq_len(50) == (256, 2)
     assert s.attention_mode(29) == "dense" and s.attention_mode(30) == "indexer_warmup"

@@ -1,4 +1,5 @@
 """data_pipeline.storage against local paths and a real S3 server (moto_server over HTTP, tests/s3_server.py)."""
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ def test_round_trips(base):
     assert got.dtype == arr.dtype and np.array_equal(got, arr)
     storage.remove(storage.join(base, "d"))
     assert not storage.exists(storage.join(base, "d", "blob.bin"))
-    storage.remove(storage.join(base, "never-was"))      # missing is fine
+    storage.remove(storage.join(base, "never-was"))  # missing is fine
 
 
 def test_listing_and_globs(base):
@@ -52,7 +53,7 @@ def test_listing_and_globs(base):
     assert storage.list_files(base + "/**/*.jsonl") == [w for w in want if w.endswith(".jsonl")]
     assert storage.list_files(storage.join(base, "c.jsonl")) == [storage.join(base, "c.jsonl")]
     assert storage.list_files(storage.join(base, "nothing-here")) == []
-    for f in storage.list_files(base):      # listed URLs are readable as they are
+    for f in storage.list_files(base):  # listed URLs are readable as they are
         assert storage.read_bytes(f).decode() in names
 
 
@@ -78,7 +79,7 @@ def test_atomic_writes_never_show_half_a_file(base):
         t.join()
     assert not bad, f"partial reads of sizes {bad[:5]}"
     assert seen
-    if not storage.is_remote(base):     # no temporary file left beside it
+    if not storage.is_remote(base):  # no temporary file left beside it
         assert sorted(os.listdir(os.path.dirname(url))) == ["atomic.bin"]
 
 
@@ -97,7 +98,7 @@ def test_download_and_copy_tree(base, tmp_path):
     assert storage.download_file(storage.join(base, "tree", "t/0/f0.bin"), dest) == len(files["t/0/f0.bin"])
     with pytest.raises(storage.ObjectNotFound, match="missing.bin"):
         storage.download_file(storage.join(base, "tree", "missing.bin"), tmp_path / "dl" / "missing.bin")
-    assert sorted(os.listdir(tmp_path / "dl")) == ["one.bin"]     # a failed download leaves nothing
+    assert sorted(os.listdir(tmp_path / "dl")) == ["one.bin"]  # a failed download leaves nothing
 
 
 def test_missing_and_corrupt_fail_naming_the_url(base):
@@ -130,14 +131,16 @@ def test_access_denied_names_url_and_fix(s3_server):
 
     with local_s3_server(enforce_auth=True) as strict:
         url = f"{strict.url}/ds"
-        for op, fn in (("read", lambda: storage.read_bytes(url + "/x.bin")),
-                       ("write", lambda: storage.write_bytes(url + "/x.bin", b"1")),
-                       ("list", lambda: storage.list_files(url))):
+        for op, fn in (
+            ("read", lambda: storage.read_bytes(url + "/x.bin")),
+            ("write", lambda: storage.write_bytes(url + "/x.bin", b"1")),
+            ("list", lambda: storage.list_files(url)),
+        ):
             with pytest.raises(storage.AccessDenied, match=rf"{url}.*: access denied \({op}\).*AWS_ACCESS_KEY_ID"):
                 fn()
         with pytest.raises(ManifestError, match=f"{url}/manifest.json: access denied"):
             read_manifest(url)
-    assert os.environ["AWS_ENDPOINT_URL"] == s3_server.endpoint      # the session server's settings are back
+    assert os.environ["AWS_ENDPOINT_URL"] == s3_server.endpoint  # the session server's settings are back
 
 
 def test_unreachable_endpoint_and_credentials_never_shown(s3_server, monkeypatch, caplog):
@@ -161,7 +164,7 @@ def test_unreachable_endpoint_and_credentials_never_shown(s3_server, monkeypatch
     assert url in messages[0] and dead in messages[0]
     key_id = os.environ["AWS_ACCESS_KEY_ID"]
     assert all(s3_server.secret not in m and key_id not in m for m in messages)
-    assert s3_server.secret not in caplog.text        # no logger at all, botocore's included, printed the secret
+    assert s3_server.secret not in caplog.text  # no logger at all, botocore's included, printed the secret
     ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("data_pipeline"))
     assert key_id not in ours
 

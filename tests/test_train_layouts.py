@@ -25,6 +25,7 @@ with ``train.steps=5`` continues bit-identically to the uninterrupted pp2 run (s
 order). Cross-layout: the pp2 and tp2 checkpoints of step 2 loaded by one process (``checkpoint.load``;
 dist_checkpointing reshards model and optimizer state) give the one-process losses at steps 3-5 within TOL.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,15 +44,26 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 5
 NAN_STEP = 4
 TOL = 1e-5
-BASE = [f"data.shards_dir={REPO / 'runs' / 'data' / 'tiny'}", "train.seq_len=32", "train.global_batch=4",
-        "train.micro_batch=2", "train.warmup_steps=3", f"train.steps={STEPS}",
-        f"train.fault_inject_nan_steps=[{NAN_STEP}]", "checkpoint.interval=0", "run.tensorboard=false",
-        "run.progress=false", "run.plot=false"]
-LAYOUTS = {"tp2": ["parallel.tp=2", "checkpoint.interval=2", "checkpoint.keep_every=2"],
-           "pp2": ["parallel.pp=2"],
-           "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2"],
-           "sp2": ["parallel.sp=2"]}
-FOUR_RANK_LAYOUTS = {"ep2_pp2": ["parallel.ep=2", "parallel.pp=2"]}     # V4's main layout family: dp2 × pp2, ep2
+BASE = [
+    f"data.shards_dir={REPO / 'runs' / 'data' / 'tiny'}",
+    "train.seq_len=32",
+    "train.global_batch=4",
+    "train.micro_batch=2",
+    "train.warmup_steps=3",
+    f"train.steps={STEPS}",
+    f"train.fault_inject_nan_steps=[{NAN_STEP}]",
+    "checkpoint.interval=0",
+    "run.tensorboard=false",
+    "run.progress=false",
+    "run.plot=false",
+]
+LAYOUTS = {
+    "tp2": ["parallel.tp=2", "checkpoint.interval=2", "checkpoint.keep_every=2"],
+    "pp2": ["parallel.pp=2"],
+    "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2"],
+    "sp2": ["parallel.sp=2"],
+}
+FOUR_RANK_LAYOUTS = {"ep2_pp2": ["parallel.ep=2", "parallel.pp=2"]}  # V4's main layout family: dp2 × pp2, ep2
 STOP = 2
 CKPT = f"checkpoints/step_{STOP:08d}"
 log = logging.getLogger(__name__)
@@ -63,14 +75,20 @@ def train_runs(rank: int, world: int, root: str, runs: list[tuple[str, str, list
     from parallel.process_groups import init_distributed
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
+
     out = {}
     for key, run_dir, over in runs:
         t0 = time.monotonic()
         cfg = load_config("tiny", [*BASE, f"run.dir={Path(root) / run_dir}", *over])
         res = Trainer(cfg, init_distributed(cfg.parallel, cfg.model)).fit()
         recs = [json.loads(x) for x in (Path(root) / run_dir / "metrics.jsonl").read_text().splitlines()]
-        out[key] = {"exit": res.exit_code, "steps_done": res.steps_done, "first_loss": res.first_loss,
-                    "records": recs if rank == 0 else None, "seconds": time.monotonic() - t0}
+        out[key] = {
+            "exit": res.exit_code,
+            "steps_done": res.steps_done,
+            "first_loss": res.first_loss,
+            "records": recs if rank == 0 else None,
+            "seconds": time.monotonic() - t0,
+        }
     return out
 
 
@@ -78,11 +96,15 @@ def train_runs(rank: int, world: int, root: str, runs: list[tuple[str, str, list
 def runs(tmp_path_factory) -> dict:
     root = str(tmp_path_factory.mktemp("train_layouts"))
     two = [(k, k, v) for k, v in LAYOUTS.items()]
-    two += [("pp2_stop", "pp2_stop", ["parallel.pp=2", f"train.steps={STOP}", f"checkpoint.interval={STOP}"]),
-            ("pp2_resume", "pp2_stop", ["parallel.pp=2"])]
-    one = [("one", "one", []),
-           ("pp2_at_pp1", "pp2_at_pp1", [f"checkpoint.load={Path(root) / 'pp2_stop' / CKPT}"]),
-           ("tp2_at_tp1", "tp2_at_tp1", [f"checkpoint.load={Path(root) / 'tp2' / CKPT}"])]
+    two += [
+        ("pp2_stop", "pp2_stop", ["parallel.pp=2", f"train.steps={STOP}", f"checkpoint.interval={STOP}"]),
+        ("pp2_resume", "pp2_stop", ["parallel.pp=2"]),
+    ]
+    one = [
+        ("one", "one", []),
+        ("pp2_at_pp1", "pp2_at_pp1", [f"checkpoint.load={Path(root) / 'pp2_stop' / CKPT}"]),
+        ("tp2_at_tp1", "tp2_at_tp1", [f"checkpoint.load={Path(root) / 'tp2' / CKPT}"]),
+    ]
     # the first launch may build the dataset cache (~1 min) and DeepSpeed's shared-memory op for sp2 (~30 s)
     res = run_ranks(train_runs, 2, root, two, timeout=900)[0]
     res.update(run_ranks(train_runs, 4, root, [(k, k, v) for k, v in FOUR_RANK_LAYOUTS.items()], timeout=600)[0])
@@ -109,15 +131,16 @@ def _match(got: dict[int, dict], want: dict[int, dict], steps: range, name: str)
     for s in steps:
         a, b = got[s], want[s]
         if s == NAN_STEP:
-            assert a["skipped"] and b["skipped"] and math.isnan(a["loss"]) and a["grad_norm"] is None, \
+            assert a["skipped"] and b["skipped"] and math.isnan(a["loss"]) and a["grad_norm"] is None, (
                 f"{name} step {s}: the injected NaN was not skipped: {a}"
+            )
             assert a["expert_load_cv"] == pytest.approx(b["expert_load_cv"], rel=1e-9)
             continue
         assert not a["skipped"] and a["skipped_total"] == b["skipped_total"], f"{name} step {s}: {a}"
         for k in worst:
             worst[k] = max(worst[k], _rel(a[k], b[k]))
             assert _rel(a[k], b[k]) <= TOL, f"{name} step {s} {k}: {a[k]!r} vs one process {b[k]!r}"
-        for k in ("expert_load_cv", "expert_load_max_over_mean"):   # integer loads of every router, all stages
+        for k in ("expert_load_cv", "expert_load_max_over_mean"):  # integer loads of every router, all stages
             assert a[k] == pytest.approx(b[k], rel=1e-9), f"{name} step {s} {k}: {a[k]} vs one process {b[k]}"
     return worst
 
@@ -134,13 +157,14 @@ def test_pp2_stop_and_resume_is_bit_exact(runs):
     stop, resumed = runs["pp2_stop"], runs["pp2_resume"]
     assert stop["steps_done"] == STOP and resumed["steps_done"] == STEPS
     got, want = _by_step(resumed["records"]), _by_step(runs["pp2"]["records"])
-    assert sorted(got) == list(range(1, STEPS + 1))            # steps 1-2 of the first run, 3-5 resumed
-    assert resumed["first_loss"] == got[STOP + 1]["loss"]       # the rerun started at step 3
+    assert sorted(got) == list(range(1, STEPS + 1))  # steps 1-2 of the first run, 3-5 resumed
+    assert resumed["first_loss"] == got[STOP + 1]["loss"]  # the rerun started at step 3
     for s in range(1, STEPS + 1):
         for k in ("loss", "lm_loss", "mtp_loss", "grad_norm", "expert_load_cv", "skipped"):
             a, b = got[s][k], want[s][k]
-            assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), \
+            assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), (
                 f"pp2 resumed step {s} {k}: {a!r} vs uninterrupted {b!r}"
+            )
 
 
 @pytest.mark.parametrize("run", ["pp2_at_pp1", "tp2_at_tp1"])

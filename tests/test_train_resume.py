@@ -11,6 +11,7 @@ Every run uses the real model, Muon + AdamW, the data pipeline's loader on the e
 first use into the repo's cache ``runs/data/tiny``) and dist_checkpointing. OMP_NUM_THREADS=1 keeps CPU math
 deterministic, which is what makes bit-exactness a fair requirement.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,14 @@ from tests.harness import kill_process_tree, process_tree, run_command, subproce
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["train.seq_len=32", "train.global_batch=4", "train.micro_batch=2", "train.warmup_steps=3",
-         "run.tensorboard=false", "run.progress=false"]
+SMALL = [
+    "train.seq_len=32",
+    "train.global_batch=4",
+    "train.micro_batch=2",
+    "train.warmup_steps=3",
+    "run.tensorboard=false",
+    "run.progress=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +49,17 @@ def shards() -> str:
 
 
 def _cmd(run_dir: Path, shards: str, extra: list[str], ranks: int = 1) -> list[str]:
-    args = ["-m", "pretrain", "--config", "tiny", f"run.dir={run_dir}", f"data.shards_dir={shards}",
-            *SMALL, *extra]
+    args = ["-m", "pretrain", "--config", "tiny", f"run.dir={run_dir}", f"data.shards_dir={shards}", *SMALL, *extra]
     if ranks == 1:
         return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-            f"--master_port={free_port()}", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={ranks}",
+        f"--master_port={free_port()}",
+        *args,
+    ]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -58,11 +70,13 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def _start_and_signal(cmd: list[str], run_dir: Path, sig: int, after_step: int, need_ckpt: bool,
-                      timeout: float = 400) -> tuple[int, str]:
+def _start_and_signal(
+    cmd: list[str], run_dir: Path, sig: int, after_step: int, need_ckpt: bool, timeout: float = 400
+) -> tuple[int, str]:
     """Start ``cmd`` in its own process group; send ``sig`` once metrics.jsonl shows ``after_step``."""
-    p = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
+    p = subprocess.Popen(
+        cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline and p.poll() is None:
@@ -70,9 +84,9 @@ def _start_and_signal(cmd: list[str], run_dir: Path, sig: int, after_step: int, 
             steps = len(m.read_text().splitlines()) if m.exists() else 0
             if steps >= after_step and (not need_ckpt or (run_dir / "checkpoints" / "latest").exists()):
                 if sig == signal.SIGKILL:
-                    kill_process_tree(process_tree(p.pid))   # the launcher, every rank and their helpers: a node loss
+                    kill_process_tree(process_tree(p.pid))  # the launcher, every rank and their helpers: a node loss
                 else:
-                    for q in process_tree(p.pid):     # what Slurm/torchrun deliver: the signal to every rank
+                    for q in process_tree(p.pid):  # what Slurm/torchrun deliver: the signal to every rank
                         with contextlib.suppress(psutil.Error):
                             if q.pid == p.pid or "pretrain" in " ".join(q.cmdline()):
                                 q.send_signal(sig)
@@ -92,17 +106,22 @@ def _kill9_resume_matches(tmp_path: Path, shards: str, ranks: int) -> None:
     assert r.returncode == 0, r.stderr[-4000:]
     run = tmp_path / "killed"
     # every rank stops right after step 3 (the last checkpoint is step 2); kill -9 the whole process group
-    code, out = _start_and_signal(_cmd(run, shards, [*extra, "train.fault_inject_pause_step=3"], ranks), run,
-                                  signal.SIGKILL, after_step=3, need_ckpt=True)
+    code, out = _start_and_signal(
+        _cmd(run, shards, [*extra, "train.fault_inject_pause_step=3"], ranks),
+        run,
+        signal.SIGKILL,
+        after_step=3,
+        need_ckpt=True,
+    )
     assert code == -signal.SIGKILL or code == 128 + signal.SIGKILL, out[-3000:]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
-    r = run_command(_cmd(run, shards, extra, ranks))        # the same command resumes
+    r = run_command(_cmd(run, shards, extra, ranks))  # the same command resumes
     assert r.returncode == 0, r.stderr[-4000:]
     assert "resumed from" in r.stderr
     want, got = _losses(ref), _losses(run)
     assert sorted(got) == list(range(1, 7))
-    assert got == want                               # bit-identical for every step
+    assert got == want  # bit-identical for every step
 
 
 def test_kill9_resume_is_bit_exact_one_process(tmp_path, shards):

@@ -9,6 +9,7 @@ fp32 atomics in arbitrary order, still ~1e-7); bf16 inputs 1e-2 (the kernel feed
 the matmuls, as FlashAttention does, ≤ 2⁻⁸ relative each, while the reference keeps fp32).
 Interpreter on CPU (S = 32, H = 2, D = 16), compiled on CUDA.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -31,8 +32,9 @@ _poison = pytest.fixture(autouse=True)(testing.poison_outputs)
 
 def _case(seed, mode, dtype, B=2, S=32, H=2, D=16, window=7, rate=4, topk=3):
     g = torch.Generator().manual_seed(seed)
-    doc_ids = torch.stack([torch.zeros(S, dtype=torch.long),
-                           (torch.arange(S) >= 13).long() + (torch.arange(S) >= 22).long()])[:B]
+    doc_ids = torch.stack(
+        [torch.zeros(S, dtype=torch.long), (torch.arange(S) >= 13).long() + (torch.arange(S) >= 22).long()]
+    )[:B]
     seg = compressor.segment_starts(doc_ids, B, S)
     q = torch.randn(B, S, H, D, generator=g).to(dtype)
     kv = torch.randn(B, S, D, generator=g).to(dtype)
@@ -48,15 +50,22 @@ def _case(seed, mode, dtype, B=2, S=32, H=2, D=16, window=7, rate=4, topk=3):
             scores = torch.randn(B, S, N, generator=g)
             kw["comp_idx"] = indexer.indexer_topk(scores, lay.visible_lo, lay.visible_hi, topk)
     kw = {k: v.to(DEV) for k, v in kw.items()}
-    return [q.to(DEV), kv.to(DEV), sinks.to(DEV)], kw, window, D ** -0.5
+    return [q.to(DEV), kv.to(DEV), sinks.to(DEV)], kw, window, D**-0.5
 
 
 _run = testing.attention_fwd_bwd
 
 
-@pytest.mark.parametrize("mode,dtype", [("window", torch.float32), ("range", torch.float32),
-                                        ("topk", torch.float32), ("topk", torch.bfloat16),
-                                        ("range", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "mode,dtype",
+    [
+        ("window", torch.float32),
+        ("range", torch.float32),
+        ("topk", torch.float32),
+        ("topk", torch.bfloat16),
+        ("range", torch.bfloat16),
+    ],
+)
 def test_hybrid_attention_matches_reference(mode, dtype):
     k = testing.kernels("hybrid_attention")
     args, kw, window, scale = _case(31, mode, dtype)
@@ -112,6 +121,6 @@ def test_config_shared_memory_fits_sm90():
                         continue
                     for key in ("BH", "BN", "BHQ", "BNQ", "BM", "BNK"):
                         v = cfg[key]
-                        assert v >= 16 and v & (v - 1) == 0, (key, v)      # tl.dot: pow2 dims ≥ 16
+                        assert v >= 16 and v & (v - 1) == 0, (key, v)  # tl.dot: pow2 dims ≥ 16
                     est = k.config_smem(H, D, dtype, comp)
                     assert max(est.values()) <= k.SMEM_BUDGET < k.SMEM_LIMIT, (D, dtype, comp, H, est)

@@ -6,6 +6,7 @@ gate and position_bias on fresh random inputs; the output is poisoned (NaN) befo
 Tolerances (‖out − ref‖/‖ref‖): fp32 1e-5 (same fp32 softmax, different summation order); bf16 1e-2 (the
 reference multiplies and sums in bf16, the kernel in fp32 after the same bf16 cast of the weights).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -28,12 +29,13 @@ _poison = pytest.fixture(autouse=True)(testing.poison_outputs)
 @pytest.mark.parametrize("rate,dtype", [(4, torch.float32), (8, torch.float32), (4, torch.bfloat16)])
 def test_compressor_pool_matches_reference(rate, dtype):
     k = testing.kernels("compressor")
-    B, S, c = 2, 40, 24                       # c not a multiple of the channel block
+    B, S, c = 2, 40, 24  # c not a multiple of the channel block
     overlap = rate == 4
     C = 2 * c if overlap else c
     g = torch.Generator().manual_seed(rate)
-    doc_ids = torch.stack([torch.zeros(S, dtype=torch.long),
-                           (torch.arange(S) >= 11).long() + (torch.arange(S) >= 30).long()])
+    doc_ids = torch.stack(
+        [torch.zeros(S, dtype=torch.long), (torch.arange(S) >= 11).long() + (torch.arange(S) >= 30).long()]
+    )
     seg = ref.segment_starts(doc_ids, B, S)
     lay = ref.compressed_layout(seg, ref.document_positions(seg), rate)
     kv = torch.randn(B, S, C, generator=g).to(dtype).to(DEV)
@@ -49,6 +51,7 @@ def test_compressor_pool_matches_reference(rate, dtype):
         y = f(*leaves, bs, pv)
         y.backward(go)
         return y, [t.grad for t in leaves]
+
     y_t, g_t = run(k.compressor_pool)
     y_r, g_r = run(ref.compressor_pool)
     tol = 1e-5 if dtype == torch.float32 else 1e-2

@@ -8,6 +8,7 @@
   slots agree exactly, and ≥ 95% of the indices agree position by position.
 The index output is poisoned (−2³⁰) before each run. Several blocks of KP = 16 entries are merged.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -29,7 +30,7 @@ def _visibility(B, S, N, seed):
     g = torch.Generator().manual_seed(seed)
     hi = torch.randint(N // 2, N + 1, (B, S), generator=g)
     lo = torch.randint(0, 4, (B, S), generator=g)
-    hi[0, 0] = 3                                     # fewer visible entries than k: −1 slots
+    hi[0, 0] = 3  # fewer visible entries than k: −1 slots
     lo[0, 0] = 0
     return lo.to(DEV), hi.to(DEV)
 
@@ -39,8 +40,8 @@ def test_indexer_topk_exact_with_ties():
     B, S, N = 1, 6, 36
     lo, hi = _visibility(B, S, N, 0)
     g = torch.Generator().manual_seed(1)
-    scores = (torch.randn(B, S, N, generator=g) * 2).round() / 2   # coarse grid: many ties
-    scores = torch.relu(scores).to(DEV)                             # and exact zeros (incl. −0.0)
+    scores = (torch.randn(B, S, N, generator=g) * 2).round() / 2  # coarse grid: many ties
+    scores = torch.relu(scores).to(DEV)  # and exact zeros (incl. −0.0)
     for kk in (5, 20):
         got = k.indexer_topk(scores, lo, hi, kk)
         want = ref.indexer_topk(scores, lo, hi, kk)

@@ -11,6 +11,7 @@ Tolerances (relative, ‖out − ref‖ / ‖ref‖, every output and every grad
   (≤ 2⁻⁸ relative per element).
 Outputs are poisoned (NaN) before every kernel run, so an element that is never written fails.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -18,7 +19,7 @@ import torch
 
 from ops.triton import testing  # noqa: E402
 
-ON_GPU = testing.setup()          # before triton is imported: interpreter on CPU
+ON_GPU = testing.setup()  # before triton is imported: interpreter on CPU
 DEV = "cuda" if ON_GPU else "cpu"
 triton = pytest.importorskip("triton")
 
@@ -64,7 +65,7 @@ def _fwd_bwd(fn, args, gouts_seed):
 @pytest.mark.parametrize("dtype,iters", [(torch.float32, 20), (torch.float32, 3), (torch.bfloat16, 20)])
 def test_mhc_pre_matches_reference(dtype, iters):
     k = _kernels("mhc_pre")
-    t, n, d = 20, 4, 16          # 2 token blocks, the second partial (masking)
+    t, n, d = 20, 4, 16  # 2 token blocks, the second partial (masking)
     x, fn, base, scale = _inputs(11, t, n, d, dtype, (2 + n) * n)
     f_tri = lambda *a: k.mhc_pre(*a, 1e-6, 1e-6, iters)  # noqa: E731
     f_ref = lambda *a: ref.mhc_pre(*a, 1e-6, 1e-6, iters)  # noqa: E731
@@ -108,7 +109,7 @@ def test_hc_head_matches_reference(dtype):
 def test_mhc_post_matches_reference(dtype):
     k = _kernels("mhc_post")
     g = torch.Generator().manual_seed(17)
-    t, n, d = 18, 4, 80          # d not a multiple of the channel block (masking)
+    t, n, d = 18, 4, 80  # d not a multiple of the channel block (masking)
     o = torch.randn(t, d, generator=g).to(dtype).to(DEV)
     x = torch.randn(t, n, d, generator=g).to(dtype).to(DEV)
     post = (2 * torch.rand(t, n, generator=g)).to(DEV)

@@ -8,6 +8,7 @@ and the transposed orientation); compiled on CUDA. Tolerances (‖out − ref‖
   bf16 products (10 iterations × 3) compound to ~1e-2; the result is still checked against the fp32 answer.
 Outputs are poisoned (NaN) before each kernel run.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -27,7 +28,7 @@ rel = testing.rel
 _poison = pytest.fixture(autouse=True)(testing.poison_outputs)
 
 
-@pytest.mark.parametrize("shape", [(2, 20, 36), (1, 36, 20)])   # wide, and tall (transposed internally)
+@pytest.mark.parametrize("shape", [(2, 20, 36), (1, 36, 20)])  # wide, and tall (transposed internally)
 def test_newton_schulz_fp32(shape):
     k = testing.kernels("newton_schulz")
     g = torch.Generator().manual_seed(sum(shape))
@@ -61,11 +62,12 @@ def test_newton_schulz_reduce_hook_and_steps():
     def reduce(t):
         calls.append(tuple(t.shape))
         return t * 2.0
+
     steps = ((3, 3.4445, -4.7750, 2.0315), (1, 2.0, -1.5, 0.5))
     out = k.newton_schulz(X, steps=steps, fp32=True, reduce=reduce)
     n_ref = len(calls)
     want = ref.newton_schulz(X, steps=steps, fp32=True, reduce=reduce)
-    assert len(calls) == 2 * n_ref and n_ref == 1 + 4          # norm + one Gram per iteration
+    assert len(calls) == 2 * n_ref and n_ref == 1 + 4  # norm + one Gram per iteration
     assert rel(out, want) <= 1e-5
 
 

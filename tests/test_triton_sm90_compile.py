@@ -9,6 +9,7 @@ Runs in a subprocess (``TRITON_INTERPRET`` must be unset when the kernels are de
 a small CPU (minutes on first run; Triton's cache makes reruns fast), so the full set is opt-in:
 ``V4_SM90_CHECK=full``; by default the V4-critical kernels (mHC, attention D = 512 bf16) are compiled.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _has_ptxas() -> bool:
     import triton
+
     return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
 
 
@@ -32,8 +34,14 @@ def test_kernels_compile_for_sm90():
     names = [] if full else ["mhc torch.bfloat16", "attention D=512 torch.bfloat16"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-m", "ops.triton.sm90check", *names], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=3600)
+    p = subprocess.run(
+        [sys.executable, "-m", "ops.triton.sm90check", *names],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     print(p.stdout[-20000:])
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
     assert "0 failing" in p.stdout

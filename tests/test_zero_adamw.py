@@ -26,6 +26,7 @@
   momentum and AdamW moment bytes equal what :mod:`parallel.optimizer_memory` computes for that global rank
   from the meta-device shards -- exactly, since both come from the optimizers' own plans.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,24 +40,24 @@ import torch
 
 from tests.harness import run_ranks
 
-CELL = 1024                       # small cells so that the test tensors are split
-SHAPES = {                        # name: (local shape, how the model's ShardedTensor lays it out)
-    "embed": ((96, 64), "rep"),           # 6 cells of 16 rows
-    "head.0": ((48, 64), ("tp", 0)),      # two shards of one key "head" along dim 0 (like vocab-parallel TP)
+CELL = 1024  # small cells so that the test tensors are split
+SHAPES = {  # name: (local shape, how the model's ShardedTensor lays it out)
+    "embed": ((96, 64), "rep"),  # 6 cells of 16 rows
+    "head.0": ((48, 64), ("tp", 0)),  # two shards of one key "head" along dim 0 (like vocab-parallel TP)
     "head.1": ((48, 64), ("tp", 1)),
     "stack.0": ((80, 32), ("layer", 0)),  # megatron's layer stacking: key "stack", prepended axis of 2
     "stack.1": ((80, 32), ("layer", 1)),
-    "big1d": ((4096,), "rep"),            # 4 cells
+    "big1d": ((4096,), "rep"),  # 4 cells
     "norm": ((64,), "rep"),
     "gate": ((3,), "rep"),
     "scalar": ((), "rep"),
     "cube": ((5, 3, 4), "rep"),
 }
-CKPT = [n for n in SHAPES if n != "scalar"]   # ckpt_state's replicated format has no 0-d parameters (V4 has none)
-GROUP1 = ("norm", "gate", "scalar")       # second parameter group: no weight decay, half the learning rate
+CKPT = [n for n in SHAPES if n != "scalar"]  # ckpt_state's replicated format has no 0-d parameters (V4 has none)
+GROUP1 = ("norm", "gate", "scalar")  # second parameter group: no weight decay, half the learning rate
 HYPER = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 STEPS = 5
-NO_GRAD = ("norm", 2)                     # this parameter gets no gradient at step 2
+NO_GRAD = ("norm", 2)  # this parameter gets no gradient at step 2
 
 
 def _lr(k: int) -> float:
@@ -74,8 +75,10 @@ def _params(names: list[str], expert: tuple[str, ...] = ()) -> list[tuple[str, t
 
 
 def _groups(named: list[tuple[str, torch.nn.Parameter]]) -> list[dict]:
-    return [{"params": [(n, p) for n, p in named if n not in GROUP1]},
-            {"params": [(n, p) for n, p in named if n in GROUP1], "weight_decay": 0.0}]
+    return [
+        {"params": [(n, p) for n, p in named if n not in GROUP1]},
+        {"params": [(n, p) for n, p in named if n in GROUP1], "weight_decay": 0.0},
+    ]
 
 
 def _step(opt: torch.optim.Optimizer, named: list[tuple[str, torch.nn.Parameter]], k: int) -> None:
@@ -101,9 +104,10 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------- plan
 def test_plan_cells_cover_align_and_balance():
     from parallel.zero_adamw import ALIGN, plan_cells, row_blocks
-    assert row_blocks((129280, 7168)) == 808                    # V4's embedding: 160-row cells of 1.15M elements
+
+    assert row_blocks((129280, 7168)) == 808  # V4's embedding: 160-row cells of 1.15M elements
     assert row_blocks((7168,)) == 1 and row_blocks(()) == 1 and row_blocks((96, 64), cell_elems=CELL) == 6
-    assert row_blocks((101, 64), cell_elems=CELL) == 1         # prime rows: no equal blocks, one cell
+    assert row_blocks((101, 64), cell_elems=CELL) == 1  # prime rows: no equal blocks, one cell
     shapes = [s for s, _ in SHAPES.values()] + [(129280 // 40, 7168)]
     for dp in (1, 2, 3, 8):
         plan = plan_cells(shapes, dp, cell_elems=CELL)
@@ -123,26 +127,38 @@ def _sharded_vs_replicated(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     from parallel.zero_adamw import ZeroAdamW
+
     names = list(SHAPES)
     expert = ("cube",)
-    pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]      # expert DP groups of 2
+    pairs = [dist.new_group([r, r + 1]) for r in range(0, world, 2)]  # expert DP groups of 2
     named = _params(names, expert)
-    opt = ZeroAdamW(_groups(named), lr=_lr(0), **HYPER, dp_group=dist.group.WORLD,
-                    expert_dp_group=pairs[rank // 2], cell_elems=CELL, gather_elems=700 * world)
+    opt = ZeroAdamW(
+        _groups(named),
+        lr=_lr(0),
+        **HYPER,
+        dp_group=dist.group.WORLD,
+        expert_dp_group=pairs[rank // 2],
+        cell_elems=CELL,
+        gather_elems=700 * world,
+    )
     for k in range(STEPS):
         _step(opt, named, k)
     ref_named, ref = _reference(names, STEPS)
     ref_p = dict(ref_named)
     sd = opt.state_dict()
-    state_diff = max(_maxdiff(sd["state"][n][k], ref.state[ref_p[n]][k])
-                     for n in names for k in ("exp_avg", "exp_avg_sq", "step"))
-    ref_bytes = sum(v.numel() * v.element_size() for st in ref.state.values() for k, v in st.items()
-                    if k != "step")
-    return {"param_diff": max(_maxdiff(p, ref_p[n]) for n, p in named), "state_diff": state_diff,
-            "bytes": opt.state_bytes(), "ref_bytes": ref_bytes, "flat": torch.cat([p.detach().reshape(-1)
-                                                                                   for _, p in named]),
-            "rounds": math.ceil(max(opt.plans["dense"].load) / 700),
-            "max_cell": max(c.numel for c in opt.plans["dense"].cells) * 8}
+    state_diff = max(
+        _maxdiff(sd["state"][n][k], ref.state[ref_p[n]][k]) for n in names for k in ("exp_avg", "exp_avg_sq", "step")
+    )
+    ref_bytes = sum(v.numel() * v.element_size() for st in ref.state.values() for k, v in st.items() if k != "step")
+    return {
+        "param_diff": max(_maxdiff(p, ref_p[n]) for n, p in named),
+        "state_diff": state_diff,
+        "bytes": opt.state_bytes(),
+        "ref_bytes": ref_bytes,
+        "flat": torch.cat([p.detach().reshape(-1) for _, p in named]),
+        "rounds": math.ceil(max(opt.plans["dense"].load) / 700),
+        "max_cell": max(c.numel for c in opt.plans["dense"].cells) * 8,
+    }
 
 
 def _four_ranks(rank: int, world: int) -> dict:
@@ -158,12 +174,15 @@ def four() -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_equals_replicated(world, request):
-    res = ([r["sharded"] for r in request.getfixturevalue("four")] if world == 4
-           else run_ranks(_sharded_vs_replicated, world, timeout=240))
+    res = (
+        [r["sharded"] for r in request.getfixturevalue("four")]
+        if world == 4
+        else run_ranks(_sharded_vs_replicated, world, timeout=240)
+    )
     for r in res:
         assert r["param_diff"] == 0.0 and r["state_diff"] == 0.0, r
-        assert torch.equal(r["flat"], res[0]["flat"])             # replicas bit-identical
-        assert r["rounds"] > 1                                     # the gather ran in several rounds
+        assert torch.equal(r["flat"], res[0]["flat"])  # replicas bit-identical
+        assert r["rounds"] > 1  # the gather ran in several rounds
     total = res[0]["ref_bytes"]
     dense_share = sum(r["bytes"] for r in res)
     # every moment element held exactly once per DP group: dense over all ranks, the expert cube once per pair
@@ -176,6 +195,7 @@ def test_sharded_equals_replicated(world, request):
 # ------------------------------------------------------------------------------------------ checkpoint
 def _model_sharded(named: list, d: int, rid_base: int = 0) -> dict:
     from megatron.core.dist_checkpointing import ShardedTensor
+
     out = {}
     for n, p in named:
         kind = SHAPES[n][1]
@@ -185,8 +205,9 @@ def _model_sharded(named: list, d: int, rid_base: int = 0) -> dict:
         elif kind[0] == "tp":
             out[n] = ShardedTensor.from_rank_offsets("model.head", p, (0, kind[1], 2), replica_id=rid)
         else:
-            out[n] = ShardedTensor.from_rank_offsets("model.stack", p, (0, kind[1], 2), replica_id=rid,
-                                                     prepend_axis_num=1)
+            out[n] = ShardedTensor.from_rank_offsets(
+                "model.stack", p, (0, kind[1], 2), replica_id=rid, prepend_axis_num=1
+            )
     return out
 
 
@@ -194,9 +215,11 @@ def _save(opt, named, path: str, d: int) -> None:
     from megatron.core import dist_checkpointing as dc
 
     from parallel import cpu_compat
-    cpu_compat.apply()                       # megatron's save synchronises CUDA unless patched
+
+    cpu_compat.apply()  # megatron's save synchronises CUDA unless patched
 
     from pretrain.ckpt_state import optimizer_sharded_state_dict, optimizer_state_keys
+
     ms = _model_sharded(named, d)
     if hasattr(opt, "checkpoint_state_keys"):
         osd, keys = opt.sharded_state_dict(ms, prefix="optimizer.adamw."), opt.checkpoint_state_keys()
@@ -218,6 +241,7 @@ def _load(opt, named, path: str, d: int) -> None:
         optimizer_sharded_state_dict,
         restore_optimizer_state,
     )
+
     cpu_compat.apply()
     keys = json.loads(Path(path, "keys.json").read_text())
     ms = _model_sharded(named, d)
@@ -239,6 +263,7 @@ def _load(opt, named, path: str, d: int) -> None:
 
 def _make(kind: str, named: list, dp_group) -> torch.optim.Optimizer:
     from parallel.zero_adamw import ZeroAdamW
+
     if kind == "zero":
         return ZeroAdamW(_groups(named), lr=_lr(0), **HYPER, dp_group=dp_group, cell_elems=CELL)
     return torch.optim.AdamW(_groups(named), lr=_lr(0), **HYPER)
@@ -246,7 +271,7 @@ def _make(kind: str, named: list, dp_group) -> torch.optim.Optimizer:
 
 def _fresh(kind: str, dp_group) -> tuple[list, torch.optim.Optimizer]:
     named = _params(CKPT)
-    for _, p in named:                       # everything must come from the checkpoint
+    for _, p in named:  # everything must come from the checkpoint
         p.data.fill_(7.0)
     return named, _make(kind, named, dp_group)
 
@@ -262,6 +287,7 @@ def _ckpt_two_ranks(rank: int, world: int, root: str) -> dict:
     """dp1 -> dp2: each rank a dp=1 replica (its own full-state optimizer; rank 0 the main replica) saves, both
     load at dp2. Then a dp2 ZeroAdamW saves for the one-process load."""
     import torch.distributed as dist
+
     out = {}
     for kind in ("zero", "torch"):
         named = _params(CKPT)
@@ -301,26 +327,38 @@ def test_checkpoint_reshards_across_dp_sizes(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------- trainer
-TRAIN = ["train.seq_len=32", "train.global_batch=4", "train.micro_batch=1", "train.warmup_steps=3",
-         "run.tensorboard=false", "run.progress=false", "run.plot=false"]
+TRAIN = [
+    "train.seq_len=32",
+    "train.global_batch=4",
+    "train.micro_batch=1",
+    "train.warmup_steps=3",
+    "run.tensorboard=false",
+    "run.progress=false",
+    "run.plot=false",
+]
 
 
 def _train(rank: int, world: int, root: str, runs: list[tuple[str, list[str]]]) -> dict:
     from parallel.process_groups import init_distributed
     from pretrain.config import load_config
     from pretrain.trainer import Trainer
+
     out = {}
     repo = Path(__file__).resolve().parents[1]
     for key, over in runs:
         t0 = time.monotonic()
-        cfg = load_config("tiny", [f"data.shards_dir={repo / 'runs' / 'data' / 'tiny'}", *TRAIN,
-                                   f"run.dir={Path(root) / key}", *over])
+        cfg = load_config(
+            "tiny", [f"data.shards_dir={repo / 'runs' / 'data' / 'tiny'}", *TRAIN, f"run.dir={Path(root) / key}", *over]
+        )
         tr = Trainer(cfg, init_distributed(cfg.parallel, cfg.model))
         res = tr.fit()
         recs = [json.loads(x) for x in (Path(root) / key / "metrics.jsonl").read_text().splitlines()]
-        out[key] = {"exit": res.exit_code, "adamw": type(tr.optimizers["adamw"]).__name__,
-                    "records": {r["step"]: (r["loss"], r["grad_norm"]) for r in recs},
-                    "seconds": time.monotonic() - t0}
+        out[key] = {
+            "exit": res.exit_code,
+            "adamw": type(tr.optimizers["adamw"]).__name__,
+            "records": {r["step"]: (r["loss"], r["grad_norm"]) for r in recs},
+            "seconds": time.monotonic() - t0,
+        }
     return out
 
 
@@ -328,18 +366,19 @@ def _train(rank: int, world: int, root: str, runs: list[tuple[str, list[str]]]) 
 def test_trainer_dp2_sharded_equals_replicated_and_resumes(tmp_path):
     root = str(tmp_path)
     ckpt = f"checkpoint.load={tmp_path / 'sharded' / 'checkpoints' / 'step_00000002'}"
-    runs = [("replicated", ["train.steps=4", "checkpoint.interval=0", "optim.shard_adamw=false"]),
-            ("sharded", ["train.steps=4", "checkpoint.interval=2", "checkpoint.keep_every=2",
-                         "optim.shard_adamw=true"]),
-            ("resume_replicated", ["train.steps=4", "checkpoint.interval=0", "optim.shard_adamw=false", ckpt]),
-            ("resume_sharded", ["train.steps=4", "checkpoint.interval=0", "optim.shard_adamw=true", ckpt])]
+    runs = [
+        ("replicated", ["train.steps=4", "checkpoint.interval=0", "optim.shard_adamw=false"]),
+        ("sharded", ["train.steps=4", "checkpoint.interval=2", "checkpoint.keep_every=2", "optim.shard_adamw=true"]),
+        ("resume_replicated", ["train.steps=4", "checkpoint.interval=0", "optim.shard_adamw=false", ckpt]),
+        ("resume_sharded", ["train.steps=4", "checkpoint.interval=0", "optim.shard_adamw=true", ckpt]),
+    ]
     res = run_ranks(_train, 2, root, runs, timeout=600)[0]
     assert all(v["exit"] == 0 for v in res.values()), res
     assert res["replicated"]["adamw"] == "AdamW" and res["sharded"]["adamw"] == "ZeroAdamW"
     assert res["resume_sharded"]["adamw"] == "ZeroAdamW" and res["resume_replicated"]["adamw"] == "AdamW"
     want = res["replicated"]["records"]
     assert sorted(want) == [1, 2, 3, 4]
-    assert res["sharded"]["records"] == want                       # bit for bit: losses and grad norms
+    assert res["sharded"]["records"] == want  # bit for bit: losses and grad norms
     for key in ("resume_replicated", "resume_sharded"):
         got = res[key]["records"]
         assert sorted(got) == [3, 4] and all(got[s] == want[s] for s in got), (key, got, want)
@@ -352,8 +391,10 @@ LAYOUTS = {"tp1_ep2": (dict(tp=1, ep=2), []), "tp2_ep2_gram": (dict(tp=2, ep=2),
 
 def _tiny(over: list[str] = ()):
     from pretrain.config import load_config
-    return load_config("tiny", ["train.seq_len=32", "train.global_batch=8", "train.micro_batch=1",
-                                "optim.shard_adamw=true", *over])
+
+    return load_config(
+        "tiny", ["train.seq_len=32", "train.global_batch=8", "train.micro_batch=1", "optim.shard_adamw=true", *over]
+    )
 
 
 def _muon_bytes(muon) -> int:
@@ -365,6 +406,7 @@ def _state_sizes(rank: int, world: int) -> dict[str, tuple[int, int, str]]:
     from parallel.optimizer_groups import build_optimizers
     from parallel.process_groups import init_distributed
     from pretrain.model.build import build_model
+
     out = {}
     for key, (par, over) in LAYOUTS.items():
         cfg = _tiny(over)
@@ -372,7 +414,7 @@ def _state_sizes(rank: int, world: int) -> dict[str, tuple[int, int, str]]:
         chunks = build_model(cfg.model, seed=0, wrap_ddp=False)
         named = [(n, p) for c in chunks for n, p in c.named_parameters()]
         muon, adamw = build_optimizers(named, cfg.optim, 1e-3, groups="parallel_state")
-        gen = torch.Generator().manual_seed(5)          # same draws on every rank: DP replicas agree
+        gen = torch.Generator().manual_seed(5)  # same draws on every rank: DP replicas agree
         for _, p in named:
             p.grad = torch.randn(p.shape, generator=gen)
         muon.step()
@@ -385,11 +427,13 @@ def _state_sizes(rank: int, world: int) -> dict[str, tuple[int, int, str]]:
 def test_dry_run_accounting_matches_optimizer_state(four):
     from pretrain.config import ParallelConfig
     from pretrain.dry_run import plan
+
     actual = [r["sizes"] for r in four]
     for key, (par, over) in LAYOUTS.items():
         cfg = _tiny(over)
-        layout, rows = plan(cfg.model, 4, ParallelConfig(**par), micro_batch=1, seq_len=32, global_batch=8,
-                            optim=cfg.optim)
+        layout, rows = plan(
+            cfg.model, 4, ParallelConfig(**par), micro_batch=1, seq_len=32, global_batch=8, optim=cfg.optim
+        )
         mem = rows[0].mem.optimizer
         assert {actual[r][key][2] for r in range(4)} == {"ZeroAdamW"}
         got_muon = {r: actual[r][key][0] for r in range(4)}
@@ -398,6 +442,6 @@ def test_dry_run_accounting_matches_optimizer_state(four):
         assert mem.adamw == got_adam, f"{key}: dry run {mem.adamw} vs ZeroAdamW's moments {got_adam}"
         # owners only: every rank holds less than the replicated state; AdamW moments once per DP group
         assert max(got_muon.values()) < mem.muon_replicated
-        assert sum(got_adam.values()) == mem.adamw_replicated * (4 // layout.dp)   # once per DP group
+        assert sum(got_adam.values()) == mem.adamw_replicated * (4 // layout.dp)  # once per DP group
         assert max(got_adam.values()) < mem.adamw_replicated
         assert rows[0].mem.optimizer_bytes == max(mem.total(r) for r in range(4))

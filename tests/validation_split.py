@@ -5,6 +5,7 @@ pipeline's own held-out split (``manifest["validation"]``, see data_pipeline/REA
 a second seq_len only re-packs) and returns the ``data.shards_dir`` to train from. ``dest`` is unused (kept so
 that callers can later ask for a private copy).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -15,6 +15,7 @@ Importing this package does NOT import ``triton`` and defines no kernel: the reg
 their kernel module on first call. That keeps ``import ops`` working without Triton, and lets a test set
 ``TRITON_INTERPRET=1`` (read by ``triton.jit`` when a kernel is *defined*) before the kernels exist.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,11 +32,12 @@ POISON = False
 def new_empty(shape, *, device, dtype):
     """``torch.empty`` for kernel outputs, or a poisoned buffer when ``POISON`` is set."""
     import torch
+
     if isinstance(shape, int):
         shape = (shape,)
     if not POISON:
         return torch.empty(shape, device=device, dtype=dtype)
-    fill = float("nan") if dtype.is_floating_point else -(2 ** 30)
+    fill = float("nan") if dtype.is_floating_point else -(2**30)
     return torch.full(shape, fill, device=device, dtype=dtype)
 
 
@@ -47,6 +49,7 @@ COMPILE_ONLY = False
 def native(t) -> bool:
     """True when the Triton kernels take tensor ``t``: CUDA, the CPU interpreter, or the compile-only check."""
     import os
+
     return bool(t.is_cuda or COMPILE_ONLY or os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
@@ -78,6 +81,7 @@ def load(op: str) -> Callable[..., Any]:
 def _lazy(op: str) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         return load(op)(*args, **kwargs)
+
     call.__name__ = f"triton_{op}"
     call.__qualname__ = call.__name__
     call.__doc__ = f"Triton implementation of ``{op}`` (module ops.triton.{KERNELS[op][0]}), loaded on first call."
@@ -87,6 +91,7 @@ def _lazy(op: str) -> Callable[..., Any]:
 def indexer_select_reference(q, keys, weights, visible_lo, visible_hi, k):
     """Reference of the fused op ``indexer_select``: ``indexer_topk(indexer_scores(q, keys, weights), lo, hi, k)``."""
     from ops import indexer
+
     return indexer.indexer_topk(indexer.indexer_scores(q, keys, weights), visible_lo, visible_hi, k)
 
 

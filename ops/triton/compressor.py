@@ -16,6 +16,7 @@ Each (token, channel) of kv/gate belongs to at most one slot of one entry, so �
 into zero-initialised buffers (no atomics). One program per (entry, BC channels); the slot axis (2m = 8 or
 m' = 128) is held whole in registers.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,9 +57,23 @@ def _slots(bs_ptr, pv_ptr, e, S, c, offs_j, offs_c, M: tl.constexpr, OVERLAP: tl
 
 
 @triton.jit
-def _pool_fwd_kernel(kv_ptr, gate_ptr, bias_ptr, bs_ptr, pv_ptr, y_ptr, S, C, c, NE,
-                     M: tl.constexpr, J: tl.constexpr, OVERLAP: tl.constexpr, BC: tl.constexpr):
-    e = tl.program_id(0)                    # b * NE + n
+def _pool_fwd_kernel(
+    kv_ptr,
+    gate_ptr,
+    bias_ptr,
+    bs_ptr,
+    pv_ptr,
+    y_ptr,
+    S,
+    C,
+    c,
+    NE,
+    M: tl.constexpr,
+    J: tl.constexpr,
+    OVERLAP: tl.constexpr,
+    BC: tl.constexpr,
+):
+    e = tl.program_id(0)  # b * NE + n
     pc = tl.program_id(1)
     b = e // NE
     offs_j = tl.arange(0, J)
@@ -66,8 +81,9 @@ def _pool_fwd_kernel(kv_ptr, gate_ptr, bias_ptr, bs_ptr, pv_ptr, y_ptr, S, C, c,
     bs, tok, choff, brow, valid = _slots(bs_ptr, pv_ptr, e, S, c, offs_j, offs_c, M, OVERLAP)
     ch = choff[:, None] + offs_c[None, :]
     src = (b.to(tl.int64) * S + tok[:, None]) * C + ch
-    z = tl.load(gate_ptr + src, mask=valid, other=0.0).to(tl.float32) \
-        + tl.load(bias_ptr + brow[:, None] * C + ch, mask=valid, other=0.0).to(tl.float32)
+    z = tl.load(gate_ptr + src, mask=valid, other=0.0).to(tl.float32) + tl.load(
+        bias_ptr + brow[:, None] * C + ch, mask=valid, other=0.0
+    ).to(tl.float32)
     z = tl.where(valid, z, float("-inf"))
     mx = tl.max(z, axis=0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
@@ -82,9 +98,25 @@ def _pool_fwd_kernel(kv_ptr, gate_ptr, bias_ptr, bs_ptr, pv_ptr, y_ptr, S, C, c,
 
 
 @triton.jit
-def _pool_bwd_kernel(kv_ptr, gate_ptr, bias_ptr, bs_ptr, pv_ptr, g_ptr, dkv_ptr, dgate_ptr, dbias_part_ptr,
-                     S, C, c, NE,
-                     M: tl.constexpr, J: tl.constexpr, OVERLAP: tl.constexpr, BC: tl.constexpr):
+def _pool_bwd_kernel(
+    kv_ptr,
+    gate_ptr,
+    bias_ptr,
+    bs_ptr,
+    pv_ptr,
+    g_ptr,
+    dkv_ptr,
+    dgate_ptr,
+    dbias_part_ptr,
+    S,
+    C,
+    c,
+    NE,
+    M: tl.constexpr,
+    J: tl.constexpr,
+    OVERLAP: tl.constexpr,
+    BC: tl.constexpr,
+):
     e = tl.program_id(0)
     pc = tl.program_id(1)
     b = e // NE
@@ -93,8 +125,9 @@ def _pool_bwd_kernel(kv_ptr, gate_ptr, bias_ptr, bs_ptr, pv_ptr, g_ptr, dkv_ptr,
     bs, tok, choff, brow, valid = _slots(bs_ptr, pv_ptr, e, S, c, offs_j, offs_c, M, OVERLAP)
     ch = choff[:, None] + offs_c[None, :]
     src = (b.to(tl.int64) * S + tok[:, None]) * C + ch
-    z = tl.load(gate_ptr + src, mask=valid, other=0.0).to(tl.float32) \
-        + tl.load(bias_ptr + brow[:, None] * C + ch, mask=valid, other=0.0).to(tl.float32)
+    z = tl.load(gate_ptr + src, mask=valid, other=0.0).to(tl.float32) + tl.load(
+        bias_ptr + brow[:, None] * C + ch, mask=valid, other=0.0
+    ).to(tl.float32)
     z = tl.where(valid, z, float("-inf"))
     mx = tl.max(z, axis=0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
@@ -104,13 +137,16 @@ def _pool_bwd_kernel(kv_ptr, gate_ptr, bias_ptr, bs_ptr, pv_ptr, g_ptr, dkv_ptr,
     v = tl.load(kv_ptr + src, mask=valid, other=0.0).to(tl.float32)
     wq = w.to(kv_ptr.dtype.element_ty).to(tl.float32)
     g = tl.load(g_ptr + e.to(tl.int64) * c + offs_c, mask=offs_c < c, other=0.0).to(tl.float32)
-    gv = g[None, :] * v                                  # ∂w_j (through the identity cast)
+    gv = g[None, :] * v  # ∂w_j (through the identity cast)
     dz = w * (gv - tl.sum(w * gv, axis=0)[None, :])
     dz = tl.where(valid, dz, 0.0)
     tl.store(dkv_ptr + src, (wq * g[None, :]).to(dkv_ptr.dtype.element_ty), mask=valid)
     tl.store(dgate_ptr + src, dz.to(dgate_ptr.dtype.element_ty), mask=valid)
-    tl.store(dbias_part_ptr + (e.to(tl.int64) * M + brow[:, None]) * C + ch, dz,
-             mask=(offs_j < (2 * M if OVERLAP else M))[:, None] & (offs_c < c)[None, :])
+    tl.store(
+        dbias_part_ptr + (e.to(tl.int64) * M + brow[:, None]) * C + ch,
+        dz,
+        mask=(offs_j < (2 * M if OVERLAP else M))[:, None] & (offs_c < c)[None, :],
+    )
 
 
 def _cfg(c: int, J: int) -> int:
@@ -130,8 +166,9 @@ class _Pool(torch.autograd.Function):
         bc = _cfg(c, J)
         y = new_empty((B, NE, c), device=kv.device, dtype=kv.dtype)
         if B * NE > 0:
-            _pool_fwd_kernel[(B * NE, triton.cdiv(c, bc))](kv, gate, bias, bs, pv, y, S, C, c, NE, M=m, J=J,
-                                                           OVERLAP=overlap, BC=bc)
+            _pool_fwd_kernel[(B * NE, triton.cdiv(c, bc))](
+                kv, gate, bias, bs, pv, y, S, C, c, NE, M=m, J=J, OVERLAP=overlap, BC=bc
+            )
         ctx.save_for_backward(kv, gate, bias, bs, pv)
         ctx.overlap = overlap
         return y
@@ -151,18 +188,31 @@ class _Pool(torch.autograd.Function):
         # every (slot row, channel) a valid program owns is written; unused slots / invalid prev rows stay 0
         part = torch.zeros(B * NE, m, C, device=kv.device, dtype=torch.float32)
         if B * NE > 0:
-            _pool_bwd_kernel[(B * NE, triton.cdiv(c, bc))](kv, gate, bias, bs, pv, g.contiguous(), dkv, dgate, part,
-                                                           S, C, c, NE, M=m, J=J, OVERLAP=overlap, BC=bc)
+            _pool_bwd_kernel[(B * NE, triton.cdiv(c, bc))](
+                kv, gate, bias, bs, pv, g.contiguous(), dkv, dgate, part, S, C, c, NE, M=m, J=J, OVERLAP=overlap, BC=bc
+            )
         return dkv, dgate, part.sum(0).to(bias.dtype), None, None, None
 
 
-def compressor_pool(kv: torch.Tensor, gate: torch.Tensor, position_bias: torch.Tensor,
-                    block_start: torch.Tensor, prev_valid: Optional[torch.Tensor]) -> torch.Tensor:
+def compressor_pool(
+    kv: torch.Tensor,
+    gate: torch.Tensor,
+    position_bias: torch.Tensor,
+    block_start: torch.Tensor,
+    prev_valid: Optional[torch.Tensor],
+) -> torch.Tensor:
     """Triton compressor pooling; same contract as ``ops.compressor.compressor_pool`` -> [B, N, c]."""
-    ok = (kv.dim() == 3 and gate.shape == kv.shape and position_bias.dim() == 2
-          and position_bias.shape[1] == kv.shape[2] and block_start.dim() == 2
-          and block_start.shape[0] == kv.shape[0] and kv.dtype != torch.float64
-          and native(kv) and (prev_valid is None or kv.shape[2] % 2 == 0))
+    ok = (
+        kv.dim() == 3
+        and gate.shape == kv.shape
+        and position_bias.dim() == 2
+        and position_bias.shape[1] == kv.shape[2]
+        and block_start.dim() == 2
+        and block_start.shape[0] == kv.shape[0]
+        and kv.dtype != torch.float64
+        and native(kv)
+        and (prev_valid is None or kv.shape[2] % 2 == 0)
+    )
     if not ok:
         return _ref.compressor_pool(kv, gate, position_bias, block_start, prev_valid)
     overlap = prev_valid is not None

@@ -28,6 +28,7 @@ query-centric kernel adds its [BN, D] contributions with fp32 atomics (order not
 agree to fp32 rounding). Selected indices must be distinct per query (top-k output), and for the range
 mode ``comp_lo``/``comp_hi`` must be non-decreasing in t (as ``ops.compressor.compressed_layout`` makes them).
 """
+
 from __future__ import annotations
 
 import os
@@ -67,11 +68,32 @@ def _fwd_tile(q, k, valid, m_i, l_i, acc, qk_scale, UPCAST: tl.constexpr, PREC: 
 
 
 @triton.jit
-def _attn_fwd_kernel(q_ptr, kv_ptr, ck_ptr, sink_ptr, seg_ptr, lo_ptr, hi_ptr, idx_ptr, o_ptr, lse_ptr,
-                     S, H, N, KSEL, qk_scale, window,
-                     D: tl.constexpr, DP: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
-                     COMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)                  # b * S + t
+def _attn_fwd_kernel(
+    q_ptr,
+    kv_ptr,
+    ck_ptr,
+    sink_ptr,
+    seg_ptr,
+    lo_ptr,
+    hi_ptr,
+    idx_ptr,
+    o_ptr,
+    lse_ptr,
+    S,
+    H,
+    N,
+    KSEL,
+    qk_scale,
+    window,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    BH: tl.constexpr,
+    BN: tl.constexpr,
+    COMP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)  # b * S + t
     hb = tl.program_id(1)
     b = pid // S
     t = pid % S
@@ -101,16 +123,16 @@ def _attn_fwd_kernel(q_ptr, kv_ptr, ck_ptr, sink_ptr, seg_ptr, lo_ptr, hi_ptr, i
         for k0 in range(clo, chi, BN):
             offs_n = k0 + tl.arange(0, BN)
             nmask = offs_n < chi
-            k = tl.load(ckb + offs_n[:, None] * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
-                        other=0.0)
+            k = tl.load(ckb + offs_n[:, None] * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
             m_i, l_i, acc = _fwd_tile(q, k, nmask, m_i, l_i, acc, qk_scale, UPCAST, PREC)
     if COMP == 2:
         for k0 in range(0, KSEL, BN):
             offs_j = k0 + tl.arange(0, BN)
             idx = tl.load(idx_ptr + pid64 * KSEL + offs_j, mask=offs_j < KSEL, other=-1)
             nmask = (idx >= 0) & (idx < N)
-            k = tl.load(ckb + idx[:, None].to(tl.int64) * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
-                        other=0.0)
+            k = tl.load(
+                ckb + idx[:, None].to(tl.int64) * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0
+            )
             m_i, l_i, acc = _fwd_tile(q, k, nmask, m_i, l_i, acc, qk_scale, UPCAST, PREC)
     o = acc / l_i[:, None]
     tl.store(o_ptr + (pid64 * H + offs_h[:, None]) * D + offs_d[None, :], o.to(o_ptr.dtype.element_ty), mask=qm)
@@ -138,10 +160,34 @@ def _dq_tile(q, do, k, valid, lse2, delta, dq, qk_scale, UPCAST: tl.constexpr, P
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(q_ptr, kv_ptr, ck_ptr, seg_ptr, lo_ptr, hi_ptr, idx_ptr, do_ptr, lse_ptr, delta_ptr,
-                        dq_ptr, dck_ptr, S, H, N, KSEL, qk_scale, sm_scale, window,
-                        D: tl.constexpr, DP: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
-                        COMP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+def _attn_bwd_dq_kernel(
+    q_ptr,
+    kv_ptr,
+    ck_ptr,
+    seg_ptr,
+    lo_ptr,
+    hi_ptr,
+    idx_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    dck_ptr,
+    S,
+    H,
+    N,
+    KSEL,
+    qk_scale,
+    sm_scale,
+    window,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    BH: tl.constexpr,
+    BN: tl.constexpr,
+    COMP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+):
     pid = tl.program_id(0)
     hb = tl.program_id(1)
     b = pid // S
@@ -174,8 +220,7 @@ def _attn_bwd_dq_kernel(q_ptr, kv_ptr, ck_ptr, seg_ptr, lo_ptr, hi_ptr, idx_ptr,
         for k0 in range(clo, chi, BN):
             offs_n = k0 + tl.arange(0, BN)
             nmask = offs_n < chi
-            k = tl.load(ckb + offs_n[:, None] * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
-                        other=0.0)
+            k = tl.load(ckb + offs_n[:, None] * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0)
             dq, p, ds = _dq_tile(q, do, k, hmask[:, None] & nmask[None, :], lse2, delta, dq, qk_scale, UPCAST, PREC)
     if COMP == 2:
         dckb = dck_ptr + b.to(tl.int64) * N * D
@@ -188,20 +233,46 @@ def _attn_bwd_dq_kernel(q_ptr, kv_ptr, ck_ptr, seg_ptr, lo_ptr, hi_ptr, idx_ptr,
             k = tl.load(ckb + kp, mask=km, other=0.0)
             dq, p, ds = _dq_tile(q, do, k, hmask[:, None] & nmask[None, :], lse2, delta, dq, qk_scale, UPCAST, PREC)
             if UPCAST:
-                dk = tl.dot(tl.trans(ds), q.to(tl.float32), input_precision=PREC) * sm_scale \
-                    + tl.dot(tl.trans(p), do.to(tl.float32), input_precision=PREC)
+                dk = tl.dot(tl.trans(ds), q.to(tl.float32), input_precision=PREC) * sm_scale + tl.dot(
+                    tl.trans(p), do.to(tl.float32), input_precision=PREC
+                )
             else:
-                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * sm_scale \
-                    + tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * sm_scale + tl.dot(
+                    tl.trans(p.to(do.dtype)), do, input_precision=PREC
+                )
             tl.atomic_add(dckb + kp, dk, mask=km)
     tl.store(dq_ptr + rows, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=qm)
 
 
 @triton.jit
-def _attn_bwd_dkv_kernel(q_ptr, k_ptr, seg_ptr, lo_ptr, hi_ptr, tlo_ptr, thi_ptr, do_ptr, lse_ptr, delta_ptr,
-                         part_ptr, S, H, NK, NKB, QC, qk_scale, sm_scale, window,
-                         D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BNK: tl.constexpr,
-                         MODE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+def _attn_bwd_dkv_kernel(
+    q_ptr,
+    k_ptr,
+    seg_ptr,
+    lo_ptr,
+    hi_ptr,
+    tlo_ptr,
+    thi_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    part_ptr,
+    S,
+    H,
+    NK,
+    NKB,
+    QC,
+    qk_scale,
+    sm_scale,
+    window,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    BM: tl.constexpr,
+    BNK: tl.constexpr,
+    MODE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """Key-centric dk for a block of BNK keys (MODE 0: window keys = tokens; MODE 1: range-visible entries).
     Query rows r = t·H + h of batch b in [t_lo·H, t_hi·H), chunk pid_c of QC tokens; writes an fp32 partial."""
     pid_k = tl.program_id(0)
@@ -213,8 +284,9 @@ def _attn_bwd_dkv_kernel(q_ptr, k_ptr, seg_ptr, lo_ptr, hi_ptr, tlo_ptr, thi_ptr
     kmask = keys < NK
     offs_d = tl.arange(0, DP)
     dmask = offs_d < D
-    k = tl.load(k_ptr + (b64 * NK + keys[:, None]) * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :],
-                other=0.0)
+    k = tl.load(
+        k_ptr + (b64 * NK + keys[:, None]) * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0
+    )
     if UPCAST:
         k = k.to(tl.float32)
     if MODE == 0:
@@ -238,8 +310,11 @@ def _attn_bwd_dkv_kernel(q_ptr, k_ptr, seg_ptr, lo_ptr, hi_ptr, tlo_ptr, thi_ptr
         dl = tl.load(delta_ptr + grow, mask=rmask, other=0.0)
         if MODE == 0:
             sg = tl.load(seg_ptr + b64 * S + tok, mask=rmask, other=0)
-            valid = (tok[:, None] >= keys[None, :]) & (tok[:, None] - keys[None, :] < window) \
+            valid = (
+                (tok[:, None] >= keys[None, :])
+                & (tok[:, None] - keys[None, :] < window)
                 & (sg[:, None] <= keys[None, :])
+            )
         else:
             lo = tl.load(lo_ptr + b64 * S + tok, mask=rmask, other=0)
             hi = tl.load(hi_ptr + b64 * S + tok, mask=rmask, other=0)
@@ -252,21 +327,25 @@ def _attn_bwd_dkv_kernel(q_ptr, k_ptr, seg_ptr, lo_ptr, hi_ptr, tlo_ptr, thi_ptr
         dp = tl.dot(dor, tl.trans(k), input_precision=PREC)
         p = tl.where(valid, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
         ds = p * (dp - dl[:, None])
-        dk += tl.dot(tl.trans(ds.to(qr.dtype)), qr, input_precision=PREC) * sm_scale \
-            + tl.dot(tl.trans(p.to(dor.dtype)), dor, input_precision=PREC)
-    tl.store(part_ptr + ((pid_c * (tl.num_programs(0) // NKB) + b64) * NK + keys[:, None]) * D + offs_d[None, :],
-             dk, mask=kmask[:, None] & dmask[None, :])
+        dk += tl.dot(tl.trans(ds.to(qr.dtype)), qr, input_precision=PREC) * sm_scale + tl.dot(
+            tl.trans(p.to(dor.dtype)), dor, input_precision=PREC
+        )
+    tl.store(
+        part_ptr + ((pid_c * (tl.num_programs(0) // NKB) + b64) * NK + keys[:, None]) * D + offs_d[None, :],
+        dk,
+        mask=kmask[:, None] & dmask[None, :],
+    )
 
 
 def _prec(q: torch.Tensor) -> str:
     """fp32 inputs: 3-pass tf32 on the GPU (≈ fp32 accuracy); bf16/fp16 operands are exact in any mode."""
     if _interp():
         return "ieee"
-    return "tf32x3" if q.dtype == torch.float32 else "tf32"     # the latter is Triton's default (unused for bf16)
+    return "tf32x3" if q.dtype == torch.float32 else "tf32"  # the latter is Triton's default (unused for bf16)
 
 
-SMEM_LIMIT = 232448             # shared memory per block on sm_90 (H100/H200), bytes
-SMEM_BUDGET = 200 * 1024        # what a config may use by the estimate below (headroom for the compiler)
+SMEM_LIMIT = 232448  # shared memory per block on sm_90 (H100/H200), bytes
+SMEM_BUDGET = 200 * 1024  # what a config may use by the estimate below (headroom for the compiler)
 
 # Candidates in order of preference: (rows = heads BH / query rows BM, keys BN / BNK, num_stages).
 _CAND_SMALL_D = [(64, 64, 2), (64, 32, 2), (32, 64, 2), (32, 32, 2), (32, 32, 1), (16, 32, 1), (16, 16, 1)]
@@ -307,7 +386,7 @@ def smem_estimate(kernel: str, rows: int, keys: int, D: int, esz: int, stages: i
 
 def _pick(kernel: str, H: int, D: int, esz: int, comp: int) -> Optional[dict]:
     cap = max(16, triton.next_power_of_2(H)) if kernel != "dkv" else 1 << 30
-    for rows, keys, st in (_CAND_SMALL_D if D <= 128 else _CAND_LARGE_D):
+    for rows, keys, st in _CAND_SMALL_D if D <= 128 else _CAND_LARGE_D:
         if rows > cap:
             continue
         if smem_estimate(kernel, rows, keys, D, esz, st, comp) <= SMEM_BUDGET:
@@ -319,17 +398,29 @@ def _config(H: int, D: int, dtype: torch.dtype, comp: int, interp: Optional[bool
     """Block sizes of the three kernels for H heads of dim D, or None when no candidate fits the budget
     (the caller then uses the reference). fwd/dq: BH heads × BN keys; dkv: BM query rows × BNK keys."""
     if _interp() if interp is None else interp:
-        return dict(BH=16, BN=16, warps=4, stages=1, BHQ=16, BNQ=16, warps_q=4, stages_q=1,
-                    BM=16, BNK=16, warps_k=4, stages_k=1)
+        return dict(
+            BH=16, BN=16, warps=4, stages=1, BHQ=16, BNQ=16, warps_q=4, stages_q=1, BM=16, BNK=16, warps_k=4, stages_k=1
+        )
     esz = 2 if dtype in (torch.bfloat16, torch.float16) else 4
     f = _pick("fwd", H, D, esz, comp)
     q = _pick("dq", H, D, esz, comp)
     k = _pick("dkv", H, D, esz, comp)
     if f is None or q is None or k is None:
         return None
-    return dict(BH=f["rows"], BN=f["keys"], warps=f["warps"], stages=f["stages"],
-                BHQ=q["rows"], BNQ=q["keys"], warps_q=q["warps"], stages_q=q["stages"],
-                BM=k["rows"], BNK=k["keys"], warps_k=k["warps"], stages_k=k["stages"])
+    return dict(
+        BH=f["rows"],
+        BN=f["keys"],
+        warps=f["warps"],
+        stages=f["stages"],
+        BHQ=q["rows"],
+        BNQ=q["keys"],
+        warps_q=q["warps"],
+        stages_q=q["stages"],
+        BM=k["rows"],
+        BNK=k["keys"],
+        warps_k=k["warps"],
+        stages_k=k["stages"],
+    )
 
 
 def config_smem(H: int, D: int, dtype: torch.dtype, comp: int) -> dict:
@@ -338,9 +429,11 @@ def config_smem(H: int, D: int, dtype: torch.dtype, comp: int) -> dict:
     if cfg is None:
         return {}
     esz = 2 if dtype in (torch.bfloat16, torch.float16) else 4
-    return dict(fwd=smem_estimate("fwd", cfg["BH"], cfg["BN"], D, esz, cfg["stages"], comp),
-                dq=smem_estimate("dq", cfg["BHQ"], cfg["BNQ"], D, esz, cfg["stages_q"], comp),
-                dkv=smem_estimate("dkv", cfg["BM"], cfg["BNK"], D, esz, cfg["stages_k"], comp))
+    return dict(
+        fwd=smem_estimate("fwd", cfg["BH"], cfg["BN"], D, esz, cfg["stages"], comp),
+        dq=smem_estimate("dq", cfg["BHQ"], cfg["BNQ"], D, esz, cfg["stages_q"], comp),
+        dkv=smem_estimate("dkv", cfg["BM"], cfg["BNK"], D, esz, cfg["stages_k"], comp),
+    )
 
 
 def _dkv(q, keys, seg, lo, hi, do, lse, delta, window, scale, mode, cfg):
@@ -352,7 +445,7 @@ def _dkv(q, keys, seg, lo, hi, do, lse, delta, window, scale, mode, cfg):
     dev = q.device
     if mode == 0:
         qc = bnk + window - 1
-        tlo = thi = seg                                              # unused
+        tlo = thi = seg  # unused
         chunks = 1
     else:
         n0 = (torch.arange(nkb, device=dev) * bnk).to(torch.int32)
@@ -369,10 +462,35 @@ def _dkv(q, keys, seg, lo, hi, do, lse, delta, window, scale, mode, cfg):
     if NK == 0:
         return torch.zeros(B, 0, D, device=dev, dtype=torch.float32)
     _attn_bwd_dkv_kernel[(B * nkb, chunks)](
-        q, keys, seg, lo, hi, tlo, thi, do, lse, delta, part, S, H, NK, nkb, qc, scale * LOG2E, scale, window,
-        D=D, DP=triton.next_power_of_2(D), BM=cfg["BM"], BNK=bnk, MODE=mode, UPCAST=_interp(),
-            PREC=_prec(q),
-        num_warps=cfg["warps_k"], num_stages=cfg["stages_k"])
+        q,
+        keys,
+        seg,
+        lo,
+        hi,
+        tlo,
+        thi,
+        do,
+        lse,
+        delta,
+        part,
+        S,
+        H,
+        NK,
+        nkb,
+        qc,
+        scale * LOG2E,
+        scale,
+        window,
+        D=D,
+        DP=triton.next_power_of_2(D),
+        BM=cfg["BM"],
+        BNK=bnk,
+        MODE=mode,
+        UPCAST=_interp(),
+        PREC=_prec(q),
+        num_warps=cfg["warps_k"],
+        num_stages=cfg["stages_k"],
+    )
     return part.sum(0) if chunks > 1 else part[0]
 
 
@@ -388,10 +506,32 @@ class _HybridAttention(torch.autograd.Function):
         cfg = _config(H, D, q.dtype, comp)
         idx_ = idx if idx is not None else seg
         _attn_fwd_kernel[(B * S, triton.cdiv(H, cfg["BH"]))](
-            q, kv, ck, sinks, seg, lo, hi, idx_, o, lse, S, H, N, ksel, scale * LOG2E, window,
-            D=D, DP=triton.next_power_of_2(D), BH=cfg["BH"], BN=cfg["BN"], COMP=comp, UPCAST=_interp(),
+            q,
+            kv,
+            ck,
+            sinks,
+            seg,
+            lo,
+            hi,
+            idx_,
+            o,
+            lse,
+            S,
+            H,
+            N,
+            ksel,
+            scale * LOG2E,
+            window,
+            D=D,
+            DP=triton.next_power_of_2(D),
+            BH=cfg["BH"],
+            BN=cfg["BN"],
+            COMP=comp,
+            UPCAST=_interp(),
             PREC=_prec(q),
-            num_warps=cfg["warps"], num_stages=cfg["stages"])
+            num_warps=cfg["warps"],
+            num_stages=cfg["stages"],
+        )
         ctx.save_for_backward(q, kv, sinks, comp_kv, seg, lo, hi, idx, o, lse)
         ctx.cfg = (scale, window, comp)
         return o, lse
@@ -415,10 +555,35 @@ class _HybridAttention(torch.autograd.Function):
         ksel = idx.shape[2] if idx is not None else 0
         idx_ = idx if idx is not None else seg
         _attn_bwd_dq_kernel[(B * S, triton.cdiv(H, cfg["BHQ"]))](
-            q, kv, ck, seg, lo, hi, idx_, do, lse, delta, dq, dck32, S, H, N, ksel, scale * LOG2E, scale, window,
-            D=D, DP=triton.next_power_of_2(D), BH=cfg["BHQ"], BN=cfg["BNQ"], COMP=comp, UPCAST=_interp(),
+            q,
+            kv,
+            ck,
+            seg,
+            lo,
+            hi,
+            idx_,
+            do,
+            lse,
+            delta,
+            dq,
+            dck32,
+            S,
+            H,
+            N,
+            ksel,
+            scale * LOG2E,
+            scale,
+            window,
+            D=D,
+            DP=triton.next_power_of_2(D),
+            BH=cfg["BHQ"],
+            BN=cfg["BNQ"],
+            COMP=comp,
+            UPCAST=_interp(),
             PREC=_prec(q),
-            num_warps=cfg["warps_q"], num_stages=cfg["stages_q"])
+            num_warps=cfg["warps_q"],
+            num_stages=cfg["stages_q"],
+        )
         dkv = _dkv(q, kv, seg, lo, hi, do, lse, delta, window, scale, 0, cfg).to(kv.dtype)
         dck = None
         if comp == 1:
@@ -430,13 +595,27 @@ class _HybridAttention(torch.autograd.Function):
         return dq, dkv, dsinks, dck, None, None, None, None, None, None, None
 
 
-def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, scale: float, window: int,
-                     seg_start: Optional[torch.Tensor] = None, comp_kv: Optional[torch.Tensor] = None,
-                     comp_lo: Optional[torch.Tensor] = None, comp_hi: Optional[torch.Tensor] = None,
-                     comp_idx: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def hybrid_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sinks: torch.Tensor,
+    scale: float,
+    window: int,
+    seg_start: Optional[torch.Tensor] = None,
+    comp_kv: Optional[torch.Tensor] = None,
+    comp_lo: Optional[torch.Tensor] = None,
+    comp_hi: Optional[torch.Tensor] = None,
+    comp_idx: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton hybrid attention; same contract as ``ops.sparse_attention.hybrid_attention`` -> (o, lse)."""
-    if q.dim() != 4 or kv.dim() != 3 or q.dtype == torch.float64 or not native(q) \
-            or tuple(kv.shape) != (q.shape[0], q.shape[1], q.shape[3]) or tuple(sinks.shape) != (q.shape[2],):
+    if (
+        q.dim() != 4
+        or kv.dim() != 3
+        or q.dtype == torch.float64
+        or not native(q)
+        or tuple(kv.shape) != (q.shape[0], q.shape[1], q.shape[3])
+        or tuple(sinks.shape) != (q.shape[2],)
+    ):
         return _ref.hybrid_attention(q, kv, sinks, scale, window, seg_start, comp_kv, comp_lo, comp_hi, comp_idx)
     B, S, H, D = q.shape
     dev = q.device
@@ -444,17 +623,27 @@ def hybrid_attention(q: torch.Tensor, kv: torch.Tensor, sinks: torch.Tensor, sca
     if has_comp and comp_idx is None and (comp_lo is None or comp_hi is None):
         raise ValueError("compressed entries need either comp_idx or both comp_lo and comp_hi")
     comp = 0 if not has_comp else (2 if comp_idx is not None else 1)
-    seg = (seg_start if seg_start is not None else torch.zeros(B, S, device=dev, dtype=torch.long))
+    seg = seg_start if seg_start is not None else torch.zeros(B, S, device=dev, dtype=torch.long)
     seg = seg.to(torch.int32).contiguous()
     lo = comp_lo.to(torch.int32).contiguous() if comp == 1 else seg
     hi = comp_hi.to(torch.int32).contiguous() if comp == 1 else seg
     idx = comp_idx.to(torch.int32).contiguous() if comp == 2 else None
     window = int(max(1, min(int(window), S)))
-    if _config(H, D, q.dtype, comp) is None:       # no tiling fits shared memory (e.g. fp32 at D ≥ 1024)
+    if _config(H, D, q.dtype, comp) is None:  # no tiling fits shared memory (e.g. fp32 at D ≥ 1024)
         return _ref.hybrid_attention(q, kv, sinks, scale, window, seg_start, comp_kv, comp_lo, comp_hi, comp_idx)
-    return _HybridAttention.apply(q.contiguous(), kv.contiguous(), sinks.contiguous(),
-                                  comp_kv.contiguous() if has_comp else None, float(scale), window, seg, lo, hi,
-                                  idx, comp)
+    return _HybridAttention.apply(
+        q.contiguous(),
+        kv.contiguous(),
+        sinks.contiguous(),
+        comp_kv.contiguous() if has_comp else None,
+        float(scale),
+        window,
+        seg,
+        lo,
+        hi,
+        idx,
+        comp,
+    )
 
 
 def attention_flops(B: int, S: int, H: int, D: int, entries_per_query: float, with_backward: bool = False) -> float:

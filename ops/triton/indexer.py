@@ -21,6 +21,7 @@ keep the first KP; blocks whose best key does not beat the current KP-th key are
   16 against a [KP, c] key tile) and merged on the fly; = ``indexer_topk(indexer_scores(q, keys, w), …)``.
 Forward only: indices are not differentiable (the KL loss uses ``indexer_scores`` on the chosen entries).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,9 +40,9 @@ def _interp() -> bool:
 
 @triton.jit
 def _pack(score, idx, valid):
-    score = tl.where(score == 0.0, 0.0, score)             # −0.0 ties with +0.0, as in the reference sort
+    score = tl.where(score == 0.0, 0.0, score)  # −0.0 ties with +0.0, as in the reference sort
     bits = score.to(tl.int32, bitcast=True)
-    okey = bits ^ ((bits >> 31) & 0x7FFFFFFF)            # signed-int order == float order
+    okey = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
     packed = (okey.to(tl.int64) << 32) | (0x7FFFFFFF - idx).to(tl.int64)
     return tl.where(valid, packed, -9223372036854775807 - 1)
 
@@ -55,10 +56,27 @@ def _merge(buf, new, KP: tl.constexpr):
 
 
 @triton.jit
-def _topk_kernel(s_ptr, q_ptr, k_ptr, w_ptr, lo_ptr, hi_ptr, out_ptr, S, N, KK, HI, CI, head_scale,
-                 KP: tl.constexpr, HC: tl.constexpr, CP: tl.constexpr, FUSED: tl.constexpr,
-                 UPCAST: tl.constexpr):
-    pid = tl.program_id(0)                  # b * S + t
+def _topk_kernel(
+    s_ptr,
+    q_ptr,
+    k_ptr,
+    w_ptr,
+    lo_ptr,
+    hi_ptr,
+    out_ptr,
+    S,
+    N,
+    KK,
+    HI,
+    CI,
+    head_scale,
+    KP: tl.constexpr,
+    HC: tl.constexpr,
+    CP: tl.constexpr,
+    FUSED: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)  # b * S + t
     b = pid // S
     pid64 = pid.to(tl.int64)
     lo = tl.load(lo_ptr + pid)
@@ -71,20 +89,26 @@ def _topk_kernel(s_ptr, q_ptr, k_ptr, w_ptr, lo_ptr, hi_ptr, out_ptr, S, N, KK, 
         ent = n0 + offs
         valid = ent < hi
         if FUSED:
-            kt = tl.load(k_ptr + (b.to(tl.int64) * N + ent[:, None]) * CI + offs_c[None, :],
-                         mask=valid[:, None] & cmask[None, :], other=0.0)
+            kt = tl.load(
+                k_ptr + (b.to(tl.int64) * N + ent[:, None]) * CI + offs_c[None, :],
+                mask=valid[:, None] & cmask[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 kt = kt.to(tl.float32)
             sc = tl.zeros([KP], dtype=tl.float32)
             for h0 in range(0, HI, HC):
                 offs_h = h0 + tl.arange(0, HC)
                 hmask = offs_h < HI
-                qh = tl.load(q_ptr + (pid64 * HI + offs_h[:, None]) * CI + offs_c[None, :],
-                             mask=hmask[:, None] & cmask[None, :], other=0.0)
+                qh = tl.load(
+                    q_ptr + (pid64 * HI + offs_h[:, None]) * CI + offs_c[None, :],
+                    mask=hmask[:, None] & cmask[None, :],
+                    other=0.0,
+                )
                 if UPCAST:
                     qh = qh.to(tl.float32)
                 wh = tl.load(w_ptr + pid64 * HI + offs_h, mask=hmask, other=0.0).to(tl.float32)
-                d = tl.dot(qh, tl.trans(kt))                                   # [HC, KP]
+                d = tl.dot(qh, tl.trans(kt))  # [HC, KP]
                 sc += tl.sum(tl.maximum(d, 0.0) * wh[:, None], axis=0)
             sc = sc * head_scale
         else:
@@ -109,14 +133,32 @@ def _launch(scores, q, keys, w, lo, hi, k, B, S, N, fused):
     if fused:
         HI, CI = q.shape[2], q.shape[3]
         args = (lo32, q, keys, w)
-        head_scale = HI ** -0.5 * CI ** -0.5
+        head_scale = HI**-0.5 * CI**-0.5
     else:
         HI = CI = 1
         args = (scores, lo32, lo32, lo32)
         head_scale = 1.0
-    _topk_kernel[(B * S,)](args[0], args[1], args[2], args[3], lo32, hi32, out, S, N, kk, HI, CI, head_scale,
-                           KP=KP, HC=16, CP=max(16, triton.next_power_of_2(CI)), FUSED=fused, UPCAST=_interp(),
-                           num_warps=4 if KP <= 256 else 8)
+    _topk_kernel[(B * S,)](
+        args[0],
+        args[1],
+        args[2],
+        args[3],
+        lo32,
+        hi32,
+        out,
+        S,
+        N,
+        kk,
+        HI,
+        CI,
+        head_scale,
+        KP=KP,
+        HC=16,
+        CP=max(16, triton.next_power_of_2(CI)),
+        FUSED=fused,
+        UPCAST=_interp(),
+        num_warps=4 if KP <= 256 else 8,
+    )
     return out
 
 
@@ -125,16 +167,32 @@ def indexer_topk(scores: torch.Tensor, visible_lo: torch.Tensor, visible_hi: tor
     if scores.dim() != 3 or not native(scores) or scores.dtype == torch.float64:
         return _ref.indexer_topk(scores, visible_lo, visible_hi, k)
     B, S, N = scores.shape
-    return _launch(scores.detach().float().contiguous(), None, None, None, visible_lo, visible_hi, k, B, S, N,
-                   False)
+    return _launch(scores.detach().float().contiguous(), None, None, None, visible_lo, visible_hi, k, B, S, N, False)
 
 
-def indexer_select(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, visible_lo: torch.Tensor,
-                   visible_hi: torch.Tensor, k: int) -> torch.Tensor:
+def indexer_select(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    weights: torch.Tensor,
+    visible_lo: torch.Tensor,
+    visible_hi: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
     """Fused scores + top-k: ``indexer_topk(indexer_scores(q, keys, weights), lo, hi, k)`` without [S, N]."""
     if q.dim() != 4 or not native(q) or q.dtype == torch.float64:
         return _ref.indexer_topk(_ref.indexer_scores(q, keys, weights), visible_lo, visible_hi, k)
     B, S, _, _ = q.shape
     N = keys.shape[1]
-    return _launch(None, q.detach().contiguous(), keys.detach().contiguous(), weights.detach().contiguous(),
-                   visible_lo, visible_hi, k, B, S, N, True)
+    return _launch(
+        None,
+        q.detach().contiguous(),
+        keys.detach().contiguous(),
+        weights.detach().contiguous(),
+        visible_lo,
+        visible_hi,
+        k,
+        B,
+        S,
+        N,
+        True,
+    )

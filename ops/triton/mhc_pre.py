@@ -28,6 +28,7 @@ Backward (recompute, nothing of Sinkhorn is stored):
 
 Layout assumptions: n must be a power of two (n = 4 in V4); other n fall back to the reference.
 """
+
 from __future__ import annotations
 
 import os
@@ -82,9 +83,9 @@ def _sk_backward(L, G, iters, eps):
     backwards in (column 2k+1, row 2k) pairs for k = iters−1 … 1, then column step 1, then the softmax."""
     for i in range(0, iters - 1):
         k = iters - 1 - i
-        A = _sk_col_state(L, k, eps)                 # output of step 2k−1 = input of row step 2k
+        A = _sk_col_state(L, k, eps)  # output of step 2k−1 = input of row step 2k
         den_r = tl.sum(A, axis=2)[:, :, None] + eps
-        B = A / den_r                                # output of step 2k = input of column step 2k+1
+        B = A / den_r  # output of step 2k = input of column step 2k+1
         den_c = tl.sum(B, axis=1)[:, None, :] + eps
         Yc = B / den_c
         G = (G - tl.sum(G * Yc, axis=1)[:, None, :]) / den_c
@@ -92,7 +93,7 @@ def _sk_backward(L, G, iters, eps):
     mx = tl.max(L, axis=2)
     p = tl.exp(L - mx[:, :, None])
     p = p / tl.sum(p, axis=2)[:, :, None]
-    M0 = p + eps                                     # output of step 0 = input of column step 1
+    M0 = p + eps  # output of step 0 = input of column step 1
     den1 = tl.sum(M0, axis=1)[:, None, :] + eps
     G = (G - tl.sum(G * (M0 / den1), axis=1)[:, None, :]) / den1
     return p * (G - tl.sum(G * p, axis=2)[:, :, None])
@@ -103,7 +104,7 @@ def _gather_cols(acc, base_col, N: tl.constexpr, RP: tl.constexpr):
     """acc [BT, RP] -> acc[:, base_col + j] as [BT, N] (one-hot contraction, no dynamic register indexing)."""
     cols = tl.arange(0, RP)
     j = tl.arange(0, N)
-    sel = (cols[None, :] == (base_col + j)[:, None]).to(tl.float32)          # [N, RP]
+    sel = (cols[None, :] == (base_col + j)[:, None]).to(tl.float32)  # [N, RP]
     return tl.sum(acc[:, None, :] * sel[None, :, :], axis=2)
 
 
@@ -111,7 +112,7 @@ def _gather_cols(acc, base_col, N: tl.constexpr, RP: tl.constexpr):
 def _gather_mat(acc, base_col, N: tl.constexpr, RP: tl.constexpr):
     """acc [BT, RP] -> acc[:, base_col + j·N + k] as [BT, N, N]."""
     cols = tl.arange(0, RP)
-    jk = tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]              # [N, N]
+    jk = tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]  # [N, N]
     sel = (cols[None, None, :] == (base_col + jk)[:, :, None]).to(tl.float32)  # [N, N, RP]
     return tl.sum(acc[:, None, None, :] * sel[None, :, :, :], axis=3)
 
@@ -134,11 +135,31 @@ def _scatter_mat(v, base_col, N: tl.constexpr, RP: tl.constexpr):
 
 
 @triton.jit
-def _mhc_pre_fwd_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr,
-                        y_ptr, r_ptr, pre_ptr, post_ptr, comb_ptr, xin_ptr,
-                        T, D, rms_eps, hc_eps, iters,
-                        N: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, HEAD: tl.constexpr,
-                        BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PREC: tl.constexpr):
+def _mhc_pre_fwd_kernel(
+    x_ptr,
+    fn_ptr,
+    base_ptr,
+    scale_ptr,
+    y_ptr,
+    r_ptr,
+    pre_ptr,
+    post_ptr,
+    comb_ptr,
+    xin_ptr,
+    T,
+    D,
+    rms_eps,
+    hc_eps,
+    iters,
+    N: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    HEAD: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+    PREC: tl.constexpr,
+):
     pid = tl.program_id(0)
     K = N * D
     offs_t = pid * BT + tl.arange(0, BT)
@@ -149,10 +170,12 @@ def _mhc_pre_fwd_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr,
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         kmask = offs_k < K
-        xt = tl.load(x_ptr + offs_t[:, None].to(tl.int64) * K + offs_k[None, :],
-                     mask=tmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        ft = tl.load(fn_ptr + offs_r[None, :] * K + offs_k[:, None],
-                     mask=(offs_r[None, :] < R) & kmask[:, None], other=0.0).to(tl.float32)
+        xt = tl.load(
+            x_ptr + offs_t[:, None].to(tl.int64) * K + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0
+        ).to(tl.float32)
+        ft = tl.load(
+            fn_ptr + offs_r[None, :] * K + offs_k[:, None], mask=(offs_r[None, :] < R) & kmask[:, None], other=0.0
+        ).to(tl.float32)
         acc += tl.dot(xt, ft, input_precision=PREC)
         ss += tl.sum(xt * xt, axis=1)
     r = 1.0 / tl.sqrt(ss / K + rms_eps)
@@ -180,20 +203,44 @@ def _mhc_pre_fwd_kernel(x_ptr, fn_ptr, base_ptr, scale_ptr,
         offs_d = d0 + tl.arange(0, BD)
         dmask = offs_d < D
         m3 = tmask[:, None, None] & dmask[None, None, :]
-        x3 = tl.load(x_ptr + offs_t[:, None, None].to(tl.int64) * K + offs_n[None, :, None] * D
-                     + offs_d[None, None, :], mask=m3, other=0.0).to(tl.float32)
+        x3 = tl.load(
+            x_ptr + offs_t[:, None, None].to(tl.int64) * K + offs_n[None, :, None] * D + offs_d[None, None, :],
+            mask=m3,
+            other=0.0,
+        ).to(tl.float32)
         xin = tl.sum(x3 * pre[:, :, None], axis=1)
-        tl.store(xin_ptr + offs_t[:, None].to(tl.int64) * D + offs_d[None, :],
-                 xin.to(xin_ptr.dtype.element_ty), mask=tmask[:, None] & dmask[None, :])
+        tl.store(
+            xin_ptr + offs_t[:, None].to(tl.int64) * D + offs_d[None, :],
+            xin.to(xin_ptr.dtype.element_ty),
+            mask=tmask[:, None] & dmask[None, :],
+        )
 
 
 @triton.jit
-def _mhc_pre_bwd_kernel(x_ptr, base_ptr, scale_ptr, y_ptr, r_ptr,
-                        gxin_ptr, gpost_ptr, gcomb_ptr,
-                        gy_ptr, coef_ptr, gbase_part_ptr, gscale_part_ptr,
-                        T, D, hc_eps, iters,
-                        N: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, HEAD: tl.constexpr,
-                        BT: tl.constexpr, BD: tl.constexpr):
+def _mhc_pre_bwd_kernel(
+    x_ptr,
+    base_ptr,
+    scale_ptr,
+    y_ptr,
+    r_ptr,
+    gxin_ptr,
+    gpost_ptr,
+    gcomb_ptr,
+    gy_ptr,
+    coef_ptr,
+    gbase_part_ptr,
+    gscale_part_ptr,
+    T,
+    D,
+    hc_eps,
+    iters,
+    N: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    HEAD: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
     pid = tl.program_id(0)
     K = N * D
     offs_t = pid * BT + tl.arange(0, BT)
@@ -210,11 +257,16 @@ def _mhc_pre_bwd_kernel(x_ptr, base_ptr, scale_ptr, y_ptr, r_ptr,
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
         dmask = offs_d < D
-        x3 = tl.load(x_ptr + offs_t[:, None, None].to(tl.int64) * K + offs_n[None, :, None] * D
-                     + offs_d[None, None, :], mask=tmask[:, None, None] & dmask[None, None, :],
-                     other=0.0).to(tl.float32)
-        gx = tl.load(gxin_ptr + offs_t[:, None].to(tl.int64) * D + offs_d[None, :],
-                     mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        x3 = tl.load(
+            x_ptr + offs_t[:, None, None].to(tl.int64) * K + offs_n[None, :, None] * D + offs_d[None, None, :],
+            mask=tmask[:, None, None] & dmask[None, None, :],
+            other=0.0,
+        ).to(tl.float32)
+        gx = tl.load(
+            gxin_ptr + offs_t[:, None].to(tl.int64) * D + offs_d[None, :],
+            mask=tmask[:, None] & dmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         gpre += tl.sum(x3 * gx[:, None, :], axis=2)
     mpre = _gather_cols(mix, 0, N, RP)
     sg0 = tl.sigmoid(mpre * s0 + _gather_cols(bvec[None, :], 0, N, RP))
@@ -237,8 +289,7 @@ def _mhc_pre_bwd_kernel(x_ptr, base_ptr, scale_ptr, y_ptr, r_ptr,
         mcomb = _gather_mat(mix, 2 * N, N, RP)
         L = mcomb * s2 + _gather_mat(bvec[None, :], 2 * N, N, RP)
         jk = offs_n[:, None] * N + offs_n[None, :]
-        G = tl.load(gcomb_ptr + offs_t[:, None, None] * (N * N) + jk[None, :, :],
-                    mask=tmask[:, None, None], other=0.0)
+        G = tl.load(gcomb_ptr + offs_t[:, None, None] * (N * N) + jk[None, :, :], mask=tmask[:, None, None], other=0.0)
         gL = _sk_backward(L, G, iters, hc_eps)
         gmix += _scatter_mat(gL * s2, 2 * N, N, RP)
         gbase += _scatter_mat(gL, 2 * N, N, RP)
@@ -256,10 +307,23 @@ def _mhc_pre_bwd_kernel(x_ptr, base_ptr, scale_ptr, y_ptr, r_ptr,
 
 
 @triton.jit
-def _mhc_pre_dx_kernel(x_ptr, fn_ptr, gy_ptr, coef_ptr, pre_ptr, gxin_ptr, gx_ptr,
-                       T, D,
-                       N: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
-                       BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _mhc_pre_dx_kernel(
+    x_ptr,
+    fn_ptr,
+    gy_ptr,
+    coef_ptr,
+    pre_ptr,
+    gxin_ptr,
+    gx_ptr,
+    T,
+    D,
+    N: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """∂x[t, k] = Σ_c ∂y[t,c] fn[c,k] + coef_t x[t,k] + pre[t, k//D] ∂x_in[t, k%D]."""
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -271,22 +335,33 @@ def _mhc_pre_dx_kernel(x_ptr, fn_ptr, gy_ptr, coef_ptr, pre_ptr, gxin_ptr, gx_pt
     offs_r = tl.arange(0, RP)
     m2 = tmask[:, None] & kmask[None, :]
     gy = tl.load(gy_ptr + offs_t[:, None] * RP + offs_r[None, :], mask=tmask[:, None], other=0.0)
-    fnt = tl.load(fn_ptr + offs_r[:, None] * K + offs_k[None, :],
-                  mask=(offs_r[:, None] < R) & kmask[None, :], other=0.0).to(tl.float32)
+    fnt = tl.load(
+        fn_ptr + offs_r[:, None] * K + offs_k[None, :], mask=(offs_r[:, None] < R) & kmask[None, :], other=0.0
+    ).to(tl.float32)
     acc = tl.dot(gy, fnt, input_precision=PREC)
     xt = tl.load(x_ptr + offs_t[:, None].to(tl.int64) * K + offs_k[None, :], mask=m2, other=0.0).to(tl.float32)
     coef = tl.load(coef_ptr + offs_t, mask=tmask, other=0.0)
     pre = tl.load(pre_ptr + offs_t[:, None] * N + (offs_k // D)[None, :], mask=m2, other=0.0)
-    gxin = tl.load(gxin_ptr + offs_t[:, None].to(tl.int64) * D + (offs_k % D)[None, :], mask=m2,
-                   other=0.0).to(tl.float32)
+    gxin = tl.load(gxin_ptr + offs_t[:, None].to(tl.int64) * D + (offs_k % D)[None, :], mask=m2, other=0.0).to(
+        tl.float32
+    )
     acc += coef[:, None] * xt + pre * gxin
     tl.store(gx_ptr + offs_t[:, None].to(tl.int64) * K + offs_k[None, :], acc.to(gx_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
-def _mhc_pre_dfn_kernel(x_ptr, gy_ptr, gfn_ptr, T, K,
-                        R: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                        PREC: tl.constexpr):
+def _mhc_pre_dfn_kernel(
+    x_ptr,
+    gy_ptr,
+    gfn_ptr,
+    T,
+    K,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """∂fn[c, k] = Σ_t ∂y[t, c] x[t, k]; one program per K-slice, fixed-order loop over T."""
     pid = tl.program_id(0)
     offs_k = pid * BK + tl.arange(0, BK)
@@ -297,11 +372,15 @@ def _mhc_pre_dfn_kernel(x_ptr, gy_ptr, gfn_ptr, T, K,
         offs_t = t0 + tl.arange(0, BT)
         tmask = offs_t < T
         gyt = tl.load(gy_ptr + offs_t[None, :] * RP + offs_r[:, None], mask=tmask[None, :], other=0.0)
-        xt = tl.load(x_ptr + offs_t[:, None].to(tl.int64) * K + offs_k[None, :],
-                     mask=tmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        xt = tl.load(
+            x_ptr + offs_t[:, None].to(tl.int64) * K + offs_k[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0
+        ).to(tl.float32)
         acc += tl.dot(gyt, xt, input_precision=PREC)
-    tl.store(gfn_ptr + offs_r[:, None] * K + offs_k[None, :], acc.to(gfn_ptr.dtype.element_ty),
-             mask=(offs_r[:, None] < R) & kmask[None, :])
+    tl.store(
+        gfn_ptr + offs_r[:, None] * K + offs_k[None, :],
+        acc.to(gfn_ptr.dtype.element_ty),
+        mask=(offs_r[:, None] < R) & kmask[None, :],
+    )
 
 
 @triton.jit
@@ -341,8 +420,16 @@ def _blocks(d: int) -> tuple[int, int]:
     return bd, 64
 
 
-def _run_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, rms_eps: float,
-             hc_eps: float, iters: int, head: bool):
+def _run_pre(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    rms_eps: float,
+    hc_eps: float,
+    iters: int,
+    head: bool,
+):
     T, n, d = x.shape
     R = fn.shape[0]
     RP = _rp(R)
@@ -355,9 +442,31 @@ def _run_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch
     x_in = new_empty((T, d), device=dev, dtype=x.dtype)
     bd, bk = _blocks(d)
     grid = (triton.cdiv(T, _BT),)
-    _mhc_pre_fwd_kernel[grid](x, fn, base, scale, y, r, pre, post, comb, x_in, T, d, float(rms_eps),
-                              float(hc_eps), int(iters), N=n, R=R, RP=RP, HEAD=head, BT=_BT, BK=bk, BD=bd,
-                              PREC=_DOT_PREC)
+    _mhc_pre_fwd_kernel[grid](
+        x,
+        fn,
+        base,
+        scale,
+        y,
+        r,
+        pre,
+        post,
+        comb,
+        x_in,
+        T,
+        d,
+        float(rms_eps),
+        float(hc_eps),
+        int(iters),
+        N=n,
+        R=R,
+        RP=RP,
+        HEAD=head,
+        BT=_BT,
+        BK=bk,
+        BD=bd,
+        PREC=_DOT_PREC,
+    )
     return x_in, post, comb, y, r, pre
 
 
@@ -373,17 +482,41 @@ def _run_pre_bwd(x, fn, base, scale, y, r, pre, g_xin, g_post, g_comb, hc_eps, i
     gbase_part = new_empty((nprog, RP), device=dev, dtype=torch.float32)
     gscale_part = new_empty((nprog, 4), device=dev, dtype=torch.float32)
     bd, bk = _blocks(d)
-    _mhc_pre_bwd_kernel[(nprog,)](x, base, scale, y, r, g_xin, g_post, g_comb, gy, coef, gbase_part, gscale_part,
-                                  T, d, float(hc_eps), int(iters), N=n, R=R, RP=RP, HEAD=head, BT=_BT, BD=bd)
+    _mhc_pre_bwd_kernel[(nprog,)](
+        x,
+        base,
+        scale,
+        y,
+        r,
+        g_xin,
+        g_post,
+        g_comb,
+        gy,
+        coef,
+        gbase_part,
+        gscale_part,
+        T,
+        d,
+        float(hc_eps),
+        int(iters),
+        N=n,
+        R=R,
+        RP=RP,
+        HEAD=head,
+        BT=_BT,
+        BD=bd,
+    )
     gx = new_empty(x.shape, device=x.device, dtype=x.dtype)
-    _mhc_pre_dx_kernel[(nprog, triton.cdiv(K, bk))](x, fn, gy, coef, pre, g_xin, gx, T, d, N=n, R=R, RP=RP,
-                                                    BT=_BT, BK=bk, PREC=_DOT_PREC)
+    _mhc_pre_dx_kernel[(nprog, triton.cdiv(K, bk))](
+        x, fn, gy, coef, pre, g_xin, gx, T, d, N=n, R=R, RP=RP, BT=_BT, BK=bk, PREC=_DOT_PREC
+    )
     gfn = new_empty((R, K), device=dev, dtype=fn.dtype)
     bkf = 128 if not _interp() else 64
-    _mhc_pre_dfn_kernel[(triton.cdiv(K, bkf),)](x, gy, gfn, T, K, R=R, RP=RP, BT=64 if not _interp() else 16,
-                                                BK=bkf, PREC=_DOT_PREC)
+    _mhc_pre_dfn_kernel[(triton.cdiv(K, bkf),)](
+        x, gy, gfn, T, K, R=R, RP=RP, BT=64 if not _interp() else 16, BK=bkf, PREC=_DOT_PREC
+    )
     gbase = gbase_part.sum(0)[:R].to(base.dtype)
-    gscale = gscale_part.sum(0)[:scale.shape[0]].to(scale.dtype)
+    gscale = gscale_part.sum(0)[: scale.shape[0]].to(scale.dtype)
     return gx, gfn, gbase, gscale
 
 
@@ -412,8 +545,7 @@ class _MhcPre(torch.autograd.Function):
             g_comb = grads[2]
             g_post = (torch.zeros(T, n, device=x.device) if g_post is None else g_post).float().contiguous()
             g_comb = (torch.zeros(T, n, n, device=x.device) if g_comb is None else g_comb).float().contiguous()
-        gx, gfn, gbase, gscale = _run_pre_bwd(x, fn, base, scale, y, r, pre, g_xin, g_post, g_comb,
-                                              hc_eps, iters, head)
+        gx, gfn, gbase, gscale = _run_pre_bwd(x, fn, base, scale, y, r, pre, g_xin, g_post, g_comb, hc_eps, iters, head)
         return gx, gfn, gbase, gscale, None, None, None, None
 
 
@@ -434,8 +566,9 @@ class _Sinkhorn(torch.autograd.Function):
         iters, eps = ctx.cfg
         T, n, _ = L.shape
         gl = new_empty(L.shape, device=L.device, dtype=L.dtype)
-        _sinkhorn_bwd_kernel[(triton.cdiv(T, _BT),)](L, g.contiguous().float(), gl, T, int(iters), float(eps),
-                                                     N=n, BT=_BT)
+        _sinkhorn_bwd_kernel[(triton.cdiv(T, _BT),)](
+            L, g.contiguous().float(), gl, T, int(iters), float(eps), N=n, BT=_BT
+        )
         return gl, None, None
 
 
@@ -450,20 +583,36 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return _Sinkhorn.apply(logits, int(iters), float(eps))
 
 
-def mhc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, rms_eps: float,
-            hc_eps: float, iters: int):
+def mhc_pre(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    rms_eps: float,
+    hc_eps: float,
+    iters: int,
+):
     """Triton mHC pre side (same contract as ``ops.mhc.mhc_pre``): (x_in [T,d] x.dtype, post [T,n], comb [T,n,n])."""
-    if x.dim() != 3 or _fallback(x, fn, base, scale, n=x.shape[1]) or iters < 1 \
-            or tuple(fn.shape) != ((2 + x.shape[1]) * x.shape[1], x.shape[1] * x.shape[2]) \
-            or tuple(scale.shape) != (3,):
+    if (
+        x.dim() != 3
+        or _fallback(x, fn, base, scale, n=x.shape[1])
+        or iters < 1
+        or tuple(fn.shape) != ((2 + x.shape[1]) * x.shape[1], x.shape[1] * x.shape[2])
+        or tuple(scale.shape) != (3,)
+    ):
         return _ref.mhc_pre(x, fn, base, scale, rms_eps, hc_eps, iters)
     return _MhcPre.apply(x, fn, base, scale, float(rms_eps), float(hc_eps), int(iters), False)
 
 
-def hc_head(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, rms_eps: float,
-            hc_eps: float) -> torch.Tensor:
+def hc_head(
+    x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, rms_eps: float, hc_eps: float
+) -> torch.Tensor:
     """Triton final stream collapse (same contract as ``ops.mhc.hc_head``): x [T, n, d] -> [T, d]."""
-    if x.dim() != 3 or _fallback(x, fn, base, scale, n=x.shape[1]) \
-            or tuple(fn.shape) != (x.shape[1], x.shape[1] * x.shape[2]) or tuple(scale.shape) != (1,):
+    if (
+        x.dim() != 3
+        or _fallback(x, fn, base, scale, n=x.shape[1])
+        or tuple(fn.shape) != (x.shape[1], x.shape[1] * x.shape[2])
+        or tuple(scale.shape) != (1,)
+    ):
         return _ref.hc_head(x, fn, base, scale, rms_eps, hc_eps)
     return _MhcPre.apply(x, fn, base, scale, float(rms_eps), float(hc_eps), 1, True)

@@ -21,6 +21,7 @@ symmetric Triton kernels + cuBLAS for the full update GEMM; all cuBLAS = the ref
 the fastest (``_choose``; ``V4_NS_VARIANT=triton|mixed|torch`` forces one): on the H200 the all-Triton path
 was slower than cuBLAS for 64×2048×1024 bf16 (18.1 vs 14.9 ms), so the batched path never loses to torch.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,9 +39,21 @@ def _interp() -> bool:
 
 
 @triton.jit
-def _gram_sym_kernel(x_ptr, a_ptr, ti_ptr, tj_ptr, S, L, coef_b, coef_c,
-                     POLY: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                     UPCAST: tl.constexpr):
+def _gram_sym_kernel(
+    x_ptr,
+    a_ptr,
+    ti_ptr,
+    tj_ptr,
+    S,
+    L,
+    coef_b,
+    coef_c,
+    POLY: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """POLY=False: A = X Xᵀ (X [E,S,L]). POLY=True: out = b·A + c·A·A (x_ptr = A [E,S,S], L = S).
     One program per upper-triangle tile (ti ≤ tj) of one matrix; the tile is stored at (ti,tj) and (tj,ti)."""
     e = tl.program_id(0)
@@ -60,8 +73,9 @@ def _gram_sym_kernel(x_ptr, a_ptr, ti_ptr, tj_ptr, S, L, coef_b, coef_c,
             a, bt = a.to(tl.float32), bt.to(tl.float32)
         acc += tl.dot(a, bt, input_precision=PREC)
     if POLY:
-        a_ij = tl.load(xb + rows[:, None] * L + cols[None, :], mask=(rows[:, None] < S) & (cols[None, :] < S),
-                       other=0.0).to(tl.float32)
+        a_ij = tl.load(
+            xb + rows[:, None] * L + cols[None, :], mask=(rows[:, None] < S) & (cols[None, :] < S), other=0.0
+        ).to(tl.float32)
         acc = coef_b * a_ij + coef_c * acc
     out = acc.to(a_ptr.dtype.element_ty)
     ob = a_ptr + e.to(tl.int64) * S * S
@@ -71,9 +85,19 @@ def _gram_sym_kernel(x_ptr, a_ptr, ti_ptr, tj_ptr, S, L, coef_b, coef_c,
 
 
 @triton.jit
-def _ns_update_kernel(b_ptr, x_ptr, y_ptr, S, L, coef_a,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
-                      UPCAST: tl.constexpr):
+def _ns_update_kernel(
+    b_ptr,
+    x_ptr,
+    y_ptr,
+    S,
+    L,
+    coef_a,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Y = a·X + B·X for B [E,S,S], X [E,S,L]; one program per (matrix, BM×BN output tile)."""
     e = tl.program_id(0)
     pm = tl.program_id(1)
@@ -93,8 +117,7 @@ def _ns_update_kernel(b_ptr, x_ptr, y_ptr, S, L, coef_a,
     m = (rows[:, None] < S) & (cols[None, :] < L)
     x0 = tl.load(xb + rows[:, None] * L + cols[None, :], mask=m, other=0.0).to(tl.float32)
     acc += coef_a * x0
-    tl.store(y_ptr + e.to(tl.int64) * S * L + rows[:, None] * L + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=m)
+    tl.store(y_ptr + e.to(tl.int64) * S * L + rows[:, None] * L + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=m)
 
 
 _TRI_CACHE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -117,7 +140,7 @@ def _config(dtype: torch.dtype) -> dict:
 
 
 VARIANTS = ("triton", "mixed", "torch")
-_CHOICE: dict = {}          # (shape, dtype, device) -> variant chosen by timing on the GPU
+_CHOICE: dict = {}  # (shape, dtype, device) -> variant chosen by timing on the GPU
 
 
 def _step(variant: str, Y, A, B, Y2, a: float, b: float, c: float, reduce, cfg: dict, prec: str, ti, tj):
@@ -132,19 +155,21 @@ def _step(variant: str, Y, A, B, Y2, a: float, b: float, c: float, reduce, cfg: 
     if variant == "torch":
         A = torch.bmm(Y, Y.mT, out=A)
     else:
-        _gram_sym_kernel[(E, ti.numel())](Y, A, ti, tj, s, l, 0.0, 0.0, POLY=False, BM=bm, BK=cfg["BK"],
-                                          PREC=prec, **kw)
+        _gram_sym_kernel[(E, ti.numel())](
+            Y, A, ti, tj, s, l, 0.0, 0.0, POLY=False, BM=bm, BK=cfg["BK"], PREC=prec, **kw
+        )
     if reduce is not None:
         A = reduce(A)
     if variant == "torch":
         B = torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
     else:
-        _gram_sym_kernel[(E, ti.numel())](A, B, ti, tj, s, s, float(b), float(c), POLY=True, BM=bm,
-                                          BK=cfg["BK"], PREC=prec, **kw)
+        _gram_sym_kernel[(E, ti.numel())](
+            A, B, ti, tj, s, s, float(b), float(c), POLY=True, BM=bm, BK=cfg["BK"], PREC=prec, **kw
+        )
     if variant == "triton":
-        _ns_update_kernel[(E, triton.cdiv(s, bm), triton.cdiv(l, cfg["BN"]))](B, Y, Y2, s, l, float(a), BM=bm,
-                                                                              BN=cfg["BN"], BK=cfg["BK"],
-                                                                              PREC=prec, **kw)
+        _ns_update_kernel[(E, triton.cdiv(s, bm), triton.cdiv(l, cfg["BN"]))](
+            B, Y, Y2, s, l, float(a), BM=bm, BN=cfg["BN"], BK=cfg["BK"], PREC=prec, **kw
+        )
     else:
         Y2 = torch.baddbmm(Y, B, Y, beta=a, alpha=1.0, out=Y2)
     return Y2, A, B
@@ -166,7 +191,7 @@ def _choose(Y: torch.Tensor, abc: tuple[float, float, float], cfg: dict, prec: s
         Y2 = torch.empty_like(Y)
         best, best_ms = "torch", float("inf")
         for v in VARIANTS:
-            _step(v, Y, A, B, Y2, a, b, c, None, cfg, prec, ti, tj)          # warm-up / compile
+            _step(v, Y, A, B, Y2, a, b, c, None, cfg, prec, ti, tj)  # warm-up / compile
             ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             ev0.record()
             for _ in range(3):
@@ -203,8 +228,9 @@ def _iterate(Y: torch.Tensor, iters: list[tuple[float, float, float]], reduce) -
     return Y
 
 
-def newton_schulz(X: torch.Tensor, steps: _ref.NSSteps = _ref.V4_NS_STEPS, fp32: bool = True,
-                  reduce: _ref.Reduce = None) -> torch.Tensor:
+def newton_schulz(
+    X: torch.Tensor, steps: _ref.NSSteps = _ref.V4_NS_STEPS, fp32: bool = True, reduce: _ref.Reduce = None
+) -> torch.Tensor:
     """Triton Newton-Schulz, same contract as ``ops.newton_schulz.newton_schulz`` (``[..., n, m]`` -> same)."""
     if X.dtype == torch.float64 or not native(X) or X.dim() < 2:
         return _ref.newton_schulz(X, steps, fp32, reduce)

@@ -14,6 +14,7 @@ grid, and, when the bundled ``cuobjdump`` is there, registers and stack (spills)
 Kernel outputs are left unwritten (the host code after a launch sees garbage, which only feeds later
 launches). Must run in a process where ``TRITON_INTERPRET`` is unset (``triton.jit`` reads it at definition).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-SMEM_LIMIT = 232448          # bytes of shared memory per block on sm_90 (227 KB)
+SMEM_LIMIT = 232448  # bytes of shared memory per block on sm_90 (227 KB)
 GRID_YZ_LIMIT = 65535
 
 
@@ -45,9 +46,11 @@ class Record:
         cx = ",".join(f"{k}={v}" for k, v in self.constexprs.items() if not str(k).startswith("_"))
         st = "OK" if not self.problems else "FAIL: " + "; ".join(self.problems)
         est = f" est={self.estimate:>7d}" if self.estimate >= 0 else ""
-        return (f"{self.kernel:28s} smem={self.shared:>7d}{est} regs={self.regs:>4d} stack={self.stack:>4d} "
-                f"warps={self.options.get('num_warps')} stages={self.options.get('num_stages')} "
-                f"grid={self.grid} [{cx}] {st}")
+        return (
+            f"{self.kernel:28s} smem={self.shared:>7d}{est} regs={self.regs:>4d} stack={self.stack:>4d} "
+            f"warps={self.options.get('num_warps')} stages={self.options.get('num_stages')} "
+            f"grid={self.grid} [{cx}] {st}"
+        )
 
 
 RECORDS: list[Record] = []
@@ -57,6 +60,7 @@ _SEEN: dict = {}
 def _resource_usage(cubin: bytes) -> tuple[int, int]:
     """(registers, stack bytes) per thread from ``cuobjdump -res-usage`` on the cubin; (-1, -1) if unavailable."""
     import triton
+
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
         tool = shutil.which("cuobjdump") or ""
@@ -84,11 +88,13 @@ def _attention_estimate(rec: Record):
     if which is None:
         return None
     from ops.triton import hybrid_attention as ha
+
     c = rec.constexprs
     esz = 4 if c.get("PREC") == "tf32x3" or c.get("UPCAST") else 2
     rows, keys = (c["BM"], c["BNK"]) if which == "dkv" else (c["BH"], c["BN"])
-    return ha.smem_estimate(which, rows, keys, c["D"], esz, rec.options.get("num_stages") or 1,
-                            c.get("COMP", 0) if which != "dkv" else 0)
+    return ha.smem_estimate(
+        which, rows, keys, c["D"], esz, rec.options.get("num_stages") or 1, c.get("COMP", 0) if which != "dkv" else 0
+    )
 
 
 @contextlib.contextmanager
@@ -121,13 +127,12 @@ def capture(arch: int = 90):
             return None
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound_args, specialization, options)
         cx = {self.params[p[0]].name: v for p, v in constexprs.items() if len(p) == 1}
-        rec = Record(self.fn.__qualname__, cx, {"num_warps": options.num_warps, "num_stages": options.num_stages},
-                     grid)
+        rec = Record(self.fn.__qualname__, cx, {"num_warps": options.num_warps, "num_stages": options.num_stages}, grid)
         _SEEN[key] = rec
         RECORDS.append(rec)
         if len(grid) > 1 and max(grid[1:]) > GRID_YZ_LIMIT:
             rec.problems.append(f"grid y/z above {GRID_YZ_LIMIT}")
-        if grid and grid[0] >= 2 ** 31:
+        if grid and grid[0] >= 2**31:
             rec.problems.append("grid x above 2^31-1")
         try:
             src = ASTSource(self, signature, constexprs, attrs)
@@ -165,6 +170,7 @@ def _attention(D: int, dtype, mode: str, S: int = 256, H: int = 64, window: int 
 
     from ops import compressor
     from ops.triton import hybrid_attention as tri
+
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, S, H, D, generator=g).to(dtype).requires_grad_()
     kv = torch.randn(1, S, D, generator=g).to(dtype).requires_grad_()
@@ -180,7 +186,7 @@ def _attention(D: int, dtype, mode: str, S: int = 256, H: int = 64, window: int 
         else:
             k = min(topk, lay.num_slots)
             kw["comp_idx"] = torch.arange(k).expand(1, S, k).contiguous()
-    o, lse = tri.hybrid_attention(q, kv, sinks, D ** -0.5, window, **kw)
+    o, lse = tri.hybrid_attention(q, kv, sinks, D**-0.5, window, **kw)
     torch.autograd.backward((o, lse), (torch.zeros_like(o), torch.zeros_like(lse)))
 
 
@@ -188,6 +194,7 @@ def _mhc(dtype, T: int = 64, n: int = 4, d: int = 4096) -> None:
     import torch
 
     from ops.triton import mhc_post, mhc_pre
+
     x = torch.randn(T, n, d).to(dtype).requires_grad_()
     fn = (torch.randn((2 + n) * n, n * d) * (n * d) ** -0.5).requires_grad_()
     base = torch.zeros((2 + n) * n).requires_grad_()
@@ -207,6 +214,7 @@ def _ns(dtype_fp32: bool, E: int = 2, m: int = 2048, n: int = 1024) -> None:
     import torch
 
     from ops.triton import newton_schulz
+
     X = torch.randn(E, m, n).to(torch.bfloat16)
     newton_schulz.newton_schulz(X, fp32=dtype_fp32)
 
@@ -216,6 +224,7 @@ def _compressor(dtype) -> None:
 
     from ops import compressor as ref
     from ops.triton import compressor as tri
+
     S = 512
     seg = torch.zeros(1, S, dtype=torch.long)
     for rate, c in ((4, 512), (128, 512)):
@@ -234,6 +243,7 @@ def _indexer(dtype) -> None:
 
     from ops import compressor
     from ops.triton import indexer as tri
+
     S, HI, cI, rate = 256, 64, 128, 4
     N = S // rate
     seg = torch.zeros(1, S, dtype=torch.long)
@@ -249,6 +259,7 @@ def _indexer(dtype) -> None:
 def cases(quick: bool = False):
     """(name, thunk) of every V4-shaped launch to check; ``quick``: bf16 only for attention and mHC."""
     import torch
+
     out = []
     dts = [torch.bfloat16] if quick else [torch.bfloat16, torch.float32]
     for dt in dts:
@@ -256,7 +267,7 @@ def cases(quick: bool = False):
     out.append(("newton_schulz bf16", lambda: _ns(False)))
     if not quick:
         out.append(("newton_schulz fp32", lambda: _ns(True)))
-    for D in ((512, 128) if not quick else (512,)):
+    for D in (512, 128) if not quick else (512,):
         for dt in dts:
             for mode in ("window", "range", "topk"):
                 out.append((f"attention D={D} {dt} {mode}", lambda D=D, dt=dt, mode=mode: _attention(D, dt, mode)))
@@ -269,6 +280,7 @@ def cases(quick: bool = False):
 
 def check(names: list[str] | None = None, quick: bool = False, verbose: bool = True) -> list[Record]:
     import torch
+
     torch.set_num_threads(1)
     failed_cases = []
     with capture():
@@ -294,6 +306,7 @@ def check(names: list[str] | None = None, quick: bool = False, verbose: bool = T
 
 def main() -> int:
     import argparse
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("names", nargs="*", help="substrings of case names to run (default: all)")

@@ -4,6 +4,7 @@
 *defined*, so the variable must be set before ``triton`` and the kernel modules are imported. When a test
 process imported them earlier without it, they are dropped from ``sys.modules`` and imported afresh.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -15,11 +16,17 @@ from types import ModuleType
 def setup() -> bool:
     """Select the mode for this process; returns True when the kernels run compiled on a CUDA GPU."""
     import torch
+
     on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
     if not on_gpu and os.environ.get("TRITON_INTERPRET", "0") != "1":
         os.environ["TRITON_INTERPRET"] = "1"
-        stale = [m for m in sys.modules if (m == "triton" or m.startswith("triton.")) and not m.startswith("triton._C")
-                 or (m.startswith("ops.triton.") and m != __name__)]
+        stale = [
+            m
+            for m in sys.modules
+            if (m == "triton" or m.startswith("triton."))
+            and not m.startswith("triton._C")
+            or (m.startswith("ops.triton.") and m != __name__)
+        ]
         for m in stale:
             del sys.modules[m]
     return on_gpu
@@ -30,6 +37,7 @@ def poison_outputs():
     negative sentinel) before writing, so an element a kernel never writes fails the comparison.
     Use as ``_poison = pytest.fixture(autouse=True)(testing.poison_outputs)``."""
     import ops.triton
+
     ops.triton.POISON = True
     try:
         yield
@@ -42,6 +50,7 @@ def attention_fwd_bwd(fn, args, kw, window, scale, seed):
     ``kw["comp_kv"]``, back-propagate seeded random gradients on BOTH outputs (o and lse); returns
     ((o, lse), [dq, dkv, dsinks] + [dcomp_kv] when present)."""
     import torch
+
     args = [a.detach().clone().requires_grad_() for a in args]
     kw = dict(kw)
     if "comp_kv" in kw:

@@ -52,6 +52,7 @@ HF names are used for every parameter, so an HF ``DeepseekV4Attention`` state di
 (shapes equal at tp = 1; o_a_proj.weight is [g·d_g, n_h·c/g] as in HF). Megatron's linear layers add an
 ``_extra_state`` entry (None) per layer to ``state_dict()``; converters skip those keys.
 """
+
 from __future__ import annotations
 
 import logging
@@ -86,10 +87,15 @@ def megatron_parallel_config(tp_size: int = 1, params_dtype: torch.dtype = torch
     from megatron.core.model_parallel_config import ModelParallelConfig
 
     from parallel.process_groups import megatron_cpu_flags
+
     fields = ModelParallelConfig.__dataclass_fields__
     flags = {k: v for k, v in megatron_cpu_flags().items() if k in fields}
-    flags.update(tensor_model_parallel_size=tp_size, params_dtype=params_dtype, perform_initialization=True,
-                 use_cpu_initialization=True)
+    flags.update(
+        tensor_model_parallel_size=tp_size,
+        params_dtype=params_dtype,
+        perform_initialization=True,
+        use_cpu_initialization=True,
+    )
     return ModelParallelConfig(**flags)
 
 
@@ -99,6 +105,7 @@ def _resolve_tp_group(tp_group: Optional[dist.ProcessGroup]) -> Optional[dist.Pr
     if not (dist.is_available() and dist.is_initialized()):
         return None
     from megatron.core import parallel_state as ps
+
     return ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
 
 
@@ -112,8 +119,15 @@ class GroupedOutputProjection(nn.Module):
     every group as for a fused [gate; up]).
     """
 
-    def __init__(self, in_per_group: int, out_per_group: int, n_groups: int, tp_size: int = 1,
-                 tp_rank: int = 0, init_std: float = 0.02):
+    def __init__(
+        self,
+        in_per_group: int,
+        out_per_group: int,
+        n_groups: int,
+        tp_size: int = 1,
+        tp_rank: int = 0,
+        init_std: float = 0.02,
+    ):
         super().__init__()
         if n_groups % tp_size:
             raise ValueError(f"o_groups={n_groups} is not divisible by the tensor-parallel size {tp_size}")
@@ -122,12 +136,12 @@ class GroupedOutputProjection(nn.Module):
         self.out_per_group = out_per_group
         master = torch.empty(n_groups * out_per_group, in_per_group).normal_(0.0, init_std)
         rows = self.local_groups * out_per_group
-        self.weight = nn.Parameter(master[tp_rank * rows:(tp_rank + 1) * rows].clone())
+        self.weight = nn.Parameter(master[tp_rank * rows : (tp_rank + 1) * rows].clone())
         self.weight.tensor_model_parallel = tp_size > 1
         self.weight.partition_dim = 0
         self.weight.partition_stride = 1
         self.weight.v4_blocks = [out_per_group] * self.local_groups
-        self.weight.v4_tp_whole_blocks = True    # TP shards hold whole groups, not slices of every group
+        self.weight.v4_tp_whole_blocks = True  # TP shards hold whole groups, not slices of every group
 
     def forward(self, o: torch.Tensor) -> torch.Tensor:
         """o: [..., g_local, n_h·c/g] -> [..., g_local·d_g]."""
@@ -149,10 +163,17 @@ class V4Attention(nn.Module):
         parallel_config: megatron ``ModelParallelConfig`` for the parallel linears (default: CPU-safe flags).
     """
 
-    def __init__(self, cfg: Any, layer_type: str, layer_idx: int, tp_group: Optional[dist.ProcessGroup] = None,
-                 parallel_config: Any = None):
+    def __init__(
+        self,
+        cfg: Any,
+        layer_type: str,
+        layer_idx: int,
+        tp_group: Optional[dist.ProcessGroup] = None,
+        parallel_config: Any = None,
+    ):
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
         if layer_type not in LAYER_TYPES:
             raise ValueError(f"layer {layer_idx}: unknown layer type '{layer_type}'; use one of {LAYER_TYPES}")
         if cfg.attention_mode not in ATTENTION_MODES:
@@ -164,18 +185,20 @@ class V4Attention(nn.Module):
         self.tp_size = dist.get_world_size(self.tp_group) if self.tp_group is not None else 1
         tp_rank = dist.get_rank(self.tp_group) if self.tp_group is not None else 0
         if cfg.num_heads % self.tp_size or cfg.o_groups % self.tp_size:
-            raise ValueError(f"model.num_heads={cfg.num_heads} and model.o_groups={cfg.o_groups} must be "
-                             f"divisible by the tensor-parallel size {self.tp_size}")
+            raise ValueError(
+                f"model.num_heads={cfg.num_heads} and model.o_groups={cfg.o_groups} must be "
+                f"divisible by the tensor-parallel size {self.tp_size}"
+            )
         self.num_heads = cfg.num_heads
         self.local_heads = cfg.num_heads // self.tp_size
         self.head_dim = cfg.head_dim
         self.window = cfg.sliding_window
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.head_dim**-0.5
         self.eps = cfg.rms_norm_eps
         self.index_topk = cfg.index_topk
         self.attention_mode = cfg.attention_mode
         self.indexer_loss: Optional[torch.Tensor] = None
-        self.recompute_core = False       # set by V4Block (recompute "selective"): see _core_attention
+        self.recompute_core = False  # set by V4Block (recompute "selective"): see _core_attention
         pc = parallel_config if parallel_config is not None else megatron_parallel_config(self.tp_size)
         std = cfg.init_std
 
@@ -185,15 +208,30 @@ class V4Attention(nn.Module):
         d, d_c, c = cfg.hidden_size, cfg.q_lora_rank, cfg.head_dim
         self.q_a_proj = nn.Linear(d, d_c, bias=False)
         self.q_a_norm = RMSNorm(d_c, cfg.rms_norm_eps)
-        self.q_b_proj = ColumnParallelLinear(d_c, cfg.num_heads * c, config=pc, init_method=init_method,
-                                             bias=False, gather_output=False, tp_group=self.tp_group)
+        self.q_b_proj = ColumnParallelLinear(
+            d_c,
+            cfg.num_heads * c,
+            config=pc,
+            init_method=init_method,
+            bias=False,
+            gather_output=False,
+            tp_group=self.tp_group,
+        )
         self.kv_proj = nn.Linear(d, c, bias=False)
         self.kv_norm = RMSNorm(c, cfg.rms_norm_eps)
-        self.o_a_proj = GroupedOutputProjection(cfg.num_heads * c // cfg.o_groups, cfg.o_lora_rank, cfg.o_groups,
-                                                self.tp_size, tp_rank, std)
-        self.o_b_proj = RowParallelLinear(cfg.o_groups * cfg.o_lora_rank, d, config=pc, init_method=init_method,
-                                          bias=False, input_is_parallel=True, skip_bias_add=False,
-                                          tp_group=self.tp_group)
+        self.o_a_proj = GroupedOutputProjection(
+            cfg.num_heads * c // cfg.o_groups, cfg.o_lora_rank, cfg.o_groups, self.tp_size, tp_rank, std
+        )
+        self.o_b_proj = RowParallelLinear(
+            cfg.o_groups * cfg.o_lora_rank,
+            d,
+            config=pc,
+            init_method=init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=self.tp_group,
+        )
         self.sinks = nn.Parameter(torch.zeros(self.local_heads, dtype=torch.float32))
         self.sinks.tensor_model_parallel = self.tp_size > 1
         self.sinks.partition_dim = 0
@@ -201,45 +239,60 @@ class V4Attention(nn.Module):
         self.rotary = RotaryEmbedding.for_layer(cfg, layer_type)
         self.compressor: Optional[KVCompressor] = None
         if layer_type == "csa":
-            self.compressor = KVCompressor(d, c, cfg.compress_rate_csa, overlap=True, eps=cfg.rms_norm_eps,
-                                           init_std=std)
+            self.compressor = KVCompressor(
+                d, c, cfg.compress_rate_csa, overlap=True, eps=cfg.rms_norm_eps, init_std=std
+            )
             # lives under the compressor to mirror HF/checkpoint names (compressor.indexer.*)
             self.compressor.indexer = LightningIndexer(cfg)
         elif layer_type == "hca":
-            self.compressor = KVCompressor(d, c, cfg.compress_rate_hca, overlap=False, eps=cfg.rms_norm_eps,
-                                           init_std=std)
+            self.compressor = KVCompressor(
+                d, c, cfg.compress_rate_hca, overlap=False, eps=cfg.rms_norm_eps, init_std=std
+            )
         for lin in (self.q_a_proj, self.kv_proj):
             init_method(lin.weight)
 
-    def _project_latent_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           rope) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project_latent_kv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """c^Q = RMSNorm(x W^{DQ}); kv = RoPE(RMSNorm(x W^{KV}))."""
         return self.q_a_norm(self.q_a_proj(x)), rope(self.kv_norm(self.kv_proj(x)), cos, sin)
 
-    def _core_attention(self, q_latent: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        sinks: torch.Tensor, seg_start: Optional[torch.Tensor], comp_kv: Optional[torch.Tensor],
-                        lo: Optional[torch.Tensor], hi: Optional[torch.Tensor], idx: Optional[torch.Tensor],
-                        ulysses: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _core_attention(
+        self,
+        q_latent: torch.Tensor,
+        kv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        sinks: torch.Tensor,
+        seg_start: Optional[torch.Tensor],
+        comp_kv: Optional[torch.Tensor],
+        lo: Optional[torch.Tensor],
+        hi: Optional[torch.Tensor],
+        idx: Optional[torch.Tensor],
+        ulysses: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q = RoPE(UnweightedRMSNorm(c^Q W^{UQ})) per local head, the hybrid attention and RoPE_{-t} of its output:
         c^Q [B, S_l, d_c] -> (o [B, S_l, h, c] de-rotated, q as attended, lse). Under Ulysses (``ulysses``) q goes
         head-parallel before the attention and o back after it. The region of ``recompute=selective``
         (pretrain.model.recompute): it keeps c^Q and kv and drops q, its norm, o and the softmax tensors."""
         from parallel import sequence_parallel as usp
+
         B, S_l, _ = q_latent.shape
         rope = dispatch.get("apply_rope", q_latent)
         q = self._parallel_linear(self.q_b_proj, q_latent).view(B, S_l, self.local_heads, self.head_dim)
         q = rope(unweighted_rms_norm(q, self.eps), cos[:, :, None], sin[:, :, None])
         if ulysses:
-            q = usp.heads_to_seq(q)                                                # [B, S, h/sp, c]
+            q = usp.heads_to_seq(q)  # [B, S, h/sp, c]
         attend = dispatch.get("hybrid_attention", q)
         o, lse = attend(q, kv, sinks, self.scale, self.window, seg_start, comp_kv, lo, hi, idx)
         if ulysses:
-            o = usp.seq_to_heads(o)                                                # [B, S/sp, h, c]
-        return rope(o, cos[:, :, None], sin[:, :, None], inverse=True), q, lse     # RoPE at -t
+            o = usp.seq_to_heads(o)  # [B, S/sp, h, c]
+        return rope(o, cos[:, :, None], sin[:, :, None], inverse=True), q, lse  # RoPE at -t
 
     def _attend(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.recompute_core:
             from pretrain.model import recompute
+
             return recompute.checkpoint(self._core_attention, *args)
         return self._core_attention(*args)
 
@@ -262,37 +315,48 @@ class V4Attention(nn.Module):
         if self.tp_size == 1:
             return x
         from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
         return copy_to_tensor_model_parallel_region(x, group=self.tp_group)
 
-    def _check_inputs(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor],
-                      position_ids: Optional[torch.Tensor]) -> None:
+    def _check_inputs(
+        self, x: torch.Tensor, doc_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]
+    ) -> None:
         if x.dim() != 3 or x.shape[-1] != self.cfg.hidden_size:
-            raise ValueError(f"V4Attention (layer {self.layer_idx}) expects x [B, S, hidden_size="
-                             f"{self.cfg.hidden_size}] (batch first), got {tuple(x.shape)}")
+            raise ValueError(
+                f"V4Attention (layer {self.layer_idx}) expects x [B, S, hidden_size="
+                f"{self.cfg.hidden_size}] (batch first), got {tuple(x.shape)}"
+            )
         for name, t in (("doc_ids", doc_ids), ("position_ids", position_ids)):
             if t is not None and tuple(t.shape) != tuple(x.shape[:2]):
-                raise ValueError(f"V4Attention (layer {self.layer_idx}): {name} must be [B, S] = "
-                                 f"{list(x.shape[:2])}, got {list(t.shape)}")
+                raise ValueError(
+                    f"V4Attention (layer {self.layer_idx}): {name} must be [B, S] = "
+                    f"{list(x.shape[:2])}, got {list(t.shape)}"
+                )
 
-    def forward(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """x [B, S, d] -> [B, S, d]. ``doc_ids`` [B, S] document index per token (None = one document);
         ``position_ids`` [B, S] RoPE positions (None = restart at 0 per document). Sets ``indexer_loss``.
         Under Ulysses sequence parallelism x is this rank's shard (see :meth:`_forward_sp`)."""
         from parallel import sequence_parallel as usp
+
         if usp.sp_group() is not None:
             return self._forward_sp(x, doc_ids, position_ids)
         self._check_inputs(x, doc_ids, position_ids)
         B, S, _ = x.shape
         seg_start = segment_starts(doc_ids, B, S, x.device) if doc_ids is not None else None
         if position_ids is None:
-            position_ids = (document_positions(seg_start) if seg_start is not None
-                            else torch.arange(S, device=x.device).expand(B, S))
+            position_ids = (
+                document_positions(seg_start)
+                if seg_start is not None
+                else torch.arange(S, device=x.device).expand(B, S)
+            )
         position_ids = position_ids.long()
-        cos, sin = self.rotary(position_ids)                                   # [B, S, r/2]
+        cos, sin = self.rotary(position_ids)  # [B, S, r/2]
         rope = dispatch.get("apply_rope", x)
 
-        q_latent, kv = self._project_latent_kv(x, cos, sin, rope)   # c^Q [B,S,d_c], kv [B,S,c]
+        q_latent, kv = self._project_latent_kv(x, cos, sin, rope)  # c^Q [B,S,d_c], kv [B,S,c]
         kv = self._to_head_parallel(kv)
 
         self.indexer_loss = None
@@ -301,11 +365,12 @@ class V4Attention(nn.Module):
         if self.compressor is not None:
             starts = seg_start if seg_start is not None else torch.zeros(B, S, dtype=torch.long, device=x.device)
             layout = compressed_layout(starts, position_ids, self.compressor.rate)
-            comp_kv = self._to_head_parallel(self.compressor(x, layout, self.rotary))   # [B, N, c]
+            comp_kv = self._to_head_parallel(self.compressor(x, layout, self.rotary))  # [B, N, c]
             lo, hi = layout.visible_lo, layout.visible_hi
             if self.layer_type == "csa" and mode != "dense":
-                index_in = self.compressor.indexer.score_inputs(x.detach(), q_latent.detach(), position_ids,
-                                                                layout, self.rotary)
+                index_in = self.compressor.indexer.score_inputs(
+                    x.detach(), q_latent.detach(), position_ids, layout, self.rotary
+                )
                 if mode == "sparse":
                     idx = self._select(index_in, lo, hi)
 
@@ -315,36 +380,45 @@ class V4Attention(nn.Module):
         o = self.o_a_proj(o.reshape(B, S, self.o_a_proj.local_groups, -1))
         return self._parallel_linear(self.o_b_proj, o)
 
-    def _forward_sp(self, x: torch.Tensor, doc_ids: Optional[torch.Tensor],
-                    position_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    def _forward_sp(
+        self, x: torch.Tensor, doc_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         """Ulysses sequence parallelism (``parallel.sequence_parallel``): x is this rank's shard [B, S/sp, d]
         (tokens [r·S/sp, (r+1)·S/sp)); ``doc_ids``/``position_ids``, if given, cover the WHOLE sequence [B, S].
         Queries go head-parallel through the Ulysses all-to-all; the K=V head and the compressor input are
         all-gathered; the indexer scores the local queries against all compressed keys (top-k over the full
         sequence) and its selections are all-gathered. Same arithmetic as :meth:`forward` otherwise."""
         from parallel import sequence_parallel as usp
+
         sp, r = usp.sp_size_rank()
         B, S_l, d = x.shape
         S = S_l * sp
         if d != self.cfg.hidden_size or self.local_heads % sp:
-            raise ValueError(f"V4Attention (layer {self.layer_idx}) under sp={sp}: x must be [B, S/sp, "
-                             f"{self.cfg.hidden_size}] and the {self.local_heads} local heads divisible by sp; "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"V4Attention (layer {self.layer_idx}) under sp={sp}: x must be [B, S/sp, "
+                f"{self.cfg.hidden_size}] and the {self.local_heads} local heads divisible by sp; "
+                f"got {tuple(x.shape)}"
+            )
         for name, t in (("doc_ids", doc_ids), ("position_ids", position_ids)):
             if t is not None and tuple(t.shape) != (B, S):
-                raise ValueError(f"V4Attention (layer {self.layer_idx}) under sp={sp}: {name} must cover the "
-                                 f"whole sequence [B, S] = {[B, S]}, got {list(t.shape)}")
+                raise ValueError(
+                    f"V4Attention (layer {self.layer_idx}) under sp={sp}: {name} must cover the "
+                    f"whole sequence [B, S] = {[B, S]}, got {list(t.shape)}"
+                )
         seg_start = segment_starts(doc_ids, B, S, x.device) if doc_ids is not None else None
         if position_ids is None:
-            position_ids = (document_positions(seg_start) if seg_start is not None
-                            else torch.arange(S, device=x.device).expand(B, S))
+            position_ids = (
+                document_positions(seg_start)
+                if seg_start is not None
+                else torch.arange(S, device=x.device).expand(B, S)
+            )
         position_ids = position_ids.long()
         local = slice(r * S_l, (r + 1) * S_l)
         cos, sin = self.rotary(position_ids[:, local])
         rope = dispatch.get("apply_rope", x)
 
-        q_latent, kv = self._project_latent_kv(x, cos, sin, rope)   # local sequence chunk
-        kv = self._to_head_parallel(usp.gather_seq(kv))                 # [B, S, c]
+        q_latent, kv = self._project_latent_kv(x, cos, sin, rope)  # local sequence chunk
+        kv = self._to_head_parallel(usp.gather_seq(kv))  # [B, S, c]
 
         self.indexer_loss = None
         comp_kv = lo = hi = idx = index_in = None
@@ -356,14 +430,16 @@ class V4Attention(nn.Module):
             comp_kv = self._to_head_parallel(self.compressor(x_full, layout, self.rotary))
             lo, hi = layout.visible_lo, layout.visible_hi
             if self.layer_type == "csa" and mode != "dense":
-                index_in = self.compressor.indexer.score_inputs(x.detach(), q_latent.detach(), position_ids[:, local],
-                                                                layout, self.rotary, keys_x=x_full.detach())
-                if mode == "sparse":                                                   # local queries
+                index_in = self.compressor.indexer.score_inputs(
+                    x.detach(), q_latent.detach(), position_ids[:, local], layout, self.rotary, keys_x=x_full.detach()
+                )
+                if mode == "sparse":  # local queries
                     idx = usp.gather_seq(self._select(index_in, lo[:, local], hi[:, local]))
 
         h_sp = self.local_heads // sp
-        o, qh, lse = self._attend(q_latent, kv, cos, sin, self.sinks[r * h_sp:(r + 1) * h_sp], seg_start, comp_kv,
-                                  lo, hi, idx, True)                               # qh [B, S, h/sp, c]
+        o, qh, lse = self._attend(
+            q_latent, kv, cos, sin, self.sinks[r * h_sp : (r + 1) * h_sp], seg_start, comp_kv, lo, hi, idx, True
+        )  # qh [B, S, h/sp, c]
         if index_in is not None:
             self.indexer_loss = self._indexer_kl_sp(index_in, qh, comp_kv, lse, lo, hi, idx, local, sp)
         o = self.o_a_proj(o.reshape(B, S_l, self.o_a_proj.local_groups, -1))
@@ -386,32 +462,53 @@ class V4Attention(nn.Module):
         dist.all_gather(parts_l, lse.contiguous(), group=self.tp_group)
         return torch.cat(parts_q, dim=2), torch.cat(parts_l, dim=2)
 
-    def _indexer_kl_sp(self, index_in: tuple[torch.Tensor, ...], qh: torch.Tensor, comp_kv: torch.Tensor,
-                       lse: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, idx: Optional[torch.Tensor],
-                       local: slice, sp: int) -> torch.Tensor:
+    def _indexer_kl_sp(
+        self,
+        index_in: tuple[torch.Tensor, ...],
+        qh: torch.Tensor,
+        comp_kv: torch.Tensor,
+        lse: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        idx: Optional[torch.Tensor],
+        local: slice,
+        sp: int,
+    ) -> torch.Tensor:
         """The KL of :meth:`_indexer_kl` for the local queries, scaled so that its mean over the sp ranks is the
         one-process mean over ALL qualifying queries: kl_r = mean_local · n_local · sp / n_global. The target
         needs every head of the local queries: q and lse go back through the inverse Ulysses all-to-all
         (O(S·h·c), no [S, N] mass is exchanged)."""
         from parallel import sequence_parallel as usp
+
         with torch.no_grad():
-            q_loc = usp.seq_to_heads(qh.detach())                                     # [B, S/sp, h, c]
-            lse_loc = usp.seq_to_heads(lse.detach()[..., None]).squeeze(-1)           # [B, S/sp, h]
-        kl, rows = self._indexer_kl(index_in, q_loc, comp_kv, lse_loc, lo[:, local], hi[:, local],
-                                    None if idx is None else idx[:, local])
+            q_loc = usp.seq_to_heads(qh.detach())  # [B, S/sp, h, c]
+            lse_loc = usp.seq_to_heads(lse.detach()[..., None]).squeeze(-1)  # [B, S/sp, h]
+        kl, rows = self._indexer_kl(
+            index_in, q_loc, comp_kv, lse_loc, lo[:, local], hi[:, local], None if idx is None else idx[:, local]
+        )
         n_global = usp.global_count(rows)
         return kl * (rows.to(kl.dtype) * sp / n_global.clamp(min=1).to(kl.dtype))
 
-    def _indexer_kl(self, index_in: tuple[torch.Tensor, ...], q: torch.Tensor, comp_kv: torch.Tensor,
-                    lse: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-                    idx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _indexer_kl(
+        self,
+        index_in: tuple[torch.Tensor, ...],
+        q: torch.Tensor,
+        comp_kv: torch.Tensor,
+        lse: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        idx: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(KL(main-attention mass ‖ softmax(index scores)) over the attended entries (§12.4), qualifying rows):
         op ``indexer_attention_kl``, streamed in query chunks and key blocks on the blocked backend."""
         q_all, lse_all = self._all_heads(q, lse)
         q_i, keys_i, w_i = index_in
-        return dispatch.get("indexer_attention_kl", q_i)(q_i, keys_i, w_i, q_all, comp_kv.detach(), lse_all,
-                                                         self.scale, lo, hi, idx)
+        return dispatch.get("indexer_attention_kl", q_i)(
+            q_i, keys_i, w_i, q_all, comp_kv.detach(), lse_all, self.scale, lo, hi, idx
+        )
 
     def extra_repr(self) -> str:
-        return (f"layer_type={self.layer_type}, layer_idx={self.layer_idx}, heads={self.local_heads}/"
-                f"{self.num_heads}, window={self.window}, mode={self.attention_mode}")
+        return (
+            f"layer_type={self.layer_type}, layer_idx={self.layer_idx}, heads={self.local_heads}/"
+            f"{self.num_heads}, window={self.window}, mode={self.attention_mode}"
+        )

@@ -17,6 +17,7 @@ randomly initialised tensor N(0, init_std²); constant-initialised tensors (norm
 biases, mHC biases and gates) unchanged. The last stage's MTP copy of the embedding starts equal to the
 embedding (alias ``mtp_embed_tokens.weight`` → ``embed_tokens.weight``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -40,21 +41,34 @@ def v4_init_rule(cfg: Any) -> init_seed.Rule:
 
 def init_v4_(modules: Sequence[nn.Module], cfg: Any, seed: int) -> int:
     """Layout-independent init of this rank's V4 stage modules (current megatron parallel state)."""
-    return init_seed.init_layout_independent_(modules, seed, v4_init_rule(cfg), aliases=V4_ALIASES,
-                                              num_experts=cfg.n_routed_experts)
+    return init_seed.init_layout_independent_(
+        modules, seed, v4_init_rule(cfg), aliases=V4_ALIASES, num_experts=cfg.n_routed_experts
+    )
 
 
-def build_model(cfg: Any, seed: int, pp_layer_split: Sequence[int] | None = None,
-                balance_loss_coeff: float = 1e-4, bias_update_rate: float = 1e-3,
-                params_dtype: torch.dtype = torch.float32, wrap_ddp: bool = True,
-                ddp_config: Any = None) -> list[nn.Module]:
+def build_model(
+    cfg: Any,
+    seed: int,
+    pp_layer_split: Sequence[int] | None = None,
+    balance_loss_coeff: float = 1e-4,
+    bias_update_rate: float = 1e-3,
+    params_dtype: torch.dtype = torch.float32,
+    wrap_ddp: bool = True,
+    ddp_config: Any = None,
+) -> list[nn.Module]:
     """This rank's model chunks for the layout in megatron's ``parallel_state`` (see the module docstring)."""
     from pretrain.model.transformer import DeepSeekV4Model
 
     def provider(pre_process: bool, post_process: bool, layer_range: tuple[int, int], vp_stage: int) -> nn.Module:
-        return DeepSeekV4Model(cfg, pre_process=pre_process, post_process=post_process, layer_range=layer_range,
-                               balance_loss_coeff=balance_loss_coeff, params_dtype=params_dtype,
-                               bias_update_rate=bias_update_rate)
+        return DeepSeekV4Model(
+            cfg,
+            pre_process=pre_process,
+            post_process=post_process,
+            layer_range=layer_range,
+            balance_loss_coeff=balance_loss_coeff,
+            params_dtype=params_dtype,
+            bias_update_rate=bias_update_rate,
+        )
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
@@ -64,5 +78,6 @@ def build_model(cfg: Any, seed: int, pp_layer_split: Sequence[int] | None = None
                 m.to(device)
         init_v4_(modules, cfg, seed)
 
-    return pipeline.build_model_chunks(provider, cfg.num_layers, cfg.hc_mult, pp_layer_split, init=init,
-                                       wrap_ddp=wrap_ddp, ddp_config=ddp_config)
+    return pipeline.build_model_chunks(
+        provider, cfg.num_layers, cfg.hc_mult, pp_layer_split, init=init, wrap_ddp=wrap_ddp, ddp_config=ddp_config
+    )

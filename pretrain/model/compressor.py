@@ -12,6 +12,7 @@ document; see ``ops.compressor``).
 Parameter names follow HF (``kv_proj``, ``gate_proj``, ``position_bias``, ``kv_norm``), so HF weights copy
 without renaming. The lightning indexer (``pretrain.model.indexer``) reuses this class for its own keys.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,9 @@ class KVCompressor(nn.Module):
     Projections are replicated across tensor-parallel ranks (small: d x 2c).
     """
 
-    def __init__(self, hidden_size: int, head_dim: int, rate: int, overlap: bool, eps: float = 1e-6,
-                 init_std: float = 0.02):
+    def __init__(
+        self, hidden_size: int, head_dim: int, rate: int, overlap: bool, eps: float = 1e-6, init_std: float = 0.02
+    ):
         super().__init__()
         self.head_dim = head_dim
         self.rate = rate
@@ -56,8 +58,7 @@ class KVCompressor(nn.Module):
         kv = self.kv_proj(x)
         gate = self.gate_proj(x)
         pool = dispatch.get("compressor_pool", kv)
-        pooled = pool(kv, gate, self.position_bias, layout.block_start,
-                      layout.prev_valid if self.overlap else None)
+        pooled = pool(kv, gate, self.position_bias, layout.block_start, layout.prev_valid if self.overlap else None)
         entries = self.kv_norm(pooled)
         cos, sin = rope(layout.entry_position)
         return dispatch.get("apply_rope", entries)(entries, cos, sin)

@@ -14,6 +14,7 @@ for a one-process model (tp = pp = ep = 1) built from the model config stored in
 Only the model is read (no optimizer state, RNGs or data position). Exit status: 0 done, 2 a missing run
 directory / checkpoint / unusable checkpoint (message on stderr), 1 any other error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,15 @@ class ExportError(RuntimeError):
 def find_checkpoint(run_dir: str | Path, step: Optional[int] = None) -> Path:
     """The checkpoint directory to export: ``step_<N>`` (``step`` given) or the newest valid one."""
     from pretrain.checkpoint import STEP_RE, CheckpointError, step_dir_name, verify_checkpoint_dir
+
     run_dir = Path(run_dir)
     if not run_dir.exists():
-        raise ExportError(f"run directory {run_dir} does not exist; pass the run.dir of a training run "
-                          f"(it holds checkpoints/step_*)")
+        raise ExportError(
+            f"run directory {run_dir} does not exist; pass the run.dir of a training run (it holds checkpoints/step_*)"
+        )
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir} is not a directory; pass the run.dir of a training run")
-    if STEP_RE.match(run_dir.name):                       # one checkpoint directory given directly
+    if STEP_RE.match(run_dir.name):  # one checkpoint directory given directly
         if step is not None and run_dir.name != step_dir_name(step):
             raise ExportError(f"--step {step} does not match the checkpoint directory {run_dir}")
         candidates_root, forced = run_dir.parent, run_dir
@@ -52,9 +55,12 @@ def find_checkpoint(run_dir: str | Path, step: Optional[int] = None) -> Path:
         candidates_root = run_dir if run_dir.name == "checkpoints" else run_dir / "checkpoints"
         forced = candidates_root / step_dir_name(step) if step is not None else None
     if not candidates_root.is_dir():
-        raise ExportError(f"no checkpoints in {run_dir}: {candidates_root} does not exist (the run has not "
-                          f"saved one yet; checkpoints are written every checkpoint.interval steps and at the end)")
+        raise ExportError(
+            f"no checkpoints in {run_dir}: {candidates_root} does not exist (the run has not "
+            f"saved one yet; checkpoints are written every checkpoint.interval steps and at the end)"
+        )
     from pretrain.checkpoint import CheckpointManager
+
     manager = CheckpointManager(candidates_root)
     steps = manager.steps_on_disk()
     if forced is not None:
@@ -67,12 +73,16 @@ def find_checkpoint(run_dir: str | Path, step: Optional[int] = None) -> Path:
             raise ExportError(f"checkpoint {forced} is not usable: {e}") from e
         return forced
     if not steps:
-        raise ExportError(f"no checkpoint in {candidates_root} (no step_* directory; checkpoints are written every "
-                          f"checkpoint.interval steps and at the end of training)")
-    found = manager.find_latest_valid()   # what a resume would pick
+        raise ExportError(
+            f"no checkpoint in {candidates_root} (no step_* directory; checkpoints are written every "
+            f"checkpoint.interval steps and at the end of training)"
+        )
+    found = manager.find_latest_valid()  # what a resume would pick
     if found is None:
-        raise ExportError(f"no valid checkpoint in {candidates_root}: every step_* directory ({steps}) failed "
-                          f"verification (see the warnings above)")
+        raise ExportError(
+            f"no valid checkpoint in {candidates_root}: every step_* directory ({steps}) failed "
+            f"verification (see the warnings above)"
+        )
     return found
 
 
@@ -80,6 +90,7 @@ def checkpoint_config(path: Path) -> Any:
     """The training ``Config`` stored in a checkpoint's common state."""
     from pretrain.checkpoint import CheckpointManager
     from pretrain.config import ConfigError, config_from_dict
+
     try:
         common = CheckpointManager.load_common(path).get("common")
     except Exception as e:
@@ -92,8 +103,17 @@ def checkpoint_config(path: Path) -> Any:
         raise ExportError(str(e)) from e
 
 
-_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
-                  "SLURM_LOCALID", "MASTER_ADDR", "MASTER_PORT")
+_LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 @contextlib.contextmanager
@@ -129,38 +149,51 @@ def load_checkpoint_model(path: str | Path, params_dtype: torch.dtype = torch.fl
     cfg = checkpoint_config(path)
     if not ps.model_parallel_is_initialized():
         import torch.distributed as dist
+
         if dist.is_initialized():
             init_distributed(ParallelConfig(), cfg.model)
         else:
             with _one_process_env():
                 init_distributed(ParallelConfig(), cfg.model)
     elif ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
-        raise ExportError("export builds the full model in one process: the current megatron parallel state "
-                          "must have tp = pp = 1")
-    model = DeepSeekV4Model(cfg.model, params_dtype=params_dtype, balance_loss_coeff=cfg.train.seq_aux_loss_coeff,
-                            bias_update_rate=cfg.train.bias_update_rate)
+        raise ExportError(
+            "export builds the full model in one process: the current megatron parallel state must have tp = pp = 1"
+        )
+    model = DeepSeekV4Model(
+        cfg.model,
+        params_dtype=params_dtype,
+        balance_loss_coeff=cfg.train.seq_aux_loss_coeff,
+        bias_update_rate=cfg.train.bias_update_rate,
+    )
     sharded = {"model": model_sharded_state_dict([model])}
     try:
         # requested keys absent from the checkpoint raise; the checkpoint's other keys (optimizer state,
         # per-rank objects) are returned as "missing" and checked below
-        _, missing, unexpected = dist_checkpointing.load(sharded, str(path), validate_access_integrity=True,
-                                                         strict=StrictHandling.RETURN_ALL)
+        _, missing, unexpected = dist_checkpointing.load(
+            sharded, str(path), validate_access_integrity=True, strict=StrictHandling.RETURN_ALL
+        )
     except Exception as e:
         raise ExportError(f"{path}: loading the model weights failed ({type(e).__name__}: {e})") from e
     if unexpected:
-        raise ExportError(f"{path}: the checkpoint lacks model tensors {sorted(unexpected)[:8]} "
-                          f"({len(unexpected)} in all) of the model its stored config describes")
+        raise ExportError(
+            f"{path}: the checkpoint lacks model tensors {sorted(unexpected)[:8]} "
+            f"({len(unexpected)} in all) of the model its stored config describes"
+        )
     extra = sorted(k for k in missing if not k.startswith(("optimizer.", "rank.")))
     if extra:
-        raise ExportError(f"{path}: the checkpoint has model tensors the rebuilt model does not "
-                          f"({extra[:8]}, {len(extra)} in all); was it written by another model version?")
+        raise ExportError(
+            f"{path}: the checkpoint has model tensors the rebuilt model does not "
+            f"({extra[:8]}, {len(extra)} in all); was it written by another model version?"
+        )
     return model.eval(), cfg
 
 
-def export(run_dir: str | Path, out_dir: str | Path, step: Optional[int] = None,
-           dtype: torch.dtype = torch.float32) -> Path:
+def export(
+    run_dir: str | Path, out_dir: str | Path, step: Optional[int] = None, dtype: torch.dtype = torch.float32
+) -> Path:
     """Export checkpoint ``step`` (default: the newest valid) of ``run_dir`` to the HF directory ``out_dir``."""
     from pretrain.model.hf import cast_model, save_hf
+
     path = find_checkpoint(run_dir, step)
     model, _ = load_checkpoint_model(path)
     if dtype != torch.float32:
@@ -178,6 +211,7 @@ def _record_special_tokens(run_dir: str | Path, out: Path) -> None:
     import json
 
     from pretrain.evaluate import DATASET_RECORD, run_root
+
     record = run_root(run_dir) / DATASET_RECORD
     if not record.is_file():
         return
@@ -185,6 +219,7 @@ def _record_special_tokens(run_dir: str | Path, out: Path) -> None:
     if not manifests:
         return
     from data_pipeline.manifest import read_manifest
+
     _, m = read_manifest(next(iter(manifests.values())))
     ids = m["special_tokens"]
     cfg_path = out / "config.json"
@@ -198,17 +233,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--run-dir", required=True, help="run.dir of a training run (or its checkpoints/ or a step_* dir)")
     ap.add_argument("--step", type=int, default=None, help="step to export (default: newest valid checkpoint)")
     ap.add_argument("--out", required=True, help="output directory (HF save_pretrained layout)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                    help="weight dtype (norms, mHC, sinks, biases stay fp32 as in HF)")
+    ap.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="weight dtype (norms, mHC, sinks, biases stay fp32 as in HF)",
+    )
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import warnings
+
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     from parallel.process_groups import teardown
+
     try:
         out = export(args.run_dir, args.out, args.step, DTYPES[args.dtype])
     except ExportError as e:
@@ -220,5 +265,5 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":   # the guard matters: dist_checkpointing may spawn a multiprocessing Manager
+if __name__ == "__main__":  # the guard matters: dist_checkpointing may spawn a multiprocessing Manager
     sys.exit(main())

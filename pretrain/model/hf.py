@@ -21,6 +21,7 @@ tid2eid}``; routed experts ``mlp.layer.experts.local_experts.<e>.linear_fc1|fc2.
 ``linear_fc1 = [gate; up]`` split into ``shared_experts.gate_proj/up_proj``, ``linear_fc2`` -> ``down_proj``.
 Everything else (mHC, norms, attention, embedding, head) has the HF name already.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,53 +36,91 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-LAYER_TYPE_TO_HF = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention",
-                    "hca": "heavily_compressed_attention"}
+LAYER_TYPE_TO_HF = {
+    "sliding": "sliding_attention",
+    "csa": "compressed_sparse_attention",
+    "hca": "heavily_compressed_attention",
+}
 HF_TO_LAYER_TYPE = {v: k for k, v in LAYER_TYPE_TO_HF.items()}
-V4_CONFIG_FILE = "v4_model_config.json"   # our full ModelConfig, next to HF's config.json
+V4_CONFIG_FILE = "v4_model_config.json"  # our full ModelConfig, next to HF's config.json
 
 # tensors HF keeps in fp32 whatever the model dtype (its _keep_in_fp32_modules_strict)
-_FP32_PATTERNS = re.compile(r"(attn_hc|ffn_hc|hc_head|sinks|position_bias|e_score_correction_bias|expert_bias|"
-                            r"q_a_norm|kv_norm|input_layernorm|post_attention_layernorm|(^|\.)norm\.|enorm|hnorm)")
+_FP32_PATTERNS = re.compile(
+    r"(attn_hc|ffn_hc|hc_head|sinks|position_bias|e_score_correction_bias|expert_bias|"
+    r"q_a_norm|kv_norm|input_layernorm|post_attention_layernorm|(^|\.)norm\.|enorm|hnorm)"
+)
 
 
 # ----------------------------------------------------------------------------------------------------
 # configs
 # ----------------------------------------------------------------------------------------------------
 
+
 def hf_config_from_model_config(cfg: Any):
     """Our ``ModelConfig`` -> transformers ``DeepseekV4Config``."""
     from transformers import DeepseekV4Config
+
     prf = cfg.rope_head_dim / cfg.head_dim
     compress = {"rope_type": "default", "rope_theta": cfg.compress_rope_theta, "partial_rotary_factor": prf}
     if cfg.yarn.enabled:
-        compress.update(rope_type="yarn", factor=cfg.yarn.factor,
-                        original_max_position_embeddings=cfg.yarn.original_max_position,
-                        beta_fast=cfg.yarn.beta_fast, beta_slow=cfg.yarn.beta_slow, attention_factor=1.0)
+        compress.update(
+            rope_type="yarn",
+            factor=cfg.yarn.factor,
+            original_max_position_embeddings=cfg.yarn.original_max_position,
+            beta_fast=cfg.yarn.beta_fast,
+            beta_slow=cfg.yarn.beta_slow,
+            attention_factor=1.0,
+        )
     return DeepseekV4Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, moe_intermediate_size=cfg.moe_intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=1,
-        head_dim=cfg.head_dim, q_lora_rank=cfg.q_lora_rank, num_experts_per_tok=cfg.num_experts_per_tok,
-        n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
-        scoring_func="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=cfg.routed_scaling_factor,
-        max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=1,
+        head_dim=cfg.head_dim,
+        q_lora_rank=cfg.q_lora_rank,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        n_routed_experts=cfg.n_routed_experts,
+        n_shared_experts=cfg.n_shared_experts,
+        scoring_func="sqrtsoftplus",
+        norm_topk_prob=True,
+        routed_scaling_factor=cfg.routed_scaling_factor,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
         layer_types=[LAYER_TYPE_TO_HF[t] for t in cfg.layer_types],
-        compress_rates={"compressed_sparse_attention": cfg.compress_rate_csa,
-                        "heavily_compressed_attention": cfg.compress_rate_hca},
-        compress_rope_theta=cfg.compress_rope_theta, hc_mult=cfg.hc_mult, hc_sinkhorn_iters=cfg.hc_sinkhorn_iters,
+        compress_rates={
+            "compressed_sparse_attention": cfg.compress_rate_csa,
+            "heavily_compressed_attention": cfg.compress_rate_hca,
+        },
+        compress_rope_theta=cfg.compress_rope_theta,
+        hc_mult=cfg.hc_mult,
+        hc_sinkhorn_iters=cfg.hc_sinkhorn_iters,
         hc_eps=cfg.hc_eps,
         mlp_layer_types=["hash_moe" if i < cfg.n_hash_layers else "moe" for i in range(cfg.num_layers)],
-        swiglu_limit=cfg.swiglu_limit, sliding_window=cfg.sliding_window, o_groups=cfg.o_groups,
-        o_lora_rank=cfg.o_lora_rank, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
-        index_topk=cfg.index_topk, num_nextn_predict_layers=cfg.num_mtp_layers, rms_norm_eps=cfg.rms_norm_eps,
-        initializer_range=cfg.init_std, partial_rotary_factor=prf, tie_word_embeddings=False,
-        rope_parameters={"main": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": prf},
-                         "compress": compress})
+        swiglu_limit=cfg.swiglu_limit,
+        sliding_window=cfg.sliding_window,
+        o_groups=cfg.o_groups,
+        o_lora_rank=cfg.o_lora_rank,
+        index_n_heads=cfg.index_n_heads,
+        index_head_dim=cfg.index_head_dim,
+        index_topk=cfg.index_topk,
+        num_nextn_predict_layers=cfg.num_mtp_layers,
+        rms_norm_eps=cfg.rms_norm_eps,
+        initializer_range=cfg.init_std,
+        partial_rotary_factor=prf,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "main": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": prf},
+            "compress": compress,
+        },
+    )
 
 
 def model_config_from_hf(hf_cfg: Any):
     """transformers ``DeepseekV4Config`` -> our ``ModelConfig`` (validated)."""
     from pretrain.config import ConfigError, ModelConfig, YarnConfig
+
     mlp = list(hf_cfg.mlp_layer_types)
     n_hash = next((i for i, t in enumerate(mlp) if t != "hash_moe"), len(mlp))
     if any(t == "hash_moe" for t in mlp[n_hash:]):
@@ -93,27 +132,50 @@ def model_config_from_hf(hf_cfg: Any):
     main, comp = rp["main"], rp["compress"]
     yarn = YarnConfig(enabled=False)
     if comp.get("rope_type") == "yarn":
-        yarn = YarnConfig(enabled=True, factor=float(comp["factor"]),
-                          original_max_position=int(comp["original_max_position_embeddings"]),
-                          beta_fast=float(comp.get("beta_fast", 32.0)), beta_slow=float(comp.get("beta_slow", 1.0)))
+        yarn = YarnConfig(
+            enabled=True,
+            factor=float(comp["factor"]),
+            original_max_position=int(comp["original_max_position_embeddings"]),
+            beta_fast=float(comp.get("beta_fast", 32.0)),
+            beta_slow=float(comp.get("beta_slow", 1.0)),
+        )
     if hf_cfg.num_key_value_heads != 1:
         raise ConfigError(f"num_key_value_heads={hf_cfg.num_key_value_heads}: DeepSeek-V4 uses one shared K=V head")
     return ModelConfig(
-        vocab_size=hf_cfg.vocab_size, hidden_size=hf_cfg.hidden_size, num_layers=hf_cfg.num_hidden_layers,
-        num_heads=hf_cfg.num_attention_heads, head_dim=hf_cfg.head_dim,
-        rope_head_dim=int(round(hf_cfg.head_dim * hf_cfg.partial_rotary_factor)), q_lora_rank=hf_cfg.q_lora_rank,
-        o_groups=hf_cfg.o_groups, o_lora_rank=hf_cfg.o_lora_rank, sliding_window=hf_cfg.sliding_window,
+        vocab_size=hf_cfg.vocab_size,
+        hidden_size=hf_cfg.hidden_size,
+        num_layers=hf_cfg.num_hidden_layers,
+        num_heads=hf_cfg.num_attention_heads,
+        head_dim=hf_cfg.head_dim,
+        rope_head_dim=int(round(hf_cfg.head_dim * hf_cfg.partial_rotary_factor)),
+        q_lora_rank=hf_cfg.q_lora_rank,
+        o_groups=hf_cfg.o_groups,
+        o_lora_rank=hf_cfg.o_lora_rank,
+        sliding_window=hf_cfg.sliding_window,
         compress_rate_csa=hf_cfg.compress_rates["compressed_sparse_attention"],
         compress_rate_hca=hf_cfg.compress_rates["heavily_compressed_attention"],
-        index_n_heads=hf_cfg.index_n_heads, index_head_dim=hf_cfg.index_head_dim, index_topk=hf_cfg.index_topk,
+        index_n_heads=hf_cfg.index_n_heads,
+        index_head_dim=hf_cfg.index_head_dim,
+        index_topk=hf_cfg.index_topk,
         layer_types=[HF_TO_LAYER_TYPE[t] for t in hf_cfg.layer_types],
-        n_routed_experts=hf_cfg.n_routed_experts, n_shared_experts=hf_cfg.n_shared_experts,
-        num_experts_per_tok=hf_cfg.num_experts_per_tok, moe_intermediate_size=hf_cfg.moe_intermediate_size,
-        n_hash_layers=n_hash, routed_scaling_factor=hf_cfg.routed_scaling_factor,
-        swiglu_limit=hf_cfg.swiglu_limit, hc_mult=hf_cfg.hc_mult, hc_sinkhorn_iters=hf_cfg.hc_sinkhorn_iters,
-        hc_eps=hf_cfg.hc_eps, rms_norm_eps=hf_cfg.rms_norm_eps, num_mtp_layers=hf_cfg.num_nextn_predict_layers,
-        rope_theta=float(main["rope_theta"]), compress_rope_theta=float(comp["rope_theta"]), yarn=yarn,
-        max_position_embeddings=hf_cfg.max_position_embeddings, init_std=hf_cfg.initializer_range)
+        n_routed_experts=hf_cfg.n_routed_experts,
+        n_shared_experts=hf_cfg.n_shared_experts,
+        num_experts_per_tok=hf_cfg.num_experts_per_tok,
+        moe_intermediate_size=hf_cfg.moe_intermediate_size,
+        n_hash_layers=n_hash,
+        routed_scaling_factor=hf_cfg.routed_scaling_factor,
+        swiglu_limit=hf_cfg.swiglu_limit,
+        hc_mult=hf_cfg.hc_mult,
+        hc_sinkhorn_iters=hf_cfg.hc_sinkhorn_iters,
+        hc_eps=hf_cfg.hc_eps,
+        rms_norm_eps=hf_cfg.rms_norm_eps,
+        num_mtp_layers=hf_cfg.num_nextn_predict_layers,
+        rope_theta=float(main["rope_theta"]),
+        compress_rope_theta=float(comp["rope_theta"]),
+        yarn=yarn,
+        max_position_embeddings=hf_cfg.max_position_embeddings,
+        init_std=hf_cfg.initializer_range,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -125,11 +187,17 @@ _MOE_RE = re.compile(r"^layers\.(\d+)\.mlp\.layer\.(.*)$")
 
 def _check_single_process(model: nn.Module) -> None:
     from megatron.core import parallel_state as ps
-    sizes = dict(tp=ps.get_tensor_model_parallel_world_size(), ep=ps.get_expert_model_parallel_world_size(),
-                 pp=ps.get_pipeline_model_parallel_world_size())
+
+    sizes = dict(
+        tp=ps.get_tensor_model_parallel_world_size(),
+        ep=ps.get_expert_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+    )
     if any(v != 1 for v in sizes.values()) or not (model.pre_process and model.post_process):
-        raise RuntimeError(f"HF conversion needs the whole model in one process (got {sizes}); gather a "
-                           f"distributed checkpoint first (pretrain.model.export)")
+        raise RuntimeError(
+            f"HF conversion needs the whole model in one process (got {sizes}); gather a "
+            f"distributed checkpoint first (pretrain.model.export)"
+        )
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -140,9 +208,9 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     experts: dict[int, dict[str, dict[int, torch.Tensor]]] = {}
     for name, t in sd.items():
-        if name.endswith("_extra_state"):   # megatron linears' (empty) extra state
+        if name.endswith("_extra_state"):  # megatron linears' (empty) extra state
             continue
-        if name.startswith("mtp."):   # HF has no MTP: kept in our naming (megatron MoE layout included)
+        if name.startswith("mtp."):  # HF has no MTP: kept in our naming (megatron MoE layout included)
             if not name.endswith("local_tokens_per_expert"):
                 out[name] = t
             continue
@@ -164,7 +232,7 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             out[pre + "shared_experts.up_proj.weight"] = up
         elif rest == "shared_experts.linear_fc2.weight":
             out[pre + "shared_experts.down_proj.weight"] = t
-        elif (em := re.match(r"experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$", rest)):
+        elif em := re.match(r"experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$", rest):
             experts.setdefault(layer, {}).setdefault(em.group(2), {})[int(em.group(1))] = t
         elif rest == "router.local_tokens_per_expert":
             continue
@@ -191,7 +259,7 @@ def load_hf_state_dict(model: nn.Module, hf_sd: dict[str, torch.Tensor], strict:
             continue
         if not name.startswith("model."):
             raise KeyError(f"load_hf_state_dict: unexpected tensor '{name}' (expected model.* / lm_head / mtp.*)")
-        name = name[len("model."):]
+        name = name[len("model.") :]
         m = re.match(r"^layers\.(\d+)\.mlp\.(.*)$", name)
         if m is None:
             ours[name] = t
@@ -205,10 +273,12 @@ def load_hf_state_dict(model: nn.Module, hf_sd: dict[str, torch.Tensor], strict:
         elif rest == "gate.tid2eid":
             dup = (t.sort(dim=1).values.diff(dim=1) == 0).any(dim=1)
             if bool(dup.any()):
-                raise ValueError(f"load_hf_state_dict: '{name}' maps {int(dup.sum())} token ids to a repeated expert "
-                                 f"(e.g. token {int(dup.nonzero()[0])}: {t[dup.nonzero()[0]].tolist()}); every row "
-                                 f"needs {t.shape[1]} distinct experts (HF's untrained init is all zeros: fill it, "
-                                 f"e.g. with pretrain.model.moe.make_hash_table)")
+                raise ValueError(
+                    f"load_hf_state_dict: '{name}' maps {int(dup.sum())} token ids to a repeated expert "
+                    f"(e.g. token {int(dup.nonzero()[0])}: {t[dup.nonzero()[0]].tolist()}); every row "
+                    f"needs {t.shape[1]} distinct experts (HF's untrained init is all zeros: fill it, "
+                    f"e.g. with pretrain.model.moe.make_hash_table)"
+                )
             ours[pre + "router.tid2eid"] = t
         elif rest == "experts.gate_up_proj":
             for e in range(cfg.n_routed_experts):
@@ -236,21 +306,26 @@ def load_hf_state_dict(model: nn.Module, hf_sd: dict[str, torch.Tensor], strict:
         missing = [k for k in missing if not k.startswith("mtp.")]
     unexpected = [k for k in ours if k not in own]
     if strict and (missing or unexpected):
-        raise KeyError(f"load_hf_state_dict: missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
-                       f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}")
+        raise KeyError(
+            f"load_hf_state_dict: missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+            f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}"
+        )
     with torch.no_grad():
         for k, t in ours.items():
             if k not in own:
                 continue
             if own[k].shape != t.shape:
-                raise ValueError(f"load_hf_state_dict: '{k}' has shape {tuple(t.shape)} in the checkpoint but "
-                                 f"{tuple(own[k].shape)} in the model; the config does not match the weights")
+                raise ValueError(
+                    f"load_hf_state_dict: '{k}' has shape {tuple(t.shape)} in the checkpoint but "
+                    f"{tuple(own[k].shape)} in the model; the config does not match the weights"
+                )
             own[k].copy_(t.to(own[k].dtype))
 
 
 def _read_mtp_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     """Our ``mtp.*`` tensors from the safetensors files (HF's loader drops them)."""
     from safetensors import safe_open
+
     out: dict[str, torch.Tensor] = {}
     for f in sorted(hf_dir.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:
@@ -275,16 +350,21 @@ def model_from_hf(hf_dir: str | Path, device: str | torch.device = "cpu", dtype:
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").exists():
-        raise FileNotFoundError(f"model_from_hf: {hf_dir / 'config.json'} not found; pass the directory written "
-                                f"by DeepseekV4ForCausalLM.save_pretrained")
+        raise FileNotFoundError(
+            f"model_from_hf: {hf_dir / 'config.json'} not found; pass the directory written "
+            f"by DeepseekV4ForCausalLM.save_pretrained"
+        )
     if not list(hf_dir.glob("*.safetensors")):
-        raise FileNotFoundError(f"model_from_hf: no *.safetensors in {hf_dir}; expected the output of "
-                                f"DeepseekV4ForCausalLM.save_pretrained (config.json + model*.safetensors)")
+        raise FileNotFoundError(
+            f"model_from_hf: no *.safetensors in {hf_dir}; expected the output of "
+            f"DeepseekV4ForCausalLM.save_pretrained (config.json + model*.safetensors)"
+        )
     hf_cfg = DeepseekV4Config.from_pretrained(str(hf_dir))
     cfg = model_config_from_hf(hf_cfg)
     ours = hf_dir / V4_CONFIG_FILE
-    if ours.exists():   # written by save_hf: also restores the training-only fields (MTP layer type, ...)
+    if ours.exists():  # written by save_hf: also restores the training-only fields (MTP layer type, ...)
         from pretrain.config import ModelConfig, _build
+
         cfg = _build(ModelConfig, json.loads(ours.read_text()), str(ours))
     if not ps.model_parallel_is_initialized():
         init_distributed(ParallelConfig(), cfg)

@@ -17,6 +17,7 @@ the indexer parameters only.
 HF names: the indexer lives at ``compressor.indexer`` with ``kv_proj``, ``gate_proj``, ``position_bias``,
 ``kv_norm`` (its compressor, flattened into it), ``q_b_proj`` and ``scorer.weights_proj``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -48,19 +49,33 @@ class LightningIndexer(KVCompressor):
     """Scores every (query, compressed entry) pair of a CSA layer; see the module docstring."""
 
     def __init__(self, cfg):
-        super().__init__(cfg.hidden_size, cfg.index_head_dim, cfg.compress_rate_csa, overlap=True,
-                         eps=cfg.rms_norm_eps, init_std=cfg.init_std)
+        super().__init__(
+            cfg.hidden_size,
+            cfg.index_head_dim,
+            cfg.compress_rate_csa,
+            overlap=True,
+            eps=cfg.rms_norm_eps,
+            init_std=cfg.init_std,
+        )
         if cfg.rope_head_dim > cfg.index_head_dim:
-            raise ValueError(f"model.rope_head_dim={cfg.rope_head_dim} exceeds model.index_head_dim="
-                             f"{cfg.index_head_dim}; the indexer rotates its last rope_head_dim dims")
+            raise ValueError(
+                f"model.rope_head_dim={cfg.rope_head_dim} exceeds model.index_head_dim="
+                f"{cfg.index_head_dim}; the indexer rotates its last rope_head_dim dims"
+            )
         self.n_heads = cfg.index_n_heads
         self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
         nn.init.normal_(self.q_b_proj.weight, mean=0.0, std=cfg.init_std)
         self.scorer = IndexerScorer(cfg.hidden_size, cfg.index_n_heads, cfg.init_std)
 
-    def score_inputs(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
-                     layout: CompressedLayout, rope: RotaryEmbedding,
-                     keys_x: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def score_inputs(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        positions: torch.Tensor,
+        layout: CompressedLayout,
+        rope: RotaryEmbedding,
+        keys_x: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The three inputs of the score ops: (q^I [B, S, n_I, c_I] with RoPE, K^IComp [B, N, c_I], w^I [B, S, n_I]).
 
         Args:
@@ -73,15 +88,21 @@ class LightningIndexer(KVCompressor):
         (the KL loss), which never form the [S, N] score matrix.
         """
         B, S, _ = x.shape
-        keys = self.compress(x if keys_x is None else keys_x, layout, rope)     # [B, N, c_I]
+        keys = self.compress(x if keys_x is None else keys_x, layout, rope)  # [B, N, c_I]
         q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim)
         cos, sin = rope(positions)
         q = dispatch.get("apply_rope", q)(q, cos[:, :, None], sin[:, :, None])
         return q, keys, self.scorer(x)
 
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor,
-                layout: CompressedLayout, rope: RotaryEmbedding,
-                keys_x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        positions: torch.Tensor,
+        layout: CompressedLayout,
+        rope: RotaryEmbedding,
+        keys_x: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Index scores float32 [B, S, N] I_{t,s} (unmasked; invisible entries must be masked by the caller),
         materialised: for tests and short sequences; arguments as :meth:`score_inputs`."""
         q, keys, weights = self.score_inputs(x, q_latent, positions, layout, rope, keys_x)

@@ -20,6 +20,7 @@ stream starts as mean(X) + F(·): a plain pre-norm residual replicated over the 
 Optimizers (``parallel.optimizer_groups.OPTIMIZER_ROUTES``): ``fn`` → Muon (a dynamic projection matrix),
 ``base``/``scale`` → AdamW (the paper's "static biases and gating factors").
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,15 @@ def expand_streams(embedding: torch.Tensor, n: int) -> torch.Tensor:
 class HyperConnection(nn.Module):
     """One mHC site: :meth:`pre` collapses the streams for the sub-layer, :meth:`post` writes its output back."""
 
-    def __init__(self, hidden_size: int, hc_mult: int, sinkhorn_iters: int, hc_eps: float, rms_eps: float,
-                 init_gating: float = 0.01):
+    def __init__(
+        self,
+        hidden_size: int,
+        hc_mult: int,
+        sinkhorn_iters: int,
+        hc_eps: float,
+        rms_eps: float,
+        init_gating: float = 0.01,
+    ):
         super().__init__()
         self.hidden_size, self.hc_mult = hidden_size, hc_mult
         self.sinkhorn_iters, self.hc_eps, self.rms_eps = sinkhorn_iters, hc_eps, rms_eps
@@ -62,8 +70,7 @@ class HyperConnection(nn.Module):
         b, s, n, d = x.shape
         flat = x.reshape(b * s, n, d)
         op = dispatch.get("mhc_pre", flat)
-        x_in, post, comb = op(flat, self.fn, self.base, self.scale, self.rms_eps, self.hc_eps,
-                              self.sinkhorn_iters)
+        x_in, post, comb = op(flat, self.fn, self.base, self.scale, self.rms_eps, self.hc_eps, self.sinkhorn_iters)
         return x_in.view(b, s, d), post.view(b, s, n), comb.view(b, s, n, n)
 
     def post(self, o: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:

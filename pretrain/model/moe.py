@@ -40,6 +40,7 @@ TP×DP×CP) when ``moe_router_enable_expert_bias`` is set. A trainer that does n
 (one process, no DDP) calls :func:`update_expert_bias` after ``optimizer.step()``; it applies the same rule to
 every learned router and resets the counters.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,13 +86,14 @@ def make_hash_table(vocab_size: int, n_experts: int, top_k: int, seed: int) -> t
     per_perm = n_experts // top_k
     n_perms = -(-vocab_size // per_perm)
     perms = torch.stack([torch.randperm(n_experts, generator=g, device="cpu") for _ in range(n_perms)])
-    rows = perms[:, :per_perm * top_k].reshape(n_perms * per_perm, top_k)[:vocab_size]
+    rows = perms[:, : per_perm * top_k].reshape(n_perms * per_perm, top_k)[:vocab_size]
     order = torch.randperm(vocab_size, generator=g, device="cpu")
     return rows[order].contiguous().long()
 
 
-def megatron_moe_config(cfg: Any, params_dtype: torch.dtype = torch.float32, bias_update_rate: float = 1e-3,
-                        **overrides: Any):
+def megatron_moe_config(
+    cfg: Any, params_dtype: torch.dtype = torch.float32, bias_update_rate: float = 1e-3, **overrides: Any
+):
     """megatron ``TransformerConfig`` for the MoE layers of a V4 ``ModelConfig`` (current parallel state).
 
     The attention fields are placeholders required by TransformerConfig (our attention is our own module).
@@ -99,29 +101,48 @@ def megatron_moe_config(cfg: Any, params_dtype: torch.dtype = torch.float32, bia
     flags = megatron_cpu_flags() if not torch.cuda.is_available() else {}
     std = cfg.init_std
     kw = dict(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_heads,
-        kv_channels=cfg.head_dim, ffn_hidden_size=cfg.moe_intermediate_size,
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_heads,
+        kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.moe_intermediate_size,
         tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
         expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
         expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
         # TP > 1: megatron's MoE needs sequence-parallel chunks (see the module docstring); the head must not
         sequence_parallel=ps.get_tensor_model_parallel_world_size() > 1,
-        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
-        add_bias_linear=False, gated_linear_unit=True, activation_func=F.silu,
-        activation_func_clamp_value=cfg.swiglu_limit, glu_linear_offset=0.0,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        activation_func_clamp_value=cfg.swiglu_limit,
+        glu_linear_offset=0.0,
         init_method=partial(nn.init.normal_, mean=0.0, std=std),
         output_layer_init_method=partial(nn.init.normal_, mean=0.0, std=std),
-        num_moe_experts=cfg.n_routed_experts, moe_ffn_hidden_size=cfg.moe_intermediate_size,
-        moe_shared_expert_intermediate_size=(cfg.n_shared_experts * cfg.moe_intermediate_size
-                                             if cfg.n_shared_experts else None),
-        moe_shared_expert_gate=False, moe_shared_expert_overlap=False,
-        moe_router_topk=cfg.num_experts_per_tok, moe_router_score_function="sqrtsoftplus",
-        moe_router_topk_scaling_factor=cfg.routed_scaling_factor, moe_router_pre_softmax=False,
-        moe_router_enable_expert_bias=True, moe_router_bias_update_rate=bias_update_rate,
-        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_dtype="fp32",
-        moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, moe_permute_fusion=False,
-        moe_router_fusion=False, hidden_dropout=0.0, attention_dropout=0.0,
+        num_moe_experts=cfg.n_routed_experts,
+        moe_ffn_hidden_size=cfg.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=(
+            cfg.n_shared_experts * cfg.moe_intermediate_size if cfg.n_shared_experts else None
+        ),
+        moe_shared_expert_gate=False,
+        moe_shared_expert_overlap=False,
+        moe_router_topk=cfg.num_experts_per_tok,
+        moe_router_score_function="sqrtsoftplus",
+        moe_router_topk_scaling_factor=cfg.routed_scaling_factor,
+        moe_router_pre_softmax=False,
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=bias_update_rate,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
     )
     for k, v in flags.items():
         if k in {f.name for f in dataclasses.fields(TransformerConfig)}:
@@ -146,12 +167,10 @@ class HashRouter(_LoadTracking, Router):
     router's sequence-major token order) right before the layer runs. No expert bias, no balance loss.
     """
 
-    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, vocab_size: int,
-                 hash_seed: int):
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, vocab_size: int, hash_seed: int):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self.topk = config.moe_router_topk
-        self.register_buffer("tid2eid", make_hash_table(vocab_size, config.num_moe_experts, self.topk,
-                                                        hash_seed))
+        self.register_buffer("tid2eid", make_hash_table(vocab_size, config.num_moe_experts, self.topk, hash_seed))
         self.token_ids: Optional[torch.Tensor] = None
         self.balance_loss: Optional[torch.Tensor] = None
 
@@ -163,8 +182,12 @@ class HashRouter(_LoadTracking, Router):
             raise ValueError(f"HashRouter: {self.token_ids.numel()} token ids for {logits.shape[0]} tokens")
         indices = self.tid2eid[self.token_ids]
         probs, routing_map = topk_routing_with_score_function(
-            logits, self.topk, scaling_factor=self.config.moe_router_topk_scaling_factor,
-            score_function=self.config.moe_router_score_function, precomputed_indices=indices)
+            logits,
+            self.topk,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            score_function=self.config.moe_router_score_function,
+            precomputed_indices=indices,
+        )
         self._record_loads(routing_map)
         return probs, routing_map
 
@@ -175,8 +198,7 @@ class HashRouter(_LoadTracking, Router):
 class BalancedTopKRouter(_LoadTracking, TopKRouter):
     """megatron's TopKRouter (sqrtsoftplus, expert bias, scaling) + V4's sequence-wise balance loss value."""
 
-    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
-                 balance_loss_coeff: float = 0.0):
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *, balance_loss_coeff: float = 0.0):
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self.balance_loss_coeff = balance_loss_coeff
         self.balance_loss: Optional[torch.Tensor] = None
@@ -195,16 +217,22 @@ class BalancedTopKRouter(_LoadTracking, TopKRouter):
             scores = scores.reshape(seq_len, bsz * e)
             counts = sel_map.reshape(seq_len, bsz * e).sum(dim=0).to(scores.dtype)
             tp = ps.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
-            if tp > 1:     # sequence chunks on the TP ranks (module docstring): global f, partial P
+            if tp > 1:  # sequence chunks on the TP ranks (module docstring): global f, partial P
                 torch.distributed.all_reduce(counts, group=ps.get_tensor_model_parallel_group())
             from parallel import sequence_parallel as usp
+
             sp, _ = usp.sp_size_rank()
-            if sp > 1:     # Ulysses shards too: f over the whole sequence; rank's P share × sp (mean = full)
+            if sp > 1:  # Ulysses shards too: f over the whole sequence; rank's P share × sp (mean = full)
                 torch.distributed.all_reduce(counts, group=usp.sp_group())
-            loss = switch_load_balancing_loss_func(
-                scores, counts, seq_len * tp * sp, self.topk, e, self.balance_loss_coeff) / bsz
+            loss = (
+                switch_load_balancing_loss_func(
+                    scores, counts, seq_len * tp * sp, self.topk, e, self.balance_loss_coeff
+                )
+                / bsz
+            )
             if tp > 1:
                 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
                 loss = reduce_from_tensor_model_parallel_region(loss)
             self.balance_loss = loss * sp if sp > 1 else loss
         return probs, routing_map
@@ -228,21 +256,37 @@ class V4MoE(nn.Module):
     ``router.tokens_per_expert`` (this rank's loads of the last forward) and ``router.balance_loss``.
     """
 
-    def __init__(self, cfg: Any, layer_number: int, is_hash: bool, config: Any, balance_loss_coeff: float = 0.0,
-                 is_mtp_layer: bool = False):
+    def __init__(
+        self,
+        cfg: Any,
+        layer_number: int,
+        is_hash: bool,
+        config: Any,
+        balance_loss_coeff: float = 0.0,
+        is_mtp_layer: bool = False,
+    ):
         super().__init__()
         self.is_hash = is_hash
         mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-        router = (partial(HashRouter, vocab_size=cfg.vocab_size, hash_seed=cfg.hash_seed + layer_number)
-                  if is_hash else partial(BalancedTopKRouter, balance_loss_coeff=balance_loss_coeff))
+        router = (
+            partial(HashRouter, vocab_size=cfg.vocab_size, hash_seed=cfg.hash_seed + layer_number)
+            if is_hash
+            else partial(BalancedTopKRouter, balance_loss_coeff=balance_loss_coeff)
+        )
         submodules = MoESubmodules(
             experts=partial(SequentialMLP, submodules=mlp),
             shared_experts=partial(SharedExpertMLP, submodules=mlp) if cfg.n_shared_experts else None,
-            router=router)
+            router=router,
+        )
         self.layer = MoELayer(config, submodules=submodules, layer_number=layer_number, is_mtp_layer=is_mtp_layer)
         self.layer.set_layer_number(layer_number)
-        _tag_expert_params(self.layer, cfg.moe_intermediate_size, config.moe_shared_expert_intermediate_size,
-                           config.expert_tensor_parallel_size or 1, config.tensor_model_parallel_size)
+        _tag_expert_params(
+            self.layer,
+            cfg.moe_intermediate_size,
+            config.moe_shared_expert_intermediate_size,
+            config.expert_tensor_parallel_size or 1,
+            config.tensor_model_parallel_size,
+        )
 
     @property
     def router(self) -> nn.Module:
@@ -253,12 +297,16 @@ class V4MoE(nn.Module):
             raise ValueError(f"V4MoE: x must be [B, S, d], got {tuple(x.shape)}")
         tp = ps.get_tensor_model_parallel_world_size() if self.layer.config.sequence_parallel else 1
         if tp > 1 and x.shape[1] % tp:
-            raise ValueError(f"V4MoE: sequence length {x.shape[1]} must be divisible by the tensor-parallel "
-                             f"size {tp} (the MoE works on sequence chunks under TP)")
+            raise ValueError(
+                f"V4MoE: sequence length {x.shape[1]} must be divisible by the tensor-parallel "
+                f"size {tp} (the MoE works on sequence chunks under TP)"
+            )
         if self.is_hash:
             if input_ids is None or tuple(input_ids.shape) != tuple(x.shape[:2]):
-                raise ValueError(f"V4MoE (hash layer): input_ids [B, S] = {tuple(x.shape[:2])} required, got "
-                                 f"{None if input_ids is None else tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"V4MoE (hash layer): input_ids [B, S] = {tuple(x.shape[:2])} required, got "
+                    f"{None if input_ids is None else tuple(input_ids.shape)}"
+                )
             ids = input_ids.transpose(0, 1)
             if tp > 1:
                 ids = ids.chunk(tp, dim=0)[ps.get_tensor_model_parallel_rank()]
@@ -266,6 +314,7 @@ class V4MoE(nn.Module):
         h = x.transpose(0, 1).contiguous()
         if tp > 1:
             from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
+
             h = scatter_to_sequence_parallel_region(h)
         try:
             out, _ = self.layer(h)
@@ -274,6 +323,7 @@ class V4MoE(nn.Module):
                 self.layer.router.token_ids = None
         if tp > 1:
             from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
             out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
         return out.transpose(0, 1)
 
@@ -295,6 +345,7 @@ def update_expert_bias(model: nn.Module, rate: float, group: Optional[torch.dist
     for _, router in iter_routers(model):
         if getattr(router, "expert_bias", None) is None or not router.training:
             continue
-        router.expert_bias.copy_(get_updated_expert_bias(router.local_tokens_per_expert, router.expert_bias,
-                                                         rate, tp_dp_cp_group=group))
+        router.expert_bias.copy_(
+            get_updated_expert_bias(router.local_tokens_per_expert, router.expert_bias, rate, tp_dp_cp_group=group)
+        )
         router.local_tokens_per_expert.zero_()

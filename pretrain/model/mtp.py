@@ -10,6 +10,7 @@ For position i the MTP module predicts token t_{i+2} from the main model's last-
     logits   = h W_headᵀ                                            (shared output head)
     L_MTP    = CE(logits_i, t_{i+2});  the total loss adds λ·L_MTP (λ scheduled by the trainer: 0.3, then 0.1)
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -38,13 +39,20 @@ class MTPModule(nn.Module):
         self.hc_head = HyperHead(d, cfg.hc_mult, cfg.hc_eps, cfg.rms_norm_eps, cfg.hc_init_gating)
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, streams: torch.Tensor, next_embedding: torch.Tensor, next_ids: torch.Tensor,
-                doc_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self,
+        streams: torch.Tensor,
+        next_embedding: torch.Tensor,
+        next_ids: torch.Tensor,
+        doc_ids: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """streams X^L [B, S, n, d], next_embedding Emb(t_{i+1}) [B, S, d], next_ids t_{i+1} [B, S]
         -> (h [B, S, d], indexer loss of the MTP attention or None)."""
         if streams.dim() != 4 or next_embedding.shape != streams.shape[:2] + streams.shape[3:]:
-            raise ValueError(f"MTPModule: streams must be [B, S, n, d] and next_embedding [B, S, d]; got "
-                             f"{tuple(streams.shape)} and {tuple(next_embedding.shape)}")
+            raise ValueError(
+                f"MTPModule: streams must be [B, S, n, d] and next_embedding [B, S, d]; got "
+                f"{tuple(streams.shape)} and {tuple(next_embedding.shape)}"
+            )
         e = self.e_proj(self.enorm(next_embedding)).to(streams.dtype)
         x = e.unsqueeze(2) + self.h_proj(self.hnorm(streams)).to(streams.dtype)
         x, indexer_loss = self.block(x, next_ids, doc_ids)

@@ -13,6 +13,7 @@ head_dim − rope_head_dim "nope" dims in FP8 and the rope dims in BF16 (448 + 1
 one entry per m tokens plus an FP4 indexer key (c^I/2 B), HCA one entry per m' tokens. V3.2 baseline (61 MLA
 layers × (656 B + 132 B indexer key)) = 48,068 B/token.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-V32_KV_BYTES_PER_TOKEN = 61 * (656 + 132)   # DeepSeek-V3.2 FP8 MLA cache + indexer key (§13)
+V32_KV_BYTES_PER_TOKEN = 61 * (656 + 132)  # DeepSeek-V3.2 FP8 MLA cache + indexer key (§13)
 CONTEXT = 1 << 20
 
 
@@ -52,9 +53,12 @@ def _expert_numel(block: torch.nn.Module) -> int:
 
 
 def kv_bytes_per_token(cfg: Any) -> float:
-    entry = (cfg.head_dim - cfg.rope_head_dim) * 1 + cfg.rope_head_dim * 2     # FP8 nope + BF16 rope
-    per = {"sliding": 0.0, "csa": (entry + cfg.index_head_dim / 2) / cfg.compress_rate_csa,
-           "hca": entry / cfg.compress_rate_hca}
+    entry = (cfg.head_dim - cfg.rope_head_dim) * 1 + cfg.rope_head_dim * 2  # FP8 nope + BF16 rope
+    per = {
+        "sliding": 0.0,
+        "csa": (entry + cfg.index_head_dim / 2) / cfg.compress_rate_csa,
+        "hca": entry / cfg.compress_rate_hca,
+    }
     return sum(per[t] for t in cfg.layer_types)
 
 
@@ -89,11 +93,15 @@ def count(cfg: Any, name: str = "") -> Count:
 def table(counts: list[Count]) -> str:
     rows = [f"{'model':<8}{'total':>12}{'active':>11}{'MTP':>9}{'KV B/token':>12}{'KV @1M':>10}{'vs V3.2':>9}"]
     for c in counts:
-        rows.append(f"{c.name:<8}{c.total / 1e9:>11.1f}B{c.active / 1e9:>10.1f}B{c.mtp / 1e9:>8.1f}B"
-                    f"{c.kv_bytes_per_token:>12.1f}{c.kv_bytes_per_token * CONTEXT / 2**30:>8.2f}GiB"
-                    f"{100 * c.kv_vs_v32:>8.1f}%")
-    rows.append(f"{'V3.2':<8}{'':>12}{'':>11}{'':>9}{V32_KV_BYTES_PER_TOKEN:>12.1f}"
-                f"{V32_KV_BYTES_PER_TOKEN * CONTEXT / 2**30:>8.2f}GiB{100.0:>8.1f}%")
+        rows.append(
+            f"{c.name:<8}{c.total / 1e9:>11.1f}B{c.active / 1e9:>10.1f}B{c.mtp / 1e9:>8.1f}B"
+            f"{c.kv_bytes_per_token:>12.1f}{c.kv_bytes_per_token * CONTEXT / 2**30:>8.2f}GiB"
+            f"{100 * c.kv_vs_v32:>8.1f}%"
+        )
+    rows.append(
+        f"{'V3.2':<8}{'':>12}{'':>11}{'':>9}{V32_KV_BYTES_PER_TOKEN:>12.1f}"
+        f"{V32_KV_BYTES_PER_TOKEN * CONTEXT / 2**30:>8.2f}GiB{100.0:>8.1f}%"
+    )
     return "\n".join(rows)
 
 

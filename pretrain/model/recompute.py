@@ -56,6 +56,7 @@ tensor falls at different points (experts with no tokens save nothing). Routing 
 between the forward and its recompute (torch checks the shapes of the recomputed tensors): it is a
 deterministic function of the inputs, the weights and the expert bias, which changes only after the step.
 """
+
 from __future__ import annotations
 
 import logging
@@ -80,6 +81,7 @@ _COUNTER_ATTRS = ("local_tokens_per_expert",)
 
 def _rng_tracker() -> Any:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
     return get_cuda_rng_tracker()
 
 
@@ -135,7 +137,7 @@ class _RecomputeContext:
         tracker = _rng_tracker()
         current = dict(tracker.get_states())
         self._stack.append((current, _snapshot(self.module)))
-        if self.forward.rng_states or current:       # no tracker streams (CPU tests): leave it untouched
+        if self.forward.rng_states or current:  # no tracker streams (CPU tests): leave it untouched
             tracker.set_states(dict(self.forward.rng_states))
 
     def __exit__(self, *exc: Any) -> None:
@@ -156,5 +158,10 @@ def checkpoint(fn: Callable[..., Any], *args: Any, state_of: Optional[nn.Module]
     forward = _ForwardContext()
     recompute = _RecomputeContext(forward, state_of)
     return torch.utils.checkpoint.checkpoint(
-        fn, *args, use_reentrant=False, preserve_rng_state=True, early_stop=False,
-        context_fn=lambda: (forward, recompute))
+        fn,
+        *args,
+        use_reentrant=False,
+        preserve_rng_state=True,
+        early_stop=False,
+        context_fn=lambda: (forward, recompute),
+    )

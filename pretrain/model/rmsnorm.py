@@ -6,6 +6,7 @@ multiplied before the single cast back to the activation dtype.
 Both go through the ``rms_norm`` op of ``ops.dispatch`` (``ops/rms_norm.py``: reference, and a hand-written
 backward as the CPU path).
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,6 +8,7 @@ The frequencies are plain Python floats (float64) rather than a buffer, so ``mod
 round them; cos/sin are formed per call from integer positions in float64 and returned in float32.
 The rotation itself is ``ops.rope.apply_rope`` (through ``ops.dispatch``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,7 +33,7 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = rope_inv_freq(rope_dim, base)
         if self.yarn is not None:
             self.set_yarn_factor(float(yarn.factor))
-        self.has_yarn = self.yarn is not None    # a CSA/HCA RoPE (the ones a YaRN stage changes)
+        self.has_yarn = self.yarn is not None  # a CSA/HCA RoPE (the ones a YaRN stage changes)
 
     def set_yarn_factor(self, factor: float) -> None:
         """Re-derive the frequencies for YaRN ``factor`` (a context-extension stage, ``train.yarn_stages``;
@@ -43,8 +44,11 @@ class RotaryEmbedding(nn.Module):
             return
         y = self.yarn
         self.yarn_factor = float(factor)
-        self.inv_freq = (rope_inv_freq(self.rope_dim, self.base, factor, y.original_max_position, y.beta_fast,
-                                       y.beta_slow) if factor > 1 else rope_inv_freq(self.rope_dim, self.base))
+        self.inv_freq = (
+            rope_inv_freq(self.rope_dim, self.base, factor, y.original_max_position, y.beta_fast, y.beta_slow)
+            if factor > 1
+            else rope_inv_freq(self.rope_dim, self.base)
+        )
 
     @classmethod
     def for_layer(cls, cfg: Any, layer_type: str) -> "RotaryEmbedding":

@@ -32,6 +32,7 @@ Parameters carry only structural metadata (docs/CONTRACTS.md): experts ``v4_expe
 (pretrain.model.moe), the grouped ``o_a_proj`` ``v4_blocks``/``v4_tp_whole_blocks``. Which optimizer owns a
 parameter is decided by its name in ``parallel.optimizer_groups.OPTIMIZER_ROUTES``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,11 +60,26 @@ log = logging.getLogger(__name__)
 class V4Block(nn.Module):
     """One block: X [B, S, n, d] -> X, with its own mHC sites around attention and MoE (HF names)."""
 
-    def __init__(self, cfg: Any, layer_idx: int, layer_type: str, moe_config: Any, balance_loss_coeff: float,
-                 is_mtp: bool = False, recompute_mode: str = "none"):
+    def __init__(
+        self,
+        cfg: Any,
+        layer_idx: int,
+        layer_type: str,
+        moe_config: Any,
+        balance_loss_coeff: float,
+        is_mtp: bool = False,
+        recompute_mode: str = "none",
+    ):
         super().__init__()
-        mhc = partial(HyperConnection, cfg.hidden_size, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps,
-                      cfg.rms_norm_eps, cfg.hc_init_gating)
+        mhc = partial(
+            HyperConnection,
+            cfg.hidden_size,
+            cfg.hc_mult,
+            cfg.hc_sinkhorn_iters,
+            cfg.hc_eps,
+            cfg.rms_norm_eps,
+            cfg.hc_init_gating,
+        )
         self.layer_idx, self.layer_type = layer_idx, layer_type
         self.attn_hc = mhc()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -76,19 +92,21 @@ class V4Block(nn.Module):
         self.recompute = recompute.check_mode(recompute_mode)
         self.self_attn.recompute_core = recompute_mode == "selective"
 
-    def forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, input_ids: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.recompute == "full":
             return recompute.checkpoint(self._forward, x, input_ids, doc_ids, state_of=self)
         return self._forward(x, input_ids, doc_ids)
 
     def _hc_pre(self, hc: HyperConnection, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.recompute == "selective":       # projection, gates and Sinkhorn recomputed from X
+        if self.recompute == "selective":  # projection, gates and Sinkhorn recomputed from X
             return recompute.checkpoint(hc.pre, x)
         return hc.pre(x)
 
-    def _forward(self, x: torch.Tensor, input_ids: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor]
-                 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _forward(
+        self, x: torch.Tensor, input_ids: Optional[torch.Tensor], doc_ids: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         x_in, post, comb = self._hc_pre(self.attn_hc, x)
         out = self.self_attn(self.input_layernorm(x_in), doc_ids=doc_ids)
         indexer_loss = self.self_attn.indexer_loss
@@ -110,13 +128,22 @@ def _layer_slice(cfg: Any, layer_range: Optional[tuple[int, int]]) -> range:
 class DeepSeekV4Model(nn.Module):
     """DeepSeek-V4 (or one pipeline stage of it). See the module docstring for the forward contract."""
 
-    def __init__(self, cfg: Any, pre_process: bool = True, post_process: bool = True,
-                 layer_range: Optional[tuple[int, int]] = None, balance_loss_coeff: float = 1e-4,
-                 params_dtype: torch.dtype = torch.float32, bias_update_rate: float = 1e-3):
+    def __init__(
+        self,
+        cfg: Any,
+        pre_process: bool = True,
+        post_process: bool = True,
+        layer_range: Optional[tuple[int, int]] = None,
+        balance_loss_coeff: float = 1e-4,
+        params_dtype: torch.dtype = torch.float32,
+        bias_update_rate: float = 1e-3,
+    ):
         super().__init__()
         if not ps.model_parallel_is_initialized():
-            raise RuntimeError("DeepSeekV4Model needs megatron's parallel state: call "
-                               "parallel.process_groups.init_distributed(ParallelConfig(), cfg) first")
+            raise RuntimeError(
+                "DeepSeekV4Model needs megatron's parallel state: call "
+                "parallel.process_groups.init_distributed(ParallelConfig(), cfg) first"
+            )
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
         self.moe_config = megatron_moe_config(cfg, params_dtype, bias_update_rate)
@@ -126,30 +153,48 @@ class DeepSeekV4Model(nn.Module):
 
         if pre_process:
             self.embed_tokens = tensor_parallel.VocabParallelEmbedding(
-                cfg.vocab_size, cfg.hidden_size, init_method=init, config=self.moe_config)
+                cfg.vocab_size, cfg.hidden_size, init_method=init, config=self.moe_config
+            )
         mode, n_rc = getattr(cfg, "recompute", "none"), getattr(cfg, "recompute_num_layers", 0)
-        self.layers = nn.ModuleDict({      # recompute_num_layers > 0: only the first N blocks of this chunk
-            str(i): V4Block(cfg, i, cfg.layer_types[i], self.moe_config, balance_loss_coeff,
-                            recompute_mode=mode if not n_rc or k < n_rc else "none")
-            for k, i in enumerate(_layer_slice(cfg, layer_range))})
+        self.layers = nn.ModuleDict(
+            {  # recompute_num_layers > 0: only the first N blocks of this chunk
+                str(i): V4Block(
+                    cfg,
+                    i,
+                    cfg.layer_types[i],
+                    self.moe_config,
+                    balance_loss_coeff,
+                    recompute_mode=mode if not n_rc or k < n_rc else "none",
+                )
+                for k, i in enumerate(_layer_slice(cfg, layer_range))
+            }
+        )
         if post_process:
             self.hc_head = HyperHead(cfg.hidden_size, cfg.hc_mult, cfg.hc_eps, cfg.rms_norm_eps, cfg.hc_init_gating)
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             head_cfg = copy.copy(self.moe_config)
-            head_cfg.sequence_parallel = False      # activations are replicated over TP outside the MoE
+            head_cfg.sequence_parallel = False  # activations are replicated over TP outside the MoE
             self.lm_head = tensor_parallel.ColumnParallelLinear(
-                cfg.hidden_size, cfg.vocab_size, config=head_cfg, init_method=init, bias=False,
-                gather_output=False)
+                cfg.hidden_size, cfg.vocab_size, config=head_cfg, init_method=init, bias=False, gather_output=False
+            )
             self.mtp = None
             if cfg.num_mtp_layers > 0:
                 if cfg.num_mtp_layers != 1:
                     raise ValueError(f"num_mtp_layers={cfg.num_mtp_layers}: only MTP depth 1 is implemented (V4)")
-                block = V4Block(cfg, cfg.num_layers, cfg.mtp_layer_type, self.moe_config, balance_loss_coeff,
-                                is_mtp=True, recompute_mode="none" if n_rc else mode)
+                block = V4Block(
+                    cfg,
+                    cfg.num_layers,
+                    cfg.mtp_layer_type,
+                    self.moe_config,
+                    balance_loss_coeff,
+                    is_mtp=True,
+                    recompute_mode="none" if n_rc else mode,
+                )
                 self.mtp = MTPModule(cfg, block)
                 if not pre_process:
                     self.mtp_embed_tokens = tensor_parallel.VocabParallelEmbedding(
-                        cfg.vocab_size, cfg.hidden_size, init_method=init, config=self.moe_config)
+                        cfg.vocab_size, cfg.hidden_size, init_method=init, config=self.moe_config
+                    )
                     self.mtp_embed_tokens.weight.shared_embedding = True
         modes = {name: blk.recompute for name, blk in self.named_modules() if isinstance(blk, V4Block)}
         if any(m != "none" for m in modes.values()):
@@ -174,8 +219,9 @@ class DeepSeekV4Model(nn.Module):
         CPU/blocked backend never holds the [B, S, V] logits); TP > 1: megatron's vocab-parallel loss."""
         if ps.get_tensor_model_parallel_world_size() > 1:
             return self._vocab_parallel_cross_entropy(self._head(h), labels)
-        per_sum = dispatch.get("linear_cross_entropy", h)(h.flatten(0, 1), self.lm_head.weight, labels.flatten(),
-                                                          IGNORE_INDEX)
+        per_sum = dispatch.get("linear_cross_entropy", h)(
+            h.flatten(0, 1), self.lm_head.weight, labels.flatten(), IGNORE_INDEX
+        )
         return per_sum / self._token_count(labels)
 
     @staticmethod
@@ -184,6 +230,7 @@ class DeepSeekV4Model(nn.Module):
         over the sp ranks of Σ_local / (N_global / sp) is then the one-process mean)."""
         valid = labels != IGNORE_INDEX
         from parallel import sequence_parallel as usp
+
         sp, _ = usp.sp_size_rank()
         if sp > 1:
             return usp.global_count(valid.sum()).clamp(min=1).to(torch.float32) / sp
@@ -199,12 +246,19 @@ class DeepSeekV4Model(nn.Module):
     def routers(self) -> list[tuple[str, nn.Module]]:
         """(name, router) of every MoE layer of this stage, MTP included (loads: ``router.tokens_per_expert``)."""
         from pretrain.model.moe import iter_routers
+
         return list(iter_routers(self))
 
     # ------------------------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, doc_ids: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, mtp_labels: Optional[torch.Tensor] = None,
-                mtp_lambda: float = 0.3, hidden_streams: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        mtp_labels: Optional[torch.Tensor] = None,
+        mtp_lambda: float = 0.3,
+        hidden_streams: Optional[torch.Tensor] = None,
+    ):
         """input_ids [B, S] -> logits [B, S, V] (labels None), else the loss dict; a non-last stage returns X."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got {tuple(input_ids.shape)}")
@@ -213,8 +267,9 @@ class DeepSeekV4Model(nn.Module):
         for _, router in self.routers():
             router.balance_loss = None
         from parallel import sequence_parallel as usp
+
         if doc_ids is not None and usp.sp_group() is not None:
-            doc_ids = usp.gather_seq(doc_ids)        # Ulysses: tokens are this rank's shard, documents global
+            doc_ids = usp.gather_seq(doc_ids)  # Ulysses: tokens are this rank's shard, documents global
         if self.pre_process:
             x = expand_streams(self.embed_tokens(input_ids), self.cfg.hc_mult)
         else:
@@ -254,8 +309,13 @@ class DeepSeekV4Model(nn.Module):
         balance, indexer, aux = self._aux_losses(indexer_losses)
         self.stage_aux_loss = aux
         loss = lm_loss + mtp_lambda * mtp_loss + aux
-        return {"loss": loss, "lm_loss": lm_loss, "mtp_loss": mtp_loss, "balance_loss": balance,
-                "indexer_loss": indexer}
+        return {
+            "loss": loss,
+            "lm_loss": lm_loss,
+            "mtp_loss": mtp_loss,
+            "balance_loss": balance,
+            "indexer_loss": indexer,
+        }
 
     def _aux_losses(self, indexer_losses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Σ balance losses, Σ indexer losses, balance + indexer_loss_coeff · indexer) of this stage."""
