@@ -5,10 +5,13 @@ Per language, from the ground truth of ``data_pipeline.multilingual_corpus``:
 - kept share: the share of its good documents (unique and base) that reach the training or held-out split
   is at least 0.8 of English's (no language dropped wholesale by an English rule);
 - the manifest's ``languages`` table counts within 3% of the true languages of the training documents;
-- near-duplicate recall (an exact or near copy, or its base, is removed) >= 0.95 on the pairs of shingle
-  Jaccard >= 0.85 (exact copies included), >= 0.9 on all planted pairs (J 0.8-0.95: 14 bands x 8 rows find
-  a pair of J = 0.8 with probability 0.924, of J = 0.85 with 0.975), and unique documents removed as
-  duplicates <= 1%.
+- near-duplicate recall (an exact or near copy, or its base, is removed) on the pairs of shingle Jaccard
+  >= 0.85 (exact copies included): >= 0.95 over all languages together and >= 0.9 in each language; >= 0.85 on
+  all planted pairs of a language (J 0.8-0.95). 14 bands x 8 rows find a pair of J = 0.8 with probability
+  0.924 and of J = 0.85 with 0.975, so with ~35 pairs per language a per-language 0.95 would fail by chance
+  in one run of a few; the pooled bound and the per-language 0.9 fail only if detection is really worse;
+- unrelated documents (unique ones and bases) removed in favour of anything but their own planted copy:
+  <= 1% in each language.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from data_pipeline.runner import Runner
 from data_pipeline.stages import held_out, read_docs
 
 pytestmark = pytest.mark.slow
-DOCS_PER_LANGUAGE = 120
+DOCS_PER_LANGUAGE = 200
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +66,9 @@ def built(tmp_path_factory):
         d = read_docs(str(f), ["doc_id", "id", "text"])
         ids.update(zip(d["doc_id"].tolist(), d["id"].tolist()))
         texts.update(zip(d["id"].tolist(), d["text"].tolist()))
-    removed = set()
+    removed: dict[str, str] = {}  # removed id -> survivor id
     for f in sorted((work / manifest["stage_dirs"]["dedup"] / "removed").glob("*.npy")):
-        removed |= {ids[int(x)] for x in np.load(f)["doc"]}
+        removed.update((ids[int(d)], ids[int(k)]) for d, k in np.load(f))
     return corpus, manifest, set(texts), removed, texts, split
 
 
@@ -82,7 +85,7 @@ def test_every_language_keeps_its_good_documents(built):
 def test_manifest_language_counts_match_the_truth(built):
     corpus, manifest, cleaned, removed, texts, split = built
     truth = {d.id: d.lang for d in corpus.documents}
-    train = sorted(cleaned - removed)
+    train = sorted(cleaned - set(removed))
     val = held_out([texts[i] for i in train], split)
     counts = {lang: 0 for lang in LANGUAGES}
     for i, v in zip(train, val):
@@ -95,14 +98,20 @@ def test_manifest_language_counts_match_the_truth(built):
 
 def test_near_duplicate_recall_and_false_removals_per_language(built):
     corpus, _, cleaned, removed, _, _ = built
+    pooled = []
     for lang in LANGUAGES:
-        docs = corpus.of(lang)
         copies = corpus.of(lang, "exact", "near")
+        relatives: dict[str, set[str]] = {}
+        for c in copies:
+            relatives.setdefault(c.base, set()).add(c.id)
         pairs = [(c.id, c.base, c.jaccard) for c in copies if c.id in cleaned and c.base in cleaned]
         found = [(a in removed or b in removed, j) for a, b, j in pairs]
-        recall = sum(f for f, j in found if j >= 0.85) / max(1, sum(j >= 0.85 for _, j in found))
+        strong = [f for f, j in found if j >= 0.85]
+        pooled += strong
+        recall = sum(strong) / max(1, len(strong))
         recall_all = sum(f for f, _ in found) / max(1, len(found))
-        unique = [d.id for d in docs if d.kind == "unique" and d.id in cleaned]
-        false = sum(i in removed for i in unique) / max(1, len(unique))
-        assert len(pairs) >= 0.5 * len(copies), (lang, len(pairs), len(copies))
-        assert recall >= 0.95 and recall_all >= 0.9 and false <= 0.01, (lang, recall, recall_all, false)
+        unrelated = [d.id for d in corpus.of(lang, "unique", "base") if d.id in cleaned]
+        false = sum(i in removed and removed[i] not in relatives.get(i, set()) for i in unrelated) / len(unrelated)
+        assert len(pairs) >= 0.9 * len(copies), (lang, len(pairs), len(copies))
+        assert recall >= 0.9 and recall_all >= 0.85 and false <= 0.01, (lang, recall, recall_all, false)
+    assert sum(pooled) / len(pooled) >= 0.95, sum(pooled) / len(pooled)
