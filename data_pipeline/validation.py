@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import storage
-from data_pipeline.manifest import ManifestError, read_manifest
+from data_pipeline.manifest import ManifestError, dataset_root, read_manifest
 from data_pipeline.mds_reader import SourceShards
 from data_pipeline.pack import doc_ids_from_starts
 
@@ -39,7 +39,7 @@ def validation_sources(manifest_or_dir: str | Path) -> dict[str, dict]:
     if not split:
         raise NoValidationSplit(
             f"{path}: the dataset has no validation split (no 'validation' key in the manifest); it was built by "
-            f"an older data pipeline: rebuild it (delete {path.parent} and rerun, or `python -m data_pipeline run`)"
+            f"an older data pipeline: rebuild it (delete {dataset_root(path)} and rerun, or `python -m data_pipeline run`)"
         )
     return split
 
@@ -62,7 +62,7 @@ def validation_batches(
     sample_len = int(m["sample_len"])
     out: dict[str, dict[str, np.ndarray]] = {}
     for name, entry in validation_sources(path).items():
-        src_dir = storage.join(path.parent, entry["dir"])
+        src_dir = storage.join(dataset_root(path), entry["dir"])
         shards = SourceShards(src_dir, cache_shards)
         n = min(samples_per_source, len(shards))
         if n == 0:

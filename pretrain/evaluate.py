@@ -240,7 +240,7 @@ def run_root(run_dir: str | Path) -> Path:
     return p.parent if p.name == "checkpoints" else p
 
 
-def run_manifest(run_dir: str | Path, cfg: Any, seq_len: int) -> Path:
+def run_manifest(run_dir: str | Path, cfg: Any, seq_len: int) -> Path | str:
     """The manifest of the dataset the run trained on at ``seq_len``: recorded by the trainer in
     ``<run.dir>/dataset.json``; for runs without the record, where ``data.shards_dir`` of the stored config
     puts it (relative paths: from the current directory)."""
@@ -248,7 +248,8 @@ def run_manifest(run_dir: str | Path, cfg: Any, seq_len: int) -> Path:
     if record.is_file():
         manifests = json.loads(record.read_text()).get("manifests", {})
         if str(seq_len) in manifests:
-            return Path(manifests[str(seq_len)])
+            m = manifests[str(seq_len)]
+            return m if "://" in m else Path(m)  # an object-store URL stays a URL
         if manifests:
             raise EvaluateError(
                 f"{record}: no dataset recorded for seq_len {seq_len} (recorded: {', '.join(sorted(manifests))})"
