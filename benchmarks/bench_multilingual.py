@@ -39,7 +39,7 @@ from data_pipeline import langid, minhash  # noqa: E402
 from data_pipeline.clean import clean_document  # noqa: E402
 from data_pipeline.config import CleanConfig, DedupConfig  # noqa: E402
 from data_pipeline.embedded_corpus import kjv_documents, python_docs_documents, shakespeare_documents  # noqa: E402
-from data_pipeline.multilingual_corpus import LANGUAGES, make_corpus  # noqa: E402
+from data_pipeline.multilingual_corpus import LANGUAGES, lsh_clusters, make_corpus  # noqa: E402
 
 _PUNCT = re.compile(r"[^\w\s]|_", re.UNICODE)
 _DIGITS = re.compile(r"\d+")
@@ -96,27 +96,6 @@ def bench_shingles() -> dict:
     return out
 
 
-def _clusters(docs, hasher: minhash.MinHasher) -> dict[str, str]:
-    parent = {d.id: d.id for d in docs}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    buckets: dict[tuple[int, int], list[str]] = collections.defaultdict(list)
-    for d in docs:
-        for band, key in enumerate(hasher.band_keys(hasher.signature(hasher.shingles(d.text)))):
-            buckets[(band, int(key))].append(d.id)
-    for ids in buckets.values():
-        for other in ids[1:]:
-            a, b = find(ids[0]), find(other)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    return {x: find(x) for x in parent}
-
-
 def bench_languages(docs_per_language: int, seed: int) -> dict:
     corpus = make_corpus(docs_per_language, seed=seed)
     cfg = CleanConfig()
@@ -135,7 +114,7 @@ def bench_languages(docs_per_language: int, seed: int) -> dict:
         tl[2] += len(d.text.encode())
     dcfg = DedupConfig()
     hasher = minhash.MinHasher(dcfg.ngram, dcfg.bands, dcfg.rows, dcfg.seed, char_ngram=dcfg.char_ngram)
-    root = _clusters([d for d in corpus.documents if d.kind != "junk"], hasher)
+    root = lsh_clusters([d for d in corpus.documents if d.kind != "junk"], hasher)
     table = {}
     for lang in LANGUAGES:
         docs = corpus.of(lang)

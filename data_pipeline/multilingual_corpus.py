@@ -628,3 +628,27 @@ def make_corpus(
         docs += rows
     order = np.random.default_rng([seed, len(languages), 7]).permutation(len(docs))
     return MultilingualCorpus([docs[i] for i in order])
+
+
+def lsh_clusters(docs: list[CorpusDocument], hasher) -> dict[str, str]:
+    """Reference dedup for scoring the corpus: union-find over LSH candidates (documents sharing any band key
+    of ``hasher``, a :class:`~data_pipeline.minhash.MinHasher`, are joined), all in memory. Returns
+    {document id: its cluster's smallest id}."""
+    parent = {d.id: d.id for d in docs}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    buckets: dict[tuple[int, int], list[str]] = {}
+    for d in docs:
+        for band, key in enumerate(hasher.band_keys(hasher.signature(hasher.shingles(d.text)))):
+            buckets.setdefault((band, int(key)), []).append(d.id)
+    for ids in buckets.values():
+        for other in ids[1:]:
+            a, b = find(ids[0]), find(other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {x: find(x) for x in parent}

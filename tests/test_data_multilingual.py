@@ -13,7 +13,7 @@ from data_pipeline import langid
 from data_pipeline.clean import clean_document
 from data_pipeline.config import CleanConfig, DedupConfig
 from data_pipeline.minhash import MinHasher, shingle_jaccard, shingle_tokens, simplify
-from data_pipeline.multilingual_corpus import LANGUAGES, SENTENCES, make_corpus
+from data_pipeline.multilingual_corpus import LANGUAGES, SENTENCES, lsh_clusters, make_corpus
 from data_pipeline.script import is_spaceless, tokens
 
 DOCS_PER_LANGUAGE = 200
@@ -96,33 +96,11 @@ def test_source_languages_select_documents(corpus, cleaned):
         clean_document(docs[0].text, CleanConfig(langid=False), languages=("en",))
 
 
-def _clusters(docs, hasher: MinHasher) -> dict[str, str]:
-    """Union-find over LSH candidates: documents sharing any band key are joined."""
-    parent = {d.id: d.id for d in docs}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    buckets: dict[tuple[int, int], list[str]] = collections.defaultdict(list)
-    for d in docs:
-        for band, key in enumerate(hasher.band_keys(hasher.signature(hasher.shingles(d.text)))):
-            buckets[(band, int(key))].append(d.id)
-    for ids in buckets.values():
-        for other in ids[1:]:
-            a, b = find(ids[0]), find(other)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    return {x: find(x) for x in parent}
-
-
 def test_near_duplicate_recall_and_unrelated_in_every_script(corpus):
     cfg = DedupConfig()
     hasher = MinHasher(cfg.ngram, cfg.bands, cfg.rows, cfg.seed, char_ngram=cfg.char_ngram)
     docs = [d for d in corpus.documents if d.kind != "junk"]
-    root = _clusters(docs, hasher)
+    root = lsh_clusters(docs, hasher)
     size = collections.Counter(root.values())
     table = {}
     for lang in LANGUAGES:
