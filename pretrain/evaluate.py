@@ -344,18 +344,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.json else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("megatron", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    import warnings
+    from pretrain.cli_logging import setup_cli_logging
 
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    setup_cli_logging(quiet=args.json)
     from parallel.process_groups import teardown
 
     try:

@@ -240,18 +240,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="weight dtype (norms, mHC, sinks, biases stay fp32 as in HF)",
     )
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-    for noisy in ("megatron", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    import warnings
+    from pretrain.cli_logging import setup_cli_logging
 
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    setup_cli_logging()
     from parallel.process_groups import teardown
 
     try:
