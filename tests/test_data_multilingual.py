@@ -174,3 +174,36 @@ def test_langid_samples_long_documents():
     s = langid.sample(text, 900)
     assert len(s) <= 900 + 2 and s.split("\n")[0] == text[: len(s.split("\n")[0])]
     assert langid.detect(text)[0] == "fr"
+
+
+def test_english_shingles_unchanged_by_the_faster_path():
+    # the previous implementation (regex simplify, one xxh64 per word), on real English with and without
+    # non-ASCII punctuation: the translate table and the token hash cache must give the same shingles
+    import re
+    import unicodedata
+
+    import xxhash
+
+    from data_pipeline.embedded_corpus import kjv_documents
+    from data_pipeline.minhash import _fmix64
+
+    def reference(h: MinHasher, text: str) -> np.ndarray:
+        text = unicodedata.normalize("NFKC", text).lower()
+        text = re.sub(r"\s+", " ", re.sub(r"\d+", "0", re.sub(r"[^\w\s]|_", " ", text))).strip()
+        words = text.split(" ")
+        wh = np.array([xxhash.xxh64_intdigest(w.encode()) for w in words], dtype=np.uint64)
+        n = min(h.ngram, len(wh))
+        m = len(wh) - n + 1
+        acc = np.zeros(m, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for k in range(n):
+                acc += wh[k:k + m] * h.k[k]
+        return np.unique(_fmix64(acc))
+
+    rng = np.random.default_rng(9)
+    docs = [d["text"] for d in kjv_documents()]
+    picked = [docs[i] for i in rng.choice(len(docs), size=30, replace=False)]
+    picked += [t.replace("'", "\u2019").replace(",", " \u2014") + " caf\u00e9 12,345 3.5% x_y" for t in picked[:10]]
+    h = MinHasher()
+    for t in picked:
+        assert np.array_equal(h.shingles(t), reference(h, t))
