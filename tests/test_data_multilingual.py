@@ -197,7 +197,7 @@ def test_english_shingles_unchanged_by_the_faster_path():
         acc = np.zeros(m, dtype=np.uint64)
         with np.errstate(over="ignore"):
             for k in range(n):
-                acc += wh[k:k + m] * h.k[k]
+                acc += wh[k : k + m] * h.k[k]
         return np.unique(_fmix64(acc))
 
     rng = np.random.default_rng(9)
