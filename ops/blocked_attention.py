@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ops.dispatch import chunk_rows, register
 from ops.sparse_attention import _window_blocks, check_attention_inputs
 
-__all__ = ["blocked_hybrid_attention", "blocked_compressed_attention_mass", "CHUNK_ELEMENTS"]
+__all__ = ["blocked_hybrid_attention", "blocked_compressed_attention_mass", "rows_t_rows", "CHUNK_ELEMENTS"]
 
 CHUNK_ELEMENTS = 1 << 24  # elements of the largest per-chunk temporary (64 MiB in fp32)
 # Gather the K selected entries of a query iff H·span > GATHER_COST·K: the dense span costs H·span·D
@@ -104,20 +104,52 @@ class _Plan:
         rows = [None if t is None else t[:, r0:r1] for t in (self.lo, self.hi, self.idx)]
         return _Compressed(self.ck, *rows, self.H, self.cdt)
 
-    def scores(self, i0: int, i1: int, scale: float, comp: Optional["_Compressed"]) -> torch.Tensor:
-        """Logits of the queries of blocks [i0, i1), [B, C, H, 2Q + K|span + 1] (window band, compressed, sink)."""
+    def scores(
+        self, i0: int, i1: int, scale: float, comp: Optional["_Compressed"]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Logits of the queries of blocks [i0, i1): (window band [B, C, H, 2Q], compressed [B, C, H, K|span] or
+        None), -inf where not attended. Kept as separate tensors (the sink logit is ``self.sinks``): one
+        concatenation would copy every logit once more, and slicing it again for the two products twice more."""
         B, H, D, Q = self.B, self.H, self.D, self.Q
         nbc = i1 - i0
         q_c = self.q_pad[:, i0 * Q : i1 * Q]
-        z_win = (
-            torch.einsum("biqhd,bikd->biqhk", q_c.view(B, nbc, Q, H, D), self.kv_bands[:, i0:i1]).to(self.cdt) * scale
-        )
+        z_win = torch.einsum("biqhd,bikd->biqhk", q_c.view(B, nbc, Q, H, D), self.kv_bands[:, i0:i1])
+        z_win = _scaled(z_win, self.cdt, scale)
         z_win = z_win.masked_fill_(~self.ok[:, i0:i1, :, None, :], float("-inf")).view(B, nbc * Q, H, 2 * Q)
-        parts = [z_win]
-        if comp is not None:
-            parts.append(comp.scores(q_c, scale))
-        parts.append(self.sinks.view(1, 1, H, 1).expand(B, nbc * Q, H, 1))
-        return torch.cat(parts, dim=-1)
+        return z_win, (comp.scores(q_c, scale) if comp is not None else None)
+
+    def probabilities(
+        self, z_win: torch.Tensor, z_comp: Optional[torch.Tensor], lse: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Softmax-with-sink over the parts, IN PLACE on the logits: (p_win, p_comp, p_sink [B, C, H], lse).
+
+        ``lse`` None (forward): mx = max(z_win, z_comp, z'), e = e^{z − mx}, s = Σ e + e^{z' − mx},
+        lse = mx + log s, p = e / s (finite: the sink logit is in every row). Given ``lse`` (backward):
+        p = e^{z − lse}, as the forward's up to rounding."""
+        sink = self.sinks.view(1, 1, -1)
+        parts = [z for z in (z_win, z_comp) if z is not None and z.shape[-1] > 0]
+        if lse is None:
+            mx = sink.expand(z_win.shape[:3]).clone()
+            for z in parts:
+                mx = torch.maximum(mx, z.amax(-1))
+            tot = torch.exp(sink - mx)
+            for z in parts:
+                tot += z.sub_(mx[..., None]).exp_().sum(-1)
+            inv = tot.reciprocal()
+            for z in parts:
+                z.mul_(inv[..., None])
+            lse = mx + torch.log(tot)
+            p_sink = inv * torch.exp(sink - mx)
+        else:
+            for z in parts:
+                z.sub_(lse[..., None]).exp_()
+            p_sink = torch.exp(sink - lse)
+        return z_win, z_comp, p_sink, lse
+
+
+def _scaled(z: torch.Tensor, cdt: torch.dtype, scale: float) -> torch.Tensor:
+    """A fresh product in the compute dtype, times ``scale`` (in place when no cast was needed)."""
+    return z.to(cdt) * scale if z.dtype != cdt else z.mul_(scale)
 
 
 def _pad_rows(x: Optional[torch.Tensor], rows: int, value: float) -> Optional[torch.Tensor]:
@@ -143,6 +175,8 @@ class _Compressed:
         B, N, D = ck.shape
         self.cdt = cdt  # results' dtype (ck, the operands, may be bf16: see BF16_PRODUCTS)
         self.gather = False
+        self.mask: Optional[torch.Tensor] = None  # [B, C, span] (selected entries of a span), else edges only
+        self.edges: list[tuple[int, int, torch.Tensor]] = []
         if idx is not None:
             valid = idx >= 0
             if not bool(valid.any()):
@@ -168,17 +202,28 @@ class _Compressed:
             mn = int(lo.min())
             mx = max(mn, int(hi.max()))
             self.span = (mn, mx)
-            n = torch.arange(mn, mx, device=lo.device)
-            self.mask = (n >= lo[..., None]) & (n < hi[..., None])  # [B, C, span]
+            # entries [lo.max(), hi.min()) are visible to every query of the chunk: only the ragged edges
+            # around them get a mask (for one document: the last few entries of the span)
+            a = min(max(int(lo.max()), mn), mx)
+            b = max(min(int(hi.min()), mx), a)
+            self.edges = []
+            for e0, e1 in ((mn, a), (b, mx)):
+                if e1 > e0:
+                    n = torch.arange(e0, e1, device=lo.device)
+                    self.edges.append((e0 - mn, e1 - mn, (n >= lo[..., None]) & (n < hi[..., None])))
         self.keys = ck[:, self.span[0] : self.span[1]]  # [B, span, D]
 
     def scores(self, qc: torch.Tensor, scale: float) -> torch.Tensor:
         """z_c [B, C, H, K|span] with -inf where the entry is not attended."""
         if self.gather:
-            z = torch.einsum("bqhd,bqkd->bqhk", qc, self.keys).to(self.cdt) * scale
+            z = _scaled(torch.einsum("bqhd,bqkd->bqhk", qc, self.keys), self.cdt, scale)
             return z.masked_fill_(~self.valid[:, :, None, :], float("-inf"))
-        z = torch.einsum("bqhd,bnd->bqhn", qc, self.keys).to(self.cdt) * scale
-        return z.masked_fill_(~self.mask[:, :, None, :], float("-inf"))
+        z = _scaled(torch.einsum("bqhd,bnd->bqhn", qc, self.keys), self.cdt, scale)
+        if self.mask is not None:
+            return z.masked_fill_(~self.mask[:, :, None, :], float("-inf"))
+        for e0, e1, m in self.edges:
+            z[..., e0:e1].masked_fill_(~m[:, :, None, :], float("-inf"))
+        return z
 
     def apply(self, p: torch.Tensor) -> torch.Tensor:
         """Σ_j p_j k_j over these entries: [B, C, H, D]."""
@@ -211,10 +256,17 @@ class _Compressed:
         dq = torch.einsum("bqhn,bnd->bqhd", ds_m, self.keys).to(cdt) * scale
         lo, hi = self.span
         if hi > lo:
-            dck[:, lo:hi] += torch.einsum("bqhn,bqhd->bnd", dss_m, qc).to(cdt) + torch.einsum(
-                "bqhn,bqhd->bnd", p_m, go
-            ).to(cdt)
+            dck[:, lo:hi] += rows_t_rows(dss_m, qc).to(cdt) + rows_t_rows(p_m, go).to(cdt)
         return dq
+
+
+def rows_t_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_{q,h} a[..., q, h, n] b[..., q, h, d] -> [..., n, d] as ONE batched aᵀb over the merged (q, h) rows:
+    a transposed view into ``bmm`` (einsum would first copy a into [n, q, h] order, a full extra pass)."""
+    lead, n, d = a.shape[:-3], a.shape[-1], b.shape[-1]
+    rows = a.shape[-3] * a.shape[-2]
+    out = torch.bmm(a.reshape(-1, rows, n).transpose(1, 2), b.reshape(-1, rows, d))
+    return out.view(*lead, n, d)
 
 
 class _BlockedHybridAttention(torch.autograd.Function):
@@ -227,20 +279,14 @@ class _BlockedHybridAttention(torch.autograd.Function):
         for i0, i1 in plan.chunks():
             r0, r1, nbc = i0 * Q, i1 * Q, i1 - i0
             comp = plan.compressed(i0, i1)
-            z = plan.scores(i0, i1, scale, comp)
-            l_c = torch.logsumexp(z, dim=-1)
-            p = torch.exp(z - l_c[..., None])
+            p_win, p_comp, _, l_c = plan.probabilities(*plan.scores(i0, i1, scale, comp))
             o_c = (
-                torch.einsum(
-                    "biqhk,bikd->biqhd",
-                    p[..., : 2 * Q].reshape(B, nbc, Q, H, 2 * Q).to(plan.mdt),
-                    plan.kv_bands[:, i0:i1],
-                )
+                torch.einsum("biqhk,bikd->biqhd", p_win.view(B, nbc, Q, H, 2 * Q).to(plan.mdt), plan.kv_bands[:, i0:i1])
                 .to(plan.cdt)
                 .reshape(B, nbc * Q, H, D)
             )
             if comp is not None:
-                o_c = o_c + comp.apply(p[..., 2 * Q : -1])
+                o_c = o_c + comp.apply(p_comp)
             o[:, r0:r1] = o_c
             lse[:, r0:r1] = l_c
         o_out = o[:, :S].to(q.dtype)
@@ -267,22 +313,21 @@ class _BlockedHybridAttention(torch.autograd.Function):
             r0, r1, nbc = i0 * Q, i1 * Q, i1 - i0
             comp = plan.compressed(i0, i1)
             kv_blk = plan.kv_bands[:, i0:i1]
-            p = torch.exp(plan.scores(i0, i1, scale, comp) - lse_p[:, r0:r1, :, None])
+            p_win, p_c, p_sink, _ = plan.probabilities(*plan.scores(i0, i1, scale, comp), lse_p[:, r0:r1])
             dl = delta[:, r0:r1]
             go_c, q_c = go[:, r0:r1], plan.q_pad[:, r0:r1]
-            dsink -= (p[..., -1] * dl).sum(dim=(0, 1))
+            dsink -= (p_sink * dl).sum(dim=(0, 1))
             # window band
             go_blk = go_c.view(B, nbc, Q, H, D)
-            p_win = p[..., : 2 * Q].reshape(B, nbc, Q, H, 2 * Q)
+            p_win = p_win.view(B, nbc, Q, H, 2 * Q)
             ds_win = p_win * (torch.einsum("biqhd,bikd->biqhk", go_blk, kv_blk).to(cdt) - dl.view(B, nbc, Q, H, 1))
             dq_c = torch.einsum("biqhk,bikd->biqhd", ds_win.to(mdt), kv_blk).to(cdt).reshape(B, nbc * Q, H, D) * scale
-            dband = torch.einsum("biqhk,biqhd->bikd", (ds_win * scale).to(mdt), q_c.view(B, nbc, Q, H, D)).to(
-                cdt
-            ) + torch.einsum("biqhk,biqhd->bikd", p_win.to(mdt), go_blk).to(cdt)  # [B, nbc, 2Q, D]
+            dband = rows_t_rows((ds_win * scale).to(mdt), q_c.view(B, nbc, Q, H, D)).to(cdt) + rows_t_rows(
+                p_win.to(mdt), go_blk
+            ).to(cdt)  # [B, nbc, 2Q, D]
             dkv[:, i0:i1] += dband[:, :, :Q]
             dkv[:, i0 + 1 : i1 + 1] += dband[:, :, Q:]
             if comp is not None:
-                p_c = p[..., 2 * Q : -1]
                 ds_c = p_c * (comp.dp(go_c) - dl[..., None])
                 dq_c = dq_c + comp.backward(ds_c, p_c, q_c, go_c, scale, dck)
             dq[:, r0:r1] = dq_c

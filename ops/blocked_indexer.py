@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from ops.blocked_attention import rows_t_rows
 from ops.dispatch import chunk_rows, register
 from ops.indexer import check_indexer_inputs
 
@@ -72,7 +73,7 @@ class _BlockedIndexerScores(torch.autograd.Function):
             # g = a w' 1[d > 0] ∂I, built in d's storage (ReLU(d) > 0 iff d > 0)
             gd = d.gt_(0).mul_(g_c[:, :, None, :]).mul_((w[:, t0:t1] * a)[..., None])
             dq[:, t0:t1] = torch.einsum("bthn,bnc->bthc", gd, k)
-            dk += torch.einsum("bthn,bthc->bnc", gd, q_c)
+            dk += rows_t_rows(gd, q_c)
         return dq.to(q.dtype), dk.to(keys.dtype), dw.to(weights.dtype)
 
 

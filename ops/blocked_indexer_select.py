@@ -75,17 +75,21 @@ def visible(lo: torch.Tensor, hi: torch.Tensor, s0: int, s1: int) -> torch.Tenso
     return (n >= lo[..., None]) & (n < hi[..., None])
 
 
+def _order_keys(vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Distinct int64 keys, larger = earlier in the order (score desc, index asc), for float32 ``vals``:
+    ``key = (orderable_int32(score) << 32) | (2³² − 1 − index)`` (the Triton kernel's key)."""
+    bits = (vals + 0.0).view(torch.int32)  # + 0.0: -0.0 -> +0.0 (equal scores, equal keys)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
+    return ordered * (1 << 32) + ((1 << 32) - 1 - idx.clamp(min=0))
+
+
 def _ordered(vals: torch.Tensor, idx: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first kk of (vals, idx) in the order (score desc, index asc); -inf entries last.
 
-    float32 scores: one int64 key per candidate, ``key = (orderable_int32(score) << 32) | (2³² − 1 − index)``
-    (distinct keys, so ``torch.topk`` on them is exact and deterministic — the Triton kernel's key); other
-    dtypes: a sort by index, then a stable sort by descending score."""
+    float32 scores: ``torch.topk`` of the distinct keys of :func:`_order_keys` (exact and deterministic);
+    other dtypes: a sort by index, then a stable sort by descending score."""
     if vals.dtype == torch.float32:
-        bits = (vals + 0.0).view(torch.int32)  # + 0.0: -0.0 -> +0.0 (equal scores, equal keys)
-        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()
-        key = ordered * (1 << 32) + ((1 << 32) - 1 - idx.clamp(min=0))
-        pos = torch.topk(key, min(kk, key.shape[-1]), dim=-1, sorted=True).indices
+        pos = torch.topk(_order_keys(vals, idx), min(kk, vals.shape[-1]), dim=-1, sorted=True).indices
         return vals.gather(-1, pos), idx.gather(-1, pos)
     by_idx = torch.sort(
         torch.where(torch.isneginf(vals), torch.iinfo(torch.int64).max, idx), dim=-1, stable=True
@@ -99,7 +103,10 @@ def _tile_topk(sc: torch.Tensor, s0: int, kb: int) -> tuple[torch.Tensor, torch.
     """Exact top-kb SET of a tile sc [B, C, n] (-inf = invisible) under the tie rule: (values, entry indices).
 
     ``torch.topk`` of kb + 1: a tie straddles the boundary iff the (kb+1)-th value equals the kb-th (finite);
-    only those rows are re-selected by a stable sort."""
+    only those rows are re-selected, by ``torch.topk`` of their distinct order keys (float32; a stable sort
+    otherwise). Ties are common, not a corner case: with few index heads, every entry whose ReLU products are
+    all zero scores exactly 0 (a quarter of the entries for 2 heads), so a full sort of those rows was most of
+    the op's time."""
     n = sc.shape[-1]
     vals, pos = torch.topk(sc, min(kb + 1, n), dim=-1)
     if vals.shape[-1] > kb:
@@ -107,9 +114,14 @@ def _tile_topk(sc: torch.Tensor, s0: int, kb: int) -> tuple[torch.Tensor, torch.
         vals, pos = vals[..., :kb], pos[..., :kb]
         if bool(amb.any()):
             rows = amb.nonzero(as_tuple=True)
-            pos_rows = torch.sort(sc[rows], dim=-1, descending=True, stable=True).indices[..., :kb]
+            sc_rows = sc[rows]
+            if sc_rows.dtype == torch.float32:
+                entry = torch.arange(n, device=sc.device).expand_as(sc_rows)
+                pos_rows = torch.topk(_order_keys(sc_rows, entry), kb, dim=-1, sorted=True).indices
+            else:
+                pos_rows = torch.sort(sc_rows, dim=-1, descending=True, stable=True).indices[..., :kb]
             pos[rows] = pos_rows
-            vals[rows] = sc[rows].gather(-1, pos_rows)
+            vals[rows] = sc_rows.gather(-1, pos_rows)
     return vals, pos + s0
 
 

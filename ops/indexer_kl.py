@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from ops.blocked_attention import rows_t_rows
 from ops.blocked_indexer_select import key_block, key_blocks, query_chunks, visible
 from ops.dispatch import register
 from ops.indexer import check_indexer_inputs
@@ -193,7 +194,7 @@ class _StreamedIndexerKL(torch.autograd.Function):
                 gd = (d > 0).to(cdt).mul_(gI[:, :, None, :]).mul_((tiles.w * a)[..., None])  # [B, C, H, n]
                 if isinstance(where, tuple):
                     dq[:, sl] += torch.einsum("bthn,bnc->bthc", gd, kt)
-                    dk[:, where[0] : where[1]] += torch.einsum("bthn,bthc->bnc", gd, tiles.q_i)
+                    dk[:, where[0] : where[1]] += rows_t_rows(gd, tiles.q_i)
                 else:
                     dq[:, sl] += torch.einsum("bthk,btkc->bthc", gd, kt)
                     dkt = torch.einsum("bthk,bthc->btkc", gd, tiles.q_i)

@@ -22,7 +22,8 @@ The quadratic terms are sums over the queries of the entries each one touches (e
 Backward = 2 × forward for every matmul, except where the implementation recomputes (counted as executed):
 the blocked/flash attention recomputes q·k in its backward (forward 2 units, backward 5: total 3.5 × forward),
 the top-k selection has no backward, and the streamed KL recomputes scores and mass (scores 1 + 3, mass 1 + 1).
-``model.recompute=full`` runs every block's forward once more, ``selective`` the attention core's.
+``model.recompute=full`` runs every block's forward once more except the top-k selection (memoized from the
+first forward, ``pretrain.model.recompute.memoized``), ``selective`` the attention core's.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def step_flops(
             if mode != "dense":
                 score = 2.0 * ni * (ci + 1)
                 if mode == "sparse":
-                    add("indexer scores (top-k)", score * vis, 1.0)
+                    add("indexer scores (top-k)", score * vis, 1.0, block=False)  # memoized: not recomputed
                 # KL: scores (forward + recompute + 2 backward products) and the mass (forward + recompute)
                 add("indexer KL", score * ent, 4.0)
                 add("indexer KL", 2.0 * h * c * ent, 2.0)

@@ -71,6 +71,7 @@ def _batch(vocab: int, seed: int) -> dict[str, torch.Tensor]:
 
 def _step(mode: str, state: dict, batch: dict) -> dict:
     """One forward + backward of the tiny model under ``mode`` from ``state``; everything to compare."""
+    from ops import dispatch
     from pretrain.model.attention import V4Attention
     from pretrain.model.mhc import HyperConnection
     from pretrain.model.transformer import DeepSeekV4Model
@@ -81,6 +82,8 @@ def _step(mode: str, state: dict, batch: dict) -> dict:
     with contextlib.ExitStack() as stack:  # count the forwards of the regions (recomputes included)
         for cls, name in ((V4Attention, "forward"), (V4Attention, "_core_attention"), (HyperConnection, "pre")):
             stack.enter_context(_counting(cls, name, calls))
+        select = dispatch._registry["indexer_select"]  # every backend of the top-k selection, counted
+        stack.enter_context(mock.patch.dict(select, {k: _counted(f, "select", calls) for k, f in select.items()}))
         out = model(
             batch["input_ids"],
             doc_ids=batch["doc_ids"],
@@ -93,6 +96,7 @@ def _step(mode: str, state: dict, batch: dict) -> dict:
     return {
         "modes": [blk.recompute for blk in _blocks(model)],
         "calls": (calls["forward"], calls["_core_attention"], calls["pre"]),
+        "selections": calls["select"],
         "losses": {k: v.detach().clone() for k, v in out.items()},
         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
         "no_grad": sorted(n for n, p in model.named_parameters() if p.grad is None),
@@ -110,6 +114,14 @@ def _step(mode: str, state: dict, batch: dict) -> dict:
             if blk.self_attn.indexer_loss is not None
         },
     }
+
+
+def _counted(fn, name: str, calls: collections.Counter):
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _counting(cls: type, name: str, calls: collections.Counter):
@@ -161,6 +173,9 @@ def test_same_loss_grads_and_loads(one_rank_per_test):
     assert res["selective"]["calls"] == (n, 2 * n, 4 * n)
     assert res["full"]["calls"] == (2 * n, 2 * n, 4 * n)
     assert res["full_first2"]["calls"] == (n + 2, n + 2, 2 * (n + 2))
+    # the top-k selection runs once per CSA layer and step in every mode: the recompute reuses the first
+    # forward's (pretrain.model.recompute.memoized) instead of scoring every visible entry again
+    assert {m: r["selections"] for m, r in res.items()} == {m: 2 for m in MODES}
     for mode in ("selective", "full", "full_first2"):
         got = res[mode]
         assert got["no_grad"] == []

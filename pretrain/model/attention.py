@@ -446,9 +446,15 @@ class V4Attention(nn.Module):
         return self._parallel_linear(self.o_b_proj, o)
 
     def _select(self, index_in: tuple[torch.Tensor, ...], lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """Top-``index_topk`` entries per query (op ``indexer_select``: streamed, never the [S, N] scores)."""
+        """Top-``index_topk`` entries per query (op ``indexer_select``: streamed, never the [S, N] scores; computed
+        once per step under recompute, :func:`pretrain.model.recompute.memoized`)."""
+        from pretrain.model import recompute
+
         q_i, keys_i, w_i = (t.detach() for t in index_in)
-        return dispatch.get("indexer_select", q_i)(q_i, keys_i, w_i, lo, hi, self.index_topk)
+        # under recompute=full the selection of the first forward is reused, not scored again
+        return recompute.memoized(
+            self, lambda: dispatch.get("indexer_select", q_i)(q_i, keys_i, w_i, lo, hi, self.index_topk)
+        )
 
     def _all_heads(self, q: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [B, S, h_local, c] and lse [B, S, h_local] of ALL heads (tp > 1: all-gathered, detached), so that the

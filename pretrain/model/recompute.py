@@ -50,6 +50,14 @@ them when it ends, so a step with recomputation leaves exactly the state of a st
 the load counters of ``tests/test_recompute.py`` come out exactly doubled under ``full``, in one process and
 under pp2; the losses and gradients do not change, they come from the first forward's graph).
 
+Values computed WITHOUT grad inside a region (the indexer's top-k selection, ``memoized``) are kept from the
+first forward and reused by the recompute instead of being evaluated again: they are a deterministic function
+of the region's inputs, hold no autograd graph, and are small (the selection: k int64 per query against the
+O(S²/m) products that make it). Under ``full`` this removes the second scoring of every visible entry, which on
+the CPU path was the largest single cost of a long-context step. The memo belongs to one checkpoint call (it
+lives as long as that call's recompute can run, and is freed with it), so microbatches in flight under
+pipeline parallelism never see each other's selections.
+
 Early stop is off (``early_stop=False``): the recompute always runs the whole region, so every rank issues the
 same collectives (TP all-reduces, the EP all-to-alls, the Ulysses all-to-alls) even where the ranks' last saved
 tensor falls at different points (experts with no tokens save nothing). Routing must be reproducible
@@ -60,7 +68,8 @@ deterministic function of the inputs, the weights and the expert bias, which cha
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+import threading
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.utils.checkpoint
@@ -71,12 +80,56 @@ from pretrain.config import check_recompute_mode as check_mode
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RECOMPUTE_MODES", "checkpoint", "check_mode"]
+__all__ = ["RECOMPUTE_MODES", "checkpoint", "check_mode", "memoized"]
 
 # per-forward results that modules keep as attributes (restored after a recompute)
 _RESULT_ATTRS = ("balance_loss", "tokens_per_expert", "indexer_loss")
 # counters accumulated over the forwards of a step (restored in place after a recompute)
 _COUNTER_ATTRS = ("local_tokens_per_expert",)
+
+
+_T = TypeVar("_T")
+_active = threading.local()  # .stack: the memos of the regions whose forward or recompute is running here
+
+
+def _memo_stack() -> list["_Memo"]:
+    if not hasattr(_active, "stack"):
+        _active.stack = []
+    return _active.stack
+
+
+class _Memo:
+    """No-grad values of one region's first forward, keyed by (owner, n-th call of that owner in the pass)."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[int, int], Any] = {}
+        self.calls: dict[int, int] = {}
+        self.replaying = False
+
+    def begin(self, replaying: bool) -> None:
+        self.calls, self.replaying = {}, replaying
+        _memo_stack().append(self)
+
+    def end(self) -> None:
+        _memo_stack().remove(self)
+
+    def get(self, owner: object, compute: Callable[[], _T]) -> _T:
+        n = self.calls.get(id(owner), 0)
+        self.calls[id(owner)] = n + 1
+        key = (id(owner), n)
+        if self.replaying and key in self.values:
+            return self.values[key]
+        value = compute()
+        self.values[key] = value
+        return value
+
+
+def memoized(owner: object, compute: Callable[[], _T]) -> _T:
+    """``compute()``, or inside the recompute of a region the value it returned in that region's first forward
+    (see the module docstring). ``compute`` must be deterministic and must not need grad; outside a region
+    (no recomputation, evaluation) it simply runs."""
+    stack = _memo_stack()
+    return stack[-1].get(owner, compute) if stack else compute()
 
 
 def _rng_tracker() -> Any:
@@ -115,14 +168,16 @@ class _ForwardContext:
 
     def __init__(self) -> None:
         self.rng_states: dict[str, Any] = {}
+        self.memo = _Memo()
 
     def __enter__(self) -> None:
+        self.memo.begin(replaying=False)
         # the tracker replaces a stream's state tensor when it forks (never writes it in place), so a shallow
         # copy of the dict is a snapshot (not true of TE's CUDA-graph-safe generators, which we do not use)
         self.rng_states = dict(_rng_tracker().get_states())
 
     def __exit__(self, *exc: Any) -> None:
-        return None
+        self.memo.end()
 
 
 class _RecomputeContext:
@@ -137,11 +192,13 @@ class _RecomputeContext:
         tracker = _rng_tracker()
         current = dict(tracker.get_states())
         self._stack.append((current, _snapshot(self.module)))
+        self.forward.memo.begin(replaying=True)
         if self.forward.rng_states or current:  # no tracker streams (CPU tests): leave it untouched
             tracker.set_states(dict(self.forward.rng_states))
 
     def __exit__(self, *exc: Any) -> None:
         current, saved = self._stack.pop()
+        self.forward.memo.end()
         _restore(saved)
         if current or self.forward.rng_states:
             _rng_tracker().set_states(current)
