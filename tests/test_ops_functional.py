@@ -12,6 +12,7 @@
   ``apply_rope`` inverse, ``mhc_pre``, ``linear_cross_entropy``) the typed function gives exactly (``torch.equal``,
   tolerance 0) the result of the implementation ``dispatch.get`` resolves, on the ``reference`` and the ``auto``
   backend (blocked on the CPU): the same function runs on the same inputs.
+* Library call sites: no module of pretrain/ or parallel/ calls ``dispatch.get`` / ``dispatch.call``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ast
 import inspect
 import pathlib
+import re
 import typing
 from typing import Any, Callable
 
@@ -168,3 +170,15 @@ def test_typed_function_gives_the_resolved_implementations_result(name, backend)
     for a, b in zip(got, want):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b), f"{name} on {backend} ({impl.__name__}): typed result differs"
+
+
+def test_library_calls_ops_through_functional_only():
+    pattern = re.compile(r"dispatch\.(get|call)\(")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{i}"
+        for pkg in ("pretrain", "parallel")
+        for path in sorted((ROOT / pkg).rglob("*.py"))
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not offenders, f"call the typed ops.functional functions instead: {offenders}"

@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ops import dispatch
+from ops import functional as op
 from ops.compressor import compressed_layout, document_positions, segment_starts
 from pretrain.model.compressor import KVCompressor
 from pretrain.model.indexer import LightningIndexer
@@ -252,10 +252,10 @@ class V4Attention(nn.Module):
             init_method(lin.weight)
 
     def _project_latent_kv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """c^Q = RMSNorm(x W^{DQ}); kv = RoPE(RMSNorm(x W^{KV}))."""
-        return self.q_a_norm(self.q_a_proj(x)), rope(self.kv_norm(self.kv_proj(x)), cos, sin)
+        return self.q_a_norm(self.q_a_proj(x)), op.apply_rope(self.kv_norm(self.kv_proj(x)), cos=cos, sin=sin)
 
     def _core_attention(
         self,
@@ -278,16 +278,26 @@ class V4Attention(nn.Module):
         from parallel import sequence_parallel as usp
 
         B, S_l, _ = q_latent.shape
-        rope = dispatch.get("apply_rope", q_latent)
+        cos_h, sin_h = cos[:, :, None], sin[:, :, None]
         q = self._parallel_linear(self.q_b_proj, q_latent).view(B, S_l, self.local_heads, self.head_dim)
-        q = rope(unweighted_rms_norm(q, self.eps), cos[:, :, None], sin[:, :, None])
+        q = op.apply_rope(unweighted_rms_norm(q, self.eps), cos=cos_h, sin=sin_h)
         if ulysses:
             q = usp.heads_to_seq(q)  # [B, S, h/sp, c]
-        attend = dispatch.get("hybrid_attention", q)
-        o, lse = attend(q, kv, sinks, self.scale, self.window, seg_start, comp_kv, lo, hi, idx)
+        o, lse = op.hybrid_attention(
+            q,
+            kv,
+            sinks=sinks,
+            scale=self.scale,
+            window=self.window,
+            seg_start=seg_start,
+            comp_kv=comp_kv,
+            comp_lo=lo,
+            comp_hi=hi,
+            comp_idx=idx,
+        )
         if ulysses:
             o = usp.seq_to_heads(o)  # [B, S/sp, h, c]
-        return rope(o, cos[:, :, None], sin[:, :, None], inverse=True), q, lse  # RoPE at -t
+        return op.apply_rope(o, cos=cos_h, sin=sin_h, inverse=True), q, lse  # RoPE at -t
 
     def _attend(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.recompute_core:
@@ -354,9 +364,7 @@ class V4Attention(nn.Module):
             )
         position_ids = position_ids.long()
         cos, sin = self.rotary(position_ids)  # [B, S, r/2]
-        rope = dispatch.get("apply_rope", x)
-
-        q_latent, kv = self._project_latent_kv(x, cos, sin, rope)  # c^Q [B,S,d_c], kv [B,S,c]
+        q_latent, kv = self._project_latent_kv(x, cos, sin)  # c^Q [B,S,d_c], kv [B,S,c]
         kv = self._to_head_parallel(kv)
 
         self.indexer_loss = None
@@ -415,9 +423,7 @@ class V4Attention(nn.Module):
         position_ids = position_ids.long()
         local = slice(r * S_l, (r + 1) * S_l)
         cos, sin = self.rotary(position_ids[:, local])
-        rope = dispatch.get("apply_rope", x)
-
-        q_latent, kv = self._project_latent_kv(x, cos, sin, rope)  # local sequence chunk
+        q_latent, kv = self._project_latent_kv(x, cos, sin)  # local sequence chunk
         kv = self._to_head_parallel(usp.gather_seq(kv))  # [B, S, c]
 
         self.indexer_loss = None
@@ -448,7 +454,7 @@ class V4Attention(nn.Module):
     def _select(self, index_in: tuple[torch.Tensor, ...], lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """Top-``index_topk`` entries per query (op ``indexer_select``: streamed, never the [S, N] scores)."""
         q_i, keys_i, w_i = (t.detach() for t in index_in)
-        return dispatch.get("indexer_select", q_i)(q_i, keys_i, w_i, lo, hi, self.index_topk)
+        return op.indexer_select(q_i, keys=keys_i, weights=w_i, visible_lo=lo, visible_hi=hi, k=self.index_topk)
 
     def _all_heads(self, q: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [B, S, h_local, c] and lse [B, S, h_local] of ALL heads (tp > 1: all-gathered, detached), so that the
@@ -503,8 +509,17 @@ class V4Attention(nn.Module):
         op ``indexer_attention_kl``, streamed in query chunks and key blocks on the blocked backend."""
         q_all, lse_all = self._all_heads(q, lse)
         q_i, keys_i, w_i = index_in
-        return dispatch.get("indexer_attention_kl", q_i)(
-            q_i, keys_i, w_i, q_all, comp_kv.detach(), lse_all, self.scale, lo, hi, idx
+        return op.indexer_attention_kl(
+            q_i,
+            keys_i=keys_i,
+            w_i=w_i,
+            q=q_all,
+            comp_kv=comp_kv.detach(),
+            lse=lse_all,
+            scale=self.scale,
+            lo=lo,
+            hi=hi,
+            idx=idx,
         )
 
     def extra_repr(self) -> str:
