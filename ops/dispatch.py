@@ -12,8 +12,12 @@ Backends:
 - ``auto``: Triton when the inputs live on a CUDA device and a kernel is registered, else ``blocked`` when
   registered, else the reference.
 
-Ops register themselves with ``register(name, reference=fn)`` / ``register(name, triton=fn)``; callers use
-``get(name)`` (resolved per call so the switch can change between steps) or ``call(name, *args)``.
+Ops register themselves with ``register(name, reference=fn)`` / ``register(name, triton=fn)`` (every backend of an
+op with the same parameter names and order). Callers — the model, the optimizer — use the typed functions of
+``ops.functional`` (``from ops import functional as op``; ``op.hybrid_attention(q, kv, sinks=..., scale=..., ...)``),
+one per op with its scalar and optional arguments keyword-only, each resolving its backend here per call
+(``get(name, first_tensor)``) so the switch can change between steps. ``get`` / ``call`` stay for the functions of
+``ops.functional`` and for tests that check which implementation is resolved.
 The model config's ``model.ops_backend`` sets the switch through ``set_backend``.
 """
 

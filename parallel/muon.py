@@ -57,7 +57,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ops import dispatch
+from ops import functional as op
 from ops.newton_schulz import (
     GRAM_RESTARTS,
     V4_NS_STEPS,
@@ -250,7 +250,8 @@ class _Engine:
                 Y = fn(X, steps, fp32, reduce=self._reduce_tp)
                 Y = Y if shard_dim == 1 else Y.mT
             else:
-                Y = dispatch.get("newton_schulz_gram" if impl == "gram" else "newton_schulz", X)(X, steps, fp32)
+                orthogonalise = op.newton_schulz_gram if impl == "gram" else op.newton_schulz
+                Y = orthogonalise(X, steps=steps, fp32=fp32)
             for u, y in zip(lst, Y.unbind(0)):
                 gamma = groups[self.entries[u.pidx][2]]["update_rms"]
                 out[u.uid] = y.to(self.dtype).mul_(gamma * math.sqrt(max(n, m)))

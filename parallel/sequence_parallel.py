@@ -13,10 +13,13 @@ head and loss all work per token). Inside a V4 attention layer (``pretrain.model
   they are pooled from the gathered sequence with each document's own block grid);
 * the lightning indexer scores the LOCAL queries against the full set of compressed keys and takes their
   top-k over the full sequence; the selected indices are all-gathered (integers, no gradient) for the
-  head-parallel attention; its KL target (attention mass summed over all heads) is reduce-scattered back to
-  the local queries;
+  head-parallel attention; its KL target (attention mass summed over all heads) is computed for the local
+  queries from every head's q and lse, brought back by the inverse all-to-all (no [S, N] mass is exchanged);
 * document masks: positions, segment starts and the compressed-entry visibility are computed from the
   all-gathered ``doc_ids`` of the whole sequence, exactly as in one process.
+
+:class:`SequenceShard` bundles these steps for the attention layer, each the identity at sp = 1, so the layer
+has one forward for every sp.
 
 Losses: each sp rank reports a loss whose mean over the sp group is the full-sequence loss (token means use
 the global token count: loss_r = Σ_local / (N_global / sp)); megatron's DDP averages gradients over
@@ -137,3 +140,63 @@ def global_count(n_local: torch.Tensor) -> torch.Tensor:
     n = n_local.detach().clone()
     dist.all_reduce(n, group=g)
     return n
+
+
+class SequenceShard:
+    """This rank's shard of the sequence and the Ulysses exchanges one attention layer makes on it, each the
+    identity at sp = 1 (so the attention has one forward for every sp; ``pretrain.model.attention``).
+
+    With S the whole sequence and S_l = S / sp the local tokens [r·S_l, (r+1)·S_l):
+
+    * :meth:`gather`: [B, S_l, ...] -> [B, S, ...] (the K=V head, the compressor input, the selected indices);
+    * :meth:`local`: [B, S, ...] -> [B, S_l, ...], the local positions of a whole-sequence tensor;
+    * :meth:`local_heads`: [h, ...] -> [h/sp, ...], the heads rank r attends after the all-to-all (the sinks);
+    * :meth:`heads_to_seq` / :meth:`seq_to_heads`: the Ulysses all-to-alls of q and o;
+    * :meth:`local_queries`: q [B, S, h/sp, c] and lse [B, S, h/sp] back to every head of the local queries
+      (no gradient: the indexer's KL target);
+    * :meth:`global_mean`: a mean over the local qualifying queries rescaled, kl_r = kl · n_local · sp / n_global,
+      so that the mean over the sp ranks is the one-process mean over all of them.
+    """
+
+    def __init__(self, size: int = 1, rank: int = 0):
+        self.size, self.rank = size, rank
+
+    @classmethod
+    def current(cls) -> "SequenceShard":
+        """The shard of this process (sp = 1 without megatron's context-parallel group)."""
+        return cls(*sp_size_rank())
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def _part(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = t.shape[dim] // self.size
+        return t.narrow(dim, self.rank * n, n)
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return gather_seq(t) if self.active else t
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        return self._part(t, 1) if self.active else t
+
+    def local_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return self._part(t, 0) if self.active else t
+
+    def heads_to_seq(self, q: torch.Tensor) -> torch.Tensor:
+        return heads_to_seq(q) if self.active else q
+
+    def seq_to_heads(self, o: torch.Tensor) -> torch.Tensor:
+        return seq_to_heads(o) if self.active else o
+
+    def local_queries(self, q: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.active:
+            return q, lse
+        with torch.no_grad():
+            return seq_to_heads(q.detach()), seq_to_heads(lse.detach()[..., None]).squeeze(-1)
+
+    def global_mean(self, mean_local: torch.Tensor, n_local: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return mean_local
+        n_global = global_count(n_local)
+        return mean_local * (n_local.to(mean_local.dtype) * self.size / n_global.clamp(min=1).to(mean_local.dtype))

@@ -39,6 +39,17 @@ replicated; the replicated kv / compressed entries enter the head-parallel regio
 ``copy_to_tensor_model_parallel_region`` (gradient all-reduced), and the indexer's target mass is summed
 over all heads from the all-gathered (detached) q and lse of every head. At tp = 1 all of this is the identity.
 
+Ulysses sequence parallelism (``parallel.sequence_parallel``, sp > 1): x is this rank's shard [B, S/sp, d]
+(tokens [r·S/sp, (r+1)·S/sp)); ``doc_ids`` / ``position_ids`` cover the WHOLE sequence [B, S]. There is one
+forward for every sp: the math above once, with the exchanges as steps of a ``SequenceShard`` (each the identity
+at sp = 1): the K=V head and the compressor input are all-gathered along the sequence (every rank sees the whole
+causal prefix); the projections, RoPE and the indexer queries work on the local tokens; queries go head-parallel
+through the Ulysses all-to-all (rank r attends heads [r·h/sp, (r+1)·h/sp) of all S queries, with those heads'
+sinks) and o comes back; the indexer scores the local queries against all compressed keys (top-k over the full
+sequence) and its selections are all-gathered; its KL target takes every head of the local queries (inverse
+all-to-all of q and lse, O(S·h·c), no [S, N] mass exchanged) and the local KL mean is rescaled so that its mean
+over the sp ranks is the one-process mean over all qualifying queries.
+
 Long context: the indexer's top-k (op ``indexer_select``) and its KL loss with the target fused in (op
 ``indexer_attention_kl``) are streamed in query chunks and key blocks on the ``blocked`` backend, so no tensor
 of size [S, S/m] exists (docs/LONG_CONTEXT.md); the reference ops materialise them and define the results.
@@ -46,7 +57,7 @@ of size [S, S/m] exists (docs/LONG_CONTEXT.md); the reference ops materialise th
 Selective activation recomputation (``recompute_core``, set by the block for ``model.recompute=selective``;
 :mod:`pretrain.model.recompute`): the region from c^Q to the de-rotated o (q_b_proj, the per-head norm, RoPE,
 the hybrid attention, RoPE_{-t}; under Ulysses also the q / o all-to-alls) keeps only its inputs and is rerun
-in the backward (:meth:`V4Attention._core_attention`, shared by both forward paths).
+in the backward (:meth:`V4Attention._core_attention`).
 
 HF names are used for every parameter, so an HF ``DeepseekV4Attention`` state dict copies in unchanged
 (shapes equal at tp = 1; o_a_proj.weight is [g·d_g, n_h·c/g] as in HF). Megatron's linear layers add an
@@ -62,8 +73,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ops import dispatch
+from ops import functional as op
 from ops.compressor import compressed_layout, document_positions, segment_starts
+from parallel.sequence_parallel import SequenceShard
 from pretrain.model.compressor import KVCompressor
 from pretrain.model.indexer import LightningIndexer
 from pretrain.model.rmsnorm import RMSNorm, unweighted_rms_norm
@@ -252,10 +264,10 @@ class V4Attention(nn.Module):
             init_method(lin.weight)
 
     def _project_latent_kv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """c^Q = RMSNorm(x W^{DQ}); kv = RoPE(RMSNorm(x W^{KV}))."""
-        return self.q_a_norm(self.q_a_proj(x)), rope(self.kv_norm(self.kv_proj(x)), cos, sin)
+        return self.q_a_norm(self.q_a_proj(x)), op.apply_rope(self.kv_norm(self.kv_proj(x)), cos=cos, sin=sin)
 
     def _core_attention(
         self,
@@ -269,25 +281,32 @@ class V4Attention(nn.Module):
         lo: Optional[torch.Tensor],
         hi: Optional[torch.Tensor],
         idx: Optional[torch.Tensor],
-        ulysses: bool,
+        shard: SequenceShard,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q = RoPE(UnweightedRMSNorm(c^Q W^{UQ})) per local head, the hybrid attention and RoPE_{-t} of its output:
-        c^Q [B, S_l, d_c] -> (o [B, S_l, h, c] de-rotated, q as attended, lse). Under Ulysses (``ulysses``) q goes
-        head-parallel before the attention and o back after it. The region of ``recompute=selective``
-        (pretrain.model.recompute): it keeps c^Q and kv and drops q, its norm, o and the softmax tensors."""
-        from parallel import sequence_parallel as usp
-
+        c^Q [B, S_l, d_c] -> (o [B, S_l, h, c] de-rotated, q as attended, lse). Under Ulysses q goes head-parallel
+        before the attention and o back after it (``shard``'s all-to-alls; the identity at sp = 1). The region of
+        ``recompute=selective`` (pretrain.model.recompute): it keeps c^Q and kv and drops q, its norm, o and the
+        softmax tensors."""
         B, S_l, _ = q_latent.shape
-        rope = dispatch.get("apply_rope", q_latent)
+        cos_h, sin_h = cos[:, :, None], sin[:, :, None]
         q = self._parallel_linear(self.q_b_proj, q_latent).view(B, S_l, self.local_heads, self.head_dim)
-        q = rope(unweighted_rms_norm(q, self.eps), cos[:, :, None], sin[:, :, None])
-        if ulysses:
-            q = usp.heads_to_seq(q)  # [B, S, h/sp, c]
-        attend = dispatch.get("hybrid_attention", q)
-        o, lse = attend(q, kv, sinks, self.scale, self.window, seg_start, comp_kv, lo, hi, idx)
-        if ulysses:
-            o = usp.seq_to_heads(o)  # [B, S/sp, h, c]
-        return rope(o, cos[:, :, None], sin[:, :, None], inverse=True), q, lse  # RoPE at -t
+        q = op.apply_rope(unweighted_rms_norm(q, self.eps), cos=cos_h, sin=sin_h)
+        q = shard.heads_to_seq(q)  # [B, S, h/sp, c]
+        o, lse = op.hybrid_attention(
+            q,
+            kv,
+            sinks=sinks,
+            scale=self.scale,
+            window=self.window,
+            seg_start=seg_start,
+            comp_kv=comp_kv,
+            comp_lo=lo,
+            comp_hi=hi,
+            comp_idx=idx,
+        )
+        o = shard.seq_to_heads(o)  # [B, S/sp, h, c]
+        return op.apply_rope(o, cos=cos_h, sin=sin_h, inverse=True), q, lse  # RoPE at -t
 
     def _attend(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.recompute_core:
@@ -319,92 +338,54 @@ class V4Attention(nn.Module):
         return copy_to_tensor_model_parallel_region(x, group=self.tp_group)
 
     def _check_inputs(
-        self, x: torch.Tensor, doc_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        doc_ids: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor],
+        shard: SequenceShard,
     ) -> None:
-        if x.dim() != 3 or x.shape[-1] != self.cfg.hidden_size:
-            raise ValueError(
-                f"V4Attention (layer {self.layer_idx}) expects x [B, S, hidden_size="
-                f"{self.cfg.hidden_size}] (batch first), got {tuple(x.shape)}"
-            )
-        for name, t in (("doc_ids", doc_ids), ("position_ids", position_ids)):
-            if t is not None and tuple(t.shape) != tuple(x.shape[:2]):
+        """x [B, S_l, d] is this rank's shard (S_l = S at sp = 1); ``doc_ids`` / ``position_ids`` cover the whole
+        sequence [B, S]; under sp the local heads must split over the sp ranks."""
+        if not shard.active:
+            if x.dim() != 3 or x.shape[-1] != self.cfg.hidden_size:
                 raise ValueError(
-                    f"V4Attention (layer {self.layer_idx}): {name} must be [B, S] = "
-                    f"{list(x.shape[:2])}, got {list(t.shape)}"
+                    f"V4Attention (layer {self.layer_idx}) expects x [B, S, hidden_size="
+                    f"{self.cfg.hidden_size}] (batch first), got {tuple(x.shape)}"
                 )
-
-    def forward(
-        self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """x [B, S, d] -> [B, S, d]. ``doc_ids`` [B, S] document index per token (None = one document);
-        ``position_ids`` [B, S] RoPE positions (None = restart at 0 per document). Sets ``indexer_loss``.
-        Under Ulysses sequence parallelism x is this rank's shard (see :meth:`_forward_sp`)."""
-        from parallel import sequence_parallel as usp
-
-        if usp.sp_group() is not None:
-            return self._forward_sp(x, doc_ids, position_ids)
-        self._check_inputs(x, doc_ids, position_ids)
-        B, S, _ = x.shape
-        seg_start = segment_starts(doc_ids, B, S, x.device) if doc_ids is not None else None
-        if position_ids is None:
-            position_ids = (
-                document_positions(seg_start)
-                if seg_start is not None
-                else torch.arange(S, device=x.device).expand(B, S)
-            )
-        position_ids = position_ids.long()
-        cos, sin = self.rotary(position_ids)  # [B, S, r/2]
-        rope = dispatch.get("apply_rope", x)
-
-        q_latent, kv = self._project_latent_kv(x, cos, sin, rope)  # c^Q [B,S,d_c], kv [B,S,c]
-        kv = self._to_head_parallel(kv)
-
-        self.indexer_loss = None
-        comp_kv = lo = hi = idx = index_in = None
-        mode = self._checked_mode()
-        if self.compressor is not None:
-            starts = seg_start if seg_start is not None else torch.zeros(B, S, dtype=torch.long, device=x.device)
-            layout = compressed_layout(starts, position_ids, self.compressor.rate)
-            comp_kv = self._to_head_parallel(self.compressor(x, layout, self.rotary))  # [B, N, c]
-            lo, hi = layout.visible_lo, layout.visible_hi
-            if self.layer_type == "csa" and mode != "dense":
-                index_in = self.compressor.indexer.score_inputs(
-                    x.detach(), q_latent.detach(), position_ids, layout, self.rotary
-                )
-                if mode == "sparse":
-                    idx = self._select(index_in, lo, hi)
-
-        o, q, lse = self._attend(q_latent, kv, cos, sin, self.sinks, seg_start, comp_kv, lo, hi, idx, False)
-        if index_in is not None:
-            self.indexer_loss = self._indexer_kl(index_in, q, comp_kv, lse, lo, hi, idx)[0]
-        o = self.o_a_proj(o.reshape(B, S, self.o_a_proj.local_groups, -1))
-        return self._parallel_linear(self.o_b_proj, o)
-
-    def _forward_sp(
-        self, x: torch.Tensor, doc_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        """Ulysses sequence parallelism (``parallel.sequence_parallel``): x is this rank's shard [B, S/sp, d]
-        (tokens [r·S/sp, (r+1)·S/sp)); ``doc_ids``/``position_ids``, if given, cover the WHOLE sequence [B, S].
-        Queries go head-parallel through the Ulysses all-to-all; the K=V head and the compressor input are
-        all-gathered; the indexer scores the local queries against all compressed keys (top-k over the full
-        sequence) and its selections are all-gathered. Same arithmetic as :meth:`forward` otherwise."""
-        from parallel import sequence_parallel as usp
-
-        sp, r = usp.sp_size_rank()
-        B, S_l, d = x.shape
-        S = S_l * sp
-        if d != self.cfg.hidden_size or self.local_heads % sp:
+            for name, t in (("doc_ids", doc_ids), ("position_ids", position_ids)):
+                if t is not None and tuple(t.shape) != tuple(x.shape[:2]):
+                    raise ValueError(
+                        f"V4Attention (layer {self.layer_idx}): {name} must be [B, S] = "
+                        f"{list(x.shape[:2])}, got {list(t.shape)}"
+                    )
+            return
+        sp = shard.size
+        if x.dim() != 3 or x.shape[-1] != self.cfg.hidden_size or self.local_heads % sp:
             raise ValueError(
                 f"V4Attention (layer {self.layer_idx}) under sp={sp}: x must be [B, S/sp, "
                 f"{self.cfg.hidden_size}] and the {self.local_heads} local heads divisible by sp; "
                 f"got {tuple(x.shape)}"
             )
+        B, S = x.shape[0], x.shape[1] * sp
         for name, t in (("doc_ids", doc_ids), ("position_ids", position_ids)):
             if t is not None and tuple(t.shape) != (B, S):
                 raise ValueError(
                     f"V4Attention (layer {self.layer_idx}) under sp={sp}: {name} must cover the "
                     f"whole sequence [B, S] = {[B, S]}, got {list(t.shape)}"
                 )
+
+    def forward(
+        self, x: torch.Tensor, doc_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """x [B, S_l, d] -> [B, S_l, d]: this rank's S_l = S/sp tokens [r·S_l, (r+1)·S_l) of the sequence (all of
+        it at sp = 1). ``doc_ids`` [B, S] document index per token (None = one document); ``position_ids``
+        [B, S] RoPE positions (None = restart at 0 per document); both cover the WHOLE sequence. Sets
+        ``indexer_loss``. The Ulysses exchanges (module docstring) are the steps of ``shard``, each the
+        identity at sp = 1."""
+        shard = SequenceShard.current()
+        self._check_inputs(x, doc_ids, position_ids, shard)
+        B, S_l, _ = x.shape
+        S = S_l * shard.size
         seg_start = segment_starts(doc_ids, B, S, x.device) if doc_ids is not None else None
         if position_ids is None:
             position_ids = (
@@ -413,12 +394,11 @@ class V4Attention(nn.Module):
                 else torch.arange(S, device=x.device).expand(B, S)
             )
         position_ids = position_ids.long()
-        local = slice(r * S_l, (r + 1) * S_l)
-        cos, sin = self.rotary(position_ids[:, local])
-        rope = dispatch.get("apply_rope", x)
+        local_positions = shard.local(position_ids)  # [B, S_l]
+        cos, sin = self.rotary(local_positions)  # [B, S_l, r/2]
 
-        q_latent, kv = self._project_latent_kv(x, cos, sin, rope)  # local sequence chunk
-        kv = self._to_head_parallel(usp.gather_seq(kv))  # [B, S, c]
+        q_latent, kv = self._project_latent_kv(x, cos, sin)  # c^Q [B, S_l, d_c], kv [B, S_l, c]
+        kv = self._to_head_parallel(shard.gather(kv))  # [B, S, c]
 
         self.indexer_loss = None
         comp_kv = lo = hi = idx = index_in = None
@@ -426,22 +406,23 @@ class V4Attention(nn.Module):
         if self.compressor is not None:
             starts = seg_start if seg_start is not None else torch.zeros(B, S, dtype=torch.long, device=x.device)
             layout = compressed_layout(starts, position_ids, self.compressor.rate)
-            x_full = usp.gather_seq(x)
-            comp_kv = self._to_head_parallel(self.compressor(x_full, layout, self.rotary))
+            x_full = shard.gather(x)  # [B, S, d]
+            comp_kv = self._to_head_parallel(self.compressor(x_full, layout, self.rotary))  # [B, N, c]
             lo, hi = layout.visible_lo, layout.visible_hi
-            if self.layer_type == "csa" and mode != "dense":
+            if self.layer_type == "csa" and mode != "dense":  # the local queries against every compressed key
                 index_in = self.compressor.indexer.score_inputs(
-                    x.detach(), q_latent.detach(), position_ids[:, local], layout, self.rotary, keys_x=x_full.detach()
+                    x.detach(), q_latent.detach(), local_positions, layout, self.rotary, keys_x=x_full.detach()
                 )
-                if mode == "sparse":  # local queries
-                    idx = usp.gather_seq(self._select(index_in, lo[:, local], hi[:, local]))
+                if mode == "sparse":
+                    idx = shard.gather(self._select(index_in, shard.local(lo), shard.local(hi)))  # [B, S, k]
 
-        h_sp = self.local_heads // sp
-        o, qh, lse = self._attend(
-            q_latent, kv, cos, sin, self.sinks[r * h_sp : (r + 1) * h_sp], seg_start, comp_kv, lo, hi, idx, True
-        )  # qh [B, S, h/sp, c]
-        if index_in is not None:
-            self.indexer_loss = self._indexer_kl_sp(index_in, qh, comp_kv, lse, lo, hi, idx, local, sp)
+        sinks = shard.local_heads(self.sinks)
+        o, q, lse = self._attend(q_latent, kv, cos, sin, sinks, seg_start, comp_kv, lo, hi, idx, shard)
+        if index_in is not None:  # q [B, S, h/sp, c] as attended
+            q_loc, lse_loc = shard.local_queries(q, lse)  # every head of the local queries
+            idx_loc = None if idx is None else shard.local(idx)
+            kl, rows = self._indexer_kl(index_in, q_loc, comp_kv, lse_loc, shard.local(lo), shard.local(hi), idx_loc)
+            self.indexer_loss = shard.global_mean(kl, rows)
         o = self.o_a_proj(o.reshape(B, S_l, self.o_a_proj.local_groups, -1))
         return self._parallel_linear(self.o_b_proj, o)
 
@@ -453,7 +434,8 @@ class V4Attention(nn.Module):
         q_i, keys_i, w_i = (t.detach() for t in index_in)
         # under recompute=full the selection of the first forward is reused, not scored again
         return recompute.memoized(
-            self, lambda: dispatch.get("indexer_select", q_i)(q_i, keys_i, w_i, lo, hi, self.index_topk)
+            self,
+            lambda: op.indexer_select(q_i, keys=keys_i, weights=w_i, visible_lo=lo, visible_hi=hi, k=self.index_topk),
         )
 
     def _all_heads(self, q: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -467,33 +449,6 @@ class V4Attention(nn.Module):
         dist.all_gather(parts_q, q.contiguous(), group=self.tp_group)
         dist.all_gather(parts_l, lse.contiguous(), group=self.tp_group)
         return torch.cat(parts_q, dim=2), torch.cat(parts_l, dim=2)
-
-    def _indexer_kl_sp(
-        self,
-        index_in: tuple[torch.Tensor, ...],
-        qh: torch.Tensor,
-        comp_kv: torch.Tensor,
-        lse: torch.Tensor,
-        lo: torch.Tensor,
-        hi: torch.Tensor,
-        idx: Optional[torch.Tensor],
-        local: slice,
-        sp: int,
-    ) -> torch.Tensor:
-        """The KL of :meth:`_indexer_kl` for the local queries, scaled so that its mean over the sp ranks is the
-        one-process mean over ALL qualifying queries: kl_r = mean_local · n_local · sp / n_global. The target
-        needs every head of the local queries: q and lse go back through the inverse Ulysses all-to-all
-        (O(S·h·c), no [S, N] mass is exchanged)."""
-        from parallel import sequence_parallel as usp
-
-        with torch.no_grad():
-            q_loc = usp.seq_to_heads(qh.detach())  # [B, S/sp, h, c]
-            lse_loc = usp.seq_to_heads(lse.detach()[..., None]).squeeze(-1)  # [B, S/sp, h]
-        kl, rows = self._indexer_kl(
-            index_in, q_loc, comp_kv, lse_loc, lo[:, local], hi[:, local], None if idx is None else idx[:, local]
-        )
-        n_global = usp.global_count(rows)
-        return kl * (rows.to(kl.dtype) * sp / n_global.clamp(min=1).to(kl.dtype))
 
     def _indexer_kl(
         self,
@@ -509,8 +464,17 @@ class V4Attention(nn.Module):
         op ``indexer_attention_kl``, streamed in query chunks and key blocks on the blocked backend."""
         q_all, lse_all = self._all_heads(q, lse)
         q_i, keys_i, w_i = index_in
-        return dispatch.get("indexer_attention_kl", q_i)(
-            q_i, keys_i, w_i, q_all, comp_kv.detach(), lse_all, self.scale, lo, hi, idx
+        return op.indexer_attention_kl(
+            q_i,
+            keys_i=keys_i,
+            w_i=w_i,
+            q=q_all,
+            comp_kv=comp_kv.detach(),
+            lse=lse_all,
+            scale=self.scale,
+            lo=lo,
+            hi=hi,
+            idx=idx,
         )
 
     def extra_repr(self) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ops import dispatch
+from ops import functional as op
 from ops.compressor import CompressedLayout
 from pretrain.model.rmsnorm import RMSNorm
 from pretrain.model.rope import RotaryEmbedding
@@ -57,11 +57,16 @@ class KVCompressor(nn.Module):
             raise ValueError(f"layout built for rate {layout.rate}, compressor has rate {self.rate}")
         kv = self.kv_proj(x)
         gate = self.gate_proj(x)
-        pool = dispatch.get("compressor_pool", kv)
-        pooled = pool(kv, gate, self.position_bias, layout.block_start, layout.prev_valid if self.overlap else None)
+        pooled = op.compressor_pool(
+            kv,
+            gate=gate,
+            position_bias=self.position_bias,
+            block_start=layout.block_start,
+            prev_valid=layout.prev_valid if self.overlap else None,
+        )
         entries = self.kv_norm(pooled)
         cos, sin = rope(layout.entry_position)
-        return dispatch.get("apply_rope", entries)(entries, cos, sin)
+        return op.apply_rope(entries, cos=cos, sin=sin)
 
     def forward(self, x: torch.Tensor, layout: CompressedLayout, rope: RotaryEmbedding) -> torch.Tensor:
         return self.compress(x, layout, rope)

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ops import dispatch
+from ops import functional as op
 from ops.compressor import CompressedLayout
 from pretrain.model.compressor import KVCompressor
 from pretrain.model.rope import RotaryEmbedding
@@ -91,7 +91,7 @@ class LightningIndexer(KVCompressor):
         keys = self.compress(x if keys_x is None else keys_x, layout, rope)  # [B, N, c_I]
         q = self.q_b_proj(q_latent).view(B, S, self.n_heads, self.head_dim)
         cos, sin = rope(positions)
-        q = dispatch.get("apply_rope", q)(q, cos[:, :, None], sin[:, :, None])
+        q = op.apply_rope(q, cos=cos[:, :, None], sin=sin[:, :, None])
         return q, keys, self.scorer(x)
 
     def forward(
@@ -106,4 +106,4 @@ class LightningIndexer(KVCompressor):
         """Index scores float32 [B, S, N] I_{t,s} (unmasked; invisible entries must be masked by the caller),
         materialised: for tests and short sequences; arguments as :meth:`score_inputs`."""
         q, keys, weights = self.score_inputs(x, q_latent, positions, layout, rope, keys_x)
-        return dispatch.get("indexer_scores", q)(q, keys, weights)
+        return op.indexer_scores(q, keys=keys, weights=weights)

@@ -6,7 +6,7 @@ The residual stream of every token is widened to n = ``hc_mult`` parallel stream
 * :class:`HyperConnection`: one mHC site around a sub-layer F (attention or MoE),
       X_{l+1} = combᵀ X_l + post ⊗ F(pre · X_l)
   with pre = σ(α_pre·x̂W_pre + S_pre) + ε, post = 2σ(α_post·x̂W_post + S_post), comb = Sinkhorn(α_res·x̂W_res + S_res)
-  and x̂ the unweighted RMSNorm of vec(X_l). The math is in ``ops.mhc`` (reference or Triton via ops.dispatch).
+  and x̂ the unweighted RMSNorm of vec(X_l). The math is in ``ops.mhc`` (``ops.functional``: reference or Triton).
 * :class:`HyperHead`: final collapse y = Σ_j (σ(α·x̂W_head + S_head)_j + ε) X[j].
 
 Parameters (fp32, HF names): ``fn`` = [W_pre; W_post; W_res] ∈ [(2+n)n, nd], ``base`` = S ∈ [(2+n)n],
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ops import dispatch
+from ops import functional as op
 
 
 def expand_streams(embedding: torch.Tensor, n: int) -> torch.Tensor:
@@ -69,16 +69,22 @@ class HyperConnection(nn.Module):
         """X [B, S, n, d] -> (x_in [B, S, d], post [B, S, n], comb [B, S, n, n])."""
         b, s, n, d = x.shape
         flat = x.reshape(b * s, n, d)
-        op = dispatch.get("mhc_pre", flat)
-        x_in, post, comb = op(flat, self.fn, self.base, self.scale, self.rms_eps, self.hc_eps, self.sinkhorn_iters)
+        x_in, post, comb = op.mhc_pre(
+            flat,
+            fn=self.fn,
+            base=self.base,
+            scale=self.scale,
+            rms_eps=self.rms_eps,
+            hc_eps=self.hc_eps,
+            iters=self.sinkhorn_iters,
+        )
         return x_in.view(b, s, d), post.view(b, s, n), comb.view(b, s, n, n)
 
     def post(self, o: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """X_new[k] = post_k · o + Σ_j comb_{jk} X[j]; o [B, S, d], X [B, S, n, d] -> [B, S, n, d]."""
         b, s, n, d = x.shape
         flat = x.reshape(b * s, n, d)
-        op = dispatch.get("mhc_post", flat)
-        out = op(o.reshape(b * s, d), flat, post.reshape(b * s, n), comb.reshape(b * s, n, n))
+        out = op.mhc_post(o.reshape(b * s, d), x=flat, post=post.reshape(b * s, n), comb=comb.reshape(b * s, n, n))
         return out.view(b, s, n, d)
 
     def extra_repr(self) -> str:
@@ -107,5 +113,7 @@ class HyperHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, n, d = x.shape
         flat = x.reshape(b * s, n, d)
-        op = dispatch.get("hc_head", flat)
-        return op(flat, self.hc_fn, self.hc_base, self.hc_scale, self.rms_eps, self.hc_eps).view(b, s, d)
+        y = op.hc_head(
+            flat, fn=self.hc_fn, base=self.hc_base, scale=self.hc_scale, rms_eps=self.rms_eps, hc_eps=self.hc_eps
+        )
+        return y.view(b, s, d)

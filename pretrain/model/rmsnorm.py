@@ -3,7 +3,7 @@ multiplied before the single cast back to the activation dtype.
 
 ``RMSNorm``: ``y = w ⊙ x / sqrt(mean(x²) + eps)`` (weighted; q_a_norm, kv_norm, compressor norms, ...).
 ``unweighted_rms_norm``: ``y = x / sqrt(mean(x²) + eps)`` (the per-head query norm).
-Both go through the ``rms_norm`` op of ``ops.dispatch`` (``ops/rms_norm.py``: reference, and a hand-written
+Both call the ``rms_norm`` op (``ops.functional.rms_norm``; ``ops/rms_norm.py``: reference, and a hand-written
 backward as the CPU path).
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ops import dispatch
+from ops import functional as op
 
 __all__ = ["RMSNorm", "unweighted_rms_norm"]
 
@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.weight.shape[0]:
             raise ValueError(f"RMSNorm over {self.weight.shape[0]} dims got input with last dim {x.shape[-1]}")
-        return dispatch.get("rms_norm", x)(x, self.weight, self.eps)
+        return op.rms_norm(x, weight=self.weight, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -36,4 +36,4 @@ class RMSNorm(nn.Module):
 
 def unweighted_rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(mean(x²) + eps)`` over the last dim; the factor is computed in float32 (as HF does)."""
-    return dispatch.get("rms_norm", x)(x, None, eps)
+    return op.rms_norm(x, weight=None, eps=eps)

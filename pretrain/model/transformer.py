@@ -45,7 +45,7 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from torch import nn
 
-from ops import dispatch
+from ops import functional as op
 from ops.linear_cross_entropy import IGNORE_INDEX
 from pretrain.model import recompute
 from pretrain.model.attention import V4Attention
@@ -219,8 +219,8 @@ class DeepSeekV4Model(nn.Module):
         CPU/blocked backend never holds the [B, S, V] logits); TP > 1: megatron's vocab-parallel loss."""
         if ps.get_tensor_model_parallel_world_size() > 1:
             return self._vocab_parallel_cross_entropy(self._head(h), labels)
-        per_sum = dispatch.get("linear_cross_entropy", h)(
-            h.flatten(0, 1), self.lm_head.weight, labels.flatten(), IGNORE_INDEX
+        per_sum = op.linear_cross_entropy(
+            h.flatten(0, 1), weight=self.lm_head.weight, labels=labels.flatten(), ignore_index=IGNORE_INDEX
         )
         return per_sum / self._token_count(labels)
 
