@@ -6,7 +6,12 @@
 For every sequence length S a fresh process (``--sp 2``: two gloo ranks, Ulysses sequence parallel) builds the
 model (seed 0, ``model.ops_backend=auto``: the blocked CPU ops), draws one sequence of S random tokens (seed 1;
 labels and MTP labels are the next and second-next tokens: the same batch, sharded, for every layout) and runs
-``--steps`` training steps (forward with labels and MTP labels, backward, zero_grad); the last step is timed (wall and process CPU seconds). Memory growth = peak RSS of the
+``--steps`` training steps (forward with labels and MTP labels, backward, zero_grad; the same number at every
+length); the last step is timed (wall and process CPU seconds). The step processes run with
+``THP_MEM_ALLOC_ENABLE=1`` (``--default-allocator``: without): torch's CPU allocator then backs its large
+tensors with 2 MiB transparent huge pages, where the default faults in every 4 KiB page of every fresh
+temporary — at 32K tokens that was 20% of the step's CPU time and made the per-token cost of the LINEAR layers
+grow with S (their tensors outgrow the caches and are re-faulted every step). Memory growth = peak RSS of the
 process minus its RSS after building the model and the batch (under sp: the sum over the ranks — the machine's
 memory). FLOP-model time = ``pretrain.flop_model.step_flops`` / the single-thread fp32 matmul rate measured at
 the start ([1024, 1024] products), so ``time / FLOP-model time`` is 1.0 for a step that runs at matmul speed;
@@ -174,11 +179,18 @@ def main() -> int:
     ap.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=2, help="steps per length (the last is timed); 1 above 32K")
+    ap.add_argument("--steps", type=int, default=2, help="steps per length (the last is timed)")
     ap.add_argument("--reference-upto", type=int, default=0, help="also run ops_backend=reference up to this S")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--tag", default="")
+    ap.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="do not set THP_MEM_ALLOC_ENABLE=1 (torch's CPU allocator then faults in 4 KiB pages)",
+    )
     args = ap.parse_args()
+    if not args.default_allocator:  # inherited by the spawned step processes
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from pretrain.config import load_config
     from pretrain.flop_model import step_flops
 
@@ -194,7 +206,7 @@ def main() -> int:
             recompute=args.recompute,
             backend=args.backend,
             threads=args.threads,
-            steps=args.steps if S <= 32768 else 1,
+            steps=args.steps,
             timeout=args.timeout,
         )
         r = run_one(spec)
@@ -257,6 +269,7 @@ def main() -> int:
                 backend=args.backend,
                 method="fresh process per length; last of --steps steps timed; growth = peak RSS - RSS before the step "
                 "(summed over sp ranks); ratio on process CPU seconds",
+                thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
                 rows=rows,
             ),
             indent=1,
