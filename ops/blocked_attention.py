@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ops.blocked_indexer_select import visible
 from ops.dispatch import chunk_rows, register
 from ops.sparse_attention import _window_blocks, check_attention_inputs
 
@@ -206,11 +207,9 @@ class _Compressed:
             # around them get a mask (for one document: the last few entries of the span)
             a = min(max(int(lo.max()), mn), mx)
             b = max(min(int(hi.min()), mx), a)
-            self.edges = []
             for e0, e1 in ((mn, a), (b, mx)):
                 if e1 > e0:
-                    n = torch.arange(e0, e1, device=lo.device)
-                    self.edges.append((e0 - mn, e1 - mn, (n >= lo[..., None]) & (n < hi[..., None])))
+                    self.edges.append((e0 - mn, e1 - mn, visible(lo, hi, e0, e1)))
         self.keys = ck[:, self.span[0] : self.span[1]]  # [B, span, D]
 
     def scores(self, qc: torch.Tensor, scale: float) -> torch.Tensor:

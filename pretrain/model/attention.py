@@ -401,7 +401,7 @@ class V4Attention(nn.Module):
         kv = self._to_head_parallel(shard.gather(kv))  # [B, S, c]
 
         self.indexer_loss = None
-        comp_kv = lo = hi = idx = index_in = None
+        comp_kv = lo = hi = idx = idx_loc = index_in = None
         mode = self._checked_mode()
         if self.compressor is not None:
             starts = seg_start if seg_start is not None else torch.zeros(B, S, dtype=torch.long, device=x.device)
@@ -410,18 +410,19 @@ class V4Attention(nn.Module):
             comp_kv = self._to_head_parallel(self.compressor(x_full, layout, self.rotary))  # [B, N, c]
             lo, hi = layout.visible_lo, layout.visible_hi
             if self.layer_type == "csa" and mode != "dense":  # the local queries against every compressed key
+                lo_loc, hi_loc = shard.local(lo), shard.local(hi)
                 index_in = self.compressor.indexer.score_inputs(
                     x.detach(), q_latent.detach(), local_positions, layout, self.rotary, keys_x=x_full.detach()
                 )
                 if mode == "sparse":
-                    idx = shard.gather(self._select(index_in, shard.local(lo), shard.local(hi)))  # [B, S, k]
+                    idx_loc = self._select(index_in, lo_loc, hi_loc)  # [B, S_l, k]
+                    idx = shard.gather(idx_loc)  # [B, S, k]
 
         sinks = shard.local_heads(self.sinks)
         o, q, lse = self._attend(q_latent, kv, cos, sin, sinks, seg_start, comp_kv, lo, hi, idx, shard)
         if index_in is not None:  # q [B, S, h/sp, c] as attended
             q_loc, lse_loc = shard.local_queries(q, lse)  # every head of the local queries
-            idx_loc = None if idx is None else shard.local(idx)
-            kl, rows = self._indexer_kl(index_in, q_loc, comp_kv, lse_loc, shard.local(lo), shard.local(hi), idx_loc)
+            kl, rows = self._indexer_kl(index_in, q_loc, comp_kv, lse_loc, lo_loc, hi_loc, idx_loc)
             self.indexer_loss = shard.global_mean(kl, rows)
         o = self.o_a_proj(o.reshape(B, S_l, self.o_a_proj.local_groups, -1))
         return self._parallel_linear(self.o_b_proj, o)
